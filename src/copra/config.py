@@ -1,0 +1,223 @@
+"""Run configuration: one dataclass, validated on construction, overridable from YAML and `--set`.
+
+Defaults are the embedded default (MiniLM, real text data, CLIP-LoRA's LoRA settings). A YAML file
+only overrides defaults; an unknown key is an error that names it. `preset: clip-lora` starts from
+CLIP-LoRA's published settings (Zanella & Ben Ayed, 2024) instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from copra.errors import UserError
+from copra.gates import GRANULARITIES
+from copra.schedule import RAMPS, check_probability
+
+METHODS = ("lora", "copra")
+BACKBONES = ("text", "clip")
+
+
+@dataclass
+class TrainConfig:
+    """One training run: LoRA or CopRA on one task with one seed."""
+
+    # what to train
+    task: str = "bbc_news"  #: task name (`copra tasks` lists them) or a CoOp data set for the clip backbone
+    method: str = "copra"  #: "lora" (plain PEFT LoRA) or "copra" (progressive random layer gating)
+    seed: int = 0  #: seeds the few-shot sample, LoRA init, dropout, batch order and gates
+    backbone: str = "text"  #: "text" (sentence encoder, head-free) or "clip" (CLIPModel)
+    model: str = "embedded:minilm"  #: "embedded:minilm" (the wheel), a local folder or a hub name
+    data_root: str | None = None  #: clip only: folder with split_zhou_*.json and the images
+    # data
+    shots: int = 16  #: training examples per class (few-shot)
+    eval_examples: int | None = 500  #: size of the fixed, class-balanced evaluation subset (None: all)
+    max_length: int = 64  #: tokens per text (text backbone)
+    # LoRA (CLIP-LoRA defaults)
+    rank: int = 2  #: LoRA rank r
+    lora_alpha: float = 1.0  #: LoRA alpha
+    lora_dropout: float = 0.25  #: dropout on the LoRA input
+    use_rslora: bool = True  #: scale by alpha / sqrt(r) instead of alpha / r
+    target_modules: list[str] = field(default_factory=lambda: ["query", "key", "value"])  #: modules that get LoRA
+    backbone_dropout: float = 0.0  #: dropout inside the frozen backbone (CLIP has none)
+    logit_scale: float = 20.0  #: cosine-similarity temperature (CLIP uses 100)
+    # optimisation
+    steps: int = 200  #: optimizer steps T
+    batch_size: int = 32  #: examples per micro-batch
+    grad_accum: int = 1  #: micro-batches per optimizer step (one CopRA mask per step)
+    lr: float = 1e-3  #: peak AdamW learning rate
+    weight_decay: float = 1e-2  #: AdamW weight decay
+    min_lr: float = 1e-6  #: cosine schedule's final learning rate
+    # CopRA schedule (ignored for method=lora)
+    initial_p: float = 0.0  #: keep probability at step 0
+    final_p: float = 1.0  #: keep probability after the ramp
+    ramp_fraction: float = 0.75  #: fraction of training over which p ramps (paper: 3/4)
+    ramp: str = "linear"  #: ramp shape: linear (paper), exponential or sine
+    granularity: str = "layer"  #: one gate per transformer block ("layer") or per LoRA module
+    # outputs
+    output_dir: str = "runs/default"  #: where the adapter and metadata go
+    save_early: bool = False  #: also save the Early CopRA checkpoint at T/4
+    progress: bool = True  #: show a progress bar
+
+    def __post_init__(self) -> None:
+        self._check_types()
+        if self.method not in METHODS:
+            raise UserError(f"method must be one of {list(METHODS)}, got {self.method!r}")
+        if self.backbone not in BACKBONES:
+            raise UserError(f"backbone must be one of {list(BACKBONES)}, got {self.backbone!r}")
+        for name in ("shots", "steps", "batch_size", "grad_accum", "rank", "max_length"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.eval_examples is not None and self.eval_examples < 1:
+            raise UserError(f"eval_examples must be >= 1 or null, got {self.eval_examples!r}")
+        for name in ("lr", "weight_decay", "min_lr", "lora_alpha", "logit_scale"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0 or (name in ("lr", "lora_alpha", "logit_scale") and value == 0):
+                raise UserError(f"{name} must be a finite positive number, got {value!r}")
+        for name in ("lora_dropout", "backbone_dropout", "initial_p", "final_p"):
+            check_probability(name, getattr(self, name))
+        if not 0.0 < self.ramp_fraction <= 1.0:
+            raise UserError(f"ramp_fraction must be in (0, 1], got {self.ramp_fraction!r}")
+        if self.ramp not in RAMPS:
+            raise UserError(f"ramp must be one of {sorted(RAMPS)}, got {self.ramp!r}")
+        if self.granularity not in GRANULARITIES:
+            raise UserError(f"granularity must be one of {list(GRANULARITIES)}, got {self.granularity!r}")
+        if not self.target_modules:
+            raise UserError("target_modules must name at least one module")
+
+    def _check_types(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            setattr(self, f.name, _coerce(f.name, value, hints[f.name]))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The embedded default, as above.
+    "minilm": {},
+    # CLIP-LoRA's defaults (ViT-B/16, r=2, alpha=1, lr 2e-4, batch 32, 16 shots, wd 1e-2,
+    # cosine to 1e-6, 500 x shots iterations, logit scale 100, LoRA on q/k/v of both towers).
+    "clip-lora": dict(
+        backbone="clip",
+        model="openai/clip-vit-base-patch16",
+        task="dtd",
+        rank=2,
+        lora_alpha=1.0,
+        lora_dropout=0.25,
+        lr=2e-4,
+        batch_size=32,
+        shots=16,
+        weight_decay=1e-2,
+        min_lr=1e-6,
+        steps=500 * 16,
+        logit_scale=100.0,
+        target_modules=["q_proj", "k_proj", "v_proj"],
+    ),
+}
+
+
+def _coerce(name: str, value: Any, annotation: Any) -> Any:
+    """Check `value` against a field annotation (int, float, bool, str, list[str], X | None)."""
+    args = typing.get_args(annotation)
+    if type(None) in args:
+        if value is None:
+            return None
+        annotation = next(a for a in args if a is not type(None))
+    origin = typing.get_origin(annotation)
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise UserError(f"{name} must be a list of strings, got {value!r}")
+        return list(value)
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"{name} must be true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"{name} must be an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, str):  # PyYAML reads "5e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{name} must be a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise UserError(f"{name} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def _field_names() -> set[str]:
+    return {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def make_config(overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """A TrainConfig from a preset (key `preset`) plus overrides; unknown keys are errors."""
+    values = dict(overrides or {})
+    preset = values.pop("preset", "minilm")
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    unknown = sorted(set(values) - _field_names())
+    if unknown:
+        raise UserError(f"unknown config key {unknown[0]!r}; known keys: {', '.join(sorted(_field_names()))}")
+    return TrainConfig(**{**PRESETS[preset], **values})
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping with the safe loader (no arbitrary objects)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"cannot read config file {path}: {error}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise UserError(f"config file {path} is not valid YAML: {str(error).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a mapping of keys to values, got {type(data).__name__}")
+    return data
+
+
+def parse_sets(items: list[str]) -> dict[str, Any]:
+    """`["lr=5e-4", "method=lora"]` -> {"lr": 0.0005, "method": "lora"} (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set takes key=value, got {item!r}")
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            out[key.strip()] = raw
+    return out
+
+
+def load_config(path: str | Path | None = None, sets: list[str] | None = None) -> TrainConfig:
+    """Defaults <- YAML file <- --set overrides."""
+    values = read_yaml(path) if path else {}
+    values.update(parse_sets(sets or []))
+    return make_config(values)

