@@ -39,3 +39,37 @@ def tiny_inputs():
     torch.manual_seed(123)
     ids = torch.randint(1, 64, (4, 7))
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def save_tiny_text_model(folder, layers: int = 3, seed: int = 0):
+    """A tiny random BERT + WordPiece tokenizer saved like a hub checkpoint (offline stand-in for MiniLM)."""
+    from transformers import BertTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    words = ("the a of to and in is was for on that with as by at it from this news article about review drug "
+             "business sport sports politics technology entertainment tech good bad neutral positive negative "
+             "party speech government people said year new market film music game").split()
+    letters = list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words + letters + ["##" + c for c in letters]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(str(folder))
+    model = tiny_bert(layers, seed)
+    model.config.vocab_size = len(vocab)
+    model.resize_token_embeddings(len(vocab))
+    model.save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_text_model(tmp_path_factory):
+    """Path of a saved tiny text encoder, usable as TrainConfig.model."""
+    return str(save_tiny_text_model(tmp_path_factory.mktemp("tiny_text_model")))
+
+
+def tiny_run_config(model_path: str, **overrides):
+    """A TrainConfig that trains the tiny encoder on a real task in about a second."""
+    from copra.config import make_config
+
+    values = dict(model=model_path, task="bbc_news", shots=2, steps=4, batch_size=4, eval_examples=20,
+                  max_length=16, progress=False)
+    return make_config(values | overrides)

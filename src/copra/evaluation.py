@@ -76,3 +76,33 @@ def accuracy(classifier: nn.Module, examples: Sequence[Any], labels: Sequence[in
     """Fraction of `examples` classified correctly (0..1)."""
     predicted = predict(classifier, examples, batch_size)
     return float((predicted == torch.tensor(list(labels))).float().mean())
+
+
+def load_adapter_state(classifier: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Put an adapter state dict (PEFT keys, as saved) into the classifier's LoRA layers.
+
+    Every LoRA key must match the model's: a merged, pruned or federated adapter is evaluated
+    through exactly the modules PEFT would load it into.
+    """
+    from peft import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(classifier.encoder, state)
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if result.unexpected_keys or missing:
+        from copra.errors import UserError
+
+        bad = (result.unexpected_keys or missing)[0]
+        raise UserError(f"adapter does not fit the model: {'unexpected' if result.unexpected_keys else 'missing'} key {bad!r}")
+
+
+def adapter_state(classifier: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of the classifier's adapter state dict, keyed as PEFT saves it."""
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(classifier.encoder).items()}
+
+
+def state_accuracy(classifier: nn.Module, state: dict[str, torch.Tensor], data: FewShotData) -> float:
+    """Accuracy of `classifier` with `state` loaded, on data's fixed evaluation subset."""
+    load_adapter_state(classifier, state)
+    return accuracy(classifier, data.eval_x, data.eval_y)

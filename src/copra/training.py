@@ -126,7 +126,7 @@ def train(config: TrainConfig, data: FewShotData | None = None, output_dir: str 
             logits = classifier(**inputs)  # [B, C]
             loss = F.cross_entropy(logits, labels[idx]) / config.grad_accum
             loss.backward()
-            loss_value += float(loss)
+            loss_value += loss.detach().item()
         if not math.isfinite(loss_value):
             raise TrainingDiverged(f"loss became {loss_value} at step {step}; lower lr (now {config.lr})")
         optimizer.step()
