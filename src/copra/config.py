@@ -123,6 +123,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         min_lr=1e-6,
         steps=500 * 16,
         logit_scale=100.0,
+        eval_examples=None,  # CLIP-LoRA reports the full test set
         target_modules=["q_proj", "k_proj", "v_proj"],
     ),
 }
