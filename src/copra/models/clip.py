@@ -215,6 +215,7 @@ def build_clip_classifier(config) -> ClipClassifier:
     """`config.model` (a local CLIP folder or hub name) with LoRA attached, as a ClipClassifier."""
     from transformers import AutoConfig, AutoTokenizer, CLIPConfig, CLIPModel
 
+    from copra.models.loading import quiet_loading
     from copra.models.lora import attach_lora
 
     name = config.model
@@ -223,8 +224,9 @@ def build_clip_classifier(config) -> ClipClassifier:
         model_config = AutoConfig.from_pretrained(name)
         if not isinstance(model_config, CLIPConfig):
             raise UserError(f"model {name!r} is a {type(model_config).__name__}, not a CLIP model; {hint}")
-        backbone = CLIPModel.from_pretrained(name, config=model_config)
-        tokenizer = AutoTokenizer.from_pretrained(name)
+        with quiet_loading():
+            backbone = CLIPModel.from_pretrained(name, config=model_config)
+            tokenizer = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError, KeyError) as error:
         if isinstance(error, UserError):
             raise

@@ -103,19 +103,16 @@ class PromptClassifier(nn.Module):
 def build_text_classifier(config) -> PromptClassifier:
     """The configured sentence encoder with LoRA attached, as a PromptClassifier."""
     from transformers import AutoModel, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
+    from copra.models.loading import quiet_loading
     from copra.models.lora import attach_lora
 
     path = resolve_model_path(config.model)
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the sentence-transformers checkpoint has no pooler: expected
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        backbone = AutoModel.from_pretrained(path, add_pooling_layer=False)
+        with quiet_loading():  # the sentence-transformers checkpoint has no pooler: expected
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            backbone = AutoModel.from_pretrained(path, add_pooling_layer=False)
     except OSError as error:
         raise UserError(f"cannot load the text encoder {config.model!r}: {str(error).splitlines()[0]}") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
     encoder = attach_lora(backbone, config)
     return PromptClassifier(encoder, tokenizer, scale=config.logit_scale, max_length=config.max_length)

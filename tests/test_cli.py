@@ -1,0 +1,72 @@
+"""The CLI in-process: bad input gives one clear line, exit code 2, and nothing written."""
+
+import pytest
+
+from copra.cli import main
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize(
+    "sets, message",
+    [
+        (["nonsense=1"], "unknown config key 'nonsense'"),
+        (["task=no_such_task"], "no_such_task"),
+        (["shots=100000"], "shots=100000"),
+        (["steps=0"], "steps must be >= 1"),
+        (["initial_p=1.5"], "initial_p must be a probability"),
+        (["final_p=-0.1"], "final_p must be a probability"),
+        (["method=dora"], "method must be one of"),
+        (["lr=abc"], "lr must be a number"),
+        (["target_modules=nothere"], "target module 'nothere'"),
+        (["granularity=head"], "granularity must be one of"),
+        (["noequals"], "--set takes key=value"),
+    ],
+)
+def test_train_bad_input(capsys, tmp_path, tiny_text_model, sets, message):
+    out = tmp_path / "out"
+    argv = ["train", "--set", f"model={tiny_text_model}", "--set", f"output_dir={out}", "--set", "progress=false"]
+    for item in sets:
+        argv += ["--set", item]
+    code, stdout, stderr = _run(capsys, *argv)
+    assert code == 2
+    assert message in stderr and stderr.count("\n") == 1 and "Traceback" not in stderr
+    assert not out.exists()
+
+
+def test_bad_config_files(capsys, tmp_path):
+    code, _, err = _run(capsys, "train", "--config", str(tmp_path / "missing.yaml"))
+    assert code == 2 and "config file not found" in err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lr: [unclosed\n")
+    code, _, err = _run(capsys, "train", "--config", str(bad))
+    assert code == 2 and "not valid YAML" in err
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    code, _, err = _run(capsys, "train", "--config", str(listy))
+    assert code == 2 and "mapping" in err
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("lr: 1e-3\nlearning_rate: 3\n")
+    code, _, err = _run(capsys, "train", "--config", str(unknown))
+    assert code == 2 and "'learning_rate'" in err
+
+
+def test_train_from_yaml_with_override(capsys, tmp_path, tiny_text_model):
+    config = tmp_path / "run.yaml"
+    out = tmp_path / "out"
+    config.write_text(f"model: {tiny_text_model}\ntask: drug_reviews\nshots: 2\nsteps: 3\nbatch_size: 4\n"
+                      f"eval_examples: 12\nmax_length: 16\nlr: 5e-3\nprogress: false\noutput_dir: {out}\n")
+    code, stdout, _ = _run(capsys, "train", "--config", str(config), "--set", "method=lora")
+    assert code == 0 and "lora on drug_reviews" in stdout
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+    assert (out / "result.json").exists()
+
+
+def test_demo_rejects_unknown_task_before_writing(capsys, tmp_path):
+    out = tmp_path / "results"
+    code, _, err = _run(capsys, "demo", "-o", str(out), "--tasks", "bbc_news,nope", "-q")
+    assert code == 2 and "'nope'" in err and not out.exists()
