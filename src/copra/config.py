@@ -130,7 +130,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def _coerce(name: str, value: Any, annotation: Any) -> Any:
-    """Check `value` against a field annotation (int, float, bool, str, list[str], X | None)."""
+    """Check `value` against a field annotation (int, float, bool, str, list[X], dict, X | None)."""
     args = typing.get_args(annotation)
     if type(None) in args:
         if value is None:
@@ -138,11 +138,16 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
         annotation = next(a for a in args if a is not type(None))
     origin = typing.get_origin(annotation)
     if origin is list:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-            raise UserError(f"{name} must be a list of strings, got {value!r}")
-        return list(value)
+        item = (typing.get_args(annotation) or (Any,))[0]
+        if isinstance(value, str):  # "--set seeds=0,1,2" or "tasks=a,b"
+            value = [yaml.safe_load(v) if item is not str else v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"{name} must be a list, got {value!r}")
+        return [_coerce(f"{name}[{i}]", v, item) for i, v in enumerate(value)]
+    if origin is dict or annotation is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{name} must be a mapping, got {value!r}")
+        return dict(value)
     if annotation is bool:
         if not isinstance(value, bool):
             raise UserError(f"{name} must be true or false, got {value!r}")
@@ -165,6 +170,23 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
             raise UserError(f"{name} must be a string, got {value!r}")
         return value
     return value
+
+
+def build_dataclass(cls: type, values: dict[str, Any]):
+    """An instance of a config dataclass from a mapping: unknown keys and wrong types are UserErrors."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise UserError(f"unknown config key {unknown[0]!r}; known keys: {', '.join(sorted(names))}")
+    hints = typing.get_type_hints(cls)
+    return cls(**{k: _coerce(k, v, hints[k]) for k, v in values.items()})
+
+
+def load_dataclass(cls: type, path: str | Path | None = None, sets: list[str] | None = None):
+    """Defaults of `cls` <- YAML file <- --set overrides (for experiment configs)."""
+    values = read_yaml(path) if path else {}
+    values.update(parse_sets(sets or []))
+    return build_dataclass(cls, values)
 
 
 def _field_names() -> set[str]:

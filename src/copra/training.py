@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from copra.adapters import save_peft_model, write_json
 from copra.config import TrainConfig
 from copra.errors import UserError
-from copra.evaluation import FewShotData, accuracy, prepare_data
+from copra.evaluation import FewShotData, accuracy, adapter_state, load_adapter_state, prepare_data
 from copra.gates import CopRA
 
 
@@ -43,10 +43,12 @@ class RunResult:
     early_accuracy: float | None = None
     final_loss: float | None = None
     mean_active_fraction: float = 1.0
-    extra: dict = field(default_factory=dict)
+    step_seconds: list[float] = field(default_factory=list)  # wall time of each optimizer step
+    masks: list[list[bool]] = field(default_factory=list)  # CopRA gates of each step (empty for LoRA)
+    state: dict | None = field(default=None, repr=False)  # the trained adapter (PEFT keys), in memory only
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items()}
+        return {k: v for k, v in self.__dict__.items() if k != "state"}
 
 
 def seed_everything(seed: int) -> None:
@@ -94,9 +96,16 @@ def metadata(config: TrainConfig, data: FewShotData, **results) -> dict:
     }
 
 
-def train(config: TrainConfig, data: FewShotData | None = None, output_dir: str | Path | None = None) -> RunResult:
-    """Train one adapter and evaluate it; write it (and the early one) if `output_dir` is given."""
+def train(config: TrainConfig, data: FewShotData | None = None, output_dir: str | Path | None = None,
+          initial_state: dict[str, torch.Tensor] | None = None) -> RunResult:
+    """Train one adapter and evaluate it; write it (and the early one) if `output_dir` is given.
+
+    `initial_state` (PEFT keys) replaces the fresh LoRA init, e.g. a federated round's merged adapter.
+    The trained adapter comes back in `RunResult.state`.
+    """
     classifier, data = build_run(config, data)
+    if initial_state is not None:
+        load_adapter_state(classifier, initial_state)
     out = Path(output_dir) if output_dir is not None else None
     encoder = classifier.encoder
     gates = CopRA(encoder, config.steps, config.initial_p, config.final_p, config.ramp_fraction,
@@ -114,10 +123,12 @@ def train(config: TrainConfig, data: FewShotData | None = None, output_dir: str 
     start = time.perf_counter()
     loss_value = float("nan")
     for step in bar:
+        step_start = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step, config.steps, config.lr, config.min_lr)
         if gates is not None:
             mask = gates.step(step)
+            result.masks.append(mask)
             active.append(sum(mask) / len(mask))
         loss_value = 0.0
         for _ in range(config.grad_accum):
@@ -131,6 +142,7 @@ def train(config: TrainConfig, data: FewShotData | None = None, output_dir: str 
             raise TrainingDiverged(f"loss became {loss_value} at step {step}; lower lr (now {config.lr})")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)  # gated-off adapters keep grad None: AdamW skips them
+        result.step_seconds.append(time.perf_counter() - step_start)
         bar.set_postfix(loss=f"{loss_value:.3f}")
         if early_step is not None and step + 1 == early_step:
             result.early_accuracy, result.early_dir = _save_early(classifier, gates, data, config, out)
@@ -141,6 +153,7 @@ def train(config: TrainConfig, data: FewShotData | None = None, output_dir: str 
     if gates is not None:
         gates.remove()
     result.accuracy = accuracy(classifier, data.eval_x, data.eval_y)
+    result.state = adapter_state(classifier)
     if out is not None:
         meta = metadata(config, data, accuracy=result.accuracy, seconds_per_step=result.seconds_per_step,
                         train_seconds=result.train_seconds, final_loss=loss_value, early_accuracy=result.early_accuracy)

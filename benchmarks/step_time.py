@@ -1,0 +1,62 @@
+"""Training-step time of CopRA vs plain PEFT LoRA on the embedded encoder, over a whole schedule.
+
+Same data, same batches (batch 32 x 64 tokens), same number of steps; only the method differs.
+Also prints the forward-only time (no gradients) as the floor. Run: `make bench` or
+`.venv/bin/python benchmarks/step_time.py --steps 40`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from copra.config import make_config
+from copra.training import batches, build_run, train
+
+
+def forward_only(config, steps: int) -> float:
+    classifier, data = build_run(config)
+    classifier.eval()
+    order = batches(len(data.train_x), config.batch_size, config.seed)
+    times = []
+    with torch.no_grad():
+        for _ in range(steps):
+            start = time.perf_counter()
+            classifier(**classifier.inputs_for([data.train_x[i] for i in next(order)]))
+            times.append(time.perf_counter() - start)
+    return statistics.fmean(times[1:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40, help="optimizer steps T of the schedule")
+    parser.add_argument("--task", default="bbc_news", help="long texts: every batch is full 64 tokens")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = make_config(dict(task=args.task, steps=args.steps, batch_size=32, max_length=64, shots=16,
+                              eval_examples=10, progress=False))
+    # warm-up (allocator, kernels) so the first measured method is not penalised
+    train(config.replace(method="lora", steps=3))
+    results = {m: train(config.replace(method=m)) for m in ("lora", "copra")}
+    floor = forward_only(config, min(args.steps, 20))
+    lora, copra = (statistics.fmean(results[m].step_seconds) for m in ("lora", "copra"))
+    print(f"encoder all-MiniLM-L6-v2, task {args.task}, batch 32 x 64 tokens, T={args.steps}, "
+          f"threads {torch.get_num_threads()}")
+    print(f"LoRA   {lora:.3f} s/step")
+    print(f"CopRA  {copra:.3f} s/step   (mean active fraction {results['copra'].mean_active_fraction:.2f})")
+    print(f"forward-only floor {floor:.3f} s/step")
+    print(f"ratio CopRA / LoRA over the whole schedule: {copra / lora:.3f}")
+    by_active: dict[int, list[float]] = {}
+    for mask, seconds in zip(results["copra"].masks, results["copra"].step_seconds):
+        by_active.setdefault(sum(mask), []).append(seconds)
+    print("CopRA step time by active layers: " + ", ".join(
+        f"{k}: {statistics.fmean(v):.3f}s (n={len(v)})" for k, v in sorted(by_active.items())))
+
+
+if __name__ == "__main__":
+    main()

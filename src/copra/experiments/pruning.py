@@ -1,0 +1,165 @@
+"""Pruning experiment (paper Sec. 3.2, Fig. 4): LoRA vs CopRA vs Early CopRA under pruning.
+
+Structured: drop the adapters of whole layers (every other, keep only the low / middle / high third)
+or keep one attention projection (q / k / v). Unstructured: zero the smallest-magnitude fraction of
+A and B entries. The paper's claim: CopRA's layers each work on their own (they were trained in
+random sub-teams), so CopRA loses less accuracy when parts of the adapter are removed; the early
+checkpoint (T/4) shows it most.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from copra.adapters import write_json
+from copra.config import make_config
+from copra.errors import UserError
+from copra.evaluation import FewShotData, prepare_data
+from copra.experiments.common import Evaluator, check_overrides, load_for_eval, mean_std
+from copra.prune import STRUCTURED, magnitude, projections, structured
+
+METHODS = ("lora", "copra", "early_copra")
+
+
+@dataclass
+class PruningConfig:
+    """Which adapters to prune and how."""
+
+    task: str = "bbc_news"  #: task the adapters are trained and evaluated on
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  #: one adapter per seed and method
+    shots: int = 8  #: examples per class
+    steps: int = 30  #: optimizer steps per run
+    batch_size: int = 16  #: examples per step
+    lr: float = 2e-3  #: peak learning rate
+    eval_examples: int = 240  #: fixed evaluation subset
+    schemes: list[str] = field(default_factory=lambda: list(STRUCTURED))  #: structured schemes ("all" = unpruned)
+    sparsities: list[float] = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(10)])  #: unstructured
+    model: str = "embedded:minilm"  #: encoder the adapters belong to
+    overrides: dict[str, Any] = field(default_factory=dict)  #: any other TrainConfig keys (e.g. max_length)
+    output_dir: str = "results/pruning"  #: where JSON, PNG and Markdown go
+    progress: bool = True  #: progress bars
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.schemes if s not in STRUCTURED]
+        if unknown:
+            raise UserError(f"unknown pruning scheme {unknown[0]!r}; choose from {list(STRUCTURED)}")
+        bad = [s for s in self.sparsities if not 0.0 <= s < 1.0]
+        if bad:
+            raise UserError(f"sparsity must be in [0, 1), got {bad[0]!r}")
+        if not self.seeds:
+            raise UserError("pruning needs at least one seed")
+        check_overrides(self.overrides)
+        self.base_config()  # validates every TrainConfig field
+
+    def base_config(self):
+        """The TrainConfig every run starts from."""
+        return make_config({**self.overrides, **dict(task=self.task, shots=self.shots, steps=self.steps,
+                            batch_size=self.batch_size, lr=self.lr, eval_examples=self.eval_examples,
+                            model=self.model, progress=self.progress)})
+
+
+def evaluate_pruned(adapters: dict[str, list[str]], data: FewShotData, config: PruningConfig,
+                    evaluator: Evaluator) -> dict:
+    """Accuracy of every (method, adapter) under every scheme and sparsity; mean ± std over adapters."""
+    structured_acc: dict[str, dict[str, list[float]]] = {}
+    unstructured_acc: dict[str, dict[str, list[float]]] = {}
+    for method, folders in adapters.items():
+        structured_acc[method] = {s: [] for s in config.schemes}
+        unstructured_acc[method] = {str(s): [] for s in config.sparsities}
+        for folder in folders:
+            state, adapter_config = load_for_eval(folder, task=data.task)
+            present = projections(state)
+            for scheme in config.schemes:
+                if scheme in ("query", "key", "value", "output") and scheme not in present:
+                    continue  # that projection has no adapter: nothing to keep
+                structured_acc[method][scheme].append(evaluator.accuracy(structured(state, scheme), adapter_config, data))
+            for sparsity in config.sparsities:
+                pruned = magnitude(state, sparsity)
+                unstructured_acc[method][str(sparsity)].append(evaluator.accuracy(pruned, adapter_config, data))
+    summarise = lambda table: {m: {k: dict(zip(("mean", "std"), mean_std(v))) | {"values": v}
+                                   for k, v in rows.items() if v} for m, rows in table.items()}
+    return {"structured": summarise(structured_acc), "unstructured": summarise(unstructured_acc)}
+
+
+def run(config: PruningConfig) -> dict:
+    """Train LoRA and CopRA (keeping CopRA's early checkpoint), prune, evaluate, write results."""
+    from copra.training import train
+
+    base = config.base_config()
+    data = prepare_data(base)  # validates the task before anything is written
+    out = Path(config.output_dir)
+    started = time.perf_counter()
+    adapters: dict[str, list[str]] = {m: [] for m in METHODS}
+    for seed in config.seeds:
+        for method in ("lora", "copra"):
+            run_dir = out / "runs" / method / f"seed{seed}"
+            run_data = prepare_data(base.replace(seed=seed))
+            train(base.replace(method=method, seed=seed, save_early=method == "copra"), data=run_data, output_dir=run_dir)
+            adapters[method].append(str(run_dir / "adapter"))
+            if method == "copra":
+                adapters["early_copra"].append(str(run_dir / "early"))
+    return run_from_adapters(adapters, data, config, started=started)
+
+
+def run_from_adapters(adapters: dict[str, list[str]], data: FewShotData, config: PruningConfig,
+                      started: float | None = None) -> dict:
+    """Prune and evaluate existing adapter folders ({method: [folder, ...]}); write JSON, PNG, Markdown."""
+    started = started if started is not None else time.perf_counter()
+    results = {"config": asdict(config), "task": data.task, "adapters": adapters,
+               **evaluate_pruned(adapters, data, config, Evaluator(config.base_config()))}
+    results["wall_seconds"] = time.perf_counter() - started
+    out = Path(config.output_dir)
+    write_json(out / "pruning.json", results)
+    plot(results, out / "pruning.png")
+    (out / "pruning.md").write_text(render(results), encoding="utf-8")
+    return results
+
+
+def plot(results: dict, path: Path) -> None:
+    """Fig. 4: bars per structured scheme (left), accuracy vs sparsity (right); one colour per method."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(12, 4), layout="constrained")
+    left, right = figure.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
+    methods = list(results["structured"])
+    schemes = [s for s in results["config"]["schemes"] if any(s in results["structured"][m] for m in methods)]
+    width = 0.8 / max(len(methods), 1)
+    for i, method in enumerate(methods):
+        rows = results["structured"][method]
+        xs = [j + (i - (len(methods) - 1) / 2) * width for j, s in enumerate(schemes) if s in rows]
+        left.bar(xs, [100 * rows[s]["mean"] for s in schemes if s in rows], width,
+                 yerr=[100 * rows[s]["std"] for s in schemes if s in rows], label=method, capsize=2)
+        curve = results["unstructured"][method]
+        keys = sorted(curve, key=float)
+        right.errorbar([float(k) for k in keys], [100 * curve[k]["mean"] for k in keys],
+                       yerr=[100 * curve[k]["std"] for k in keys], marker="o", label=method, capsize=2)
+    left.set_xticks(range(len(schemes)), schemes, rotation=30)
+    left.set_ylabel("accuracy (%)")
+    left.set_title("structured pruning (kept part)")
+    left.legend()
+    right.set_xlabel("sparsity (fraction of A/B entries zeroed)")
+    right.set_ylabel("accuracy (%)")
+    right.set_title("unstructured (magnitude) pruning")
+    right.legend()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+
+
+def render(results: dict) -> str:
+    """Markdown tables (accuracy %, mean ± std over seeds)."""
+    methods = list(results["structured"])
+    lines = [f"## Pruning ({results['task']}, paper Fig. 4)", "", "![pruning](pruning.png)", "",
+             "| scheme | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    for scheme in results["config"]["schemes"]:
+        cells = [results["structured"][m].get(scheme) for m in methods]
+        if any(cells):
+            lines.append(f"| {scheme} | " + " | ".join(
+                f"{100 * c['mean']:.1f} ± {100 * c['std']:.1f}" if c else "-" for c in cells) + " |")
+    lines += ["", "| sparsity | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    for sparsity in results["config"]["sparsities"]:
+        cells = [results["unstructured"][m][str(sparsity)] for m in methods]
+        lines.append(f"| {sparsity} | " + " | ".join(f"{100 * c['mean']:.1f} ± {100 * c['std']:.1f}" for c in cells) + " |")
+    return "\n".join(lines + ["", f"Wall time: {results['wall_seconds']:.0f} s.", ""])

@@ -1,0 +1,40 @@
+"""The pruning experiment end to end on the tiny encoder (real task, a few steps)."""
+
+import json
+
+import pytest
+
+from conftest import tiny_run_config
+from copra.errors import UserError
+from copra.evaluation import prepare_data
+from copra.experiments.pruning import PruningConfig, run_from_adapters
+from copra.training import train
+
+
+def test_pruning_experiment_tables_and_plot(tiny_text_model, tmp_path):
+    config = tiny_run_config(tiny_text_model, steps=8, save_early=True)
+    data = prepare_data(config)
+    adapters = {"lora": [], "copra": [], "early_copra": []}
+    for method in ("lora", "copra"):
+        train(config.replace(method=method), data=data, output_dir=tmp_path / method)
+        adapters[method].append(str(tmp_path / method / "adapter"))
+    adapters["early_copra"].append(str(tmp_path / "copra" / "early"))
+    pruning = PruningConfig(task="bbc_news", seeds=[0], eval_examples=20, sparsities=[0.0, 0.5, 0.9],
+                            model=tiny_text_model, overrides={"max_length": 16}, output_dir=str(tmp_path / "out"))
+    results = run_from_adapters(adapters, data, pruning)
+    for method in ("lora", "copra", "early_copra"):
+        rows = results["structured"][method]
+        assert set(rows) == {"all", "every_other", "low", "middle", "high", "query", "key", "value"}  # no output proj
+        assert set(results["unstructured"][method]) == {"0.0", "0.5", "0.9"}
+        # sparsity 0 changes nothing: equals the unpruned ("all") accuracy
+        assert results["unstructured"][method]["0.0"]["mean"] == rows["all"]["mean"]
+    assert (tmp_path / "out" / "pruning.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "out" / "pruning.json").read_text())["task"] == "bbc_news"
+    assert "| every_other |" in (tmp_path / "out" / "pruning.md").read_text()
+
+
+@pytest.mark.parametrize("bad", [dict(schemes=["diagonal"]), dict(sparsities=[1.0]), dict(sparsities=[-0.1]),
+                                 dict(seeds=[])])
+def test_pruning_config_refuses_bad_values(bad):
+    with pytest.raises(UserError):
+        PruningConfig(**bad)
