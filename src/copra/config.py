@@ -60,6 +60,7 @@ class TrainConfig:
     ramp_fraction: float = 0.75  #: fraction of training over which p ramps (paper: 3/4)
     ramp: str = "linear"  #: ramp shape: linear (paper), exponential or sine
     granularity: str = "layer"  #: one gate per transformer block ("layer") or per LoRA module
+    prefix_cache: bool = True  #: reuse frozen lower blocks' hidden states (text backbone, exact speed-up)
     # outputs
     output_dir: str = "runs/default"  #: where the adapter and metadata go
     save_early: bool = False  #: also save the Early CopRA checkpoint at T/4

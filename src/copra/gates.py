@@ -189,13 +189,14 @@ class CopRA:
         self.all_on()
 
     # -- hooks ---------------------------------------------------------------------------------
-    def _is_on(self, index: int, training: bool) -> bool:
+    def is_on(self, index: int, training: bool) -> bool:
+        """Whether player `index` is active for a module in training (or eval) mode right now."""
         if self._mask is None or not (training or self._explicit):
             return True
         return self._mask[index]
 
     def _before_forward(self, index: int, module: LoraLayer, args) -> None:
-        if not self._is_on(index, module.training):
+        if not self.is_on(index, module.training):
             module._copra_saved_active = module._active_adapter
             module._active_adapter = []  # PEFT's forward then runs the base layer only
 

@@ -110,6 +110,8 @@ def train(config: TrainConfig, data: FewShotData | None = None, output_dir: str 
     encoder = classifier.encoder
     gates = CopRA(encoder, config.steps, config.initial_p, config.final_p, config.ramp_fraction,
                   config.granularity, seed=config.seed, ramp=config.ramp) if config.method == "copra" else None
+    if gates is not None and config.prefix_cache and hasattr(classifier, "enable_prefix_cache"):
+        classifier.enable_prefix_cache(gates)
     params = [p for p in classifier.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     labels = torch.tensor(data.train_y)
@@ -152,6 +154,7 @@ def train(config: TrainConfig, data: FewShotData | None = None, output_dir: str 
     result.mean_active_fraction = float(np.mean(active)) if active else 1.0
     if gates is not None:
         gates.remove()
+        classifier.prefix_cache = None
     result.accuracy = accuracy(classifier, data.eval_x, data.eval_y)
     result.state = adapter_state(classifier)
     if out is not None:

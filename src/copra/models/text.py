@@ -64,6 +64,16 @@ class PromptClassifier(nn.Module):
         self.max_length = max_length
         self.prompts: list[str] = []
         self._prompt_inputs: dict[str, torch.Tensor] | None = None
+        self.prefix_cache = None  # a FrozenPrefixCache while CopRA trains (see enable_prefix_cache)
+
+    def enable_prefix_cache(self, gates) -> bool:
+        """Reuse frozen lower blocks' hidden states in training (exact only with a deterministic backbone)."""
+        from copra.models.prefix_cache import FrozenPrefixCache
+
+        if any(isinstance(m, nn.Dropout) and m.p > 0 for n, m in self.encoder.named_modules() if "lora_" not in n):
+            return False
+        self.prefix_cache = FrozenPrefixCache(self.encoder, gates)
+        return True
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         """Token ids and attention mask, padded to the longest text, cut at max_length."""
@@ -81,7 +91,10 @@ class PromptClassifier(nn.Module):
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Unit-norm sentence embeddings [B, H]."""
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, T, H]
+        if self.prefix_cache is not None and self.training:
+            hidden = self.prefix_cache.last_hidden_state(input_ids, attention_mask)  # [B, T, H]
+        else:
+            hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, T, H]
         return F.normalize(mean_pool(hidden, attention_mask), dim=-1)
 
     def class_embeddings(self) -> torch.Tensor:
