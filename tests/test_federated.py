@@ -1,0 +1,141 @@
+"""Federated LoRA/CopRA (paper Sec. 3.1, Table 1 left): split, in-process rounds, outputs, Flower."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import tiny_run_config
+from copra.errors import UserError
+from copra.evaluation import FewShotData, adapter_state, prepare_data
+from copra.experiments.federated import FederatedConfig, client_seed, run, simulate, split_clients
+from copra.training import build_run, train
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on a loaded 2-core machine two threads make these tiny models 10-100x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def fake_data(n: int = 10) -> FewShotData:
+    return FewShotData(task="t", class_names=("a", "b"), prompts=("p a", "p b"), train_x=tuple(f"x{i}" for i in range(n)),
+                       train_y=tuple(i % 2 for i in range(n)), eval_x=("e0", "e1"), eval_y=(0, 1))
+
+
+def fed_config(model: str, tmp_path, **overrides) -> FederatedConfig:
+    values = dict(task="bbc_news", model=model, clients=3, rounds=1, seeds=[0], methods=["lora", "copra"], shots=2,
+                  steps=4, batch_size=4, eval_examples=20, train_overrides={"max_length": 16},
+                  output_dir=str(tmp_path / "fed"), progress=False)
+    return FederatedConfig(**(values | overrides))
+
+
+def test_split_clients_is_a_seeded_partition():
+    data = fake_data(10)
+    parts = split_clients(data, 3, seed=4)
+    assert sorted(len(p.train_x) for p in parts) == [3, 3, 4]
+    seen = [x for p in parts for x in p.train_x]
+    assert sorted(seen) == sorted(data.train_x)  # disjoint and complete
+    for p in parts:
+        assert all(data.train_y[data.train_x.index(x)] == y for x, y in zip(p.train_x, p.train_y))
+        assert (p.eval_x, p.eval_y, p.prompts, p.class_names) == (data.eval_x, data.eval_y, data.prompts, data.class_names)
+    assert [p.train_x for p in split_clients(data, 3, seed=4)] == [p.train_x for p in parts]
+    assert [p.train_x for p in split_clients(data, 3, seed=5)] != [p.train_x for p in parts]
+    assert split_clients(data, 1, 0)[0].train_x == data.train_x
+
+
+@pytest.mark.parametrize("k", [0, -1, 11, 2.5, True])
+def test_split_clients_refuses_bad_k(k):
+    with pytest.raises(UserError, match="clients"):
+        split_clients(fake_data(10), k, 0)
+
+
+@pytest.mark.parametrize("bad", [dict(clients=0), dict(rounds=0), dict(seeds=[]), dict(methods=["lora", "lora"]),
+                                 dict(methods=["sgd"]), dict(train_overrides={"seed": 3}), dict(lr=-1.0)])
+def test_federated_config_refuses_bad_values(tiny_text_model, tmp_path, bad):
+    with pytest.raises(UserError):
+        fed_config(tiny_text_model, tmp_path, **bad)
+
+
+def test_client_seeds_differ_per_client_round_and_run():
+    seeds = {client_seed(s, r, i) for s in range(3) for r in range(5) for i in range(7)}
+    assert len(seeds) == 3 * 5 * 7
+
+
+def test_train_starts_from_initial_state(tiny_text_model):
+    config = tiny_run_config(tiny_text_model)
+    start = train(config.replace(seed=7)).state
+    assert start is not None and set(start) == set(adapter_state(build_run(config)[0]))
+    # lr ~ 0: the result is the initial state, not the seed-0 init
+    frozen = train(config.replace(lr=1e-12, min_lr=0.0, weight_decay=0.0), initial_state=start).state
+    assert all(torch.allclose(frozen[k], start[k], atol=1e-9) for k in start)
+
+
+def test_one_shot_run_writes_results_and_a_peft_adapter(tiny_text_model, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModel
+
+    config = fed_config(tiny_text_model, tmp_path)
+    summary = run(config)
+    out = tmp_path / "fed"
+    assert json.loads((out / "federated.json").read_text())["summary"] == summary["summary"]
+    assert (out / "federated.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| copra |" in (out / "federated.md").read_text()
+    for method in ("lora", "copra"):
+        (entry,) = summary["runs"][method]
+        assert sorted(entry["client_sizes"]) == [3, 3, 4]  # bbc_news: 5 classes x 2 shots over 3 clients
+        (round1,) = entry["rounds"]
+        assert len(round1["client_accuracy"]) == 3 and 0 <= round1["merged_accuracy"] <= 1
+        assert set(summary["summary"][method]) >= {"client_mean", "client_std", "merged_mean", "merged_std"}
+        model = PeftModel.from_pretrained(AutoModel.from_pretrained(tiny_text_model), entry["adapter_dir"])
+        assert any("lora_A" in name for name, _ in model.named_parameters())
+
+
+def test_merged_state_is_size_weighted_fusion_and_rounds_continue(tiny_text_model, tmp_path):
+    config = fed_config(tiny_text_model, tmp_path, clients=3, rounds=2, methods=["copra"])
+    data = prepare_data(config.data_config(0))
+    fed = simulate(config, "copra", 0, data)
+    assert [r["round"] for r in fed.rounds] == [1, 2] and all(len(r["client_accuracy"]) == 3 for r in fed.rounds)
+    sizes = fed.client_sizes
+    for key, merged in fed.merged_state.items():  # by hand: sum_i n_i/N * state_i
+        expected = sum(n / sum(sizes) * s[key].double() for n, s in zip(sizes, fed.client_states))
+        torch.testing.assert_close(merged.double(), expected, atol=1e-7, rtol=1e-6)
+    one_round = simulate(fed_config(tiny_text_model, tmp_path, clients=3, rounds=1), "copra", 0, data)
+    # round 2 started from round 1's merge, so it ends elsewhere than round 1
+    assert any(not torch.equal(fed.merged_state[k], one_round.merged_state[k]) for k in fed.merged_state)
+    lora_b = [k for k in fed.merged_state if "lora_B" in k]
+    assert any(fed.merged_state[k].abs().sum() > 0 for k in lora_b)
+
+
+def test_two_round_run_plots_merged_accuracy_by_round(tiny_text_model, tmp_path):
+    summary = run(fed_config(tiny_text_model, tmp_path, clients=2, rounds=2, shared_init=True))
+    for method in ("lora", "copra"):
+        assert len(summary["summary"][method]["merged_by_round"]) == 2
+    assert (tmp_path / "fed" / "federated.png").stat().st_size > 0
+    assert "Merged accuracy by round" in (tmp_path / "fed" / "federated.md").read_text()
+
+
+def test_flower_simulation_matches_in_process_fusion(tiny_text_model, tmp_path):
+    pytest.importorskip("flwr")
+    pytest.importorskip("ray")
+    from copra.flower import run_flower_simulation
+
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    config = fed_config(tiny_text_model, tmp_path, clients=2, rounds=1, methods=["copra"])
+    data = prepare_data(config.data_config(0))
+    flower = run_flower_simulation(config, data=data)
+    local = simulate(config, "copra", 0, data)
+    assert [r["clients"] for r in flower["rounds"]] == [[0, 1]]
+    assert flower["rounds"][0]["client_sizes"] == local.client_sizes
+    for mine, theirs in zip(local.client_states, flower["client_states"]):  # same seeds -> same client training
+        assert all(torch.allclose(mine[k], theirs[k], atol=1e-6) for k in mine)
+    assert set(flower["merged_state"]) == set(local.merged_state)
+    for key, merged in local.merged_state.items():
+        torch.testing.assert_close(flower["merged_state"][key], merged, atol=1e-6, rtol=0)
+    assert flower["rounds"][0]["merged_accuracy"] == pytest.approx(local.rounds[0]["merged_accuracy"])
