@@ -52,7 +52,7 @@ def save_tiny_text_model(folder, layers: int = 3, seed: int = 0):
     letters = list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-")
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words + letters + ["##" + c for c in letters]
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
-    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(str(folder))
+    BertTokenizerFast(str(folder / "vocab.txt")).save_pretrained(str(folder))  # positional: v5 ignores vocab_file=
     model = tiny_bert(layers, seed)
     model.config.vocab_size = len(vocab)
     model.resize_token_embeddings(len(vocab))

@@ -15,15 +15,6 @@ from copra.experiments.federated import FederatedConfig, client_seed, run, simul
 from copra.training import build_run, train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a loaded 2-core machine two threads make these tiny models 10-100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def fake_data(n: int = 10) -> FewShotData:
     return FewShotData(task="t", class_names=("a", "b"), prompts=("p a", "p b"), train_x=tuple(f"x{i}" for i in range(n)),
                        train_y=tuple(i % 2 for i in range(n)), eval_x=("e0", "e1"), eval_y=(0, 1))

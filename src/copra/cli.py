@@ -40,6 +40,46 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _cmd_experiment(args) -> int:
+    from copra.config import load_dataclass
+    from copra.experiments import EXPERIMENTS
+
+    config_class, run, render = EXPERIMENTS[args.command]()
+    sets = list(args.set) + ([f"output_dir={args.output}"] if args.output else [])
+    config = load_dataclass(config_class, args.config, sets)
+    summary = run(config)
+    print(render(summary))
+    print(f"results in {config.output_dir}")
+    return 0
+
+
+def _numbers(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(x) for x in text.replace(",", " ").split()]
+    except ValueError:
+        raise UserError(f"--weights takes numbers separated by commas or spaces, got {text!r}") from None
+
+
+def _cmd_merge(args) -> int:
+    from copra.adapter_ops import merge_folders
+
+    out = merge_folders(args.adapters, args.method, _numbers(args.weights), args.align, output=args.output,
+                        align_steps=args.align_steps, overwrite=args.force)
+    print(f"{args.method} of {len(args.adapters)} adapters{' (aligned)' if args.align else ''} -> {out}")
+    return 0
+
+
+def _cmd_prune(args) -> int:
+    from copra.adapter_ops import prune_folder
+
+    out = prune_folder(args.adapter, output=args.output, scheme=args.scheme, sparsity=args.sparsity,
+                       scope=args.scope, overwrite=args.force)
+    print(f"pruned {args.adapter} ({args.scheme or f'sparsity {args.sparsity}'}) -> {out}")
+    return 0
+
+
 def _cmd_tasks(args) -> int:
     from copra.data.text_tasks import load_task, task_names
 
@@ -69,6 +109,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="optimizer steps per run")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("merge", help="merge LoRA adapter folders (fusion or mixture) into one PEFT folder")
+    p.add_argument("adapters", nargs="+", help="PEFT adapter folders (two or more)")
+    p.add_argument("--method", choices=["fusion", "mixture"], default="fusion", help="fusion (rank r) or mixture (rank n*r)")
+    p.add_argument("--weights", help="one weight per adapter, comma-separated (default: equal)")
+    p.add_argument("--align", action="store_true", help="LoRA Align every adapter to the first before merging")
+    p.add_argument("--align-steps", type=int, default=200, help="Adam steps of LoRA Align per module")
+    p.add_argument("-o", "--output", required=True, help="output adapter folder")
+    p.add_argument("--force", action="store_true", help="replace the output folder if it exists")
+    p.set_defaults(func=_cmd_merge)
+
+    p = sub.add_parser("prune", help="prune a LoRA adapter folder (structured scheme or magnitude sparsity)")
+    p.add_argument("adapter", help="PEFT adapter folder")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--scheme", help="all, every_other, low, middle, high, query, key, value, output")
+    how.add_argument("--sparsity", type=float, help="fraction of A/B entries to zero, in [0, 1)")
+    p.add_argument("--scope", choices=["matrix", "global"], default="matrix", help="magnitude threshold per matrix or global")
+    p.add_argument("-o", "--output", required=True, help="output adapter folder")
+    p.add_argument("--force", action="store_true", help="replace the output folder if it exists")
+    p.set_defaults(func=_cmd_prune)
+
+    from copra.experiments import EXPERIMENTS
+
+    for name, loader in EXPERIMENTS.items():
+        p = sub.add_parser(name, help=f"the {name} experiment (see copra.experiments.{name})")
+        p.add_argument("--config", help="YAML file overriding the experiment's defaults")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one key")
+        p.add_argument("-o", "--output", help="results folder")
+        p.set_defaults(func=_cmd_experiment)
 
     p = sub.add_parser("tasks", help="list the embedded text tasks")
     p.set_defaults(func=_cmd_tasks)

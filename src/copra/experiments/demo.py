@@ -15,6 +15,7 @@ from pathlib import Path
 from copra.adapters import write_json
 from copra.config import TrainConfig, make_config
 from copra.errors import UserError
+from copra.experiments.common import mean_std
 from copra.evaluation import accuracy, prepare_data
 from copra.training import build_run, train
 
@@ -42,10 +43,6 @@ class DemoConfig:
         return make_config(dict(task=task, method=method, seed=seed, shots=self.shots, steps=self.steps,
                                 batch_size=self.batch_size, lr=self.lr, eval_examples=self.eval_examples,
                                 progress=self.progress, save_early=True))
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def run(config: DemoConfig) -> dict:

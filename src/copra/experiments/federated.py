@@ -34,6 +34,7 @@ import torch
 from copra.adapters import save_peft_model, write_json
 from copra.config import TrainConfig, make_config
 from copra.errors import UserError
+from copra.experiments.common import mean_std
 from copra.evaluation import FewShotData, adapter_state, load_adapter_state, prepare_data, state_accuracy
 from copra.merge import fusion
 from copra.training import build_run, train
@@ -157,10 +158,6 @@ def initial_state(config: FederatedConfig, method: str, seed: int, data: FewShot
     """The shared round-0 LoRA init (`shared_init`): client 0's fresh init."""
     classifier, _ = build_run(config.client_config(method, seed, 0, 0), data)
     return adapter_state(classifier)
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def summarize(runs: dict[str, list[dict]], rounds: int) -> dict[str, dict]:

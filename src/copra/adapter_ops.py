@@ -1,0 +1,108 @@
+"""Operations on adapter folders: `copra merge` and `copra prune` as library functions.
+
+Paper: Zhuang et al., "CopRA: A Progressive LoRA Training Strategy" (2024), Sec. 3.1: CopRA adapters are
+meant to be merged. `merge_folders` turns PEFT adapter folders into one PEFT adapter folder:
+
+    fusion   B = sum_i w_i B_i, A = sum_i w_i A_i          (same rank r, same adapter_config)
+    mixture  B A = sum_i w_i B_i A_i, exactly             (rank n*r, adapter_config from `mixture_config`)
+
+with optional LoRA Align of every adapter to the first before a fusion. Why a separate function: the
+result must be loadable by plain `PeftModel.from_pretrained`, and a bad input must never leave a
+partial folder, so everything (folders, weights, ranks, targets, finiteness) is checked in memory
+before anything is written, and the folder itself is written atomically by `save_adapter`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from copra.adapters import finite_or_none, load_adapter, read_metadata, save_adapter
+from copra.errors import UserError
+from copra.merge import MERGERS, check_compatible, check_weights, mixture_config
+from copra.prune import STRUCTURED, magnitude, structured
+
+
+def _describe(folders: Sequence[Path]) -> str:
+    return ", ".join(f"adapter {i} = {f}" for i, f in enumerate(folders))
+
+
+def _metadata(folder: Path) -> dict:
+    try:
+        return read_metadata(folder)
+    except ValueError as error:
+        raise UserError(f"{folder / 'copra.json'}: not valid JSON ({error})") from None
+
+
+def merge_folders(folders: Sequence[str | Path], method: str = "fusion", weights: Sequence[float] | None = None,
+                  align: bool = False, *, output: str | Path, align_steps: int = 200, overwrite: bool = False) -> Path:
+    """Merge PEFT LoRA adapter folders into the PEFT folder `output`; returns its path.
+
+    `weights`: one per adapter (default 1/n each; they need not sum to 1). `align`: LoRA Align every
+    adapter to the first before merging (changes fusion only; a mixture is exact either way). Writes
+    `copra.json` with the inputs, weights, method and the bound D_upper (alpha = 0.5) of each adapter
+    against the first, before and after alignment. UserError on any bad input, with no output written.
+    """
+    from copra.align import align_many, bound
+
+    folders = [Path(f) for f in folders]
+    output = Path(output)
+    if len(folders) < 2:
+        raise UserError(f"merging needs at least two adapter folders, got {len(folders)}")
+    if method not in MERGERS:
+        raise UserError(f"unknown merge method {method!r}; choose one of {sorted(MERGERS)}")
+    if not isinstance(align, bool):
+        raise UserError(f"align must be true or false, got {align!r}")
+    resolved = [f.resolve() for f in folders]
+    if output.resolve() in resolved:
+        raise UserError(f"output {output} is one of the input adapters; choose another folder")
+    if output.exists() and not overwrite:
+        raise UserError(f"output {output} already exists; remove it or pass overwrite")
+    w = check_weights(weights, len(folders))
+    loaded = [load_adapter(f) for f in folders]  # UserError names the folder or file
+    inputs_meta = [_metadata(f) for f in folders]
+    states, configs = [s for s, _ in loaded], [c for _, c in loaded]
+    try:
+        check_compatible(states, configs)
+    except UserError as error:
+        raise UserError(f"{error} ({_describe(folders)})") from None
+    before = [bound(states[0], s) for s in states[1:]]
+    after = None
+    if align:
+        states = [states[0], *align_many(states[0], states[1:], steps=align_steps)]
+        after = [bound(states[0], s) for s in states[1:]]
+    merged = MERGERS[method](states, w)
+    config = mixture_config(configs[0], len(states)) if method == "mixture" else dict(configs[0])
+    metadata = {
+        "merged": True, "method": method, "weights": w, "align": align,
+        "inputs": [str(f) for f in resolved],
+        "input_metadata": [{k: m.get(k) for k in ("method", "task", "seed", "accuracy")} for m in inputs_meta],
+        "bound_alpha": 0.5,
+        "bound_before_align": [finite_or_none(b) for b in before],
+        "bound_after_align": None if after is None else [finite_or_none(b) for b in after],
+    }
+    return save_adapter(merged, config, output, metadata)  # refuses NaN/inf before writing; atomic
+
+
+def prune_folder(folder: str | Path, *, output: str | Path, scheme: str | None = None, sparsity: float | None = None,
+                 scope: str = "matrix", overwrite: bool = False) -> Path:
+    """Prune a PEFT adapter folder into `output` (still a PEFT folder): a structured scheme or magnitude sparsity.
+
+    Structured schemes zero whole layers or projections (keys kept, so PEFT loads it); `sparsity`
+    zeroes that fraction of the smallest-magnitude A/B entries. UserError on bad input, nothing written.
+    """
+    folder, output = Path(folder), Path(output)
+    if (scheme is None) == (sparsity is None):
+        raise UserError("prune needs exactly one of a scheme or a sparsity")
+    if scheme is not None and scheme not in STRUCTURED:
+        raise UserError(f"unknown pruning scheme {scheme!r}; choose from {list(STRUCTURED)}")
+    if output.resolve() == folder.resolve():
+        raise UserError(f"output {output} is the input adapter; choose another folder")
+    if output.exists() and not overwrite:
+        raise UserError(f"output {output} already exists; remove it or pass overwrite")
+    state, config = load_adapter(folder)
+    pruned = structured(state, scheme) if scheme is not None else magnitude(state, sparsity, scope)
+    metadata = {"pruned": True, "input": str(folder.resolve()), "scheme": scheme, "sparsity": sparsity,
+                "scope": scope if sparsity is not None else None,
+                "input_metadata": {k: _metadata(folder).get(k) for k in ("method", "task", "seed", "accuracy")}}
+    return save_adapter(pruned, config, output, metadata)

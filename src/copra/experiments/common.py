@@ -1,0 +1,161 @@
+"""Shared by the merging experiments (landscape, multitask): load adapters, evaluate states cheaply.
+
+Why: the paper's merging results (Fig. 3 landscape, Table 1 MTL) evaluate dozens of merged adapters.
+Building a model per point would dominate the run time, so `Evaluator` keeps one classifier per
+LoRA shape (rank, alpha, rsLoRA, targets) and swaps adapter states into it with `load_adapter_state`,
+through exactly the modules PEFT would load a saved folder into. The classifier's LoRA settings
+come from the adapter's own `adapter_config.json`, so the scaling alpha/r (or alpha/sqrt(r)) is the
+one PEFT would apply; a mixture adapter (rank n*r) gets its own classifier built from `mixture_config`.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from copra.adapters import load_adapter, read_metadata
+from copra.config import TrainConfig
+from copra.errors import UserError
+from copra.evaluation import FewShotData, load_adapter_state
+
+Adapter = dict[str, torch.Tensor]
+BATCH = 64  # evaluation batch size, as copra.evaluation.predict
+MAX_CACHED_IMAGES = 512  # image evaluation sets up to this size keep their decoded inputs in memory
+RESERVED = ("task", "method", "seed", "output_dir", "progress")  # set by the experiment, not by overrides
+
+
+def mean_std(values: Iterable[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    values = list(values)
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def check_overrides(overrides: dict[str, Any]) -> None:
+    if not isinstance(overrides, dict):
+        raise UserError(f"overrides must be a mapping of TrainConfig keys, got {overrides!r}")
+    clash = [k for k in overrides if k in RESERVED]
+    if clash:
+        raise UserError(f"overrides may not set {clash[0]!r}: the experiment sets it")
+
+
+def check_unique(name: str, values: list, allowed: Iterable | None = None, minimum: int = 1) -> None:
+    """UserError unless `values` is a list of at least `minimum` distinct items (from `allowed`)."""
+    if not isinstance(values, (list, tuple)) or len(values) < minimum:
+        raise UserError(f"{name} must list at least {minimum} item(s), got {values!r}")
+    if len(set(values)) != len(values):
+        raise UserError(f"{name} has duplicates: {list(values)!r}")
+    if allowed is not None:
+        allowed = list(allowed)
+        bad = [v for v in values if v not in allowed]
+        if bad:
+            raise UserError(f"{name}: unknown {bad[0]!r}; choose from {allowed}")
+
+
+def lora_fields(adapter_config: dict, where: str) -> dict[str, Any]:
+    """TrainConfig overrides that rebuild the LoRA layers an adapter_config describes."""
+    targets = adapter_config.get("target_modules")
+    if not isinstance(targets, (list, tuple)) or not targets:
+        raise UserError(f"{where}: target_modules must be a list of module names, got {targets!r}")
+    if adapter_config.get("rank_pattern") or adapter_config.get("alpha_pattern"):
+        raise UserError(f"{where}: per-module rank_pattern/alpha_pattern adapters cannot be evaluated here")
+    return dict(rank=int(adapter_config["r"]), lora_alpha=float(adapter_config.get("lora_alpha", 8)),
+                use_rslora=bool(adapter_config.get("use_rslora", False)), target_modules=sorted(targets))
+
+
+def load_for_eval(folder: str | Path, task: str | None = None, model: str | None = None) -> tuple[Adapter, dict]:
+    """`load_adapter`, plus a check that copra's metadata (if any) names the expected task and model."""
+    state, adapter_config = load_adapter(folder)
+    try:
+        meta = read_metadata(folder)
+    except ValueError as error:
+        raise UserError(f"{Path(folder) / 'copra.json'}: not valid JSON ({error})") from None
+    if task is not None and meta.get("task") not in (None, task):
+        raise UserError(f"{folder}: adapter was trained on task {meta['task']!r}, expected {task!r}")
+    trained_on = (meta.get("config") or {}).get("model")
+    if model is not None and trained_on not in (None, model):
+        raise UserError(f"{folder}: adapter was trained on model {trained_on!r}, the experiment uses {model!r}")
+    lora_fields(adapter_config, str(folder))  # validates what evaluation will need
+    return state, adapter_config
+
+
+def zero_b(state: Adapter) -> Adapter:
+    """The same adapter with every B factor zero: the zero-shot model through the same modules."""
+    return {k: (torch.zeros_like(v) if ".lora_B." in k or ".lora_embedding_B." in k else v) for k, v in state.items()}
+
+
+def barrier(curve: list[float], alphas: list[float]) -> float:
+    """Largest drop below the straight line between the endpoints (alpha=min, alpha=max); 0 if none."""
+    (a0, y0), (a1, y1) = (alphas[0], curve[0]), (alphas[-1], curve[-1])
+    if a1 == a0:
+        return 0.0
+    line = [y0 + (a - a0) / (a1 - a0) * (y1 - y0) for a in alphas]
+    return max(0.0, max(l - y for l, y in zip(line, curve)))
+
+
+class Evaluator:
+    """Accuracy of adapter states, reusing one classifier per LoRA shape (no model rebuilt per point)."""
+
+    def __init__(self, base: TrainConfig):
+        self.base = base.replace(progress=False)
+        self._classifiers: dict[tuple, nn.Module] = {}
+        self._inputs: dict[int, tuple[FewShotData, list]] = {}
+        self.builds = 0  # number of classifiers built (tests check reuse)
+
+    def classifier(self, adapter_config: dict, where: str = "adapter") -> nn.Module:
+        from copra.models import build_classifier
+        from copra.training import seed_everything
+
+        fields = lora_fields(adapter_config, where)
+        key = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in sorted(fields.items()))
+        if key not in self._classifiers:
+            seed_everything(self.base.seed)
+            self._classifiers[key] = build_classifier(self.base.replace(**fields))
+            self.builds += 1
+        return self._classifiers[key]
+
+    def _batches(self, classifier: nn.Module, data: FewShotData) -> list[dict[str, torch.Tensor]]:
+        """The evaluation inputs, collated once (tokenizing or decoding images dominated tiny-model runs).
+
+        Every classifier here shares the base model's tokenizer/processor and max_length, so the cache
+        is per data set. Large image sets are not cached (memory); they are collated per evaluation.
+        """
+        key = id(data)
+        if key in self._inputs:
+            return self._inputs[key][1]
+        batches = [classifier.inputs_for(list(data.eval_x[i:i + BATCH])) for i in range(0, len(data.eval_x), BATCH)]
+        if self.base.backbone == "text" or len(data.eval_x) <= MAX_CACHED_IMAGES:
+            self._inputs[key] = (data, batches)  # keeps `data` alive so its id is not reused
+        return batches
+
+    @torch.no_grad()
+    def accuracy(self, state: Adapter, adapter_config: dict, data: FewShotData) -> float:
+        """Accuracy on `data`'s evaluation subset with `state` loaded (prompts switched if needed).
+
+        Same batches (64) and arithmetic as `copra.evaluation.predict`, with the inputs collated once.
+        """
+        classifier = self.classifier(adapter_config)
+        if classifier.prompts != list(data.prompts):
+            classifier.set_prompts(list(data.prompts))
+        load_adapter_state(classifier, state)
+        classifier.eval()
+        device = next(classifier.parameters()).device
+        classes = classifier.class_embeddings()  # [C, H]
+        predicted = torch.cat([(classifier.embed(**{k: v.to(device) for k, v in batch.items()}) @ classes.T)
+                               .argmax(-1).cpu() for batch in self._batches(classifier, data)])
+        value = float((predicted == torch.tensor(list(data.eval_y))).float().mean())
+        if not math.isfinite(value):
+            raise UserError(f"accuracy on {data.task} is not finite (empty evaluation set?)")
+        return value
+
+
+def new_axes(width: float = 7.0, height: float = 4.0):
+    """(figure, axes) drawn with the Agg canvas, without pyplot's global state."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), layout="constrained")
+    return figure, figure.add_subplot()
