@@ -38,3 +38,25 @@ def test_pruning_experiment_tables_and_plot(tiny_text_model, tmp_path):
 def test_pruning_config_refuses_bad_values(bad):
     with pytest.raises(UserError):
         PruningConfig(**bad)
+
+
+def test_shapley_experiment_on_trained_adapters(tiny_text_model, tmp_path):
+    from copra.experiments.shapley_layers import ShapleyConfig, run_from_adapters
+
+    config = tiny_run_config(tiny_text_model, steps=6, lr=0.3)
+    data = prepare_data(config)
+    adapters = {}
+    for method in ("lora", "copra"):
+        train(config.replace(method=method), data=data, output_dir=tmp_path / method)
+        adapters[method] = [str(tmp_path / method / "adapter")]
+    shapley = ShapleyConfig(seeds=[0], samples=16, eval_examples=20, model=tiny_text_model,
+                            overrides={"max_length": 16}, output_dir=str(tmp_path / "out"))
+    summary = run_from_adapters(adapters, shapley, data)
+    for method in ("lora", "copra"):
+        row = summary["methods"][method]
+        assert row["players"] == ["encoder.layer.0", "encoder.layer.1", "encoder.layer.2"]
+        run = row["runs"][0]
+        assert sum(run["exact"]) == pytest.approx(run["v_full"] - run["v_empty"], abs=1e-9)  # efficiency
+        assert run["max_abs_error"] == pytest.approx(max(abs(a - b) for a, b in zip(run["exact"], run["values"])))
+    assert (tmp_path / "out" / "shapley.png").stat().st_size > 1000
+    assert "| layer |" in (tmp_path / "out" / "shapley.md").read_text()

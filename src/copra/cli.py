@@ -25,17 +25,25 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from copra.experiments.demo import DemoConfig, render, run, table
+    from copra.experiments.demo import DemoConfig, run, table
 
     config = DemoConfig(output_dir=args.output, progress=not args.quiet)
     if args.tasks:
         config.tasks = args.tasks.split(",")
     if args.seeds:
-        config.seeds = [int(s) for s in args.seeds.split(",")]
+        try:
+            config.seeds = [int(s) for s in args.seeds.split(",")]
+        except ValueError:
+            raise UserError(f"--seeds takes integers separated by commas, got {args.seeds!r}") from None
     if args.steps:
         config.steps = args.steps
+    if args.sections is not None:
+        config.sections = [s for s in args.sections.split(",") if s and s != "none"]
+    config.__post_init__()
     summary = run(config)
     print(table(summary))
+    for name, section in summary["sections"].items():
+        print(f"{name}: {section['seconds']:.0f} s")
     print(f"\nwall time {summary['wall_seconds']:.0f} s; report: {os.path.join(args.output, 'report.md')}")
     return 0
 
@@ -107,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", help="comma-separated task names")
     p.add_argument("--seeds", help="comma-separated seeds")
     p.add_argument("--steps", type=int, help="optimizer steps per run")
+    p.add_argument("--sections", help="comma-separated: merging,pruning,shapley (default all; 'none' for the core table)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_demo)
 

@@ -75,7 +75,7 @@ def predict(classifier: nn.Module, examples: Sequence[Any], batch_size: int = 64
 def accuracy(classifier: nn.Module, examples: Sequence[Any], labels: Sequence[int], batch_size: int = 64) -> float:
     """Fraction of `examples` classified correctly (0..1)."""
     predicted = predict(classifier, examples, batch_size)
-    return float((predicted == torch.tensor(list(labels))).float().mean())
+    return float((predicted == torch.tensor(list(labels))).double().mean())
 
 
 def load_adapter_state(classifier: nn.Module, state: dict[str, torch.Tensor]) -> None:

@@ -33,9 +33,16 @@ def _pruning():
     return pruning.PruningConfig, pruning.run, pruning.render
 
 
+def _shapley():
+    from copra.experiments import shapley_layers
+
+    return shapley_layers.ShapleyConfig, shapley_layers.run, shapley_layers.render
+
+
 EXPERIMENTS: dict[str, Callable[[], tuple]] = {
     "landscape": _landscape,  # paper Fig. 3
     "federated": _federated,  # paper Table 1 (FL)
     "multitask": _multitask,  # paper Table 1 (MTL)
     "pruning": _pruning,  # paper Fig. 4
+    "shapley": _shapley,  # paper Fig. 2
 }

@@ -1,8 +1,10 @@
 """`copra demo`: the main job on the embedded default, LoRA vs CopRA side by side.
 
-For each task: zero-shot accuracy (no LoRA), then plain LoRA and CopRA with the same budget and
-the same seeds (same few-shot sample, same batches), mean ± std over seeds and train time per step.
-Writes `results/demo.json` and `results/report.md`; each run's adapter lands in `results/runs/`.
+Core: for each task, zero-shot accuracy (no LoRA), then plain LoRA and CopRA with the same budget
+and the same seeds (same few-shot sample, same batches): mean ± std over seeds, train time per step.
+Then sections that reuse those adapters, each a small version of a paper experiment:
+merging (Fig. 3 landscape, Table 1 MTL and FL), pruning (Fig. 4), per-layer Shapley values (Fig. 2).
+Writes `results/demo.json` and `results/report.md`; adapters land in `results/runs/`.
 """
 
 from __future__ import annotations
@@ -15,38 +17,49 @@ from pathlib import Path
 from copra.adapters import write_json
 from copra.config import TrainConfig, make_config
 from copra.errors import UserError
-from copra.experiments.common import mean_std
 from copra.evaluation import accuracy, prepare_data
+from copra.experiments.common import mean_std
 from copra.training import build_run, train
+
+SECTIONS = ("merging", "pruning", "shapley")
 
 
 @dataclass
 class DemoConfig:
     """Settings of the demo (small enough for a few minutes on 2 CPU cores)."""
 
-    tasks: list[str] = field(default_factory=lambda: ["bbc_news", "drug_reviews"])  #: tasks to run
+    tasks: list[str] = field(default_factory=lambda: ["bbc_news", "news_outlets"])  #: tasks to run
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  #: one run per seed and method
     methods: list[str] = field(default_factory=lambda: ["lora", "copra"])  #: methods compared
     shots: int = 8  #: examples per class
     steps: int = 30  #: optimizer steps per run
     batch_size: int = 16  #: examples per step
     lr: float = 2e-3  #: peak learning rate, same for both methods
-    eval_examples: int = 240  #: fixed evaluation subset per task
+    eval_examples: int = 200  #: fixed evaluation subset per task
+    sections: list[str] = field(default_factory=lambda: list(SECTIONS))  #: extra sections after the core table
     output_dir: str = "results"  #: where JSON, report and adapters go
     progress: bool = True  #: progress bars
 
     def __post_init__(self) -> None:
         if not self.tasks or not self.seeds or not self.methods:
             raise UserError("the demo needs at least one task, seed and method")
+        unknown = [s for s in self.sections if s not in SECTIONS]
+        if unknown:
+            raise UserError(f"unknown demo section {unknown[0]!r}; choose from {list(SECTIONS)}")
 
     def run_config(self, task: str, method: str, seed: int) -> TrainConfig:
         return make_config(dict(task=task, method=method, seed=seed, shots=self.shots, steps=self.steps,
                                 batch_size=self.batch_size, lr=self.lr, eval_examples=self.eval_examples,
                                 progress=self.progress, save_early=True))
 
+    def shared(self) -> dict:
+        """The training fields every section's experiment config takes from the demo."""
+        return dict(shots=self.shots, steps=self.steps, batch_size=self.batch_size, lr=self.lr,
+                    eval_examples=self.eval_examples, progress=self.progress)
+
 
 def run(config: DemoConfig) -> dict:
-    """Train every (task, method, seed), write results, return the summary dict."""
+    """Train every (task, method, seed), run the sections, write results, return the summary dict."""
     out = Path(config.output_dir)
     # validate every run config and load every task before anything is written
     for task in config.tasks:
@@ -54,33 +67,92 @@ def run(config: DemoConfig) -> dict:
             config.run_config(task, method, config.seeds[0])
         prepare_data(config.run_config(task, config.methods[0], config.seeds[0]))
     started = time.perf_counter()
-    summary = {"config": asdict(config), "tasks": {}}
+    summary = {"config": asdict(config), "tasks": {}, "sections": {}}
+    folders: dict[tuple[str, str, int], Path] = {}
     for task in config.tasks:
-        base = config.run_config(task, config.methods[0], config.seeds[0])
-        classifier, data = build_run(base)
+        classifier, data = build_run(config.run_config(task, config.methods[0], config.seeds[0]))
         row = {"zero_shot": accuracy(classifier, data.eval_x, data.eval_y), "classes": len(data.class_names),
                "train_examples": len(data.train_x), "eval_examples": len(data.eval_x), "runs": {}}
         del classifier
         for method in config.methods:
             runs = []
             for seed in config.seeds:
-                run_config = config.run_config(task, method, seed)
-                result = train(run_config, output_dir=out / "runs" / task / method / f"seed{seed}")
-                runs.append(result)
+                folders[task, method, seed] = out / "runs" / task / method / f"seed{seed}"
+                runs.append(train(config.run_config(task, method, seed), output_dir=folders[task, method, seed]))
             accs = [r.accuracy for r in runs]
-            early = [r.early_accuracy for r in runs if r.early_accuracy is not None]
             row["runs"][method] = {
                 "accuracy": accs, "mean": mean_std(accs)[0], "std": mean_std(accs)[1],
-                "early_accuracy": early, "seconds_per_step": statistics.fmean(r.seconds_per_step for r in runs),
+                "early_accuracy": [r.early_accuracy for r in runs],
+                "seconds_per_step": statistics.fmean(r.seconds_per_step for r in runs),
                 "active_fraction": statistics.fmean(r.mean_active_fraction for r in runs),
-                "adapters": [r.adapter_dir for r in runs],
             }
         summary["tasks"][task] = row
+    summary["core_seconds"] = time.perf_counter() - started
+    markdown = []
+    for section in config.sections:
+        tick = time.perf_counter()
+        markdown.append(SECTION_RUNNERS[section](config, folders, out))
+        summary["sections"][section] = {"seconds": time.perf_counter() - tick}
     summary["wall_seconds"] = time.perf_counter() - started
     write_json(out / "demo.json", summary)
-    report = render(summary)
-    (out / "report.md").write_text(report, encoding="utf-8")
+    (out / "report.md").write_text(render(summary, markdown), encoding="utf-8")
     return summary
+
+
+def _merging(config: DemoConfig, folders: dict, out: Path) -> str:
+    """Fig. 3 landscape on the first task, Table 1 MTL over the tasks and FL on the first task."""
+    from copra.experiments import federated, landscape, multitask
+
+    task, seeds, methods = config.tasks[0], config.seeds, config.methods
+    parts = []
+    if len(seeds) >= 2:
+        land_config = landscape.LandscapeConfig(task=task, methods=methods, seeds=seeds[:2], alphas=[0, 0.25, 0.5, 0.75, 1],
+                                                align_steps=100, output_dir=str(out / "landscape"), **config.shared())
+        pairs = {m: [(str(folders[task, m, seeds[0]] / "adapter"), str(folders[task, m, seeds[1]] / "adapter"))]
+                 for m in methods}
+        parts.append(_section_file(landscape.run_from_adapters(pairs, land_config), landscape.render, "landscape"))
+    if len(config.tasks) >= 2:
+        mtl_config = multitask.MultitaskConfig(tasks=config.tasks, methods=methods, seeds=seeds,
+                                               output_dir=str(out / "multitask"), **config.shared())
+        groups = {m: [{t: str(folders[t, m, s] / "adapter") for t in config.tasks} for s in seeds] for m in methods}
+        parts.append(_section_file(multitask.run_from_adapters(groups, mtl_config), multitask.render, "multitask"))
+    fl_config = federated.FederatedConfig(task=task, methods=methods, clients=5, seeds=seeds[:1],
+                                          output_dir=str(out / "federated"),
+                                          **(config.shared() | dict(shots=config.shots * 2, batch_size=8, steps=15)))
+    parts.append(_section_file(federated.run(fl_config), federated.render, "federated"))
+    return "\n".join(parts)
+
+
+def _pruning(config: DemoConfig, folders: dict, out: Path) -> str:
+    from copra.experiments import pruning
+
+    task, seed = config.tasks[0], config.seeds[0]
+    prune_config = pruning.PruningConfig(task=task, seeds=[seed], sparsities=[0.0, 0.3, 0.6, 0.9],
+                                         output_dir=str(out / "pruning"), **config.shared())
+    adapters = {"lora": [str(folders[task, "lora", seed] / "adapter")],
+                "copra": [str(folders[task, "copra", seed] / "adapter")],
+                "early_copra": [str(folders[task, "copra", seed] / "early")]}
+    data = prepare_data(config.run_config(task, "copra", seed))
+    return _section_file(pruning.run_from_adapters(adapters, data, prune_config), pruning.render, "pruning")
+
+
+def _shapley(config: DemoConfig, folders: dict, out: Path) -> str:
+    from copra.experiments import shapley_layers
+
+    task = config.tasks[0]
+    shapley_config = shapley_layers.ShapleyConfig(task=task, methods=config.methods, seeds=config.seeds[:1],
+                                                  samples=32, output_dir=str(out / "shapley"), **config.shared())
+    adapters = {m: [str(folders[task, m, config.seeds[0]] / "adapter")] for m in config.methods}
+    return _section_file(shapley_layers.run_from_adapters(adapters, shapley_config), shapley_layers.render, "shapley")
+
+
+def _section_file(summary: dict, render_section, folder: str) -> str:
+    """A section's Markdown as a level-2 section, its image links pointing into its own folder."""
+    title, _, body = render_section(summary).partition("\n")
+    return f"## {title.lstrip('#').strip()}\n" + body.replace("](", f"]({folder}/")
+
+
+SECTION_RUNNERS = {"merging": _merging, "pruning": _pruning, "shapley": _shapley}
 
 
 def table(summary: dict) -> str:
@@ -96,7 +168,7 @@ def table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def render(summary: dict) -> str:
+def render(summary: dict, sections: list[str] | None = None) -> str:
     c = summary["config"]
     return "\n".join([
         "# copra demo: LoRA vs CopRA on the embedded default",
@@ -107,6 +179,7 @@ def render(summary: dict) -> str:
         "",
         table(summary),
         "",
-        f"Wall time: {summary['wall_seconds']:.0f} s.",
+        f"Core wall time: {summary['core_seconds']:.0f} s; total: {summary['wall_seconds']:.0f} s.",
         "",
+        *(sections or []),
     ])

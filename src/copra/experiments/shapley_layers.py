@@ -1,0 +1,163 @@
+"""Per-layer Shapley values of trained adapters (paper Sec. 2.2, Fig. 2), LoRA vs CopRA side by side.
+
+Each LoRA layer (transformer block) is a player; v(C) is the accuracy on the fixed evaluation set
+with only C's adapters on. The paper estimates phi with Owen's multilinear extension (Eq. 3); with
+6 layers the exact value (all 64 coalitions) is cheap too, so we report both and how far apart they
+are. CopRA trains layers in random sub-teams, so its layers should each carry a fairer, positive share.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from copra.adapters import write_json
+from copra.config import METHODS, make_config
+from copra.errors import UserError
+from copra.evaluation import FewShotData, prepare_data
+from copra.experiments.common import Evaluator, check_overrides, check_unique, load_for_eval, new_axes
+from copra.shapley import ESTIMATORS
+
+LABELS = {"lora": "LoRA", "copra": "CopRA", "early_copra": "Early CopRA"}
+
+
+@dataclass
+class ShapleyConfig:
+    """Which adapters, which estimator, how many samples."""
+
+    task: str = "bbc_news"  #: task the adapters were trained and are evaluated on
+    methods: list[str] = field(default_factory=lambda: ["lora", "copra"])  #: training methods compared
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  #: one adapter per seed and method
+    estimator: str = "multilinear"  #: exact, permutation or multilinear (the paper's)
+    samples: int = 64  #: sampled coalitions (multilinear) or permutations (permutation)
+    compare_exact: bool = True  #: also compute exact values and report the estimator's max abs error
+    metric: str = "accuracy"  #: v(C): accuracy or neg_loss
+    shots: int = 8  #: training examples per class
+    steps: int = 30  #: optimizer steps per run
+    batch_size: int = 16  #: examples per step
+    lr: float = 2e-3  #: peak learning rate
+    eval_examples: int = 240  #: fixed evaluation subset
+    model: str = "embedded:minilm"  #: encoder (TrainConfig.model)
+    overrides: dict[str, Any] = field(default_factory=dict)  #: any other TrainConfig keys
+    output_dir: str = "results/shapley"  #: where JSON, PNG and Markdown go
+    progress: bool = True  #: progress bars
+
+    def __post_init__(self) -> None:
+        check_unique("methods", self.methods, METHODS)
+        check_unique("seeds", self.seeds)
+        if self.estimator not in ESTIMATORS:
+            raise UserError(f"unknown estimator {self.estimator!r}; choose one of {list(ESTIMATORS)}")
+        if self.metric not in ("accuracy", "neg_loss"):
+            raise UserError(f"metric must be accuracy or neg_loss, got {self.metric!r}")
+        if self.samples < 2:
+            raise UserError(f"samples must be >= 2, got {self.samples!r}")
+        check_overrides(self.overrides)
+        self.run_config("lora", self.seeds[0])
+
+    def run_config(self, method: str, seed: int):
+        return make_config({**self.overrides, **dict(task=self.task, method=method, seed=seed, shots=self.shots,
+                            steps=self.steps, batch_size=self.batch_size, lr=self.lr, model=self.model,
+                            eval_examples=self.eval_examples, progress=self.progress)})
+
+
+def run(config: ShapleyConfig) -> dict:
+    """Train one adapter per (method, seed), then estimate per-layer Shapley values of each."""
+    from copra.training import train
+
+    data = prepare_data(config.run_config(config.methods[0], config.seeds[0]))  # fails early on a bad task
+    out = Path(config.output_dir)
+    adapters = {m: [train(config.run_config(m, s), output_dir=out / "runs" / m / f"seed{s}").adapter_dir
+                    for s in config.seeds] for m in config.methods}
+    return run_from_adapters(adapters, config, data)
+
+
+def run_from_adapters(adapters: dict[str, list[str]], config: ShapleyConfig, data: FewShotData | None = None) -> dict:
+    """Shapley values of given adapter folders {method: [folder, ...]}; writes JSON, PNG, Markdown."""
+    from copra.coalitions import shapley_for_model
+    from copra.evaluation import load_adapter_state
+    from copra.gates import CopRA
+
+    started = time.perf_counter()
+    data = data or prepare_data(config.run_config(config.methods[0], config.seeds[0]))
+    evaluator = Evaluator(config.run_config(config.methods[0], config.seeds[0]))
+    summary: dict[str, Any] = {"config": asdict(config), "task": data.task, "methods": {}}
+    for method, folders in adapters.items():
+        rows = []
+        for folder in folders:
+            state, adapter_config = load_for_eval(folder, task=data.task)
+            classifier = evaluator.classifier(adapter_config, str(folder))
+            classifier.set_prompts(list(data.prompts))
+            load_adapter_state(classifier, state)
+            gates = CopRA(classifier.encoder, total_steps=1)
+            try:
+                tick = time.perf_counter()
+                estimate = shapley_for_model(classifier, gates, data, config.estimator, config.samples,
+                                             metric=config.metric)
+                row = {"folder": str(folder), "players": estimate.players, "values": estimate.values.tolist(),
+                       "stderr": estimate.stderr.tolist(), "v_empty": estimate.v_empty, "v_full": estimate.v_full,
+                       "evaluations": estimate.evaluations, "seconds": time.perf_counter() - tick}
+                if config.compare_exact and config.estimator != "exact":
+                    exact = shapley_for_model(classifier, gates, data, "exact", metric=config.metric)
+                    row["exact"] = exact.values.tolist()
+                    row["max_abs_error"] = float(np.max(np.abs(exact.values - estimate.values)))
+                rows.append(row)
+            finally:
+                gates.remove()
+        values = np.array([r["values"] for r in rows])  # [seeds, players]
+        summary["methods"][method] = {
+            "players": rows[0]["players"], "runs": rows,
+            "mean": values.mean(0).tolist(), "std": values.std(0, ddof=1).tolist() if len(rows) > 1 else [0.0] * values.shape[1],
+            "max_abs_error": max((r.get("max_abs_error", 0.0) for r in rows), default=None),
+        }
+    summary["wall_seconds"] = time.perf_counter() - started
+    out = Path(config.output_dir)
+    write_json(out / "shapley.json", summary)
+    plot(summary, out / "shapley.png")
+    (out / "shapley.md").write_text(render(summary), encoding="utf-8")
+    return summary
+
+
+def plot(summary: dict, path: Path) -> Path:
+    """Fig. 2: a bar per layer, one colour per method, error bars over seeds."""
+    figure, axes = new_axes(8, 4)
+    methods = list(summary["methods"])
+    width = 0.8 / len(methods)
+    for i, method in enumerate(methods):
+        row = summary["methods"][method]
+        xs = np.arange(len(row["mean"])) + (i - (len(methods) - 1) / 2) * width
+        axes.bar(xs, row["mean"], width, yerr=row["std"], capsize=3, label=LABELS.get(method, method))
+    players = summary["methods"][methods[0]]["players"]
+    axes.set_xticks(range(len(players)), [p.rsplit(".", 1)[-1] for p in players])
+    axes.set_xlabel("layer (player)")
+    axes.set_ylabel(f"Shapley value ({summary['config']['metric']})")
+    axes.axhline(0, color="black", linewidth=0.8)
+    axes.set_title(f"per-layer Shapley values on {summary['task']} ({summary['config']['estimator']})")
+    axes.legend()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    return path
+
+
+def render(summary: dict) -> str:
+    c = summary["config"]
+    methods = list(summary["methods"])
+    players = summary["methods"][methods[0]]["players"]
+    lines = [f"## Per-layer Shapley values ({summary['task']}, paper Fig. 2)", "",
+             f"v(C) = {c['metric']} with only the layers in C adapted; estimator {c['estimator']} "
+             f"({c['samples']} samples), mean ± std over seeds {c['seeds']}.", "",
+             "| layer | " + " | ".join(LABELS.get(m, m) for m in methods) + " |", "|---|" + "---|" * len(methods)]
+    for j, player in enumerate(players):
+        cells = [f"{summary['methods'][m]['mean'][j]:+.4f} ± {summary['methods'][m]['std'][j]:.4f}" for m in methods]
+        lines.append(f"| {player.rsplit('.', 1)[-1]} | " + " | ".join(cells) + " |")
+    totals = [f"{sum(summary['methods'][m]['mean']):+.4f}" for m in methods]
+    lines.append("| sum = v(all) - v(none) | " + " | ".join(totals) + " |")
+    errors = [summary["methods"][m]["max_abs_error"] for m in methods]
+    if any(e is not None for e in errors) and c["estimator"] != "exact" and c["compare_exact"]:
+        lines += ["", "Max abs error of the estimate vs exact Shapley: " + ", ".join(
+            f"{LABELS.get(m, m)} {e:.4f}" for m, e in zip(methods, errors))]
+    lines += ["", "![shapley](shapley.png)", "", f"Wall time: {summary['wall_seconds']:.0f} s.", ""]
+    return "\n".join(lines)
