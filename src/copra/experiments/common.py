@@ -159,3 +159,21 @@ def new_axes(width: float = 7.0, height: float = 4.0):
 
     figure = Figure(figsize=(width, height), layout="constrained")
     return figure, figure.add_subplot()
+
+
+def zoom_bars(axes, heights: Iterable[float]) -> None:
+    """Start a bar chart's y axis just below its lowest bar: the differences are a few points, not 80."""
+    heights = list(heights)
+    if heights:
+        axes.set_ylim(max(0.0, min(heights) - 5.0), min(100.0, max(heights) + 3.0))
+
+
+def write_outputs(out: Path, name: str, summary: dict, plot, render) -> dict:
+    """An experiment's three outputs side by side: `name`.json (atomic), `name`.png, `name`.md."""
+    from copra.adapters import write_json
+
+    out = Path(out)
+    write_json(out / f"{name}.json", summary)
+    plot(summary, out / f"{name}.png")
+    (out / f"{name}.md").write_text(render(summary), encoding="utf-8")
+    return summary

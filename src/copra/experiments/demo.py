@@ -34,8 +34,9 @@ class DemoConfig:
     shots: int = 8  #: examples per class
     steps: int = 30  #: optimizer steps per run
     batch_size: int = 16  #: examples per step
-    lr: float = 2e-3  #: peak learning rate, same for both methods
-    eval_examples: int = 200  #: fixed evaluation subset per task
+    lr: float = 5e-3  #: peak learning rate, same for both methods
+    eval_examples: int = 150  #: fixed evaluation subset per task (core table)
+    section_eval_examples: int = 100  #: smaller evaluation subset for the sections (many evaluations each)
     sections: list[str] = field(default_factory=lambda: list(SECTIONS))  #: extra sections after the core table
     output_dir: str = "results"  #: where JSON, report and adapters go
     progress: bool = True  #: progress bars
@@ -50,12 +51,12 @@ class DemoConfig:
     def run_config(self, task: str, method: str, seed: int) -> TrainConfig:
         return make_config(dict(task=task, method=method, seed=seed, shots=self.shots, steps=self.steps,
                                 batch_size=self.batch_size, lr=self.lr, eval_examples=self.eval_examples,
-                                progress=self.progress, save_early=True))
+                                progress=self.progress, save_early=method == "copra"))
 
     def shared(self) -> dict:
         """The training fields every section's experiment config takes from the demo."""
         return dict(shots=self.shots, steps=self.steps, batch_size=self.batch_size, lr=self.lr,
-                    eval_examples=self.eval_examples, progress=self.progress)
+                    eval_examples=self.section_eval_examples, progress=self.progress)
 
 
 def run(config: DemoConfig) -> dict:
@@ -132,7 +133,7 @@ def _pruning(config: DemoConfig, folders: dict, out: Path) -> str:
     adapters = {"lora": [str(folders[task, "lora", seed] / "adapter")],
                 "copra": [str(folders[task, "copra", seed] / "adapter")],
                 "early_copra": [str(folders[task, "copra", seed] / "early")]}
-    data = prepare_data(config.run_config(task, "copra", seed))
+    data = prepare_data(config.run_config(task, "copra", seed).replace(eval_examples=config.section_eval_examples))
     return _section_file(pruning.run_from_adapters(adapters, data, prune_config), pruning.render, "pruning")
 
 
@@ -141,7 +142,8 @@ def _shapley(config: DemoConfig, folders: dict, out: Path) -> str:
 
     task = config.tasks[0]
     shapley_config = shapley_layers.ShapleyConfig(task=task, methods=config.methods, seeds=config.seeds[:1],
-                                                  samples=32, output_dir=str(out / "shapley"), **config.shared())
+                                                  estimator="exact", compare_exact=False,
+                                                  output_dir=str(out / "shapley"), **config.shared())
     adapters = {m: [str(folders[task, m, config.seeds[0]] / "adapter")] for m in config.methods}
     return _section_file(shapley_layers.run_from_adapters(adapters, shapley_config), shapley_layers.render, "shapley")
 

@@ -31,10 +31,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from copra.adapters import save_peft_model, write_json
+from copra.adapters import save_peft_model
 from copra.config import TrainConfig, make_config
 from copra.errors import UserError
-from copra.experiments.common import mean_std
+from copra.experiments.common import mean_std, write_outputs, zoom_bars
 from copra.evaluation import FewShotData, adapter_state, load_adapter_state, prepare_data, state_accuracy
 from copra.merge import fusion
 from copra.training import build_run, train
@@ -81,7 +81,7 @@ class FederatedConfig:
     shots: int = 16  #: examples per class in the whole federation, before the split
     steps: int = 30  #: optimizer steps per client per round
     batch_size: int = 16  #: examples per step
-    lr: float = 2e-3  #: peak learning rate, same for every method
+    lr: float = 5e-3  #: peak learning rate, same for every method
     eval_examples: int | None = 240  #: fixed evaluation subset (None: the whole test split)
     model: str = "embedded:minilm"  #: backbone, as TrainConfig.model
     shared_init: bool = False  #: round 0 starts every client from one LoRA init (classic FedAvg), not its own
@@ -192,9 +192,7 @@ def run(config: FederatedConfig) -> dict:
                                             "adapter_dir": str(folder)})
     summary["summary"] = summarize(summary["runs"], config.rounds)
     summary["wall_seconds"] = time.perf_counter() - started
-    write_json(out / "federated.json", summary)
-    (out / "federated.md").write_text(render(summary), encoding="utf-8")
-    plot(summary, out / "federated.png")
+    write_outputs(out, "federated", summary, plot, render)
     return summary
 
 
@@ -246,6 +244,7 @@ def plot(summary: dict, path: Path) -> Path:
     for offset, key, label in ((-0.2, "client", "clients (mean)"), (0.2, "merged", "merged (fusion)")):
         ax.bar(x + offset, [100 * v[f"{key}_mean"] for v in s.values()], 0.4, label=label,
                yerr=[100 * v[f"{key}_std"] for v in s.values()], capsize=4)
+    zoom_bars(ax, [100 * v[f"{key}_mean"] for v in s.values() for key in ("client", "merged")])
     ax.set_xticks(x, list(s))
     ax.set_ylabel("accuracy (%)")
     ax.set_title(f"{summary['task']}: {summary['config']['clients']} clients")

@@ -29,13 +29,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from copra.adapters import finite_or_none, write_json
+from copra.adapters import finite_or_none
 from copra.align import align, bound
 from copra.config import METHODS, TrainConfig, make_config
 from copra.errors import UserError
 from copra.evaluation import FewShotData, prepare_data
 from copra.experiments.common import (Evaluator, barrier, check_overrides, check_unique, load_for_eval, mean_std,
-                                      new_axes)
+                                      new_axes, write_outputs)
 from copra.merge import MERGERS, check_compatible, delta_weights, fusion, mixture, mixture_config
 from copra.training import train
 
@@ -56,7 +56,7 @@ class LandscapeConfig:
     shots: int = 8  #: training examples per class
     steps: int = 30  #: optimizer steps per run
     batch_size: int = 16  #: examples per step
-    lr: float = 2e-3  #: peak learning rate, same for both methods
+    lr: float = 5e-3  #: peak learning rate, same for both methods
     eval_examples: int = 240  #: fixed evaluation subset
     model: str = "embedded:minilm"  #: encoder (TrainConfig.model)
     overrides: dict[str, Any] = field(default_factory=dict)  #: any other TrainConfig keys (e.g. max_length, rank)
@@ -173,9 +173,7 @@ def run_from_adapters(pairs: dict[str, list[tuple[str, str]]], config: Landscape
     summary["classifiers_built"] = evaluator.builds
     summary["wall_seconds"] = time.perf_counter() - started
     out = Path(config.output_dir)
-    write_json(out / "landscape.json", summary)
-    plot(summary, out / "landscape.png")
-    (out / "landscape.md").write_text(render(summary), encoding="utf-8")
+    write_outputs(out, "landscape", summary, plot, render)
     return summary
 
 

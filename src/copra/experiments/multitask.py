@@ -24,13 +24,12 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from copra.adapters import write_json
 from copra.align import align_many
 from copra.config import METHODS, TrainConfig, make_config
 from copra.errors import UserError
 from copra.evaluation import FewShotData, prepare_data
 from copra.experiments.common import (Evaluator, check_overrides, check_unique, load_for_eval, mean_std, new_axes,
-                                      zero_b)
+                                      write_outputs, zero_b, zoom_bars)
 from copra.merge import check_compatible, fusion
 from copra.training import train
 
@@ -49,7 +48,7 @@ class MultitaskConfig:
     shots: int = 8  #: training examples per class
     steps: int = 30  #: optimizer steps per run
     batch_size: int = 16  #: examples per step
-    lr: float = 2e-3  #: peak learning rate, same for both methods
+    lr: float = 5e-3  #: peak learning rate, same for both methods
     eval_examples: int = 240  #: fixed evaluation subset per task
     model: str = "embedded:minilm"  #: encoder (TrainConfig.model), shared by all tasks
     overrides: dict[str, Any] = field(default_factory=dict)  #: any other TrainConfig keys (e.g. max_length, rank)
@@ -145,9 +144,7 @@ def run_from_adapters(adapters: dict[str, list[dict[str, str]]], config: Multita
     summary["classifiers_built"] = evaluator.builds
     summary["wall_seconds"] = time.perf_counter() - started
     out = Path(config.output_dir)
-    write_json(out / "multitask.json", summary)
-    plot(summary, out / "multitask.png")
-    (out / "multitask.md").write_text(render(summary), encoding="utf-8")
+    write_outputs(out, "multitask", summary, plot, render)
     return summary
 
 
@@ -165,6 +162,8 @@ def plot(summary: dict, path: str | Path) -> Path:
                label=f"{LABELS.get(method, method)} {'origin' if kind == 'original' else 'merge'}")
     ax.hlines([100 * summary["zero_shot"][t] for t in tasks], [x - 0.45 for x in range(len(tasks))],
               [x + 0.45 for x in range(len(tasks))], colors="k", linestyles="--", label="zero-shot", zorder=3)
+    zoom_bars(ax, [100 * summary["methods"][m][k][t]["mean"] for m, k in bars for t in tasks]
+              + [100 * summary["zero_shot"][t] for t in tasks])
     ax.set_xticks(range(len(tasks)), tasks)
     ax.set_ylabel("accuracy (%)")
     ax.set_title("Adapters of different tasks fused (equal weights), evaluated on each task")

@@ -14,11 +14,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from copra.adapters import write_json
 from copra.config import make_config
 from copra.errors import UserError
 from copra.evaluation import FewShotData, prepare_data
-from copra.experiments.common import Evaluator, check_overrides, load_for_eval, mean_std
+from copra.experiments.common import Evaluator, check_overrides, load_for_eval, mean_std, write_outputs, zoom_bars
 from copra.prune import STRUCTURED, magnitude, projections, structured
 
 METHODS = ("lora", "copra", "early_copra")
@@ -33,7 +32,7 @@ class PruningConfig:
     shots: int = 8  #: examples per class
     steps: int = 30  #: optimizer steps per run
     batch_size: int = 16  #: examples per step
-    lr: float = 2e-3  #: peak learning rate
+    lr: float = 5e-3  #: peak learning rate
     eval_examples: int = 240  #: fixed evaluation subset
     schemes: list[str] = field(default_factory=lambda: list(STRUCTURED))  #: structured schemes ("all" = unpruned)
     sparsities: list[float] = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(10)])  #: unstructured
@@ -112,9 +111,7 @@ def run_from_adapters(adapters: dict[str, list[str]], data: FewShotData, config:
                **evaluate_pruned(adapters, data, config, Evaluator(config.base_config()))}
     results["wall_seconds"] = time.perf_counter() - started
     out = Path(config.output_dir)
-    write_json(out / "pruning.json", results)
-    plot(results, out / "pruning.png")
-    (out / "pruning.md").write_text(render(results), encoding="utf-8")
+    write_outputs(out, "pruning", results, plot, render)
     return results
 
 
@@ -136,6 +133,7 @@ def plot(results: dict, path: Path) -> None:
         keys = sorted(curve, key=float)
         right.errorbar([float(k) for k in keys], [100 * curve[k]["mean"] for k in keys],
                        yerr=[100 * curve[k]["std"] for k in keys], marker="o", label=method, capsize=2)
+    zoom_bars(left, [100 * row[s]["mean"] for row in results["structured"].values() for s in row])
     left.set_xticks(range(len(schemes)), schemes, rotation=30)
     left.set_ylabel("accuracy (%)")
     left.set_title("structured pruning (kept part)")

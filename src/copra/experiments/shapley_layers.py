@@ -15,11 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from copra.adapters import write_json
 from copra.config import METHODS, make_config
 from copra.errors import UserError
 from copra.evaluation import FewShotData, prepare_data
-from copra.experiments.common import Evaluator, check_overrides, check_unique, load_for_eval, new_axes
+from copra.experiments.common import Evaluator, check_overrides, check_unique, load_for_eval, new_axes, write_outputs
 from copra.shapley import ESTIMATORS
 
 LABELS = {"lora": "LoRA", "copra": "CopRA", "early_copra": "Early CopRA"}
@@ -39,7 +38,7 @@ class ShapleyConfig:
     shots: int = 8  #: training examples per class
     steps: int = 30  #: optimizer steps per run
     batch_size: int = 16  #: examples per step
-    lr: float = 2e-3  #: peak learning rate
+    lr: float = 5e-3  #: peak learning rate
     eval_examples: int = 240  #: fixed evaluation subset
     model: str = "embedded:minilm"  #: encoder (TrainConfig.model)
     overrides: dict[str, Any] = field(default_factory=dict)  #: any other TrainConfig keys
@@ -115,9 +114,7 @@ def run_from_adapters(adapters: dict[str, list[str]], config: ShapleyConfig, dat
         }
     summary["wall_seconds"] = time.perf_counter() - started
     out = Path(config.output_dir)
-    write_json(out / "shapley.json", summary)
-    plot(summary, out / "shapley.png")
-    (out / "shapley.md").write_text(render(summary), encoding="utf-8")
+    write_outputs(out, "shapley", summary, plot, render)
     return summary
 
 
