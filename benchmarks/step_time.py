@@ -35,6 +35,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps T of the schedule")
     parser.add_argument("--task", default="bbc_news", help="long texts: every batch is full 64 tokens")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    parser.add_argument("--repeats", type=int, default=2, help="alternating rounds of every variant")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -42,12 +43,19 @@ def main() -> None:
                               eval_examples=10, progress=False))
     # warm-up (allocator, kernels) so the first measured method is not penalised
     train(config.replace(method="lora", steps=3))
-    results = {m: train(config.replace(method=m)) for m in ("lora", "copra")}
-    results["copra, skipping only"] = train(config.replace(method="copra", prefix_cache=False))
+    variants = {"lora": config.replace(method="lora"), "copra": config.replace(method="copra"),
+                "copra, skipping only": config.replace(method="copra", prefix_cache=False)}
+    # the variants take turns, `repeats` rounds: slow drifts of the machine hit all of them alike
+    step_times: dict[str, list[float]] = {name: [] for name in variants}
+    results = {}
+    for _ in range(args.repeats):
+        for name, variant in variants.items():
+            results[name] = train(variant)
+            step_times[name] += results[name].step_seconds
     floor = forward_only(config, min(args.steps, 20))
-    lora, copra, skip_only = (statistics.fmean(results[m].step_seconds) for m in results)
+    lora, copra, skip_only = (statistics.fmean(step_times[name]) for name in variants)
     print(f"encoder all-MiniLM-L6-v2, task {args.task}, batch 32 x 64 tokens, T={args.steps}, "
-          f"threads {torch.get_num_threads()}")
+          f"threads {torch.get_num_threads()}, {args.repeats} alternating rounds")
     print(f"LoRA   {lora:.3f} s/step")
     print(f"CopRA  {copra:.3f} s/step   (mean active fraction {results['copra'].mean_active_fraction:.2f})")
     print(f"CopRA without the frozen-prefix cache (adapter skipping only) {skip_only:.3f} s/step")
@@ -55,7 +63,7 @@ def main() -> None:
     print(f"ratio CopRA / LoRA over the whole schedule: {copra / lora:.3f} "
           f"(skipping only: {skip_only / lora:.3f})")
     by_active: dict[int, list[float]] = {}
-    for mask, seconds in zip(results["copra"].masks, results["copra"].step_seconds):
+    for mask, seconds in zip(results["copra"].masks * args.repeats, step_times["copra"]):
         by_active.setdefault(sum(mask), []).append(seconds)
     print("CopRA step time by active layers: " + ", ".join(
         f"{k}: {statistics.fmean(v):.3f}s (n={len(v)})" for k, v in sorted(by_active.items())))

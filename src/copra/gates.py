@@ -103,6 +103,15 @@ class CopRA:
                 self._handles.append(module.register_forward_pre_hook(partial(self._before_forward, index)))
                 self._handles.append(module.register_forward_hook(self._after_forward, always_call=True))
 
+    def modules_of(self, index: int) -> list[LoraLayer]:
+        """The LoRA modules that player `index` switches."""
+        return list(self._groups[index])
+
+    @property
+    def attached(self) -> bool:
+        """Whether the gate hooks are on the model (False after `remove()`)."""
+        return bool(self._handles)
+
     # -- schedule and sampling -------------------------------------------------------------
     def probability(self, step: int) -> float:
         """p(step) under this controller's schedule."""

@@ -149,7 +149,7 @@ def train(config: TrainConfig, data: FewShotData | None = None, output_dir: str 
         if early_step is not None and step + 1 == early_step:
             result.early_accuracy, result.early_dir = _save_early(classifier, gates, data, config, out)
     result.train_seconds = time.perf_counter() - start
-    result.seconds_per_step = result.train_seconds / config.steps
+    result.seconds_per_step = float(np.mean(result.step_seconds))  # optimizer steps only (no early-checkpoint eval)
     result.final_loss = loss_value
     result.mean_active_fraction = float(np.mean(active)) if active else 1.0
     if gates is not None:

@@ -166,7 +166,7 @@ def plot(summary: dict, path: str | Path) -> Path:
               + [100 * summary["zero_shot"][t] for t in tasks])
     ax.set_xticks(range(len(tasks)), tasks)
     ax.set_ylabel("accuracy (%)")
-    ax.set_title("Adapters of different tasks fused (equal weights), evaluated on each task")
+    ax.set_title("Task adapters fused (equal weights), evaluated on each task")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
     Path(path).parent.mkdir(parents=True, exist_ok=True)

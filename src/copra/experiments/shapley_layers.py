@@ -144,8 +144,9 @@ def render(summary: dict) -> str:
     methods = list(summary["methods"])
     players = summary["methods"][methods[0]]["players"]
     lines = [f"## Per-layer Shapley values ({summary['task']}, paper Fig. 2)", "",
-             f"v(C) = {c['metric']} with only the layers in C adapted; estimator {c['estimator']} "
-             f"({c['samples']} samples), mean ± std over seeds {c['seeds']}.", "",
+             f"v(C) = {c['metric']} with only the layers in C adapted; estimator {c['estimator']}"
+             + ("" if c["estimator"] == "exact" else f" ({c['samples']} samples)")
+             + f", mean ± std over seeds {c['seeds']}.", "",
              "| layer | " + " | ".join(LABELS.get(m, m) for m in methods) + " |", "|---|" + "---|" * len(methods)]
     for j, player in enumerate(players):
         cells = [f"{summary['methods'][m]['mean'][j]:+.4f} ± {summary['methods'][m]['std'][j]:.4f}" for m in methods]

@@ -30,8 +30,8 @@ class FrozenPrefixCache:
         self.max_rows = max_rows
         # lowest block touched by each player's LoRA modules (None: outside every block)
         self._first_block = []
-        for modules in gates._groups:
-            blocks = [self.runner.block_of(m) for m in modules]
+        for index in range(len(gates.players)):
+            blocks = [self.runner.block_of(m) for m in gates.modules_of(index)]
             self._first_block.append(None if None in blocks else min(blocks))
         self._rows: dict[bytes, list[torch.Tensor]] = {}  # key -> [after embeddings, after block 0, ...]
         self.hits = 0  # blocks skipped, summed over rows (for benchmarks and tests)
