@@ -24,6 +24,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from copra.data.task import PromptTask
 from copra.errors import UserError
 
 CLIP_LORA_TEMPLATE = "a photo of a {}."
@@ -67,7 +68,7 @@ TEMPLATE_STYLES = ("clip-lora", "coop")
 
 
 @dataclass(frozen=True)
-class ImageTask:
+class ImageTask(PromptTask):
     """One image classification task: class prompts and a fixed train/test split of image paths."""
 
     name: str
@@ -80,27 +81,7 @@ class ImageTask:
     source: str = ""
 
     def __post_init__(self) -> None:
-        if self.template.count("{}") != 1:
-            raise UserError(f"task {self.name!r}: template {self.template!r} needs exactly one '{{}}'")
-        if len(self.class_names) < 2:
-            raise UserError(f"task {self.name!r}: needs at least 2 classes, got {self.class_names!r}")
-        for split, images, labels in (("train", self.train_images, self.train_labels),
-                                      ("test", self.test_images, self.test_labels)):
-            if not images:
-                raise UserError(f"task {self.name!r}: the {split} split is empty ({self.source})")
-            if len(images) != len(labels):
-                raise UserError(f"task {self.name!r}: {len(images)} {split} images but {len(labels)} labels")
-            bad = [y for y in labels if not 0 <= y < len(self.class_names)]
-            if bad:
-                raise UserError(f"task {self.name!r}: {split} label {bad[0]} outside 0..{len(self.class_names) - 1}")
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    def prompts(self) -> list[str]:
-        """The template filled with every class name, in label order."""
-        return [self.template.format(c) for c in self.class_names]
+        self.check("images", {"train": (self.train_images, self.train_labels), "test": (self.test_images, self.test_labels)})
 
 
 def load_coop_task(data_root: str | os.PathLike | None, name: str, template_style: str = "clip-lora") -> ImageTask:

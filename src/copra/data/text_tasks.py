@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 from urllib.parse import urlparse
 
+from copra.data.task import PromptTask
 from copra.errors import UserError
 
 TEST_FRACTION = 0.3
@@ -46,7 +47,7 @@ INSTALL_LINES = {
 
 
 @dataclass(frozen=True)
-class TextTask:
+class TextTask(PromptTask):
     """One classification task: prompts for zero-shot use and a fixed train/test split."""
 
     name: str
@@ -59,25 +60,7 @@ class TextTask:
     source: str = ""
 
     def __post_init__(self) -> None:
-        if self.template.count("{}") != 1:
-            raise UserError(f"task {self.name!r}: template {self.template!r} needs exactly one '{{}}'")
-        if len(self.class_names) < 2:
-            raise UserError(f"task {self.name!r}: needs at least 2 classes, got {self.class_names!r}")
-        for split, texts, labels in (("train", self.train_texts, self.train_labels),
-                                     ("test", self.test_texts, self.test_labels)):
-            if len(texts) != len(labels):
-                raise UserError(f"task {self.name!r}: {len(texts)} {split} texts but {len(labels)} labels")
-            bad = [y for y in labels if not 0 <= y < len(self.class_names)]
-            if bad:
-                raise UserError(f"task {self.name!r}: {split} label {bad[0]} outside 0..{len(self.class_names) - 1}")
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    def prompts(self) -> list[str]:
-        """The template filled with every class name, in label order."""
-        return [self.template.format(c) for c in self.class_names]
+        self.check("texts", {"train": (self.train_texts, self.train_labels), "test": (self.test_texts, self.test_labels)})
 
 
 # ----------------------------------------------------------------------------- file access
