@@ -62,12 +62,21 @@ def main() -> None:
     print(f"forward-only floor {floor:.3f} s/step")
     print(f"ratio CopRA / LoRA over the whole schedule: {copra / lora:.3f} "
           f"(skipping only: {skip_only / lora:.3f})")
-    by_active: dict[int, list[float]] = {}
-    for mask, seconds in zip(results["copra"].masks * args.repeats, step_times["copra"]):
-        by_active.setdefault(sum(mask), []).append(seconds)
-    print("CopRA step time by active layers: " + ", ".join(
-        f"{k}: {statistics.fmean(v):.3f}s (n={len(v)})" for k, v in sorted(by_active.items())))
+    masks = results["copra"].masks
+    depth = statistics.fmean(depth_fraction(mask) for mask in masks)
+    print(f"blocks from the lowest active one up, as a fraction of all (drawn masks): {depth:.3f}\n"
+          "  (what the ratio tends to when step time is proportional to that depth, i.e. when the\n"
+          "   frozen prefix costs nothing and the rank-2 LoRA matmuls are negligible)")
+    by_lowest: dict[int, list[float]] = {}
+    for mask, seconds in zip(masks * args.repeats, step_times["copra"]):
+        by_lowest.setdefault(mask.index(True), []).append(seconds)
+    print("CopRA step time by lowest active block: " + ", ".join(
+        f"{k}: {statistics.fmean(v):.3f}s (n={len(v)})" for k, v in sorted(by_lowest.items())))
 
+
+def depth_fraction(mask: list[bool]) -> float:
+    """Share of blocks a step must run forward and backward through: the lowest active one and above."""
+    return (len(mask) - mask.index(True)) / len(mask)
 
 if __name__ == "__main__":
     main()
