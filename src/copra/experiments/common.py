@@ -173,6 +173,7 @@ def write_outputs(out: Path, name: str, summary: dict, plot, render) -> dict:
     from copra.adapters import write_json
 
     out = Path(out)
+    summary.setdefault("experiment", name)  # lets `copra report` find every experiment's summary
     write_json(out / f"{name}.json", summary)
     plot(summary, out / f"{name}.png")
     (out / f"{name}.md").write_text(render(summary), encoding="utf-8")
