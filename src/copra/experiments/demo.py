@@ -68,7 +68,7 @@ def run(config: DemoConfig) -> dict:
             config.run_config(task, method, config.seeds[0])
         prepare_data(config.run_config(task, config.methods[0], config.seeds[0]))
     started = time.perf_counter()
-    summary = {"config": asdict(config), "tasks": {}, "sections": {}}
+    summary = {"experiment": "demo", "config": asdict(config), "tasks": {}, "sections": {}}
     folders: dict[tuple[str, str, int], Path] = {}
     for task in config.tasks:
         classifier, data = build_run(config.run_config(task, config.methods[0], config.seeds[0]))
