@@ -39,10 +39,17 @@ def _shapley():
     return shapley_layers.ShapleyConfig, shapley_layers.run, shapley_layers.render
 
 
+def _sweep():
+    from copra.experiments import sweep
+
+    return sweep.SweepConfig, sweep.run, sweep.render
+
+
 EXPERIMENTS: dict[str, Callable[[], tuple]] = {
     "landscape": _landscape,  # paper Fig. 3
     "federated": _federated,  # paper Table 1 (FL)
     "multitask": _multitask,  # paper Table 1 (MTL)
     "pruning": _pruning,  # paper Fig. 4
     "shapley": _shapley,  # paper Fig. 2
+    "sweep": _sweep,  # paper Fig. 5 and 6 (lr, iterations, schedules, baselines, t-SNE)
 }

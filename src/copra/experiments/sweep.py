@@ -1,0 +1,291 @@
+"""Sweeps of training settings, single vs merged accuracy (paper Sec. 3.3: Fig. 5a/5b, Fig. 6a/6b).
+
+A sweep trains every (variant, grid point, seed), evaluates each adapter alone, and fuses every pair
+of seeds at alpha (0.5) to measure how well same-setting adapters merge. Variants are named
+TrainConfig overrides, so one experiment covers the paper's comparisons and the baselines:
+
+- Fig. 5b: grid {lr: [...]}, variants LoRA / CopRA: merging accuracy across learning rates;
+- Fig. 6a/6b: grid {steps: [...], lr: [...]}: single and merged accuracy over iterations x lr;
+- schedules and baselines (`SCHEDULE_VARIANTS`): CopRA's linear / exponential / sine ramps, a start
+  at p=0.1, a shorter ramp, and what CopRA might reduce to -- plain LoRA with and without adapter
+  dropout, and stochastic depth for LoRA (every layer kept with a fixed p=0.5 all along);
+- Fig. 5a (`geometry: true`): t-SNE of all adapters and seed-to-seed cosine / L2 per setting.
+
+Runs go through `runs.run_all`: finished ones are reused (a killed sweep resumes) and `jobs` > 1
+trains them in parallel processes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from copra.adapters import load_adapter
+from copra.config import TrainConfig, make_config
+from copra.errors import UserError
+from copra.evaluation import prepare_data
+from copra.experiments.common import Evaluator, check_unique, mean_std, write_outputs
+from copra.experiments.runs import run_all
+from copra.merge import fusion
+
+RESERVED = ("task", "seed", "output_dir", "progress", "save_early")
+PAPER_VARIANTS = {"LoRA": {"method": "lora"}, "CopRA": {"method": "copra"}}
+SCHEDULE_VARIANTS = {
+    "LoRA": {"method": "lora"},
+    "LoRA, no adapter dropout": {"method": "lora", "lora_dropout": 0.0},
+    "stochastic depth p=0.5": {"method": "copra", "initial_p": 0.5, "final_p": 0.5},
+    "CopRA linear": {"method": "copra", "ramp": "linear"},
+    "CopRA exponential": {"method": "copra", "ramp": "exponential"},
+    "CopRA sine": {"method": "copra", "ramp": "sine"},
+    "CopRA p0=0.1": {"method": "copra", "initial_p": 0.1},
+    "CopRA ramp 1/2": {"method": "copra", "ramp_fraction": 0.5},
+}
+VARIANT_SETS = {"paper": PAPER_VARIANTS, "schedules": SCHEDULE_VARIANTS}
+
+
+@dataclass
+class SweepConfig:
+    """One sweep: named variants x a grid of up to two TrainConfig keys x seeds."""
+
+    name: str = "sweep_lr"  #: output file stem, so several sweeps share a results folder
+    task: str = "bbc_news"  #: task every run trains and is evaluated on
+    variants: Any = "paper"  #: "paper", "schedules", or a mapping name -> TrainConfig overrides
+    grid: dict[str, list] = field(default_factory=lambda: {"lr": [5e-4, 1e-3, 5e-3, 1e-2]})  #: 0-2 swept keys
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  #: adapters per setting; every pair is fused
+    alpha: float = 0.5  #: fusion coefficient of the merged accuracy
+    geometry: bool = False  #: also t-SNE and seed-to-seed cosine / L2 of the adapters (Fig. 5a)
+    jobs: int = 1  #: parallel training processes
+    shots: int = 8  #: training examples per class
+    steps: int = 30  #: optimizer steps per run (unless swept)
+    batch_size: int = 16  #: examples per step
+    lr: float = 5e-3  #: peak learning rate (unless swept)
+    eval_examples: int = 240  #: fixed evaluation subset
+    model: str = "embedded:minilm"  #: encoder (TrainConfig.model)
+    overrides: dict[str, Any] = field(default_factory=dict)  #: any other TrainConfig keys, for every run
+    output_dir: str = "results/sweep"  #: where adapters, JSON, PNG and Markdown go
+    progress: bool = True  #: progress bars
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.replace("_", "").replace("-", "").isalnum():
+            raise UserError(f"name must be letters, digits, '_' or '-', got {self.name!r}")
+        if isinstance(self.variants, str):
+            if self.variants not in VARIANT_SETS:
+                raise UserError(f"unknown variant set {self.variants!r}; choose from {list(VARIANT_SETS)} or give a mapping")
+            self.variants = {k: dict(v) for k, v in VARIANT_SETS[self.variants].items()}
+        if not isinstance(self.variants, dict) or not self.variants:
+            raise UserError(f"variants must be a non-empty mapping name -> TrainConfig overrides, got {self.variants!r}")
+        if not isinstance(self.grid, dict) or len(self.grid) > 2:
+            raise UserError(f"grid must map at most two TrainConfig keys to lists of values, got {self.grid!r}")
+        known = {f.name for f in fields(TrainConfig)}
+        for where, keys in [(f"variant {n!r}", list(v) if isinstance(v, dict) else None) for n, v in self.variants.items()] + \
+                           [("grid", list(self.grid)), ("overrides", list(self.overrides) if isinstance(self.overrides, dict) else None)]:
+            if keys is None:
+                raise UserError(f"{where} must be a mapping of TrainConfig keys")
+            bad = [k for k in keys if k not in known or k in RESERVED]
+            if bad:
+                raise UserError(f"{where}: {bad[0]!r} is not a TrainConfig key the sweep may set")
+        for key, values in self.grid.items():
+            check_unique(f"grid[{key!r}]", values)
+            clash = [n for n, v in self.variants.items() if key in v]
+            if clash:
+                raise UserError(f"grid key {key!r} is also set by variant {clash[0]!r}")
+        check_unique("seeds", self.seeds, minimum=2)
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 <= self.alpha <= 1:
+            raise UserError(f"alpha must be a number in [0, 1], got {self.alpha!r}")
+        for name in ("geometry", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise UserError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        for variant in self.variants:
+            for point in self.points():
+                self.run_config(variant, point, self.seeds[0])  # validates every run's TrainConfig
+
+    def points(self) -> list[dict[str, Any]]:
+        """Every grid point as {key: value}; one empty point when nothing is swept."""
+        keys = list(self.grid)
+        return [dict(zip(keys, values)) for values in itertools.product(*(self.grid[k] for k in keys))]
+
+    def run_config(self, variant: str, point: dict[str, Any], seed: int) -> TrainConfig:
+        base = dict(shots=self.shots, steps=self.steps, batch_size=self.batch_size, lr=self.lr, model=self.model,
+                    eval_examples=self.eval_examples)
+        try:
+            return make_config({**self.overrides, **base, **self.variants[variant], **point,
+                                "task": self.task, "seed": seed, "progress": self.progress})
+        except UserError as error:
+            raise UserError(f"variant {variant!r} {label(point)}: {error}") from None
+
+
+def label(point: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in point.items()) or "default"
+
+
+def slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_.=" else "_" for c in text)
+
+
+def run(config: SweepConfig) -> dict:
+    """Train (or reuse) every run, evaluate single and pairwise-fused accuracy, write the outputs."""
+    started = time.perf_counter()
+    out = Path(config.output_dir)
+    points = config.points()
+    first = config.run_config(next(iter(config.variants)), points[0], config.seeds[0])
+    data = prepare_data(first)  # the evaluation subset does not depend on the seed
+    plan = [(variant, i, seed) for variant in config.variants for i in range(len(points)) for seed in config.seeds]
+    runs = [(config.run_config(v, points[i], s), out / "runs" / config.name / slug(v) / slug(label(points[i])) / f"seed{s}")
+            for v, i, s in plan]
+    results = dict(zip(plan, run_all(runs, config.jobs)))
+    evaluator = Evaluator(first)
+    summary: dict[str, Any] = {"experiment": "sweep", "name": config.name, "config": asdict(config), "task": data.task,
+                               "axes": list(config.grid), "points": []}
+    states = []
+    for variant in config.variants:
+        for index, point in enumerate(points):
+            done = [results[variant, index, s] for s in config.seeds]
+            loaded = [load_adapter(r.adapter_dir) for r in done]
+            merged = [evaluator.accuracy(fusion([loaded[i][0], loaded[j][0]], [config.alpha, 1 - config.alpha]),
+                                         loaded[i][1], data)
+                      for i, j in itertools.combinations(range(len(loaded)), 2)]
+            single = [r.accuracy for r in done]
+            row = {"variant": variant, "values": point, "label": label(point),
+                   "single": single, "merged": merged,
+                   "single_mean": mean_std(single)[0], "single_std": mean_std(single)[1],
+                   "merged_mean": mean_std(merged)[0], "merged_std": mean_std(merged)[1],
+                   "seconds_per_step": mean_std(r.seconds_per_step for r in done)[0]}
+            if config.geometry:
+                from copra.experiments.geometry import pair_similarity
+
+                similarity = pair_similarity([state for state, _ in loaded])
+                row["cosine_mean"], row["l2_mean"] = mean_std(similarity["cosine"])[0], mean_std(similarity["l2"])[0]
+                states += [(variant, point, seed, state) for seed, (state, _) in zip(config.seeds, loaded)]
+            summary["points"].append(row)
+    if config.geometry:
+        from copra.experiments.geometry import tsne
+
+        coords = tsne([s for *_, s in states], seed=config.seeds[0])
+        summary["tsne"] = [{"variant": v, "label": label(p), "seed": s, "x": float(x), "y": float(y)}
+                           for (v, p, s, _), (x, y) in zip(states, coords)]
+    summary["wall_seconds"] = time.perf_counter() - started
+    write_outputs(out, config.name, summary, plot, render)
+    return summary
+
+
+def best(summary: dict, variant: str, key: str = "merged_mean") -> dict | None:
+    """The variant's row with the highest `key` (None if the variant is absent)."""
+    rows = [r for r in summary["points"] if r["variant"] == variant]
+    return max(rows, key=lambda r: r[key]) if rows else None
+
+
+# ----------------------------------------------------------------------------- outputs
+def plot(summary: dict, path: str | Path) -> Path:
+    from matplotlib.figure import Figure
+
+    axes_keys, variants = summary["axes"], list(dict.fromkeys(r["variant"] for r in summary["points"]))
+    panels = 1 + ("tsne" in summary)
+    if len(axes_keys) == 2:
+        figure = Figure(figsize=(4.2 * len(variants), 7.2), layout="constrained")
+        grid = figure.subplots(2, len(variants), squeeze=False)
+        _heatmaps(summary, grid, variants)
+    else:
+        figure = Figure(figsize=(7.5 * panels, 4.5), layout="constrained")
+        ax = figure.subplots(1, panels, squeeze=False)[0]
+        (_lines if axes_keys else _bars)(summary, ax[0], variants)
+        if panels == 2:
+            _tsne(summary, ax[1], variants)
+    figure.suptitle(f"{summary['name']}: single vs merged (alpha={summary['config']['alpha']}) accuracy, "
+                    f"{summary['task']}")
+    figure.savefig(path, dpi=110)
+    return Path(path)
+
+
+def _lines(summary: dict, ax, variants: list[str]) -> None:
+    key = summary["axes"][0]
+    values = [r["values"][key] for r in summary["points"]]
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    for i, variant in enumerate(variants):
+        rows = [r for r in summary["points"] if r["variant"] == variant]
+        xs = [r["values"][key] if numeric else str(r["values"][key]) for r in rows]
+        colour = f"C{i}"
+        ax.errorbar(xs, [100 * r["merged_mean"] for r in rows], yerr=[100 * r["merged_std"] for r in rows],
+                    color=colour, marker="o", capsize=3, label=f"{variant} merged")
+        ax.errorbar(xs, [100 * r["single_mean"] for r in rows], yerr=[100 * r["single_std"] for r in rows],
+                    color=colour, marker="s", linestyle="--", capsize=3, alpha=0.7, label=f"{variant} single")
+    if numeric and min(values) > 0 and max(values) / min(values) >= 10:
+        ax.set_xscale("log")
+    ax.set_xlabel(key)
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def _bars(summary: dict, ax, variants: list[str]) -> None:
+    from copra.experiments.common import zoom_bars
+
+    rows = {r["variant"]: r for r in summary["points"]}
+    xs = range(len(variants))
+    heights = []
+    for offset, kind in ((-0.2, "single"), (0.2, "merged")):
+        h = [100 * rows[v][f"{kind}_mean"] for v in variants]
+        ax.bar([x + offset for x in xs], h, width=0.4, yerr=[100 * rows[v][f"{kind}_std"] for v in variants],
+               capsize=3, label=kind)
+        heights += h
+    ax.set_xticks(list(xs), variants, rotation=25, ha="right", fontsize=8)
+    zoom_bars(ax, heights)
+    ax.set_ylabel("accuracy (%)")
+    ax.legend()
+
+
+def _heatmaps(summary: dict, grid, variants: list[str]) -> None:
+    (row_key, col_key) = summary["axes"]
+    rows_v = list(dict.fromkeys(r["values"][row_key] for r in summary["points"]))
+    cols_v = list(dict.fromkeys(r["values"][col_key] for r in summary["points"]))
+    for c, variant in enumerate(variants):
+        cells = {(r["values"][row_key], r["values"][col_key]): r for r in summary["points"] if r["variant"] == variant}
+        for k, kind in enumerate(("single", "merged")):
+            ax = grid[k][c]
+            table = [[100 * cells[rv, cv][f"{kind}_mean"] for cv in cols_v] for rv in rows_v]
+            ax.imshow(table, cmap="viridis", vmin=0, vmax=100, aspect="auto")
+            for i, line in enumerate(table):
+                for j, value in enumerate(line):
+                    ax.text(j, i, f"{value:.1f}", ha="center", va="center", color="white" if value < 60 else "black",
+                            fontsize=8)
+            ax.set_xticks(range(len(cols_v)), [f"{v:g}" if isinstance(v, float) else str(v) for v in cols_v])
+            ax.set_yticks(range(len(rows_v)), [str(v) for v in rows_v])
+            ax.set_xlabel(col_key)
+            ax.set_ylabel(row_key)
+            ax.set_title(f"{variant}: {kind}", fontsize=9)
+
+
+def _tsne(summary: dict, ax, variants: list[str]) -> None:
+    labels = list(dict.fromkeys(p["label"] for p in summary["tsne"]))
+    markers = "osD^v<>P*X"
+    for i, variant in enumerate(variants):
+        for j, lab in enumerate(labels):
+            pts = [p for p in summary["tsne"] if p["variant"] == variant and p["label"] == lab]
+            if pts:
+                ax.scatter([p["x"] for p in pts], [p["y"] for p in pts], color=f"C{i}", marker=markers[j % len(markers)],
+                           label=f"{variant}, {lab}", s=40)
+    ax.set_title("t-SNE of flattened adapters (one point per seed)", fontsize=9)
+    ax.legend(fontsize=7)
+
+
+def render(summary: dict) -> str:
+    c = summary["config"]
+    geometry = "cosine_mean" in (summary["points"][0] if summary["points"] else {})
+    lines = [f"### Sweep `{summary['name']}` on {summary['task']}", "",
+             f"Seeds {c['seeds']} ({len(c['seeds'])} adapters per setting; merged = fusion at alpha={c['alpha']} "
+             f"of every seed pair), {c['shots']} shots/class, {c['steps']} steps unless swept, lr {c['lr']:g} unless "
+             f"swept, {c['eval_examples']} evaluation examples. Wall time {summary['wall_seconds']:.0f} s.", "",
+             "| variant | setting | single acc. (%) | merged acc. (%) | s/step" + (" | cos (seeds) | L2 (seeds)" if geometry else "")
+             + " |", "|---|---|---|---|---" + ("|---|---" if geometry else "") + "|"]
+    for r in summary["points"]:
+        line = (f"| {r['variant']} | {r['label']} | {100 * r['single_mean']:.1f} ± {100 * r['single_std']:.1f} | "
+                f"{100 * r['merged_mean']:.1f} ± {100 * r['merged_std']:.1f} | {r['seconds_per_step']:.3f}")
+        if geometry:
+            line += f" | {r['cosine_mean']:.3f} | {r['l2_mean']:.3f}"
+        lines.append(line + " |")
+    lines += ["", f"![{summary['name']}]({summary['name']}.png)", ""]
+    return "\n".join(lines)
+
+

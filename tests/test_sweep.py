@@ -1,0 +1,126 @@
+"""Sweeps (paper Fig. 5/6), adapter geometry (Fig. 5a) and run reuse / parallel runs, on the tiny encoder."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from copra.errors import UserError
+from copra.experiments import runs, sweep
+from copra.experiments.geometry import flatten, pair_similarity, tsne
+from copra.training import train
+
+FAST = dict(shots=2, steps=4, batch_size=4, eval_examples=20, overrides={"max_length": 16}, progress=False)
+
+
+@pytest.fixture(scope="module")
+def lr_sweep(tiny_text_model, tmp_path_factory):
+    config = sweep.SweepConfig(model=tiny_text_model, grid={"lr": [0.01, 0.3]}, seeds=[0, 1, 2], geometry=True,
+                               output_dir=str(tmp_path_factory.mktemp("sweep")), **FAST)
+    return config, sweep.run(config)
+
+
+def test_sweep_has_every_variant_and_point_with_single_and_pairwise_merged(lr_sweep):
+    config, summary = lr_sweep
+    out = Path(config.output_dir)
+    saved = json.loads((out / "sweep_lr.json").read_text())
+    assert saved["experiment"] == "sweep" and saved["axes"] == ["lr"]
+    assert [(r["variant"], r["values"]["lr"]) for r in saved["points"]] == [
+        ("LoRA", 0.01), ("LoRA", 0.3), ("CopRA", 0.01), ("CopRA", 0.3)]
+    for row in saved["points"]:
+        assert len(row["single"]) == 3 and len(row["merged"]) == 3  # 3 seeds, 3 pairs
+        assert row["single_mean"] == pytest.approx(np.mean(row["single"]))
+        assert 0 <= min(row["merged"]) and max(row["merged"]) <= 1
+        assert -1 <= row["cosine_mean"] <= 1 and row["l2_mean"] > 0
+    assert len(saved["tsne"]) == 12
+    assert (out / "sweep_lr.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| CopRA | lr=0.3 |" in (out / "sweep_lr.md").read_text()
+
+
+def test_merged_accuracy_is_the_fused_pair_evaluated(lr_sweep, tiny_text_model):
+    """Recompute one merged number from the saved adapters with the library's own pieces."""
+    from copra.adapters import load_adapter
+    from copra.evaluation import prepare_data, state_accuracy
+    from copra.merge import fusion
+    from copra.training import build_run
+
+    config, summary = lr_sweep
+    row = summary["points"][3]  # CopRA, lr 0.3
+    folder = Path(config.output_dir) / "runs" / "sweep_lr" / "CopRA" / "lr=0.3"
+    (a, _), (b, _) = load_adapter(folder / "seed0" / "adapter"), load_adapter(folder / "seed1" / "adapter")
+    run_config = config.run_config("CopRA", {"lr": 0.3}, 0)
+    classifier, _ = build_run(run_config)
+    data = prepare_data(run_config)
+    assert state_accuracy(classifier, fusion([a, b], [0.5, 0.5]), data) == pytest.approx(row["merged"][0])
+
+
+def test_rerun_reuses_finished_runs_and_changed_config_trains_again(lr_sweep, monkeypatch):
+    config, summary = lr_sweep
+    calls = []
+    monkeypatch.setattr(runs, "train", lambda *a, **k: calls.append(a) or train(*a, **k))
+    again = sweep.run(config)
+    assert calls == []  # every run reused from its folder
+    assert [r["single"] for r in again["points"]] == [r["single"] for r in summary["points"]]
+    folder = Path(config.output_dir) / "runs" / "sweep_lr" / "LoRA" / "lr=0.01" / "seed0"
+    changed = config.run_config("LoRA", {"lr": 0.01}, 0).replace(steps=5)
+    assert runs.finished(changed, folder) is None  # another config is never taken for this one
+    (folder / "result.json").write_text("{ half written")
+    assert runs.finished(config.run_config("LoRA", {"lr": 0.01}, 0), folder) is None
+
+
+def test_two_axis_grid_and_baseline_variants_plot(tiny_text_model, tmp_path):
+    config = sweep.SweepConfig(name="grid", model=tiny_text_model, grid={"steps": [2, 4], "lr": [0.01, 0.3]},
+                               seeds=[0, 1], variants={"LoRA": {"method": "lora"},
+                                                       "stochastic depth": {"method": "copra", "initial_p": 0.5, "final_p": 0.5}},
+                               output_dir=str(tmp_path), **{k: v for k, v in FAST.items() if k != "steps"})
+    summary = sweep.run(config)
+    assert len(summary["points"]) == 8 and summary["axes"] == ["steps", "lr"]
+    assert (tmp_path / "grid.png").stat().st_size > 1000
+
+
+def test_schedule_variant_set_is_valid():
+    config = sweep.SweepConfig(variants="schedules", grid={}, seeds=[0, 1], output_dir="unused")
+    assert "stochastic depth p=0.5" in config.variants and config.points() == [{}]
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(grid={"seed": [0, 1]}), "'seed' is not a TrainConfig key"),
+    (dict(grid={"lr": [1e-3]}, variants={"x": {"lr": 1e-2}}), "also set by variant"),
+    (dict(grid={"lr": [1e-3], "steps": [1], "rank": [2]}), "at most two"),
+    (dict(variants="nope"), "unknown variant set"),
+    (dict(variants={"x": {"bogus": 1}}), "'bogus'"),
+    (dict(seeds=[0]), "seeds"),
+    (dict(alpha=2), "alpha"),
+    (dict(grid={"lr": [-1.0]}), "lr"),
+    (dict(name="../x"), "name"),
+])
+def test_bad_sweep_configs_are_refused(changes, message):
+    with pytest.raises(UserError, match=message):
+        sweep.SweepConfig(output_dir="unused", **changes)
+
+
+def test_geometry_on_hand_made_adapters():
+    a = {"m.lora_A.weight": torch.tensor([[1.0, 0.0]]), "m.lora_B.weight": torch.tensor([[0.0], [0.0]])}
+    b = {"m.lora_A.weight": torch.tensor([[0.0, 2.0]]), "m.lora_B.weight": torch.tensor([[0.0], [0.0]])}
+    assert flatten(a).tolist() == [1.0, 0.0, 0.0, 0.0]
+    sim = pair_similarity([a, b, a])
+    assert sim["cosine"] == pytest.approx([0.0, 1.0, 0.0]) and sim["l2"] == pytest.approx([5 ** 0.5, 0.0, 5 ** 0.5])
+    points = [{"k.lora_A.weight": torch.randn(2, 3, generator=torch.Generator().manual_seed(i))} for i in range(5)]
+    assert tsne(points).shape == (5, 2)
+    with pytest.raises(UserError, match="at least 3"):
+        tsne(points[:2])
+
+
+def test_parallel_runs_match_sequential(tiny_text_model, tmp_path):
+    """--jobs 2: two spawned workers produce the same adapters as training in this process."""
+    config = sweep.SweepConfig(model=tiny_text_model, grid={}, seeds=[0, 1], variants="paper", output_dir="unused", **FAST)
+    plan = [(config.run_config(v, {}, s), tmp_path / "par" / v / str(s)) for v in config.variants for s in config.seeds]
+    parallel = runs.run_all(plan, jobs=2)
+    sequential = [train(c, output_dir=tmp_path / "seq" / str(i)) for i, (c, _) in enumerate(plan)]
+    for p, s in zip(parallel, sequential):
+        assert p.accuracy == s.accuracy
+        assert all(torch.equal(p.state[k], s.state[k]) for k in s.state)
+    with pytest.raises(UserError, match="jobs"):
+        runs.run_all(plan, jobs=0)
