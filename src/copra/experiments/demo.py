@@ -19,7 +19,8 @@ from copra.config import TrainConfig, make_config
 from copra.errors import UserError
 from copra.evaluation import accuracy, prepare_data
 from copra.experiments.common import mean_std
-from copra.training import build_run, train
+from copra.experiments.runs import run_all
+from copra.training import build_run
 
 SECTIONS = ("merging", "pruning", "shapley")
 
@@ -40,6 +41,7 @@ class DemoConfig:
     sections: list[str] = field(default_factory=lambda: list(SECTIONS))  #: extra sections after the core table
     output_dir: str = "results"  #: where JSON, report and adapters go
     progress: bool = True  #: progress bars
+    jobs: int = 1  #: training runs in parallel processes (finished runs in output_dir are reused)
 
     def __post_init__(self) -> None:
         if not self.tasks or not self.seeds or not self.methods:
@@ -69,17 +71,17 @@ def run(config: DemoConfig) -> dict:
         prepare_data(config.run_config(task, config.methods[0], config.seeds[0]))
     started = time.perf_counter()
     summary = {"experiment": "demo", "config": asdict(config), "tasks": {}, "sections": {}}
-    folders: dict[tuple[str, str, int], Path] = {}
+    keys = [(t, m, s) for t in config.tasks for m in config.methods for s in config.seeds]
+    folders = {(t, m, s): out / "runs" / t / m / f"seed{s}" for t, m, s in keys}
+    # every run at once, so `jobs` > 1 trains across tasks and methods; finished runs are reused
+    done = dict(zip(keys, run_all([(config.run_config(*key), folders[key]) for key in keys], config.jobs)))
     for task in config.tasks:
         classifier, data = build_run(config.run_config(task, config.methods[0], config.seeds[0]))
         row = {"zero_shot": accuracy(classifier, data.eval_x, data.eval_y), "classes": len(data.class_names),
                "train_examples": len(data.train_x), "eval_examples": len(data.eval_x), "runs": {}}
         del classifier
         for method in config.methods:
-            runs = []
-            for seed in config.seeds:
-                folders[task, method, seed] = out / "runs" / task / method / f"seed{seed}"
-                runs.append(train(config.run_config(task, method, seed), output_dir=folders[task, method, seed]))
+            runs = [done[task, method, seed] for seed in config.seeds]
             accs = [r.accuracy for r in runs]
             row["runs"][method] = {
                 "accuracy": accs, "mean": mean_std(accs)[0], "std": mean_std(accs)[1],

@@ -37,7 +37,7 @@ from copra.evaluation import FewShotData, prepare_data
 from copra.experiments.common import (Evaluator, barrier, check_overrides, check_unique, load_for_eval, mean_std,
                                       new_axes, write_outputs)
 from copra.merge import MERGERS, check_compatible, delta_weights, fusion, mixture, mixture_config
-from copra.training import train
+from copra.experiments.runs import run_all
 
 ALPHAS = [round(i / 10, 1) for i in range(11)]
 
@@ -62,6 +62,7 @@ class LandscapeConfig:
     overrides: dict[str, Any] = field(default_factory=dict)  #: any other TrainConfig keys (e.g. max_length, rank)
     output_dir: str = "results/landscape"  #: where adapters, JSON, PNG and Markdown go
     progress: bool = True  #: progress bars
+    jobs: int = 1  #: training runs in parallel processes (finished runs in output_dir are reused)
 
     def __post_init__(self) -> None:
         check_unique("methods", self.methods, METHODS)
@@ -95,11 +96,9 @@ def run(config: LandscapeConfig) -> dict:
     """Train one adapter per (method, seed), then evaluate every merge curve; writes the outputs."""
     out = Path(config.output_dir)
     data = prepare_data(config.run_config(config.methods[0], config.seeds[0]))  # fails early on a bad task
-    folders = {}
-    for method in config.methods:
-        for seed in config.seeds:
-            result = train(config.run_config(method, seed), output_dir=out / "runs" / method / f"seed{seed}")
-            folders[method, seed] = result.adapter_dir
+    keys = [(m, s) for m in config.methods for s in config.seeds]
+    done = run_all([(config.run_config(m, s), out / "runs" / m / f"seed{s}") for m, s in keys], config.jobs)
+    folders = {key: result.adapter_dir for key, result in zip(keys, done)}
     pairs = {m: [(folders[m, a], folders[m, b]) for a, b in config.pairs()] for m in config.methods}
     return run_from_adapters(pairs, config, data)
 

@@ -31,7 +31,7 @@ from copra.evaluation import FewShotData, prepare_data
 from copra.experiments.common import (Evaluator, check_overrides, check_unique, load_for_eval, mean_std, new_axes,
                                       write_outputs, zero_b, zoom_bars)
 from copra.merge import check_compatible, fusion
-from copra.training import train
+from copra.experiments.runs import run_all
 
 LABELS = {"lora": "LoRA", "copra": "CopRA"}
 
@@ -54,6 +54,7 @@ class MultitaskConfig:
     overrides: dict[str, Any] = field(default_factory=dict)  #: any other TrainConfig keys (e.g. max_length, rank)
     output_dir: str = "results/multitask"  #: where adapters, JSON, PNG and Markdown go
     progress: bool = True  #: progress bars
+    jobs: int = 1  #: training runs in parallel processes (finished runs in output_dir are reused)
 
     def __post_init__(self) -> None:
         check_unique("tasks", self.tasks, minimum=2)
@@ -78,15 +79,11 @@ def run(config: MultitaskConfig) -> dict:
     """Train one adapter per (method, seed, task), fuse per (method, seed), evaluate; writes the outputs."""
     out = Path(config.output_dir)
     data = {t: prepare_data(config.run_config(t, config.methods[0], config.seeds[0])) for t in config.tasks}
-    adapters: dict[str, list[dict[str, str]]] = {}
-    for method in config.methods:
-        for seed in config.seeds:
-            group = {}
-            for task in config.tasks:
-                folder = out / "runs" / task / method / f"seed{seed}"
-                result = train(config.run_config(task, method, seed), output_dir=folder)
-                group[task] = result.adapter_dir
-            adapters.setdefault(method, []).append(group)
+    keys = [(m, s, t) for m in config.methods for s in config.seeds for t in config.tasks]
+    plan = [(config.run_config(t, m, s), out / "runs" / t / m / f"seed{s}") for m, s, t in keys]
+    adapters: dict[str, list[dict[str, str]]] = {m: [{} for _ in config.seeds] for m in config.methods}
+    for (method, seed, task), result in zip(keys, run_all(plan, config.jobs)):
+        adapters[method][config.seeds.index(seed)][task] = result.adapter_dir
     return run_from_adapters(adapters, config, data)
 
 

@@ -40,6 +40,7 @@ class PruningConfig:
     overrides: dict[str, Any] = field(default_factory=dict)  #: any other TrainConfig keys (e.g. max_length)
     output_dir: str = "results/pruning"  #: where JSON, PNG and Markdown go
     progress: bool = True  #: progress bars
+    jobs: int = 1  #: training runs in parallel processes (finished runs in output_dir are reused)
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.schemes if s not in STRUCTURED]
@@ -85,21 +86,19 @@ def evaluate_pruned(adapters: dict[str, list[str]], data: FewShotData, config: P
 
 def run(config: PruningConfig) -> dict:
     """Train LoRA and CopRA (keeping CopRA's early checkpoint), prune, evaluate, write results."""
-    from copra.training import train
+    from copra.experiments.runs import run_all
 
     base = config.base_config()
     data = prepare_data(base)  # validates the task before anything is written
     out = Path(config.output_dir)
     started = time.perf_counter()
     adapters: dict[str, list[str]] = {m: [] for m in METHODS}
-    for seed in config.seeds:
-        for method in ("lora", "copra"):
-            run_dir = out / "runs" / method / f"seed{seed}"
-            run_data = prepare_data(base.replace(seed=seed))
-            train(base.replace(method=method, seed=seed, save_early=method == "copra"), data=run_data, output_dir=run_dir)
-            adapters[method].append(str(run_dir / "adapter"))
-            if method == "copra":
-                adapters["early_copra"].append(str(run_dir / "early"))
+    plan = [(base.replace(method=method, seed=seed, save_early=method == "copra"), out / "runs" / method / f"seed{seed}")
+            for seed in config.seeds for method in ("lora", "copra")]
+    for result in run_all(plan, config.jobs):
+        adapters[result.config["method"]].append(result.adapter_dir)
+        if result.early_dir:
+            adapters["early_copra"].append(result.early_dir)
     return run_from_adapters(adapters, data, config, started=started)
 
 

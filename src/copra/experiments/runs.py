@@ -41,6 +41,8 @@ def finished(config: TrainConfig, output_dir: str | Path) -> RunResult | None:
     known = {f.name for f in dataclasses.fields(RunResult)}
     result = RunResult(**{k: v for k, v in record.items() if k in known})
     result.state, _ = load_adapter(out / "adapter")
+    result.adapter_dir = str(out / "adapter")  # where it is now, even if the results folder moved
+    result.early_dir = str(out / "early") if result.early_dir else None
     return result
 
 

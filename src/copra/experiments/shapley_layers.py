@@ -44,6 +44,7 @@ class ShapleyConfig:
     overrides: dict[str, Any] = field(default_factory=dict)  #: any other TrainConfig keys
     output_dir: str = "results/shapley"  #: where JSON, PNG and Markdown go
     progress: bool = True  #: progress bars
+    jobs: int = 1  #: training runs in parallel processes (finished runs in output_dir are reused)
 
     def __post_init__(self) -> None:
         check_unique("methods", self.methods, METHODS)
@@ -65,12 +66,13 @@ class ShapleyConfig:
 
 def run(config: ShapleyConfig) -> dict:
     """Train one adapter per (method, seed), then estimate per-layer Shapley values of each."""
-    from copra.training import train
+    from copra.experiments.runs import run_all
 
     data = prepare_data(config.run_config(config.methods[0], config.seeds[0]))  # fails early on a bad task
     out = Path(config.output_dir)
-    adapters = {m: [train(config.run_config(m, s), output_dir=out / "runs" / m / f"seed{s}").adapter_dir
-                    for s in config.seeds] for m in config.methods}
+    plan = [(config.run_config(m, s), out / "runs" / m / f"seed{s}") for m in config.methods for s in config.seeds]
+    done = iter(run_all(plan, config.jobs))
+    adapters = {m: [next(done).adapter_dir for _ in config.seeds] for m in config.methods}
     return run_from_adapters(adapters, config, data)
 
 

@@ -57,7 +57,6 @@ class SweepConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  #: adapters per setting; every pair is fused
     alpha: float = 0.5  #: fusion coefficient of the merged accuracy
     geometry: bool = False  #: also t-SNE and seed-to-seed cosine / L2 of the adapters (Fig. 5a)
-    jobs: int = 1  #: parallel training processes
     shots: int = 8  #: training examples per class
     steps: int = 30  #: optimizer steps per run (unless swept)
     batch_size: int = 16  #: examples per step
@@ -67,6 +66,7 @@ class SweepConfig:
     overrides: dict[str, Any] = field(default_factory=dict)  #: any other TrainConfig keys, for every run
     output_dir: str = "results/sweep"  #: where adapters, JSON, PNG and Markdown go
     progress: bool = True  #: progress bars
+    jobs: int = 1  #: training runs in parallel processes (finished runs in output_dir are reused)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.replace("_", "").replace("-", "").isalnum():
