@@ -89,6 +89,14 @@ def _cmd_prune(args) -> int:
     return 0
 
 
+def _cmd_report(args) -> int:
+    from copra.experiments.report import write_report
+
+    paths = write_report(args.results, args.output)
+    print("report: " + " and ".join(str(p) for p in paths))
+    return 0
+
+
 def _cmd_tasks(args) -> int:
     from copra.data.text_tasks import load_task, task_names
 
@@ -148,6 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one key")
         p.add_argument("-o", "--output", help="results folder")
         p.set_defaults(func=_cmd_experiment)
+
+    p = sub.add_parser("report", help="every experiment's results in one Markdown + HTML report, in paper order")
+    p.add_argument("results", help="results folder, searched recursively for experiment summaries")
+    p.add_argument("-o", "--output", help="folder for paper_report.md / .html (default: the results folder)")
+    p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("tasks", help="list the embedded text tasks")
     p.set_defaults(func=_cmd_tasks)

@@ -1,0 +1,207 @@
+"""`copra report`: summaries found and ordered like the paper, verdicts, a self-contained page, clean errors.
+
+No training: the results folder is built from hand-made summaries with the keys each experiment's
+`render` reads, plus tiny PNGs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import pytest
+
+from copra.cli import main
+from copra.errors import UserError
+from copra.experiments import report, verdicts
+
+LORA, COPRA = 0.80, 0.84  # the better method gets the higher number (or the lower step time)
+FOLDERS = {"federated": "federated", "multitask": "multitask", "shapley": "shapley", "landscape": "landscape",
+           "pruning": "pruning"}
+
+
+def ms(mean: float, std: float = 0.01) -> dict:
+    return {"mean": mean, "std": std}
+
+
+def summaries(good: bool = True) -> dict[str, dict]:
+    """One summary per experiment; CopRA ahead where `good`, LoRA ahead otherwise."""
+    c, l = (COPRA, LORA) if good else (LORA, COPRA)
+    acc = {"lora": l, "copra": c}
+    seeds = {"seeds": [0, 1], "shots": 8, "steps": 30, "batch_size": 16, "lr": 0.005, "model": "embedded:minilm"}
+    tasks = ["bbc_news", "news_outlets"]
+    return {
+        "demo": {"experiment": "demo", "config": {**seeds, "methods": ["lora", "copra"]}, "core_seconds": 50.0,
+                 "wall_seconds": 95.0, "sections": {},
+                 "tasks": {t: {"zero_shot": 0.5, "classes": 5, "runs": {m: {
+                     **ms(acc[m]), "seconds_per_step": 0.1 if m == ("copra" if good else "lora") else 0.2}
+                     for m in acc}} for t in tasks}},
+        "federated": {"experiment": "federated", "task": "bbc_news", "eval_examples": 240, "wall_seconds": 480.0,
+                      "config": {**seeds, "clients": 5, "rounds": 1, "shared_init": False},
+                      "summary": {m: {"client_mean": 0.82, "client_std": 0.01, "merged_mean": a, "merged_std": 0.005,
+                                      "merged_by_round": [a], "merged_by_round_std": [0.005]} for m, a in acc.items()}},
+        "multitask": {"experiment": "multitask", "tasks": tasks, "zero_shot": {t: 0.5 for t in tasks},
+                      "config": {**seeds, "align": False}, "wall_seconds": 12.0,
+                      "methods": {m: {k: {**{t: ms(v) for t in tasks}, "average": ms(v)} for k, v in
+                                      (("original", 0.9), ("merged", a))} for m, a in acc.items()}},
+        "shapley": {"experiment": "shapley", "task": "bbc_news", "wall_seconds": 30.0,
+                    "config": {**seeds, "metric": "accuracy", "estimator": "exact", "samples": 64,
+                               "compare_exact": False},
+                    "methods": {m: {"players": [f"encoder.layer.{i}" for i in range(4)], "max_abs_error": None,
+                                    "mean": [a / 4] * 4, "std": [0.01] * 4} for m, a in acc.items()}},
+        "landscape": {"experiment": "landscape", "task": "bbc_news", "alphas": [0.0, 0.5, 1.0], "wall_seconds": 20.0,
+                      "config": {**seeds, "align": True},
+                      "methods": {m: {"pairs": [["a", "b"]], "bound": {"before": 1.0, "after": 0.5, "gap_before": 0.2,
+                                                                       "gap_after": 0.1}} for m in acc},
+                      "curves": {name: {"method": name.split("/")[0].split("+")[0], "merger": "fusion",
+                                        "align": "+align" in name, "accuracy": [[0.9, a, 0.9]], "mean": [0.9, a, 0.9],
+                                        "std": [0.0] * 3, "barrier": 0.9 - a}
+                                 for name, a in (("lora/fusion", l), ("copra/fusion", c),
+                                                 ("copra+align/fusion", c + (0.02 if good else -0.02)))}},
+        "pruning": {"experiment": "pruning", "task": "bbc_news", "wall_seconds": 40.0,
+                    "config": {**seeds, "schemes": ["all", "low", "high"], "sparsities": [0.0, 0.5]},
+                    "structured": {m: {"all": ms(0.9), "low": ms(a), "high": ms(a)} for m, a in acc.items()},
+                    "unstructured": {m: {"0.0": ms(0.9), "0.5": ms(a)} for m, a in acc.items()}},
+    }
+
+
+@pytest.fixture(scope="module")
+def png(tmp_path_factory) -> bytes:
+    from matplotlib.figure import Figure
+
+    path = tmp_path_factory.mktemp("png") / "tiny.png"
+    Figure(figsize=(1, 1)).savefig(path, dpi=10)
+    return path.read_bytes()
+
+
+def make_results(root, png: bytes, good: bool = True):
+    """A results folder as `copra demo` leaves it, plus JSON that is not a summary and an unknown experiment."""
+    for name, summary in summaries(good).items():
+        folder = root / FOLDERS.get(name, ".")
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{name}.json").write_text(json.dumps(summary))
+        if name != "demo":
+            (folder / f"{name}.png").write_bytes(png)
+    adapter = root / "federated" / "adapters" / "lora" / "seed0"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text('{"r": 2}')
+    (adapter / "copra.json").write_text('{"experiment": "federated", "method": "lora"}')  # metadata, not a summary
+    (root / "runs").mkdir()
+    (root / "runs" / "result.json").write_text('{"accuracy": 0.8}')
+    (root / "report.md").write_text("the demo's report")
+    unknown = root / "novel"
+    unknown.mkdir()
+    (unknown / "novel.json").write_text('{"experiment": "novel", "config": {"seeds": [7]}}')
+    (unknown / "novel.md").write_text("# Novel\n\nA brand-new table.\n\n![novel](novel.png)\n")
+    (unknown / "novel.png").write_bytes(png)
+    return root
+
+
+def headings(markdown: str) -> list[str]:
+    return [line[3:].split(":")[0] for line in markdown.splitlines() if line.startswith("## ")]
+
+
+def test_sections_in_paper_order_and_demo_report_kept(tmp_path, png):
+    root = make_results(tmp_path / "results", png)
+    md_path, html_path = report.write_report(root)
+    markdown = md_path.read_text()
+    assert headings(markdown) == ["Contents", "Summary", "Table 1", "Table 1 (FL)", "Table 1 (MTL)", "Fig. 2",
+                                  "Fig. 3", "Fig. 4", "Other"]
+    assert (root / "report.md").read_text() == "the demo's report" and html_path.name == "paper_report.html"
+    assert "seeds 0, 1 · methods lora, copra · shots 8" in markdown and "wall time 8.0 min" in markdown
+    assert "| merge | CopRA | **84.0 ± 0.5** | **84.0 ± 1.0** | **84.0 ± 1.0** |" in markdown  # assembled Table 1
+    for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown):  # links resolve from the report's folder
+        assert (root / link).is_file(), link
+
+
+@pytest.mark.parametrize("good", [True, False])
+def test_verdicts_follow_the_numbers(tmp_path, png, good):
+    expected = verdicts.HELD if good else verdicts.NOT_HELD
+    for name, summary in summaries(good).items():
+        checks = verdicts.judge(name, summary)
+        assert verdicts.overall(checks) == expected, (name, checks)
+    markdown, _ = report.build_report(make_results(tmp_path, png, good))
+    assert markdown.count(f"Here: **{expected}**.") == 6  # every known section
+    assert "CopRA 84.0 ± 0.5 vs LoRA 80.0 ± 0.5 (difference +4.0)" in markdown if good else \
+        "CopRA 80.0 ± 0.5 vs LoRA 84.0 ± 0.5 (difference -4.0)" in markdown
+
+
+def test_missing_keys_say_not_measured():
+    federated = summaries()["federated"]
+    del federated["summary"]["copra"]
+    assert verdicts.judge("federated", federated)[0][1:] == (verdicts.UNMEASURED, "no CopRA result in the summary")
+    landscape = summaries()["landscape"]
+    del landscape["curves"]["copra+align/fusion"]
+    assert [s for _, s, _ in verdicts.judge("landscape", landscape)] == [verdicts.HELD, verdicts.UNMEASURED]
+    assert verdicts.overall(verdicts.judge("landscape", landscape)) == verdicts.HELD
+    assert verdicts.overall(verdicts.judge("pruning", {"structured": "garbage"})) == verdicts.UNMEASURED
+    assert verdicts.overall(verdicts.judge("novel", {})) == verdicts.UNMEASURED
+
+
+def test_sweep_verdict_and_place():
+    rows = [{"variant": v, "label": f"lr={lr}", "merged_mean": m, "single_mean": 0.8, "seconds_per_step": t}
+            for v, t, merged in (("LoRA", 0.2, (0.7, 0.8)), ("CopRA", 0.1, (0.75, 0.78)))
+            for lr, m in zip((1, 2), merged)]
+    checks = verdicts.judge("sweep", {"points": rows, "axes": ["lr"]})
+    assert [s for _, s, _ in checks] == [verdicts.PARTLY, verdicts.HELD] and "above in 1 of 2" in checks[0][2]
+    assert verdicts.SECTIONS["sweep"].place({"axes": ["steps", "lr"]}) == ("Fig. 6", 6.0)
+    assert verdicts.SECTIONS["sweep"].place({"axes": ["lr"], "tsne": []})[0] == "Fig. 5a, 5b"
+
+
+def test_html_is_self_contained(tmp_path, png):
+    root = make_results(tmp_path / "results", png)
+    _, page = report.build_report(root)
+    sources = re.findall(r'src="([^"]*)"', page)
+    assert len(sources) == 6 and all(s.startswith("data:image/png;base64,") for s in sources)  # 5 figures + novel
+    assert all(h.startswith("#") for h in re.findall(r'href="([^"]*)"', page))
+    assert "http://" not in page and "https://" not in page and "<link" not in page and "<script" not in page
+    assert '<span class="v held">held</span>' in page and '<div class="scroll"><table>' in page
+
+
+def test_unknown_experiment_gets_a_generic_section(tmp_path, png):
+    markdown, _ = report.build_report(make_results(tmp_path, png))
+    section = markdown.split("## Other: novel")[1]
+    assert "A brand-new table." in section and "![novel](novel/novel.png)" in section
+    assert "# Novel" not in section and "seeds 7" in section and "not measured" in section
+
+
+def test_legacy_and_unreadable_summaries(tmp_path):
+    summary = summaries()["federated"]
+    del summary["experiment"]  # written before summaries named their experiment
+    (tmp_path / "federated.json").write_text(json.dumps(summary))
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "multitask.json").write_text('{"experiment": "multitask", "tasks": ["a", "b"]}')
+    (tmp_path / "old" / "multitask.md").write_text("# MTL\n\nthe table written with it\n")
+    assert [e.name for e in report.find_summaries(tmp_path)] == ["federated", "multitask"]
+    markdown, _ = report.build_report(tmp_path)
+    section = markdown.split("## Table 1 (MTL)")[1]  # the render cannot read it: the .md beside it instead
+    assert "render cannot read the summary (KeyError" in section and "the table written with it" in section
+    assert "not measured" in section
+
+
+@pytest.mark.parametrize("setup, message", [
+    (lambda root: shutil.rmtree(root), "no such folder"),
+    (lambda root: None, "no experiment summaries"),
+    (lambda root: (root / "x.json").write_text('{"accuracy": 1}'), "no experiment summaries"),
+    (lambda root: (root / "pruning.json").write_text('{"experiment": "pru'), "pruning.json: not valid JSON"),
+])
+def test_errors_write_nothing(tmp_path, capsys, setup, message):
+    root = tmp_path / "results"
+    root.mkdir()
+    setup(root)
+    with pytest.raises(UserError, match=message):
+        report.write_report(root)
+    out = tmp_path / "out"
+    assert main(["report", str(root), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and not out.exists()
+    assert not root.exists() or not any(p.name.startswith("paper_report") for p in root.iterdir())
+
+
+def test_cli_writes_into_output_folder(tmp_path, png, capsys):
+    root = make_results(tmp_path / "results", png)
+    assert main(["report", str(root), "-o", str(tmp_path / "out")]) == 0
+    markdown = (tmp_path / "out" / "paper_report.md").read_text()
+    assert "paper_report.md" in capsys.readouterr().out
+    assert "![client vs merged accuracy](../results/federated/federated.png)" in markdown
