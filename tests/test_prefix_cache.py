@@ -51,3 +51,29 @@ def test_prefix_cache_refused_with_backbone_dropout(tiny_text_model):
 
     classifier, _ = build_run(tiny_run_config(tiny_text_model, backbone_dropout=0.1))
     assert not classifier.enable_prefix_cache(CopRA(classifier.encoder, total_steps=10))
+
+
+def test_cached_states_do_not_depend_on_the_batch_a_row_came_in(tiny_text_model):
+    """A resumed run fills the cache in other batches than the uninterrupted one: same bits needed.
+
+    CPU matmuls can differ in the last bits with the padded length, so each row is computed alone.
+    """
+    from copra.gates import CopRA
+    from copra.training import build_run
+
+    classifier, _ = build_run(tiny_run_config(tiny_text_model, max_length=32))
+    classifier.train()
+    text = "the market said good news"
+    batches = [[text], [text, "a film"], [text, "the news of the year about music and the film market said"],
+               [text, "zyxwvut qponmlk jihgfed cba"]]  # spelled letter by letter: cut at 32 tokens
+    cached = []
+    for batch in batches:
+        gates = CopRA(classifier.encoder, total_steps=10)
+        classifier.enable_prefix_cache(gates)
+        gates.set_active([False, False, True])
+        classifier.embed(**classifier.inputs_for(batch))
+        cached.append(next(iter(classifier.prefix_cache._rows.values())))  # the first row: `text`
+        gates.remove()
+    for states in cached[1:]:
+        assert len(states) == len(cached[0]) == 3
+        assert all(torch.equal(a, b) for a, b in zip(states, cached[0]))

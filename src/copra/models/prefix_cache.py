@@ -9,7 +9,9 @@ the backward at the lowest active adapter; this removes the forward of the froze
 Exact only when the backbone is deterministic (backbone dropout 0, the default) and inputs repeat
 (text: yes; CLIP images with random augmentation: no, so only the text classifier uses it). Rows
 are keyed by their token ids, so padding and batch composition do not matter: a real token never
-attends to padding, and padded positions are filled with zeros, which no real token reads.
+attends to padding, and padded positions are filled with zeros, which no real token reads. Each row
+is computed alone and unpadded, so its cached states are bit-for-bit a function of its tokens (a
+resumed run, which fills the cache in other groupings, gets the very same numbers).
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ class FrozenPrefixCache:
         keys = [input_ids[r, : lengths[r]].numpy().tobytes() for r in range(len(lengths))]
         missing = [r for r, key in enumerate(keys) if len(self._rows.get(key, ())) <= frozen]
         if missing:
-            self._fill(hidden, layer_mask, missing, keys, lengths, frozen)
+            self._fill(input_ids, missing, keys, lengths, frozen)
         start = torch.zeros_like(hidden)
         for r, key in enumerate(keys):
             start[r, : lengths[r]] = self._rows[key][frozen]
@@ -64,22 +66,25 @@ class FrozenPrefixCache:
         return self.runner.run(start, layer_mask, frozen)
 
     @torch.no_grad()
-    def _fill(self, hidden, layer_mask, rows: list[int], keys: list[bytes], lengths: list[int], depth: int) -> None:
-        """Run the missing rows through blocks 0..depth-1 (adapters there are off) and keep every depth."""
+    def _fill(self, input_ids, rows: list[int], keys: list[bytes], lengths: list[int], depth: int) -> None:
+        """Run each missing row on its own, unpadded, through blocks 0..depth-1 (adapters there are off).
+
+        One row at a time, so a cached state is a function of the row's tokens alone: CPU matmuls
+        can differ in the last bits with the batch shape, and a resumed run fills the cache with other
+        row groupings than the uninterrupted one. Rows already cached to a shallower depth continue
+        from there (the same function, computed once).
+        """
         if len(self._rows) + len(rows) > self.max_rows:
             self._rows.clear()  # inputs do not repeat as expected: stay bounded
-        index = torch.tensor(rows)
-        states, mask = hidden[index], _select_rows(layer_mask, index)
-        per_depth = [states]
-        for block in range(depth):
-            states = self.runner.run(states, mask, block, block + 1)
-            per_depth.append(states)
-        for i, r in enumerate(rows):
-            self._rows[keys[r]] = [s[i, : lengths[r]].clone() for s in per_depth]
-
-
-def _select_rows(layer_mask, index: torch.Tensor):
-    """The attention mask of a subset of rows (None and broadcast masks pass through)."""
-    if isinstance(layer_mask, torch.Tensor) and layer_mask.dim() > 0 and layer_mask.shape[0] > 1:
-        return layer_mask[index]
-    return layer_mask
+        for r in rows:
+            ids = input_ids[r : r + 1, : lengths[r]]
+            states, mask = self.runner.start(ids, torch.ones_like(ids))
+            per_depth = self._rows.get(keys[r])
+            if per_depth:
+                states = per_depth[-1].unsqueeze(0)
+            else:
+                per_depth = [states[0].clone()]
+            for block in range(len(per_depth) - 1, depth):
+                states = self.runner.run(states, mask, block, block + 1)
+                per_depth.append(states[0].clone())
+            self._rows[keys[r]] = per_depth
