@@ -17,6 +17,11 @@ def _run(capsys, *argv):
         (["nonsense=1"], "unknown config key 'nonsense'"),
         (["task=no_such_task"], "no_such_task"),
         (["shots=100000"], "shots=100000"),
+        (["shots=100000"], "task 'bbc_news': class 'business' has only"),
+        (["seed=-1"], "seed must be in [0, 2**32)"),
+        (["max_length=33"], "max_length=33 exceeds the 32 positions"),
+        (["preset=[1, 2]"], "unknown preset [1, 2]"),
+        (["lr=1e999"], "lr must be a finite positive number"),
         (["steps=0"], "steps must be >= 1"),
         (["initial_p=1.5"], "initial_p must be a probability"),
         (["final_p=-0.1"], "final_p must be a probability"),
@@ -36,6 +41,18 @@ def test_train_bad_input(capsys, tmp_path, tiny_text_model, sets, message):
     assert code == 2
     assert message in stderr and stderr.count("\n") == 1 and "Traceback" not in stderr
     assert not out.exists()
+
+
+def test_bad_arguments_are_one_line(capsys, tmp_path):
+    for argv, message in ((["train", "--bogus"], "unrecognized arguments: --bogus"),
+                          (["prune", "x", "--sparsity", "half", "-o", "y"], "invalid float value: 'half'"),
+                          (["merge", "a", "b"], "the following arguments are required: -o/--output"),
+                          (["nosuchcommand"], "invalid choice: 'nosuchcommand'")):
+        code, stdout, stderr = _run(capsys, *argv)
+        assert code == 2 and message in stderr and stderr.count("\n") == 1 and not stdout, (argv, stderr)
+    with pytest.raises(SystemExit) as exit_info:  # --help still prints the help and exits 0
+        main(["train", "--help"])
+    assert exit_info.value.code == 0 and "--config" in capsys.readouterr().out
 
 
 def test_bad_config_files(capsys, tmp_path):

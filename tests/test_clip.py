@@ -165,6 +165,24 @@ def test_fgvc_and_imagenet_layouts(tmp_path):
         load_coop_task(tmp_path, "imagenet")
 
 
+def test_user_data_files_must_be_utf8(tmp_path):
+    """A CoOp split file, variant list or class list that is not UTF-8 names the file and the byte."""
+    root = write_dtd(tmp_path / "dtd_root", train=1, test=1)
+    split = root / "dtd" / "split_zhou_DescribableTextures.json"
+    split.write_bytes(split.read_bytes().replace(b"lines", b"l\xefnes", 1).replace(b"\xef", b"\xe9"))
+    with pytest.raises(UserError, match=r"split_zhou_DescribableTextures\.json is not UTF-8 text \(byte 0xe9 at offset \d+\)"):
+        load_coop_task(root, "dtd")
+    fgvc = tmp_path / "fgvc_aircraft"
+    fgvc.mkdir()
+    (fgvc / "variants.txt").write_bytes(b"707-320\nA300\xb4\n")
+    with pytest.raises(UserError, match=r"variants\.txt is not UTF-8 text \(byte 0xb4"):
+        load_coop_task(tmp_path, "fgvc_aircraft")
+    (tmp_path / "imagenet").mkdir()
+    (tmp_path / "imagenet" / "classnames.txt").write_bytes(b"n01 tench\nn02 \xff\xfe\n")
+    with pytest.raises(UserError, match=r"classnames\.txt is not UTF-8 text \(byte 0xff"):
+        load_coop_task(tmp_path, "imagenet")
+
+
 # ----------------------------------------------------------------------------- CLIP classifier
 
 

@@ -53,6 +53,8 @@ def merge_folders(folders: Sequence[str | Path], method: str = "fusion", weights
         raise UserError(f"unknown merge method {method!r}; choose one of {sorted(MERGERS)}")
     if not isinstance(align, bool):
         raise UserError(f"align must be true or false, got {align!r}")
+    if isinstance(align_steps, bool) or not isinstance(align_steps, int) or align_steps < 1:
+        raise UserError(f"align steps must be a positive integer, got {align_steps!r}")
     resolved = [f.resolve() for f in folders]
     if output.resolve() in resolved:
         raise UserError(f"output {output} is one of the input adapters; choose another folder")

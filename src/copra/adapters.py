@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -27,17 +28,46 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 METADATA_FILE = "copra.json"
 
 
+def fsync_dir(folder: str | Path) -> None:
+    """fsync a folder, so renames and new entries in it survive a crash (no-op where unsupported)."""
+    try:
+        fd = os.open(str(folder), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _make_parent(target: Path) -> None:
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot create the folder for {target}: {error.strerror or error}") from None
+    if not os.access(target.parent, os.W_OK):
+        raise UserError(f"cannot write to {target.parent}: permission denied")
+
+
 @contextmanager
 def atomic_folder(target: str | Path) -> Iterator[Path]:
-    """Yield a temporary folder beside `target`; on success it replaces `target` in one rename."""
+    """Yield a temporary folder beside `target`; on success it replaces `target` in one rename.
+
+    Files are fsynced before the rename and the parent folder after it. A process killed at any
+    point leaves `target` as it was (or, when replacing, briefly absent with the old copy in a hidden
+    `.<name>.old-*` sibling) and never a partial folder under the name `target`.
+    """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
         for path in tmp.iterdir():  # fsync files so the rename never exposes empty ones
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
+        fsync_dir(tmp)
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)
@@ -45,6 +75,7 @@ def atomic_folder(target: str | Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
+        fsync_dir(target.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -52,7 +83,7 @@ def atomic_folder(target: str | Path) -> Iterator[Path]:
 def write_json(path: str | Path, data: Any) -> None:
     """Write JSON atomically (temporary file in the same folder, fsync, rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
@@ -61,6 +92,7 @@ def write_json(path: str | Path, data: Any) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -93,16 +125,24 @@ def check_finite(state: dict[str, torch.Tensor], where: str) -> None:
             raise UserError(f"{where}: tensor {key!r} contains NaN or inf")
 
 
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<embedding>embedding_)?(?P<side>[AB])(?:\.weight)?$")
+_PEFT_PREFIX = re.compile(r"^base_model\.model\.")
+
+
 def load_adapter(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(state dict, adapter_config dict) of a PEFT LoRA adapter folder, validated.
 
     Only safetensors weights are read; a pickled `adapter_model.bin` is refused, never unpickled.
+    Checked: both files present and parseable, a LoRA config with a positive integer rank, float
+    tensors of one dtype, every lora_A with its lora_B and matching ranks (= `r` unless a
+    rank_pattern is set), every LoRA module among the config's target_modules, no NaN or inf.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"adapter folder not found: {folder}")
     weights = folder / WEIGHTS_FILE
-    if not weights.exists():
+    if not weights.is_file():
         if (folder / "adapter_model.bin").exists():
             raise UserError(f"{folder}: only safetensors weights are accepted, found adapter_model.bin (pickle)")
         raise UserError(f"{folder}: missing {WEIGHTS_FILE}")
@@ -111,21 +151,79 @@ def load_adapter(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"{folder}: missing {CONFIG_FILE}") from None
-    except (ValueError, UnicodeDecodeError) as error:
+    except (ValueError, UnicodeDecodeError, OSError, RecursionError) as error:
         raise UserError(f"{config_path}: not valid JSON ({error})") from None
     if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA" or "r" not in config:
         raise UserError(f"{config_path}: not a PEFT LoRA adapter config (needs peft_type LORA and r)")
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError, ValueError) as error:
-        raise UserError(f"{weights}: not a readable safetensors file ({error})") from None
+    rank = config["r"]
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise UserError(f"{config_path}: r must be a positive integer, got {rank!r}")
+    state = read_safetensors(weights)
     if not state:
         raise UserError(f"{weights}: holds no tensors")
-    for key, tensor in state.items():
-        if not tensor.is_floating_point():
-            raise UserError(f"{weights}: tensor {key!r} has dtype {tensor.dtype}, expected a float type")
-    check_finite(state, str(weights))
+    check_lora_state(state, config, str(weights))
     return state, config
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; UserError naming the file if it is not one (a pickle, torn, ...)."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise UserError(f"{path}: not a readable safetensors file ({error})") from None
+
+
+def check_lora_state(state: dict[str, torch.Tensor], config: dict, where: str) -> None:
+    """UserError naming the first tensor of `state` that does not make a valid LoRA adapter under `config`."""
+    dtypes = {}
+    for key, tensor in state.items():
+        if tensor.dtype not in FLOAT_DTYPES:
+            raise UserError(f"{where}: tensor {key!r} has dtype {tensor.dtype}, expected a float type "
+                            f"({', '.join(str(d).replace('torch.', '') for d in FLOAT_DTYPES)})")
+        dtypes.setdefault(tensor.dtype, key)
+    if len(dtypes) > 1:
+        (d1, k1), (d2, k2) = list(dtypes.items())[:2]
+        raise UserError(f"{where}: mixed dtypes, tensor {k1!r} is {d1} but {k2!r} is {d2}")
+    check_finite(state, where)
+    sides: dict[str, dict[str, str]] = {}
+    for key in state:
+        match = _LORA_KEY.match(key)
+        if match:
+            sides.setdefault(match["module"], {})[match["side"]] = key
+    if not sides:
+        raise UserError(f"{where}: no LoRA tensors (no key contains lora_A / lora_B)")
+    targets = config.get("target_modules")
+    fixed_rank = None if config.get("rank_pattern") else config.get("r")
+    for module, pair in sides.items():
+        if set(pair) != {"A", "B"}:
+            have, lacks = ("A", "B") if "A" in pair else ("B", "A")
+            raise UserError(f"{where}: {pair[have]!r} has no matching lora_{lacks} tensor")
+        a, b = state[pair["A"]], state[pair["B"]]
+        if a.dim() < 2 or b.dim() < 2:
+            raise UserError(f"{where}: {pair['A' if a.dim() < 2 else 'B']!r} has shape "
+                            f"{tuple((a if a.dim() < 2 else b).shape)}, expected a matrix")
+        embedding = ".lora_embedding_" in pair["A"]
+        rank_a, rank_b = (a.shape[0], b.shape[1])
+        if rank_a != rank_b or rank_a < 1:
+            raise UserError(f"{where}: module {module!r} has rank {rank_a} in lora_A but {rank_b} in lora_B")
+        if fixed_rank is not None and rank_a != fixed_rank and not embedding:
+            raise UserError(f"{where}: module {module!r} has rank {rank_a}, but adapter_config.json says r={fixed_rank}")
+        if not _targeted(_PEFT_PREFIX.sub("", module), targets):
+            raise UserError(f"{where}: module {module!r} is not among target_modules {targets!r} of adapter_config.json")
+
+
+def _targeted(module: str, targets) -> bool:
+    """PEFT's rule: a list matches a module name or its dotted suffix, a string is a full regex match."""
+    if targets is None or targets == "all-linear":
+        return True
+    if isinstance(targets, str):
+        try:
+            return re.fullmatch(targets, module) is not None
+        except re.error:
+            return False
+    if isinstance(targets, (list, tuple)):
+        return any(isinstance(t, str) and (module == t or module.endswith("." + t)) for t in targets)
+    return False
 
 
 def read_metadata(folder: str | Path) -> dict:

@@ -110,9 +110,18 @@ def _cmd_tasks(args) -> int:
     return 0
 
 
+class _ArgumentError(UserError):
+    """A command line argparse refuses (printed as one line, exit code 2, like every UserError)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse prints usage + message and exits; copra prints one line
+        raise _ArgumentError(f"{message} (see {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="copra", description="CopRA: progressive, randomly gated LoRA training")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="copra", description="CopRA: progressive, randomly gated LoRA training")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("train", help="train one LoRA or CopRA adapter")
     p.add_argument("--config", help="YAML file overriding the defaults")
@@ -170,16 +179,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     # peft calls a transformers API that transformers 5 deprecates; not the user's concern
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-    parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         return args.func(args)
     except UserError as error:
-        print(f"copra: error: {error}", file=sys.stderr)
+        print(f"copra: error: {one_line(str(error))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("copra: interrupted", file=sys.stderr)
         return 130
+
+
+def one_line(message: str) -> str:
+    """The message on one line (an error line never spans lines, whatever a file name holds)."""
+    return " ".join(message.split()) if "\n" in message or "\r" in message else message
 
 
 if __name__ == "__main__":

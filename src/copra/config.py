@@ -75,6 +75,11 @@ class TrainConfig:
         for name in ("shots", "steps", "batch_size", "grad_accum", "rank", "max_length"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if not 0 <= self.seed < 2**32:
+            raise UserError(f"seed must be in [0, 2**32), got {self.seed!r}")
+        for name in ("task", "model", "output_dir"):
+            if not getattr(self, name).strip():
+                raise UserError(f"{name} must not be empty")
         if self.eval_examples is not None and self.eval_examples < 1:
             raise UserError(f"eval_examples must be >= 1 or null, got {self.eval_examples!r}")
         for name in ("lr", "weight_decay", "min_lr", "lora_alpha", "logit_scale"):
@@ -91,6 +96,9 @@ class TrainConfig:
             raise UserError(f"granularity must be one of {list(GRANULARITIES)}, got {self.granularity!r}")
         if not self.target_modules:
             raise UserError("target_modules must name at least one module")
+        for i, name in enumerate(self.target_modules):
+            if not name.strip():
+                raise UserError(f"target_modules[{i}] must be a module name, got {name!r}")
 
     def _check_types(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -143,19 +151,19 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
         if isinstance(value, str):  # "--set seeds=0,1,2" or "tasks=a,b"
             value = [yaml.safe_load(v) if item is not str else v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
-            raise UserError(f"{name} must be a list, got {value!r}")
+            raise UserError(f"{name} must be a list, got {_short(value)}")
         return [_coerce(f"{name}[{i}]", v, item) for i, v in enumerate(value)]
     if origin is dict or annotation is dict:
         if not isinstance(value, dict):
-            raise UserError(f"{name} must be a mapping, got {value!r}")
+            raise UserError(f"{name} must be a mapping, got {_short(value)}")
         return dict(value)
     if annotation is bool:
         if not isinstance(value, bool):
-            raise UserError(f"{name} must be true or false, got {value!r}")
+            raise UserError(f"{name} must be true or false, got {_short(value)}")
         return value
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise UserError(f"{name} must be an integer, got {value!r}")
+            raise UserError(f"{name} must be an integer, got {_short(value)}")
         return value
     if annotation is float:
         if isinstance(value, str):  # PyYAML reads "5e-4" (no dot) as a string
@@ -164,21 +172,37 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise UserError(f"{name} must be a number, got {value!r}")
-        return float(value)
+            raise UserError(f"{name} must be a number, got {_short(value)}")
+        try:
+            return float(value)
+        except OverflowError:
+            raise UserError(f"{name} must be a finite number, got {_short(value)}") from None
     if annotation is str:
         if not isinstance(value, str):
-            raise UserError(f"{name} must be a string, got {value!r}")
+            raise UserError(f"{name} must be a string, got {_short(value)}")
         return value
     return value
 
 
+def _short(value: Any, limit: int = 80) -> str:
+    """repr of a value for an error line, cut to `limit` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_keys(values: dict[Any, Any]) -> None:
+    for key in values:
+        if not isinstance(key, str):
+            raise UserError(f"config keys must be names, got {_short(key)}")
+
+
 def build_dataclass(cls: type, values: dict[str, Any]):
     """An instance of a config dataclass from a mapping: unknown keys and wrong types are UserErrors."""
+    _check_keys(values)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise UserError(f"unknown config key {unknown[0]!r}; known keys: {', '.join(sorted(names))}")
+        raise UserError(f"unknown config key {_short(unknown[0])}; known keys: {', '.join(sorted(names))}")
     hints = typing.get_type_hints(cls)
     return cls(**{k: _coerce(k, v, hints[k]) for k, v in values.items()})
 
@@ -197,12 +221,13 @@ def _field_names() -> set[str]:
 def make_config(overrides: dict[str, Any] | None = None) -> TrainConfig:
     """A TrainConfig from a preset (key `preset`) plus overrides; unknown keys are errors."""
     values = dict(overrides or {})
+    _check_keys(values)
     preset = values.pop("preset", "minilm")
-    if preset not in PRESETS:
-        raise UserError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    if not isinstance(preset, str) or preset not in PRESETS:
+        raise UserError(f"unknown preset {_short(preset)}; choose one of {sorted(PRESETS)}")
     unknown = sorted(set(values) - _field_names())
     if unknown:
-        raise UserError(f"unknown config key {unknown[0]!r}; known keys: {', '.join(sorted(_field_names()))}")
+        raise UserError(f"unknown config key {_short(unknown[0])}; known keys: {', '.join(sorted(_field_names()))}")
     return TrainConfig(**{**PRESETS[preset], **values})
 
 
@@ -218,7 +243,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise UserError(f"config file {path} is not valid YAML: {str(error).splitlines()[0]}") from None
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise UserError(f"config file {path} is not valid YAML: {first}") from None
+    except RecursionError:
+        raise UserError(f"config file {path} is nested too deeply") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -235,7 +263,7 @@ def parse_sets(items: list[str]) -> dict[str, Any]:
             raise UserError(f"--set takes key=value, got {item!r}")
         try:
             out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
+        except (yaml.YAMLError, RecursionError):
             out[key.strip()] = raw
     return out
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from copra.config import TrainConfig
+from copra.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,13 @@ def prepare_data(config: TrainConfig) -> FewShotData:
         from copra.data.text_tasks import load_task
 
         task = load_task(config.task)
+    counts = [0] * task.num_classes
+    for y in task.train_labels:
+        counts[y] += 1
+    for c, n in enumerate(counts):
+        if n < config.shots:
+            raise UserError(f"task {task.name!r}: class {task.class_names[c]!r} has only {n} training examples, "
+                            f"fewer than shots={config.shots}")
     train = few_shot_indices(task.train_labels, config.shots, config.seed, task.num_classes)
     held_out = eval_indices(task.test_labels, config.eval_examples)
     return FewShotData(
@@ -89,8 +97,6 @@ def load_adapter_state(classifier: nn.Module, state: dict[str, torch.Tensor]) ->
     result = set_peft_model_state_dict(classifier.encoder, state)
     missing = [k for k in result.missing_keys if "lora_" in k]
     if result.unexpected_keys or missing:
-        from copra.errors import UserError
-
         bad = (result.unexpected_keys or missing)[0]
         raise UserError(f"adapter does not fit the model: {'unexpected' if result.unexpected_keys else 'missing'} key {bad!r}")
 

@@ -124,9 +124,10 @@ def _read_split(path: Path, image_dir: Path) -> tuple[list[str], Items, Items, s
     """CoOp's split json: {"train"|"val"|"test": [[relative_path, label, classname], ...]}."""
     if not path.is_file():
         raise UserError(f"split file not found: {path} (download it as CoOp's DATASETS.md describes)")
+    text = _read_text(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as error:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as error:
         raise UserError(f"split file {path} is not valid JSON: {error}") from None
     if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("train", "test")):
         raise UserError(f"split file {path} must be a JSON object with 'train' and 'test' lists")
@@ -150,13 +151,22 @@ def _read_split(path: Path, image_dir: Path) -> tuple[list[str], Items, Items, s
     return [names[y] for y in range(len(names))], splits[0], splits[2], f"CoOp split {path}"
 
 
+def _read_text(path: Path) -> str:
+    """A user's data file as UTF-8 text; UserError naming the file and the first bad byte otherwise."""
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise UserError(f"cannot read {path}: {error.strerror or error}") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path} is not UTF-8 text (byte 0x{raw[error.start]:02x} at offset {error.start})") from None
+
+
 def _read_lines(path: Path) -> list[str]:
     if not path.is_file():
         raise UserError(f"file not found: {path} (see CoOp's DATASETS.md for the expected layout)")
-    try:
-        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except (OSError, UnicodeDecodeError) as error:
-        raise UserError(f"cannot read {path}: {error}") from None
+    return [line.strip() for line in _read_text(path).splitlines() if line.strip()]
 
 
 def _read_fgvc(folder: Path, image_dir: Path) -> tuple[list[str], Items, Items, str]:

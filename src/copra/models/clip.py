@@ -225,7 +225,7 @@ def build_clip_classifier(config) -> ClipClassifier:
         if not isinstance(model_config, CLIPConfig):
             raise UserError(f"model {name!r} is a {type(model_config).__name__}, not a CLIP model; {hint}")
         with quiet_loading():
-            backbone = CLIPModel.from_pretrained(name, config=model_config)
+            backbone = CLIPModel.from_pretrained(name, config=model_config, use_safetensors=True)  # never a pickle
             tokenizer = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError, KeyError) as error:
         if isinstance(error, UserError):

@@ -124,8 +124,13 @@ def build_text_classifier(config) -> PromptClassifier:
     try:
         with quiet_loading():  # the sentence-transformers checkpoint has no pooler: expected
             tokenizer = AutoTokenizer.from_pretrained(path)
-            backbone = AutoModel.from_pretrained(path, add_pooling_layer=False)
-    except OSError as error:
-        raise UserError(f"cannot load the text encoder {config.model!r}: {str(error).splitlines()[0]}") from None
+            # safetensors only: a pickled pytorch_model.bin is never unpickled
+            backbone = AutoModel.from_pretrained(path, add_pooling_layer=False, use_safetensors=True)
+    except (OSError, ValueError) as error:
+        detail = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise UserError(f"cannot load the text encoder {config.model!r}: {detail}") from None
     encoder = attach_lora(backbone, config)
+    positions = getattr(backbone.config, "max_position_embeddings", None)
+    if isinstance(positions, int) and config.max_length > positions:
+        raise UserError(f"max_length={config.max_length} exceeds the {positions} positions of the encoder {config.model!r}")
     return PromptClassifier(encoder, tokenizer, scale=config.logit_scale, max_length=config.max_length)
