@@ -73,3 +73,21 @@ def tiny_run_config(model_path: str, **overrides):
     values = dict(model=model_path, task="bbc_news", shots=2, steps=4, batch_size=4, eval_examples=20,
                   max_length=16, progress=False)
     return make_config(values | overrides)
+
+
+def interrupted_run(config, out, at_step: int, monkeypatch) -> None:
+    """Train `config` into `out` until the checkpoint of `at_step` is written, then stop as if killed."""
+    from copra import training
+
+    real = training._save_checkpoint
+
+    def save_then_die(out_, step, *args):
+        folder = real(out_, step, *args)
+        if step == at_step:
+            raise KeyboardInterrupt
+        return folder
+
+    monkeypatch.setattr(training, "_save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        training.train(config, output_dir=out)
+    monkeypatch.setattr(training, "_save_checkpoint", real)

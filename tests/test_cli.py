@@ -19,6 +19,7 @@ def _run(capsys, *argv):
         (["shots=100000"], "shots=100000"),
         (["shots=100000"], "task 'bbc_news': class 'business' has only"),
         (["seed=-1"], "seed must be in [0, 2**32)"),
+        (["checkpoint_every=-5"], "checkpoint_every must be >= 0"),
         (["max_length=33"], "max_length=33 exceeds the 32 positions"),
         (["preset=[1, 2]"], "unknown preset [1, 2]"),
         (["lr=1e999"], "lr must be a finite positive number"),
@@ -52,7 +53,15 @@ def test_bad_arguments_are_one_line(capsys, tmp_path):
         assert code == 2 and message in stderr and stderr.count("\n") == 1 and not stdout, (argv, stderr)
     with pytest.raises(SystemExit) as exit_info:  # --help still prints the help and exits 0
         main(["train", "--help"])
-    assert exit_info.value.code == 0 and "--config" in capsys.readouterr().out
+    assert exit_info.value.code == 0 and "--resume" in capsys.readouterr().out
+
+
+def test_bad_output_dir(capsys, tmp_path, tiny_text_model):
+    (tmp_path / "file").write_text("x")
+    for out in (tmp_path / "file", tmp_path / "file" / "below"):
+        code, _, stderr = _run(capsys, "train", "--set", f"model={tiny_text_model}", "--set", f"output_dir={out}",
+                               "--set", "progress=false", "--set", "shots=2", "--set", "max_length=16")
+        assert code == 2 and str(tmp_path / "file") in stderr and stderr.count("\n") == 1
 
 
 def test_bad_config_files(capsys, tmp_path):

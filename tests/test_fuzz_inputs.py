@@ -84,6 +84,7 @@ OUT_OF_RANGE = {
     **{name: st.integers(-10**9, 0) for name in COUNTS},
     "eval_examples": st.integers(-10**6, 0),
     "seed": st.one_of(st.integers(max_value=-1), st.integers(min_value=2**32, max_value=2**80)),
+    "checkpoint_every": st.integers(max_value=-1),
     **{name: st.one_of(st.floats(max_value=0.0), st.sampled_from([math.nan, math.inf, -math.inf]))
        for name in ("lr", "lora_alpha", "logit_scale")},
     **{name: st.one_of(st.floats(max_value=-1e-9), st.sampled_from([math.nan, math.inf]))

@@ -16,10 +16,18 @@ from copra.errors import UserError
 
 def _cmd_train(args) -> int:
     from copra.config import load_config
-    from copra.training import train
+    from copra.training import check_fresh_output, train
 
     config = load_config(args.config, args.set)
-    result = train(config, output_dir=config.output_dir)
+    if not (args.resume or args.force):
+        check_fresh_output(config.output_dir)
+    result = train(config, output_dir=config.output_dir, resume=args.resume)
+    if result.resumed_from == config.steps:
+        print(f"{config.output_dir} already holds this finished run", file=sys.stderr)
+    elif result.resumed_from is not None:
+        print(f"resumed from the checkpoint at step {result.resumed_from}", file=sys.stderr)
+    elif args.resume:
+        print(f"no checkpoint in {config.output_dir}: trained from step 0", file=sys.stderr)
     print(f"{config.method} on {config.task}, seed {config.seed}: accuracy {100 * result.accuracy:.2f}% "
           f"({result.seconds_per_step:.3f} s/step) -> {result.adapter_dir}")
     return 0
@@ -126,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train one LoRA or CopRA adapter")
     p.add_argument("--config", help="YAML file overriding the defaults")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config key")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue the run in output_dir from its last checkpoint (same config; from step 0 if none)")
+    again.add_argument("--force", action="store_true", help="start over even if output_dir already holds a run")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("demo", help="the main job: LoRA vs CopRA on the embedded default")

@@ -63,6 +63,7 @@ class TrainConfig:
     prefix_cache: bool = True  #: reuse frozen lower blocks' hidden states (text backbone, exact speed-up)
     # outputs
     output_dir: str = "runs/default"  #: where the adapter and metadata go
+    checkpoint_every: int = 10  #: steps between resumable checkpoints in output_dir/checkpoints (0: none)
     save_early: bool = False  #: also save the Early CopRA checkpoint at T/4
     progress: bool = True  #: show a progress bar
 
@@ -77,6 +78,8 @@ class TrainConfig:
                 raise UserError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if not 0 <= self.seed < 2**32:
             raise UserError(f"seed must be in [0, 2**32), got {self.seed!r}")
+        if self.checkpoint_every < 0:
+            raise UserError(f"checkpoint_every must be >= 0 (0: no checkpoints), got {self.checkpoint_every!r}")
         for name in ("task", "model", "output_dir"):
             if not getattr(self, name).strip():
                 raise UserError(f"{name} must not be empty")
