@@ -124,3 +124,26 @@ def test_parallel_runs_match_sequential(tiny_text_model, tmp_path):
         assert all(torch.equal(p.state[k], s.state[k]) for k in s.state)
     with pytest.raises(UserError, match="jobs"):
         runs.run_all(plan, jobs=0)
+
+
+def test_run_all_continues_a_killed_run_from_its_checkpoint(tiny_text_model, tmp_path, monkeypatch):
+    import copra.training as training
+
+    config = sweep.SweepConfig(model=tiny_text_model, grid={}, seeds=[0, 1], output_dir="unused", **FAST)
+    run_config = config.run_config("CopRA", {}, 0).replace(checkpoint_every=1, steps=6)
+    whole = train(run_config, output_dir=tmp_path / "whole")
+    real_lr = training.cosine_lr
+
+    def dies_at_step_4(step, *args):
+        if step == 4:
+            raise KeyboardInterrupt
+        return real_lr(step, *args)
+
+    monkeypatch.setattr(training, "cosine_lr", dies_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        train(run_config, output_dir=tmp_path / "killed")
+    monkeypatch.setattr(training, "cosine_lr", real_lr)
+    assert runs.finished(run_config, tmp_path / "killed") is None
+    (resumed,) = runs.run_all([(run_config, tmp_path / "killed")])
+    assert resumed.resumed_from == 4
+    assert all(torch.equal(resumed.state[k], whole.state[k]) for k in whole.state)

@@ -36,7 +36,7 @@ def _cmd_train(args) -> int:
 def _cmd_demo(args) -> int:
     from copra.experiments.demo import DemoConfig, run, table
 
-    config = DemoConfig(output_dir=args.output, progress=not args.quiet)
+    config = DemoConfig(output_dir=args.output, progress=not args.quiet, jobs=args.jobs)
     if args.tasks:
         config.tasks = args.tasks.split(",")
     if args.seeds:
@@ -105,6 +105,16 @@ def _cmd_report(args) -> int:
     return 0
 
 
+def _cmd_reproduce(args) -> int:
+    from copra.config import parse_sets
+    from copra.experiments.suite import reproduce
+
+    result = reproduce(args.suite, args.output, parse_sets(args.set), jobs=args.jobs, progress=not args.quiet,
+                       log=lambda line: print(line, file=sys.stderr))
+    print("report: " + " and ".join(str(p) for p in result["report"]))
+    return 0
+
+
 def _cmd_tasks(args) -> int:
     from copra.data.text_tasks import load_task, task_names
 
@@ -147,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="optimizer steps per run")
     p.add_argument("--sections", help="comma-separated: merging,pruning,shapley (default all; 'none' for the core table)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--jobs", type=int, default=1, help="training runs in parallel processes (default 1)")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("merge", help="merge LoRA adapter folders (fusion or mixture) into one PEFT folder")
@@ -182,6 +193,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("results", help="results folder, searched recursively for experiment summaries")
     p.add_argument("-o", "--output", help="folder for paper_report.md / .html (default: the results folder)")
     p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("reproduce", help="every paper table and figure as one resumable suite, then the report")
+    p.add_argument("--suite", choices=["full", "clip"], default="full",
+                   help="full: the embedded default, more seeds (hours on CPU); clip: the paper's CLIP-LoRA protocol")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="applied to every step that has the key (e.g. seeds=0,1 steps=20; clip: model=, data_root=)")
+    p.add_argument("-o", "--output", default="results/reproduce", help="results folder (resumed if it exists)")
+    p.add_argument("--jobs", type=int, default=1, help="training runs in parallel processes")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_reproduce)
 
     p = sub.add_parser("tasks", help="list the embedded text tasks")
     p.set_defaults(func=_cmd_tasks)

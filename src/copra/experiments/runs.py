@@ -4,6 +4,7 @@ Why: a suite trains hundreds of adapters. Every run an experiment starts has its
 (`adapter/` + `result.json`); `result.json` is written last and atomically, so its presence with
 the same config means the run finished and its adapter is complete. A killed suite started again
 reuses those runs instead of training them again, and never trusts a half-written one.
+A run killed mid-training continues from its last checkpoint (`copra.training`, bit-identical).
 `run_all(..., jobs=N)` trains the missing runs in N worker processes (each with cores / N torch
 threads); the results are identical to the sequential path because every run is seeded by its
 config alone.
@@ -11,44 +12,47 @@ config alone.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Sequence
 
-from copra.adapters import load_adapter
 from copra.config import TrainConfig
 from copra.errors import UserError
-from copra.training import RunResult, train
+from copra.training import RunResult, resume_point, train
 
-IGNORED = ("progress",)  # config fields that do not change what a run produces
+
+def _state_of(config: TrainConfig, output_dir: str | Path) -> RunResult | bool:
+    """The finished run in `output_dir`, else whether a checkpoint of this same run lets training resume.
+
+    Files of another run (another config, a corrupt record) count as nothing: training starts over
+    there and clears them.
+    """
+    out = Path(output_dir)
+    if not out.is_dir():
+        return False
+    try:
+        point = resume_point(out, config)
+    except UserError:
+        return False
+    if isinstance(point, RunResult):
+        point.adapter_dir = str(out / "adapter")  # where it is now, even if the results folder moved
+        point.early_dir = str(out / "early") if point.early_dir else None
+        return point
+    return point is not None
 
 
 def finished(config: TrainConfig, output_dir: str | Path) -> RunResult | None:
     """The recorded result of this exact run in `output_dir`, with its adapter state, or None."""
-    out = Path(output_dir)
-    try:
-        record = json.loads((out / "result.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None  # never run, or not finished
-    stored = {k: v for k, v in (record.get("config") or {}).items() if k not in IGNORED}
-    wanted = {k: v for k, v in json.loads(json.dumps(config.to_dict())).items() if k not in IGNORED}
-    if stored != wanted or not (out / "adapter" / "adapter_model.safetensors").is_file():
-        return None
-    known = {f.name for f in dataclasses.fields(RunResult)}
-    result = RunResult(**{k: v for k, v in record.items() if k in known})
-    result.state, _ = load_adapter(out / "adapter")
-    result.adapter_dir = str(out / "adapter")  # where it is now, even if the results folder moved
-    result.early_dir = str(out / "early") if result.early_dir else None
-    return result
+    state = _state_of(config, output_dir)
+    return state if isinstance(state, RunResult) else None
 
 
 def train_or_reuse(config: TrainConfig, output_dir: str | Path) -> RunResult:
-    """`train(config, output_dir=...)` unless that run already finished there."""
-    return finished(config, output_dir) or train(config, output_dir=output_dir)
+    """`train(config, output_dir=...)` unless that run already finished there (resuming a checkpoint)."""
+    state = _state_of(config, output_dir)
+    return state if isinstance(state, RunResult) else train(config, output_dir=output_dir, resume=state)
 
 
 def _worker_init(threads: int) -> None:
@@ -57,8 +61,8 @@ def _worker_init(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _train_in_worker(config: TrainConfig, output_dir: str) -> str:
-    train(config.replace(progress=False), output_dir=output_dir)
+def _train_in_worker(config: TrainConfig, output_dir: str, resume: bool) -> str:
+    train(config.replace(progress=False), output_dir=output_dir, resume=resume)
     return output_dir
 
 
@@ -70,16 +74,17 @@ def run_all(runs: Sequence[tuple[TrainConfig, str | Path]], jobs: int = 1) -> li
     """
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise UserError(f"jobs must be a positive integer, got {jobs!r}")
-    results: list[RunResult | None] = [finished(c, d) for c, d in runs]
+    states = [_state_of(c, d) for c, d in runs]
+    results: list[RunResult | None] = [s if isinstance(s, RunResult) else None for s in states]
     missing = [i for i, r in enumerate(results) if r is None]
     if jobs == 1 or len(missing) <= 1:
         for i in missing:
-            results[i] = train(runs[i][0], output_dir=runs[i][1])
+            results[i] = train(runs[i][0], output_dir=runs[i][1], resume=bool(states[i]))
         return results  # type: ignore[return-value]
     threads = max(1, (os.cpu_count() or 1) // jobs)
     with ProcessPoolExecutor(max_workers=min(jobs, len(missing)), mp_context=get_context("spawn"),
                              initializer=_worker_init, initargs=(threads,)) as pool:
-        futures = {i: pool.submit(_train_in_worker, runs[i][0], str(runs[i][1])) for i in missing}
+        futures = {i: pool.submit(_train_in_worker, runs[i][0], str(runs[i][1]), bool(states[i])) for i in missing}
         for i, future in futures.items():
             future.result()  # re-raises a worker's error (a UserError stays one)
             results[i] = finished(*runs[i])

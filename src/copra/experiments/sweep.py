@@ -79,7 +79,7 @@ class SweepConfig:
             raise UserError(f"variants must be a non-empty mapping name -> TrainConfig overrides, got {self.variants!r}")
         if not isinstance(self.grid, dict) or len(self.grid) > 2:
             raise UserError(f"grid must map at most two TrainConfig keys to lists of values, got {self.grid!r}")
-        known = {f.name for f in fields(TrainConfig)}
+        known = {f.name for f in fields(TrainConfig)} | {"preset"}  # make_config starts from a preset
         for where, keys in [(f"variant {n!r}", list(v) if isinstance(v, dict) else None) for n, v in self.variants.items()] + \
                            [("grid", list(self.grid)), ("overrides", list(self.overrides) if isinstance(self.overrides, dict) else None)]:
             if keys is None:

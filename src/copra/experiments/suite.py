@@ -1,0 +1,200 @@
+"""`copra reproduce`: every table and figure of the paper as one resumable suite, then the report.
+
+A suite is a list of steps, each one experiment with its settings, written to its own subfolder:
+
+- `full`: the embedded default (MiniLM, real text tasks), more seeds than the demo; hours on CPU.
+- `clip`: the paper's protocol (CLIP-LoRA: ViT-B/16 weights, CoOp data sets, 16 shots, rank 2,
+  lr 2e-4, batch 32, 500 x shots iterations) for users who have the weights and data on disk:
+  `--set model=PATH --set data_root=PATH [--set tasks=dtd,eurosat]`.
+
+Resuming: a killed suite started again skips every step whose summary JSON (written last, atomically)
+records the same config, and inside a step reuses every finished training run (`runs.run_all`).
+`suite.json` records the suite's name, version and resolved settings; a folder made with other
+settings is refused rather than mixed. `--jobs N` trains independent runs in N processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from copra.adapters import write_json
+from copra.config import TrainConfig, build_dataclass
+from copra.errors import UserError
+from copra.experiments import EXPERIMENTS
+
+SUITE_VERSION = 1
+TEXT_TASKS = ["bbc_news", "news_outlets", "drug_reviews", "parl_party", "health_tweets"]
+FIVE_SEEDS = [0, 1, 2, 3, 4]
+CLIP_LORA = dict(shots=16, steps=500 * 16, batch_size=32, lr=2e-4, eval_examples=1_000_000)  # whole test sets
+CLIP_TASKS = ["dtd", "eurosat", "caltech101", "oxford_pets", "oxford_flowers", "food101", "fgvc_aircraft",
+              "stanford_cars", "sun397", "ucf101", "imagenet"]
+
+
+@dataclass
+class Step:
+    """One experiment of a suite: `experiment` (a `copra` experiment name) with `settings`."""
+
+    name: str  #: subfolder and id
+    experiment: str
+    settings: dict[str, Any] = field(default_factory=dict)
+    paper: str = ""  #: which table or figure it reproduces
+
+
+def full_suite() -> list[Step]:
+    """The embedded default with five seeds (three where a step multiplies runs)."""
+    return [
+        Step("federated", "federated", dict(seeds=FIVE_SEEDS), "Table 1 (FL)"),
+        Step("federated_outlets", "federated", dict(task="news_outlets", seeds=FIVE_SEEDS), "Table 1 (FL), 2nd task"),
+        Step("multitask", "multitask", dict(tasks=TEXT_TASKS, seeds=FIVE_SEEDS), "Table 1 (MTL), Fig. 5c"),
+        Step("shapley", "shapley", dict(seeds=[0, 1, 2]), "Fig. 2"),
+        Step("landscape", "landscape", dict(seeds=FIVE_SEEDS), "Fig. 3"),
+        Step("pruning", "pruning", dict(seeds=FIVE_SEEDS), "Fig. 4"),
+        Step("sweep_lr", "sweep", dict(name="sweep_lr", grid={"lr": [5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 1e-2]},
+                                        seeds=[0, 1, 2], geometry=True), "Fig. 5a, 5b"),
+        Step("sweep_iterations", "sweep", dict(name="sweep_iterations", grid={"steps": [10, 20, 40, 80],
+                                                                              "lr": [5e-4, 1e-3, 5e-3]},
+                                               seeds=[0, 1, 2]), "Fig. 6a, 6b"),
+        Step("sweep_schedules", "sweep", dict(name="sweep_schedules", variants="schedules", grid={}, seeds=FIVE_SEEDS),
+             "schedules and baselines"),
+    ]
+
+
+def clip_suite() -> list[Step]:
+    """The paper's CLIP-LoRA protocol; tasks default to the 11 CoOp data sets (`--set tasks=...`)."""
+    return [
+        Step("federated", "federated", dict(CLIP_LORA, task="dtd", seeds=FIVE_SEEDS), "Table 1 (FL)"),
+        Step("multitask", "multitask", dict(CLIP_LORA, tasks=CLIP_TASKS, seeds=[0, 1, 2]), "Table 1 (MTL)"),
+        Step("shapley", "shapley", dict(CLIP_LORA, task="dtd", seeds=[0], estimator="multilinear"), "Fig. 2"),
+        Step("landscape", "landscape", dict(CLIP_LORA, task="dtd", seeds=[0, 1, 2]), "Fig. 3"),
+        Step("pruning", "pruning", dict(CLIP_LORA, task="dtd", seeds=[0, 1, 2]), "Fig. 4"),
+        Step("sweep_lr", "sweep", dict(CLIP_LORA, task="dtd", name="sweep_lr",
+                                        grid={"lr": [5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 5e-3]}, geometry=True), "Fig. 5a, 5b"),
+        Step("sweep_iterations", "sweep", dict(CLIP_LORA, task="dtd", name="sweep_iterations",
+                                               grid={"steps": [100 * 16, 200 * 16, 300 * 16, 500 * 16],
+                                                     "lr": [5e-5, 2e-4, 1e-3]}), "Fig. 6a, 6b"),
+    ]
+
+
+SUITES = {"full": full_suite, "clip": clip_suite}
+CLIP_SETTINGS = ("model", "data_root")  # what a clip suite cannot run without
+
+
+def resolve(suite: str, sets: dict[str, Any]) -> list[tuple[Step, Any]]:
+    """Each step with its validated experiment config; `sets` apply to every step that has the key.
+
+    A key that is an experiment field (seeds, steps, shots, tasks, ...) sets that field; any other
+    TrainConfig key goes into the experiment's TrainConfig overrides. `tasks` also sets `task`.
+    """
+    if suite not in SUITES:
+        raise UserError(f"unknown suite {suite!r}; choose from {list(SUITES)}")
+    if suite == "clip":
+        missing = [k for k in CLIP_SETTINGS if k not in sets]
+        if missing:
+            raise UserError(f"the clip suite needs --set {missing[0]}=PATH (CLIP weights and CoOp data on disk)")
+    train_keys = {f.name for f in fields(TrainConfig)}
+    resolved = []
+    used: set[str] = set()
+    for step in SUITES[suite]():
+        config_cls = EXPERIMENTS[step.experiment]()[0]
+        names = {f.name for f in fields(config_cls)}
+        overrides_key = "train_overrides" if "train_overrides" in names else "overrides"
+        values = dict(step.settings)
+        overrides = dict(values.pop(overrides_key, {}))
+        if suite == "clip":
+            overrides.update(preset="clip-lora", backbone="clip")
+        for key, value in sets.items():
+            if key == "tasks" and "task" in names and "tasks" not in names:
+                values["task"] = value[0] if isinstance(value, list) else str(value).split(",")[0]
+                used.add(key)
+            elif key in names and key not in ("output_dir", overrides_key):
+                values[key] = value
+                used.add(key)
+            elif key in train_keys and key not in ("task", "method", "seed", "output_dir", "progress"):
+                overrides[key] = value
+                used.add(key)
+        values[overrides_key] = overrides
+        values.setdefault("output_dir", step.name)
+        resolved.append((step, values))
+    unused = [k for k in sets if k not in used]
+    if unused:
+        raise UserError(f"--set {unused[0]}: no step of the {suite!r} suite takes that key")
+    return [(step, build_dataclass(EXPERIMENTS[step.experiment]()[0], values)) for step, values in resolved]
+
+
+def _stem(step: Step, config: Any) -> str:
+    return getattr(config, "name", step.experiment)
+
+
+def _finished(step: Step, config: Any, folder: Path) -> bool:
+    """True when the step's summary exists and records exactly this config."""
+    try:
+        saved = json.loads((folder / f"{_stem(step, config)}.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    wanted = json.loads(json.dumps(dataclasses.asdict(config)))
+    return {k: v for k, v in saved.get("config", {}).items() if k not in ("progress", "jobs")} == \
+        {k: v for k, v in wanted.items() if k not in ("progress", "jobs")}
+
+
+def _manifest(suite: str, steps: list[tuple[Step, Any]]) -> dict:
+    settings = {step.name: {k: v for k, v in dataclasses.asdict(config).items() if k not in ("progress", "jobs",
+                                                                                               "output_dir")}
+                for step, config in steps}
+    return json.loads(json.dumps({"suite": suite, "version": SUITE_VERSION, "settings": settings}))
+
+
+def check_folder(out: Path, manifest: dict) -> None:
+    """Refuse a results folder made by another suite, version or settings (no mixing of results)."""
+    path = out / "suite.json"
+    if not path.exists():
+        return
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        raise UserError(f"{path}: not valid JSON; use another results folder") from None
+    for key in ("suite", "version"):
+        if saved.get(key) != manifest[key]:
+            raise UserError(f"{out} holds results of suite {saved.get('suite')!r} version {saved.get('version')!r}, "
+                            f"not {manifest['suite']!r} version {manifest['version']}; use another results folder")
+    for name, settings in manifest["settings"].items():
+        old = saved.get("settings", {}).get(name)
+        if old is not None and old != settings:
+            key = next(k for k in settings if old.get(k) != settings[k])
+            raise UserError(f"{out}: step {name!r} was run with {key}={old.get(key)!r}, now {settings[key]!r}; "
+                            "use another results folder (or delete that one) to run with new settings")
+
+
+def reproduce(suite: str, output_dir: str | Path, sets: dict[str, Any] | None = None, jobs: int = 1,
+              progress: bool = True, log=print) -> dict:
+    """Run (or resume) every step of `suite` into `output_dir`, then write the report there."""
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise UserError(f"--jobs must be a positive integer, got {jobs!r}")
+    out = Path(output_dir)
+    steps = resolve(suite, dict(sets or {}))
+    manifest = _manifest(suite, steps)
+    check_folder(out, manifest)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "suite.json", manifest)
+    timings = {}
+    for step, config in steps:
+        config.output_dir = str(out / step.name)
+        config.progress = progress
+        if hasattr(config, "jobs"):
+            config.jobs = jobs
+        if _finished(step, config, out / step.name):
+            log(f"[{step.name}] done before, kept ({step.paper})")
+            continue
+        log(f"[{step.name}] {step.experiment} ({step.paper}) ...")
+        started = time.perf_counter()
+        EXPERIMENTS[step.experiment]()[1](config)
+        timings[step.name] = time.perf_counter() - started
+        log(f"[{step.name}] {timings[step.name]:.0f} s")
+    from copra.experiments.report import write_report
+
+    report = write_report(out)
+    return {"steps": [s.name for s, _ in steps], "seconds": timings, "report": report}
