@@ -17,7 +17,7 @@ SMALL = ["--set", "shots=2", "--set", "steps=3", "--set", "batch_size=4", "--set
 def test_real_suites_resolve_to_valid_configs(tmp_path):
     full = suite.resolve("full", {"seeds": [0, 1]})
     assert [s.name for s, _ in full] == ["federated", "federated_outlets", "multitask", "shapley", "landscape", "pruning", "sweep_lr",
-                                         "sweep_iterations", "sweep_schedules"]
+                                         "sweep_iterations", "sweep_steps", "sweep_schedules"]
     assert all(c.seeds == [0, 1] for _, c in full)
     clip = suite.resolve("clip", {"model": "/clip", "data_root": "/data", "tasks": "dtd,eurosat"})
     by_name = {s.name: c for s, c in clip}

@@ -17,7 +17,7 @@ FAST = dict(shots=2, steps=4, batch_size=4, eval_examples=20, overrides={"max_le
 
 @pytest.fixture(scope="module")
 def lr_sweep(tiny_text_model, tmp_path_factory):
-    config = sweep.SweepConfig(model=tiny_text_model, grid={"lr": [0.01, 0.3]}, seeds=[0, 1, 2], geometry=True,
+    config = sweep.SweepConfig(model=tiny_text_model, grid={"lr": [0.01, 0.3]}, seeds=[0, 1, 2], geometry=True, curve_every=2,
                                output_dir=str(tmp_path_factory.mktemp("sweep")), **FAST)
     return config, sweep.run(config)
 
@@ -35,6 +35,10 @@ def test_sweep_has_every_variant_and_point_with_single_and_pairwise_merged(lr_sw
         assert 0 <= min(row["merged"]) and max(row["merged"]) <= 1
         assert -1 <= row["cosine_mean"] <= 1 and row["l2_mean"] > 0
     assert len(saved["tsne"]) == 12
+    for row in saved["points"]:  # Fig. 6c: a snapshot at step 2, the final adapter at step 4
+        assert row["curve"]["steps"] == [2, 4]
+        assert row["curve"]["merged_mean"][-1] == pytest.approx(row["merged_mean"])
+        assert row["curve"]["single_mean"][-1] == pytest.approx(row["single_mean"])
     assert (out / "sweep_lr.png").read_bytes()[:4] == b"\x89PNG"
     assert "| CopRA | lr=0.3 |" in (out / "sweep_lr.md").read_text()
 

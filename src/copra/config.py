@@ -65,6 +65,7 @@ class TrainConfig:
     output_dir: str = "runs/default"  #: where the adapter and metadata go
     checkpoint_every: int = 10  #: steps between resumable checkpoints in output_dir/checkpoints (0: none)
     save_early: bool = False  #: also save the Early CopRA checkpoint at T/4
+    snapshot_every: int = 0  #: also save the adapter every this many steps in output_dir/snapshots/step-N (0: none)
     progress: bool = True  #: show a progress bar
 
     def __post_init__(self) -> None:
@@ -78,6 +79,8 @@ class TrainConfig:
                 raise UserError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if not 0 <= self.seed < 2**32:
             raise UserError(f"seed must be in [0, 2**32), got {self.seed!r}")
+        if self.snapshot_every < 0:
+            raise UserError(f"snapshot_every must be >= 0 (0: no snapshots), got {self.snapshot_every!r}")
         if self.checkpoint_every < 0:
             raise UserError(f"checkpoint_every must be >= 0 (0: no checkpoints), got {self.checkpoint_every!r}")
         for name in ("task", "model", "output_dir"):

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -193,6 +194,10 @@ def train(config: TrainConfig, data: FewShotData | None = None, output_dir: str 
         done = step + 1
         if early_step is not None and done == early_step:
             result.early_accuracy, result.early_dir = _save_early(classifier, gates, data, config, out)
+        if out is not None and config.snapshot_every and done % config.snapshot_every == 0 and done < config.steps:
+            # learning curves (paper Fig. 6c): the adapter as it is at this step, all adapters on
+            save_peft_model(encoder, out / SNAPSHOTS_DIR / f"step-{done}",
+                            metadata(config, data, checkpoint="snapshot", at_step=done))
         if out is not None and config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
             seconds = previous_seconds + time.perf_counter() - start
             last_checkpoint = _save_checkpoint(out, done, named, optimizer, gates, result, seconds)
@@ -219,6 +224,7 @@ def train(config: TrainConfig, data: FewShotData | None = None, output_dir: str 
 # ----------------------------------------------------------------------------- output folder and resume
 
 RESULT_FILE = "result.json"
+SNAPSHOTS_DIR = "snapshots"  # adapters saved every `snapshot_every` steps
 # config fields that may differ between a checkpoint and the run resuming it (they change no number)
 RESUME_IGNORED = ("progress", "output_dir", "checkpoint_every")
 
@@ -292,6 +298,7 @@ def resume_point(out: Path, config: TrainConfig) -> "RunResult | Checkpoint | No
 
 def _clear_run(out: Path) -> None:
     remove_leftovers(out)
+    shutil.rmtree(out / SNAPSHOTS_DIR, ignore_errors=True)
     remove_checkpoints(out / CHECKPOINTS_DIR)
     (out / RESULT_FILE).unlink(missing_ok=True)
 

@@ -9,7 +9,8 @@ TrainConfig overrides, so one experiment covers the paper's comparisons and the 
 - schedules and baselines (`SCHEDULE_VARIANTS`): CopRA's linear / exponential / sine ramps, a start
   at p=0.1, a shorter ramp, and what CopRA might reduce to -- plain LoRA with and without adapter
   dropout, and stochastic depth for LoRA (every layer kept with a fixed p=0.5 all along);
-- Fig. 5a (`geometry: true`): t-SNE of all adapters and seed-to-seed cosine / L2 per setting.
+- Fig. 5a (`geometry: true`): t-SNE of all adapters and seed-to-seed cosine / L2 per setting;
+- Fig. 6c (`curve_every: k`): single and merged accuracy every k steps (runs save snapshots).
 
 Runs go through `runs.run_all`: finished ones are reused (a killed sweep resumes) and `jobs` > 1
 trains them in parallel processes.
@@ -30,6 +31,7 @@ from copra.evaluation import prepare_data
 from copra.experiments.common import Evaluator, check_unique, mean_std, write_outputs
 from copra.experiments.runs import run_all
 from copra.merge import fusion
+from copra.training import SNAPSHOTS_DIR
 
 RESERVED = ("task", "seed", "output_dir", "progress", "save_early")
 PAPER_VARIANTS = {"LoRA": {"method": "lora"}, "CopRA": {"method": "copra"}}
@@ -57,6 +59,7 @@ class SweepConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  #: adapters per setting; every pair is fused
     alpha: float = 0.5  #: fusion coefficient of the merged accuracy
     geometry: bool = False  #: also t-SNE and seed-to-seed cosine / L2 of the adapters (Fig. 5a)
+    curve_every: int = 0  #: also single and merged accuracy every this many steps (Fig. 6c; 0: off)
     shots: int = 8  #: training examples per class
     steps: int = 30  #: optimizer steps per run (unless swept)
     batch_size: int = 16  #: examples per step
@@ -93,6 +96,10 @@ class SweepConfig:
             if clash:
                 raise UserError(f"grid key {key!r} is also set by variant {clash[0]!r}")
         check_unique("seeds", self.seeds, minimum=2)
+        if isinstance(self.curve_every, bool) or not isinstance(self.curve_every, int) or self.curve_every < 0:
+            raise UserError(f"curve_every must be a non-negative integer, got {self.curve_every!r}")
+        if "snapshot_every" in self.grid or any("snapshot_every" in v for v in self.variants.values()):
+            raise UserError("snapshot_every is set by the sweep's curve_every")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 <= self.alpha <= 1:
             raise UserError(f"alpha must be a number in [0, 1], got {self.alpha!r}")
         for name in ("geometry", "progress"):
@@ -111,8 +118,8 @@ class SweepConfig:
         base = dict(shots=self.shots, steps=self.steps, batch_size=self.batch_size, lr=self.lr, model=self.model,
                     eval_examples=self.eval_examples)
         try:
-            return make_config({**self.overrides, **base, **self.variants[variant], **point,
-                                "task": self.task, "seed": seed, "progress": self.progress})
+            return make_config({**self.overrides, **base, **self.variants[variant], **point, "task": self.task,
+                                "seed": seed, "progress": self.progress, "snapshot_every": self.curve_every})
         except UserError as error:
             raise UserError(f"variant {variant!r} {label(point)}: {error}") from None
 
@@ -153,6 +160,8 @@ def run(config: SweepConfig) -> dict:
                    "single_mean": mean_std(single)[0], "single_std": mean_std(single)[1],
                    "merged_mean": mean_std(merged)[0], "merged_std": mean_std(merged)[1],
                    "seconds_per_step": mean_std(r.seconds_per_step for r in done)[0]}
+            if config.curve_every:
+                row["curve"] = curve(evaluator, data, config, runs_of(done), loaded, done[0].config["steps"])
             if config.geometry:
                 from copra.experiments.geometry import pair_similarity
 
@@ -171,6 +180,26 @@ def run(config: SweepConfig) -> dict:
     return summary
 
 
+def runs_of(done: list) -> list[Path]:
+    return [Path(r.adapter_dir).parent for r in done]
+
+
+def curve(evaluator: Evaluator, data, config: SweepConfig, folders: list[Path], final: list, total_steps: int) -> dict:
+    """Single and pairwise-merged accuracy at every snapshot step and at the end (paper Fig. 6c)."""
+    steps = sorted(int(p.name.split("-")[1]) for p in (folders[0] / SNAPSHOTS_DIR).glob("step-*"))
+    out: dict[str, list] = {"steps": [], "single_mean": [], "merged_mean": [], "merged_std": []}
+    for step in steps + [None]:
+        loaded = final if step is None else [load_adapter(f / SNAPSHOTS_DIR / f"step-{step}") for f in folders]
+        single = [evaluator.accuracy(state, cfg, data) for state, cfg in loaded]
+        merged = [evaluator.accuracy(fusion([loaded[i][0], loaded[j][0]], [config.alpha, 1 - config.alpha]),
+                                     loaded[i][1], data) for i, j in itertools.combinations(range(len(loaded)), 2)]
+        out["steps"].append(total_steps if step is None else step)
+        out["single_mean"].append(mean_std(single)[0])
+        out["merged_mean"].append(mean_std(merged)[0])
+        out["merged_std"].append(mean_std(merged)[1])
+    return out
+
+
 def best(summary: dict, variant: str, key: str = "merged_mean") -> dict | None:
     """The variant's row with the highest `key` (None if the variant is absent)."""
     rows = [r for r in summary["points"] if r["variant"] == variant]
@@ -182,7 +211,8 @@ def plot(summary: dict, path: str | Path) -> Path:
     from matplotlib.figure import Figure
 
     axes_keys, variants = summary["axes"], list(dict.fromkeys(r["variant"] for r in summary["points"]))
-    panels = 1 + ("tsne" in summary)
+    curves = any("curve" in r for r in summary["points"])
+    panels = 1 + ("tsne" in summary) + curves
     if len(axes_keys) == 2:
         figure = Figure(figsize=(4.2 * len(variants), 7.2), layout="constrained")
         grid = figure.subplots(2, len(variants), squeeze=False)
@@ -191,8 +221,10 @@ def plot(summary: dict, path: str | Path) -> Path:
         figure = Figure(figsize=(7.5 * panels, 4.5), layout="constrained")
         ax = figure.subplots(1, panels, squeeze=False)[0]
         (_lines if axes_keys else _bars)(summary, ax[0], variants)
-        if panels == 2:
+        if "tsne" in summary:
             _tsne(summary, ax[1], variants)
+        if curves:
+            _curves(summary, ax[-1])
     figure.suptitle(f"{summary['name']}: single vs merged (alpha={summary['config']['alpha']}) accuracy, "
                     f"{summary['task']}")
     figure.savefig(path, dpi=110)
@@ -257,6 +289,22 @@ def _heatmaps(summary: dict, grid, variants: list[str]) -> None:
             ax.set_title(f"{variant}: {kind}", fontsize=9)
 
 
+def _curves(summary: dict, ax) -> None:
+    """Paper Fig. 6c: merged (solid) and single (dashed) accuracy over training steps."""
+    for i, row in enumerate(r for r in summary["points"] if "curve" in r):
+        c = row["curve"]
+        name = row["variant"] + (f", {row['label']}" if row["values"] else "")
+        ax.errorbar(c["steps"], [100 * v for v in c["merged_mean"]], yerr=[100 * v for v in c["merged_std"]],
+                    color=f"C{i}", marker="o", capsize=3, label=f"{name} merged")
+        ax.plot(c["steps"], [100 * v for v in c["single_mean"]], color=f"C{i}", linestyle="--", alpha=0.7,
+                label=f"{name} single")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("accuracy over training steps", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
 def _tsne(summary: dict, ax, variants: list[str]) -> None:
     labels = list(dict.fromkeys(p["label"] for p in summary["tsne"]))
     markers = "osD^v<>P*X"
@@ -285,6 +333,10 @@ def render(summary: dict) -> str:
         if geometry:
             line += f" | {r['cosine_mean']:.3f} | {r['l2_mean']:.3f}"
         lines.append(line + " |")
+    for r in (r for r in summary["points"] if "curve" in r):
+        c = r["curve"]
+        lines += ["", f"{r['variant']} {r['label']} over training steps (merged / single, %): " + ", ".join(
+            f"step {s}: {100 * m:.1f} / {100 * v:.1f}" for s, m, v in zip(c["steps"], c["merged_mean"], c["single_mean"]))]
     lines += ["", f"![{summary['name']}]({summary['name']}.png)", ""]
     return "\n".join(lines)
 
