@@ -149,6 +149,17 @@ def test_sweep_verdict_and_place():
     assert verdicts.SECTIONS["sweep"].place({"axes": ["lr"], "tsne": []})[0] == "Fig. 5a, 5b"
 
 
+def test_curve_sweep_compares_best_settings_step_by_step():
+    def row(variant, merged_curve):
+        return {"variant": variant, "label": "default", "merged_mean": merged_curve[-1],
+                "curve": {"steps": [10, 20], "merged_mean": merged_curve, "single_mean": merged_curve}}
+
+    rows = [row("LoRA lr 1e-3", [0.5, 0.6]), row("LoRA lr 5e-3", [0.7, 0.8]), row("CopRA lr 5e-3", [0.75, 0.79])]
+    (claim, status, detail), = verdicts.judge("sweep", {"points": rows, "axes": []})
+    assert status == verdicts.PARTLY and "above at 1 of 2 steps" in detail and "LoRA lr 5e-3" in detail
+    assert verdicts.SECTIONS["sweep"].place({"points": rows, "axes": []})[0] == "Fig. 6c"
+
+
 def test_html_is_self_contained(tmp_path, png):
     root = make_results(tmp_path / "results", png)
     _, page = report.build_report(root)

@@ -114,8 +114,28 @@ def _pruning(s: dict) -> list[Check]:
                      mean_over(kind, "copra"), mean_over(kind, "lora")) for kind in ("structured", "unstructured")]
 
 
+def _curves(rows: list[dict]) -> list[Check]:
+    """Fig. 6c: the best CopRA setting against the best LoRA setting, step by step."""
+    claim = "the best CopRA setting's merged accuracy is above the best LoRA setting's over training steps"
+    best = {}
+    for prefix in ("CopRA", "LoRA"):
+        mine = [r for r in rows if str(r.get("variant", "")).startswith(prefix) and "curve" in r]
+        if mine:
+            best[prefix] = max(mine, key=lambda r: r["merged_mean"])
+    if len(best) < 2:
+        return [(claim, UNMEASURED, "needs CopRA and LoRA variants with curves")]
+    c, l = best["CopRA"]["curve"], best["LoRA"]["curve"]
+    steps = [k for k in c["steps"] if k in l["steps"]]
+    wins = sum(c["merged_mean"][c["steps"].index(k)] > l["merged_mean"][l["steps"].index(k)] for k in steps)
+    return [(claim, HELD if wins == len(steps) else PARTLY if wins else NOT_HELD,
+             f"above at {wins} of {len(steps)} steps ({best['CopRA']['variant']} vs {best['LoRA']['variant']}; final "
+             f"{100 * best['CopRA']['merged_mean']:.1f} vs {100 * best['LoRA']['merged_mean']:.1f})")]
+
+
 def _sweep(s: dict) -> list[Check]:
     rows = [r for r in s.get("points") or [] if isinstance(r, dict)]
+    if any("curve" in r for r in rows):
+        return _curves(rows)
     names = {r.get("variant") for r in rows}
     copra = "CopRA" if "CopRA" in names else "CopRA linear"
     by = {v: {r["label"]: r for r in rows if r.get("variant") == v} for v in (copra, "LoRA")}
@@ -135,6 +155,8 @@ def _sweep(s: dict) -> list[Check]:
 
 def _sweep_place(s: dict) -> tuple[str, float]:
     axes = s.get("axes") or []
+    if any(isinstance(r, dict) and "curve" in r for r in s.get("points") or []):
+        return "Fig. 6c", 6.2
     if "steps" in axes:
         return "Fig. 6", 6.0
     if axes == ["lr"]:
