@@ -145,6 +145,11 @@ def train(config: TrainConfig, data: FewShotData | None = None, output_dir: str 
     named = [(n, p) for n, p in classifier.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    accelerator = make_accelerator()
+    model, optimizer = accelerator.prepare(classifier, optimizer)  # `model` is DDP-wrapped under `accelerate launch`
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    if not accelerator.is_main_process:
+        out = None  # one process writes adapters, snapshots and checkpoints
     labels = torch.tensor(data.train_y)
     order = batches(len(data.train_x), config.batch_size, config.seed)
     early_step = math.ceil(config.steps / 4) if config.save_early else None
@@ -171,12 +176,13 @@ def train(config: TrainConfig, data: FewShotData | None = None, output_dir: str 
             result.masks.append(gates.step(step))
         loss_value = 0.0
         for _ in range(config.grad_accum):
-            idx = next(order)
+            idx = next(order)[rank::world]  # data parallel: each process takes its share of the batch
             inputs = classifier.inputs_for([data.train_x[i] for i in idx], train=True)
-            logits = classifier(**inputs)  # [B, C]
-            loss = F.cross_entropy(logits, labels[idx]) / config.grad_accum
-            loss.backward()
-            loss_value += loss.detach().item()
+            logits = model(**{k: v.to(device) for k, v in inputs.items()})  # [B, C]
+            loss = F.cross_entropy(logits, labels[idx].to(device)) / config.grad_accum
+            accelerator.backward(loss)
+            # every process sees the same loss, so all of them stop together on NaN
+            loss_value += (accelerator.reduce(loss.detach(), "mean") if world > 1 else loss.detach()).item()
         if not math.isfinite(loss_value):
             raise TrainingDiverged(_diverged(f"loss became {loss_value} at step {step}", config, last_checkpoint))
         try:
@@ -219,6 +225,18 @@ def train(config: TrainConfig, data: FewShotData | None = None, output_dir: str 
         remove_checkpoints(out / CHECKPOINTS_DIR)
         remove_leftovers(out)
     return result
+
+
+def make_accelerator():
+    """Hugging Face Accelerate: a no-op wrapper in one process, data-parallel DDP under `accelerate launch`.
+
+    Gated-off adapters get no gradient in a step, so DDP must not wait for them
+    (find_unused_parameters); every process draws the same gates, seeded by (seed, step).
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    return Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
 
 
 # ----------------------------------------------------------------------------- output folder and resume

@@ -55,7 +55,7 @@ class FrozenPrefixCache:
         if frozen == 0:
             return self.runner.run(hidden, layer_mask)
         lengths = attention_mask.sum(1).tolist()
-        keys = [input_ids[r, : lengths[r]].numpy().tobytes() for r in range(len(lengths))]
+        keys = [input_ids[r, : lengths[r]].cpu().numpy().tobytes() for r in range(len(lengths))]
         missing = [r for r, key in enumerate(keys) if len(self._rows.get(key, ())) <= frozen]
         if missing:
             self._fill(input_ids, missing, keys, lengths, frozen)
