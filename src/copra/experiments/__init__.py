@@ -6,50 +6,23 @@ so `copra --help` stays fast.
 
 from __future__ import annotations
 
+import importlib
 from typing import Callable
 
 
-def _landscape():
-    from copra.experiments import landscape
+def _loader(module: str, config_class: str) -> Callable[[], tuple]:
+    def load() -> tuple:
+        loaded = importlib.import_module(f"copra.experiments.{module}")
+        return getattr(loaded, config_class), loaded.run, loaded.render
 
-    return landscape.LandscapeConfig, landscape.run, landscape.render
-
-
-def _federated():
-    from copra.experiments import federated
-
-    return federated.FederatedConfig, federated.run, federated.render
-
-
-def _multitask():
-    from copra.experiments import multitask
-
-    return multitask.MultitaskConfig, multitask.run, multitask.render
-
-
-def _pruning():
-    from copra.experiments import pruning
-
-    return pruning.PruningConfig, pruning.run, pruning.render
-
-
-def _shapley():
-    from copra.experiments import shapley_layers
-
-    return shapley_layers.ShapleyConfig, shapley_layers.run, shapley_layers.render
-
-
-def _sweep():
-    from copra.experiments import sweep
-
-    return sweep.SweepConfig, sweep.run, sweep.render
+    return load
 
 
 EXPERIMENTS: dict[str, Callable[[], tuple]] = {
-    "landscape": _landscape,  # paper Fig. 3
-    "federated": _federated,  # paper Table 1 (FL)
-    "multitask": _multitask,  # paper Table 1 (MTL)
-    "pruning": _pruning,  # paper Fig. 4
-    "shapley": _shapley,  # paper Fig. 2
-    "sweep": _sweep,  # paper Fig. 5 and 6 (lr, iterations, schedules, baselines, t-SNE)
+    "landscape": _loader("landscape", "LandscapeConfig"),  # paper Fig. 3
+    "federated": _loader("federated", "FederatedConfig"),  # paper Table 1 (FL)
+    "multitask": _loader("multitask", "MultitaskConfig"),  # paper Table 1 (MTL)
+    "pruning": _loader("pruning", "PruningConfig"),  # paper Fig. 4
+    "shapley": _loader("shapley_layers", "ShapleyConfig"),  # paper Fig. 2
+    "sweep": _loader("sweep", "SweepConfig"),  # paper Fig. 5 and 6 (lr, iterations, schedules, baselines, t-SNE)
 }
