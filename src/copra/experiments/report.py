@@ -153,7 +153,9 @@ def title(entry: Entry) -> str:
     if entry.path.stem != entry.name:
         text += f" ({entry.path.stem})"
     tasks = s.get("task") or (list(s["tasks"]) if isinstance(s.get("tasks"), (list, dict)) else None)
-    return text + (f" on {_plain(tasks)}" if tasks else "")
+    seeds = (s.get("config") or {}).get("seeds") if isinstance(s.get("config"), dict) else None
+    count = f", {len(seeds)} seed{'s' if len(seeds) != 1 else ''}" if isinstance(seeds, list) else ""
+    return text + (f" on {_plain(tasks)}" if tasks else "") + count  # tells apart two runs of one experiment
 
 
 def table_one(entries: list[Entry]) -> str | None:
