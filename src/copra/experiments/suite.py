@@ -4,7 +4,7 @@ A suite is a list of steps, each one experiment with its settings, written to it
 
 - `full`: the embedded default (MiniLM, real text tasks): every experiment at its full size (all
   alphas, sparsities, schemes, exact and multilinear Shapley, 240 evaluation examples), the sweeps
-  of Fig. 5-6, three seeds; about two hours on 2 CPU cores.
+  of Fig. 5-6, three seeds; 95 minutes measured on 2 CPU cores.
 - `clip`: the paper's protocol (CLIP-LoRA: ViT-B/16 weights, CoOp data sets, 16 shots, rank 2,
   lr 2e-4, batch 32, 500 x shots iterations) for users who have the weights and data on disk:
   `--set model=PATH --set data_root=PATH [--set tasks=dtd,eurosat]`.
