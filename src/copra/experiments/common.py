@@ -161,6 +161,14 @@ def new_axes(width: float = 7.0, height: float = 4.0):
     return figure, figure.add_subplot()
 
 
+def save_figure(figure, path: str | Path, dpi: int = 120) -> Path:
+    """Write `figure` as a PNG at `path`, creating its folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=dpi)
+    return path
+
+
 def zoom_bars(axes, heights: Iterable[float]) -> None:
     """Start a bar chart's y axis just below its lowest bar: the differences are a few points, not 80."""
     heights = list(heights)

@@ -35,7 +35,7 @@ from copra.config import METHODS, TrainConfig, make_config
 from copra.errors import UserError
 from copra.evaluation import FewShotData, prepare_data
 from copra.experiments.common import (Evaluator, barrier, check_overrides, check_unique, load_for_eval, mean_std,
-                                      new_axes, write_outputs)
+                                      new_axes, save_figure, write_outputs)
 from copra.merge import MERGERS, check_compatible, delta_weights, fusion, mixture, mixture_config
 from copra.experiments.runs import run_all
 
@@ -197,9 +197,7 @@ def plot(summary: dict, path: str | Path) -> Path:
     ax.set_title(f"Merging two same-task adapters: {summary['task']}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    return Path(path)
+    return save_figure(figure, path)
 
 
 def table(summary: dict) -> str:

@@ -29,7 +29,7 @@ from copra.config import METHODS, TrainConfig, make_config
 from copra.errors import UserError
 from copra.evaluation import FewShotData, prepare_data
 from copra.experiments.common import (Evaluator, check_overrides, check_unique, load_for_eval, mean_std, new_axes,
-                                      write_outputs, zero_b, zoom_bars)
+                                      save_figure, write_outputs, zero_b, zoom_bars)
 from copra.merge import check_compatible, fusion
 from copra.experiments.runs import run_all
 
@@ -166,9 +166,7 @@ def plot(summary: dict, path: str | Path) -> Path:
     ax.set_title("Task adapters fused (equal weights), evaluated on each task")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    return Path(path)
+    return save_figure(figure, path)
 
 
 def table(summary: dict) -> str:

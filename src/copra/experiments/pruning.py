@@ -17,7 +17,8 @@ from typing import Any
 from copra.config import make_config
 from copra.errors import UserError
 from copra.evaluation import FewShotData, prepare_data
-from copra.experiments.common import Evaluator, check_overrides, load_for_eval, mean_std, write_outputs, zoom_bars
+from copra.experiments.common import (Evaluator, check_overrides, load_for_eval, mean_std, save_figure, write_outputs,
+                                      zoom_bars)
 from copra.prune import STRUCTURED, magnitude, projections, structured
 
 METHODS = ("lora", "copra", "early_copra")
@@ -141,8 +142,7 @@ def plot(results: dict, path: Path) -> None:
     right.set_ylabel("accuracy (%)")
     right.set_title("unstructured (magnitude) pruning")
     right.legend()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
+    save_figure(figure, path, dpi=110)
 
 
 def render(results: dict) -> str:

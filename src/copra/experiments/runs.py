@@ -49,10 +49,10 @@ def finished(config: TrainConfig, output_dir: str | Path) -> RunResult | None:
     return state if isinstance(state, RunResult) else None
 
 
-def train_or_reuse(config: TrainConfig, output_dir: str | Path) -> RunResult:
-    """`train(config, output_dir=...)` unless that run already finished there (resuming a checkpoint)."""
-    state = _state_of(config, output_dir)
-    return state if isinstance(state, RunResult) else train(config, output_dir=output_dir, resume=state)
+def check_jobs(jobs: int) -> None:
+    """UserError unless `jobs` (parallel training processes) is a positive integer."""
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise UserError(f"jobs must be a positive integer, got {jobs!r}")
 
 
 def _worker_init(threads: int) -> None:
@@ -72,8 +72,7 @@ def run_all(runs: Sequence[tuple[TrainConfig, str | Path]], jobs: int = 1) -> li
     With `jobs` > 1 the missing runs train in that many spawned processes; their adapters come back
     through the folders (never pickled), read by `finished`.
     """
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-        raise UserError(f"jobs must be a positive integer, got {jobs!r}")
+    check_jobs(jobs)
     states = [_state_of(c, d) for c, d in runs]
     results: list[RunResult | None] = [s if isinstance(s, RunResult) else None for s in states]
     missing = [i for i, r in enumerate(results) if r is None]

@@ -18,7 +18,8 @@ import numpy as np
 from copra.config import METHODS, make_config
 from copra.errors import UserError
 from copra.evaluation import FewShotData, prepare_data
-from copra.experiments.common import Evaluator, check_overrides, check_unique, load_for_eval, new_axes, write_outputs
+from copra.experiments.common import (Evaluator, check_overrides, check_unique, load_for_eval, new_axes, save_figure,
+                                      write_outputs)
 from copra.shapley import ESTIMATORS
 
 LABELS = {"lora": "LoRA", "copra": "CopRA", "early_copra": "Early CopRA"}
@@ -136,9 +137,7 @@ def plot(summary: dict, path: Path) -> Path:
     axes.axhline(0, color="black", linewidth=0.8)
     axes.set_title(f"per-layer Shapley values on {summary['task']} ({summary['config']['estimator']})")
     axes.legend()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    return path
+    return save_figure(figure, path, dpi=110)
 
 
 def render(summary: dict) -> str:

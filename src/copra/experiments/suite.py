@@ -28,6 +28,7 @@ from copra.adapters import write_json
 from copra.config import TrainConfig, build_dataclass
 from copra.errors import UserError
 from copra.experiments import EXPERIMENTS
+from copra.experiments.runs import check_jobs
 
 SUITE_VERSION = 1
 TEXT_TASKS = ["bbc_news", "news_outlets", "drug_reviews", "parl_party", "health_tweets"]
@@ -179,8 +180,7 @@ def check_folder(out: Path, manifest: dict) -> None:
 def reproduce(suite: str, output_dir: str | Path, sets: dict[str, Any] | None = None, jobs: int = 1,
               progress: bool = True, log=print) -> dict:
     """Run (or resume) every step of `suite` into `output_dir`, then write the report there."""
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-        raise UserError(f"--jobs must be a positive integer, got {jobs!r}")
+    check_jobs(jobs)  # before anything is written
     out = Path(output_dir)
     steps = resolve(suite, dict(sets or {}))
     manifest = _manifest(suite, steps)

@@ -28,7 +28,7 @@ from copra.adapters import load_adapter
 from copra.config import TrainConfig, make_config
 from copra.errors import UserError
 from copra.evaluation import prepare_data
-from copra.experiments.common import Evaluator, check_unique, mean_std, write_outputs
+from copra.experiments.common import Evaluator, check_unique, mean_std, save_figure, write_outputs
 from copra.experiments.runs import run_all
 from copra.merge import fusion
 from copra.training import SNAPSHOTS_DIR
@@ -227,8 +227,7 @@ def plot(summary: dict, path: str | Path) -> Path:
             _curves(summary, ax[-1])
     figure.suptitle(f"{summary['name']}: single vs merged (alpha={summary['config']['alpha']}) accuracy, "
                     f"{summary['task']}")
-    figure.savefig(path, dpi=110)
-    return Path(path)
+    return save_figure(figure, path, dpi=110)
 
 
 def _lines(summary: dict, ax, variants: list[str]) -> None:
