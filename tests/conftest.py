@@ -12,13 +12,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(1)  # tiny models: threading overhead dominates, and CI has 2 cores
 
 
-def tiny_bert(layers: int = 3, seed: int = 0):
+def tiny_bert(layers: int = 3, seed: int = 0, attention: str | None = None):
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(seed)
     config = BertConfig(
         vocab_size=64, hidden_size=16, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=32,
         max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        **({"attn_implementation": attention} if attention else {}),
     )
     return BertModel(config, add_pooling_layer=False).eval()
 

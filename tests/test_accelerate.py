@@ -19,6 +19,7 @@ def test_single_process_accelerator_is_a_plain_cpu_run():
     assert accelerator.num_processes == 1 and accelerator.is_main_process and accelerator.device.type in ("cpu", "cuda")
 
 
+@pytest.mark.slow
 def test_two_processes_train_the_same_adapter_as_one(tiny_text_model, tmp_path):
     """`torchrun --nproc_per_node 2` (gloo on CPU): each process takes half of every batch, DDP averages
     the gradients, so the adapter equals the one-process adapter up to float rounding; one process writes."""

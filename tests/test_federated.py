@@ -112,6 +112,7 @@ def test_two_round_run_plots_merged_accuracy_by_round(tiny_text_model, tmp_path)
     assert "Merged accuracy by round" in (tmp_path / "fed" / "federated.md").read_text()
 
 
+@pytest.mark.slow
 def test_flower_simulation_matches_in_process_fusion(tiny_text_model, tmp_path):
     pytest.importorskip("flwr")
     pytest.importorskip("ray")

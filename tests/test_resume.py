@@ -56,6 +56,7 @@ def _writing(out: Path) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_points_then_resume_is_bit_identical(tiny_text_model, tmp_path):
     """Kill a real `copra train` process with SIGKILL (before its first checkpoint, mid-step and maybe
     mid-checkpoint-write), resume until it finishes, compare with an uninterrupted run."""

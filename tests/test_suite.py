@@ -37,6 +37,7 @@ def _small_suite():
             Step("sweep_lr", "sweep", dict(name="sweep_lr", grid={"lr": [0.01, 0.3]}), "Fig. 5b")]
 
 
+@pytest.mark.slow
 def test_reduced_suite_runs_resumes_with_two_jobs_and_refuses_other_settings(monkeypatch, tmp_path, tiny_text_model,
                                                                              capsys):
     monkeypatch.setitem(suite.SUITES, "full", _small_suite)

@@ -117,6 +117,7 @@ def test_geometry_on_hand_made_adapters():
         tsne(points[:2])
 
 
+@pytest.mark.slow
 def test_parallel_runs_match_sequential(tiny_text_model, tmp_path):
     """--jobs 2: two spawned workers produce the same adapters as training in this process."""
     config = sweep.SweepConfig(model=tiny_text_model, grid={}, seeds=[0, 1], variants="paper", output_dir="unused", **FAST)

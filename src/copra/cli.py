@@ -8,9 +8,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 from typing import Sequence
 
+from copra.compat import quiet_known_warnings
 from copra.errors import UserError
 
 
@@ -210,8 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    # peft calls a transformers API that transformers 5 deprecates; not the user's concern
-    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    quiet_known_warnings()
     try:
         args = build_parser().parse_args(argv)
         return args.func(args)

@@ -23,9 +23,8 @@ whose `Game` caches v so no coalition is evaluated twice.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -33,6 +32,7 @@ import torch.nn.functional as F
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
+from copra.compat import memoized_forward
 from copra.errors import UserError
 from copra.evaluation import FewShotData, accuracy
 from copra.gates import CopRA, lora_modules, player_of
@@ -217,39 +217,16 @@ class CoalitionEvaluator:
             self._descend(out, layer_mask, attention, masks, branch, depth + 1, leaf)
 
 
-@contextmanager
-def reuse_base_outputs(modules: Sequence[LoraLayer]) -> Iterator[None]:
+def reuse_base_outputs(modules: Sequence[LoraLayer]):
     """Inside, the frozen base layer of each LoRA module returns its last output again when it is
-    called again on the very same, unmodified input tensor (no extra arguments).
+    called again on the very same, unmodified input tensor (copra.compat.memoized_forward).
 
     Sibling branches of the trie feed one hidden state to a block under different gates; the base
     projections that read it directly (BERT's query/key/value) are then computed once, not once per
-    branch. Identity plus the version counters of input and output guard against any in-place change.
+    branch. Nested tuner layers run as they are.
     """
-    patched = []
-    for module in modules:
-        base = getattr(module, "base_layer", None)
-        if base is None or isinstance(base, LoraLayer) or "forward" in vars(base):
-            continue  # nested tuner layers (or an already patched one) run as they are
-        original, memo = base.forward, {}
-
-        def forward(x, *args, _original=original, _memo=memo, **kwargs):
-            if args or kwargs or not isinstance(x, torch.Tensor):
-                return _original(x, *args, **kwargs)
-            last = _memo.get("last")
-            if last is not None and last[0] is x and last[1] == x._version and last[3] == last[2]._version:
-                return last[2]
-            out = _original(x)
-            _memo["last"] = (x, x._version, out, out._version)
-            return out
-
-        base.forward = forward
-        patched.append((base, memo))
-    try:
-        yield
-    finally:
-        for base, memo in patched:
-            del base.forward
+    bases = [getattr(m, "base_layer", None) for m in modules]
+    return memoized_forward([b for b in bases if b is not None and not isinstance(b, LoraLayer)])
 
 
 @dataclass

@@ -6,12 +6,13 @@ Players. Each gate belongs to a *player*. With granularity "layer" a player is o
 block (every LoRA module in `...layer.3...`, `...layers.3...`, `...h.3...` shares one gate, as the
 authors' code does); with "module" each LoRA module is its own player. Players keep model order.
 
-Skipping. A gated-off module runs only its frozen base layer: PEFT's LoRA forward loops over the
-module's active adapters, and during that module's forward we make that list empty. So the LoRA
+Skipping. A gated-off module runs only its frozen base layer: during that module's forward its
+adapters are disabled through PEFT's public `enable_adapters(False)` (copra.compat). So the LoRA
 branch (dropout copy, A and B matmuls) is never computed, its A/B are not in the autograd graph,
 their grads stay None, and AdamW (which skips parameters whose grad is None) neither applies
-momentum nor weight decay to them. Surviving adapters are not rescaled. The list is swapped only
-inside the forward (pre-hook sets, post-hook restores), so PEFT's own state is never left changed.
+momentum nor weight decay to them. Surviving adapters are not rescaled. The switch happens only
+inside the forward (pre-hook disables, post-hook re-enables and puts back the requires_grad flags
+PEFT's switch touched), so PEFT's own state is never left changed.
 
 Modes. `step(t)` draws a fresh mask that applies while modules are in training mode; in eval mode
 every adapter is on unless a mask was set explicitly with `set_active` or `active(...)`.
@@ -28,6 +29,7 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
+from copra.compat import switch_adapters_off, switch_adapters_on
 from copra.errors import UserError
 from copra.schedule import RAMPS, keep_probability, validate
 
@@ -205,15 +207,12 @@ class CopRA:
         return self._mask[index]
 
     def _before_forward(self, index: int, module: LoraLayer, args) -> None:
-        if not self.is_on(index, module.training):
-            module._copra_saved_active = module._active_adapter
-            module._active_adapter = []  # PEFT's forward then runs the base layer only
+        if not self.is_on(index, module.training) and not module.disable_adapters:
+            switch_adapters_off(module)  # PEFT's forward then runs the base layer only
 
     @staticmethod
     def _after_forward(module: LoraLayer, args, output) -> None:
-        saved = module.__dict__.pop("_copra_saved_active", None)
-        if saved is not None:
-            module._active_adapter = saved
+        switch_adapters_on(module)  # a no-op unless the pre-hook switched this module off
 
     def __repr__(self) -> str:
         return (

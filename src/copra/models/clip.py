@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import nn
 
+from copra.compat import checkpoint_file
 from copra.errors import UserError
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -192,13 +193,7 @@ class ClipClassifier(nn.Module):
 
 def _normalization(path: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """image_mean / image_std from the checkpoint's preprocessor_config.json, else CLIP's defaults."""
-    try:
-        from transformers.utils import cached_file
-
-        found = cached_file(path, "preprocessor_config.json", _raise_exceptions_for_missing_entries=False,
-                            _raise_exceptions_for_connection_errors=False)
-    except (OSError, ValueError):
-        found = None
+    found = checkpoint_file(path, "preprocessor_config.json")
     if not found:
         return OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
     try:

@@ -7,22 +7,22 @@ block k, so running the encoder one block at a time lets a coalition evaluator c
 prefix once (copra.coalitions) and lets training cache the hidden states of a frozen prefix.
 
 `LayerRunner(encoder)` accepts a transformers model with `.embeddings` and `.encoder.layer` (an
-nn.ModuleList of blocks called as `block(hidden, attention_mask)`), e.g. BertModel, RobertaModel or
-an all-MiniLM checkpoint, optionally wrapped in a PeftModel. The attention mask is built by the
-model's own code (`_create_attention_masks`, else `masking_utils.create_bidirectional_mask`, else
-the legacy `get_extended_attention_mask`), so it has the form that the configured attention
-implementation (eager, sdpa, ...) expects. LoRA modules inside a block are ordinary submodules, so
+nn.ModuleList of blocks called as `block(hidden, attention_mask=...)`), e.g. BertModel, RobertaModel or
+an all-MiniLM checkpoint, optionally wrapped in a PeftModel. The attention mask is built by
+transformers' public API (`masking_utils.create_bidirectional_mask`, else the legacy
+`get_extended_attention_mask`; see copra.compat), so it has the form that the configured attention
+implementation (eager, sdpa, ...) expects, and blocks are called with keywords. LoRA modules inside a block are ordinary submodules, so
 CopRA's gate hooks apply as in a full forward. The runner adds no grad mode of its own.
 """
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
 from torch import nn
 
+from copra.compat import attention_mask_builder
 from copra.errors import UserError
 
 
@@ -63,29 +63,10 @@ class LayerRunner:
     # -- attention mask -----------------------------------------------------------------------
     @staticmethod
     def _pick_mask_builder(model: nn.Module):
-        create = getattr(model, "_create_attention_masks", None)
-        if callable(create):
-            params = inspect.signature(create).parameters
-            if {"attention_mask", "embedding_output"} <= set(params):
-                extra = {k: None for k in ("encoder_attention_mask", "encoder_hidden_states", "past_key_values") if k in params}
-
-                def build(hidden: torch.Tensor, mask: torch.Tensor) -> Any:
-                    out = create(attention_mask=mask, embedding_output=hidden, **extra)
-                    return out[0] if isinstance(out, tuple) else out
-
-                return build
-        try:
-            from transformers.masking_utils import create_bidirectional_mask
-        except ImportError:  # transformers < 4.56
-            create_bidirectional_mask = None
-        if create_bidirectional_mask is not None:
-            return lambda hidden, mask: create_bidirectional_mask(
-                config=model.config, inputs_embeds=hidden, attention_mask=mask
-            )
-        extended = getattr(model, "get_extended_attention_mask", None)
-        if callable(extended):
-            return lambda hidden, mask: extended(mask, tuple(mask.shape))
-        raise UserError(f"cannot build the attention mask of {type(model).__name__} for a layer-by-layer run")
+        build = attention_mask_builder(model)
+        if build is None:
+            raise UserError(f"cannot build the attention mask of {type(model).__name__} for a layer-by-layer run")
+        return build
 
     # -- running --------------------------------------------------------------------------------
     def start(
@@ -107,7 +88,7 @@ class LayerRunner:
         if not 0 <= start <= stop <= self.num_layers:
             raise UserError(f"layer range [{start}, {stop}) is outside the {self.num_layers} blocks")
         for index in range(start, stop):
-            out = self.layers[index](hidden, layer_mask)
+            out = self.layers[index](hidden, attention_mask=layer_mask)
             hidden = out[0] if isinstance(out, (tuple, list)) else out
         return hidden
 
