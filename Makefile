@@ -40,8 +40,9 @@ test-latest:
 	rm -rf .venv-latest
 	$(PYTHON) -m venv .venv-latest
 	.venv-latest/bin/pip install -q --upgrade pip
-	.venv-latest/bin/pip install -q torch==2.13.0  # the CPU build; newer torch here is CUDA-only
-	.venv-latest/bin/pip install -q --upgrade --upgrade-strategy eager -e '.[test,federated]'
+	# Everything at its newest but torch, held at the CPU build (newer torch wheels here are CUDA builds).
+	.venv-latest/bin/pip install -q --upgrade --upgrade-strategy eager -c requirements/torch-cpu.txt \
+		-e '.[test,federated]'
 	.venv-latest/bin/pip install -q --no-deps -r requirements/embedded.in
 	.venv-latest/bin/python -c '$(VERSIONS)'
 	.venv-latest/bin/python -m pytest -q -p no:cacheprovider

@@ -5,7 +5,9 @@ that the layer runner called. Public APIs come first everywhere; what is left he
 version switch between public APIs or the few internals with no public equivalent, each with the
 versions it was checked against. `tests/test_compat.py` runs every path that is picked at run time.
 
-Checked: transformers 4.45-5.24, peft 0.13-0.21, torch 2.2-2.13, flwr 1.41-1.42.
+Checked: transformers 4.45-5.24, peft 0.13-0.21, torch 2.13-2.14 (`make test-lowest`, `make test-latest`).
+Flower needs nothing here: copra.flower subclasses FedAvg through its documented `aggregate_train`
+hook and reads back only the constructor's own arguments (`weighted_by_key`, `train_metrics_aggr_fn`).
 """
 
 from __future__ import annotations
