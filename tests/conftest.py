@@ -24,11 +24,12 @@ def tiny_bert(layers: int = 3, seed: int = 0, attention: str | None = None):
     return BertModel(config, add_pooling_layer=False).eval()
 
 
-def tiny_lora_bert(layers: int = 3, seed: int = 0, dropout: float = 0.0, init_lora_weights=False):
+def tiny_lora_bert(layers: int = 3, seed: int = 0, dropout: float = 0.0, init_lora_weights=False,
+                   attention: str | None = None):
     """A tiny BERT with LoRA on q/k/v; B is random (not zero) so adapters change the output."""
     from peft import LoraConfig, get_peft_model
 
-    model = tiny_bert(layers, seed)
+    model = tiny_bert(layers, seed, attention)
     config = LoraConfig(r=2, lora_alpha=1, lora_dropout=dropout, use_rslora=True,
                         target_modules=["query", "key", "value"], init_lora_weights=init_lora_weights)
     torch.manual_seed(seed + 1)

@@ -23,7 +23,7 @@ MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.2, 0.5)
 
 def write_tiny_clip(folder: Path) -> Path:
     """Random-init CLIPModel, a character-level CLIP tokenizer and a preprocessor config in `folder`."""
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+    from transformers import CLIPConfig, CLIPModel
 
     chars = list(string.ascii_lowercase) + [".", ",", "'"]
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
@@ -39,9 +39,22 @@ def write_tiny_clip(folder: Path) -> Path:
     )
     torch.manual_seed(0)
     CLIPModel(config).save_pretrained(folder)
-    CLIPTokenizer(vocab=vocab, merges=[]).save_pretrained(folder)
+    tiny_clip_tokenizer(vocab, folder).save_pretrained(folder)
     (folder / "preprocessor_config.json").write_text(json.dumps({"image_mean": MEAN, "image_std": STD}))
     return folder
+
+
+def tiny_clip_tokenizer(vocab: dict, folder: Path):
+    """transformers 5 builds a tokenizer from a vocabulary dict; 4.x only from vocab/merges files."""
+    import transformers
+    from transformers import CLIPTokenizer
+
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        return CLIPTokenizer(vocab=vocab, merges=[])
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(vocab_file=str(folder / "vocab.json"), merges_file=str(folder / "merges.txt"))
 
 
 def write_image(path: Path, seed: int, size=(40, 36)) -> None:
