@@ -1,4 +1,4 @@
-"""One exception type for mistakes a user can fix (bad config, missing file, wrong name).
+"""Errors a user can fix (bad config, missing file, wrong name, a full disk): one line each, never a traceback.
 
 The CLI prints a UserError as a single line and exits with code 2; anything else is a bug and keeps
 its traceback. Resource failures (disk full, no permission, read-only file system, a folder deleted
