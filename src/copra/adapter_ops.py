@@ -19,6 +19,7 @@ from typing import Sequence
 
 from copra.adapters import finite_or_none, load_adapter, read_metadata, save_adapter
 from copra.errors import UserError
+from copra.locks import locks_output
 from copra.merge import MERGERS, check_compatible, check_weights, mixture_config
 from copra.prune import STRUCTURED, magnitude, structured
 
@@ -34,6 +35,7 @@ def _metadata(folder: Path) -> dict:
         raise UserError(f"{folder / 'copra.json'}: not valid JSON ({error})") from None
 
 
+@locks_output  # one writer per output folder, from the existence check to the rename
 def merge_folders(folders: Sequence[str | Path], method: str = "fusion", weights: Sequence[float] | None = None,
                   align: bool = False, *, output: str | Path, align_steps: int = 200, overwrite: bool = False) -> Path:
     """Merge PEFT LoRA adapter folders into the PEFT folder `output`; returns its path.
@@ -86,6 +88,7 @@ def merge_folders(folders: Sequence[str | Path], method: str = "fusion", weights
     return save_adapter(merged, config, output, metadata)  # refuses NaN/inf before writing; atomic
 
 
+@locks_output
 def prune_folder(folder: str | Path, *, output: str | Path, scheme: str | None = None, sparsity: float | None = None,
                  scope: str = "matrix", overwrite: bool = False) -> Path:
     """Prune a PEFT adapter folder into `output` (still a PEFT folder): a structured scheme or magnitude sparsity.

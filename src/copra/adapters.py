@@ -21,7 +21,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from copra.errors import UserError
+from copra.errors import UserError, resource_error
+from copra.locks import check_owned
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -43,12 +44,18 @@ def fsync_dir(folder: str | Path) -> None:
 
 
 def _make_parent(target: Path) -> None:
+    check_owned(target)  # a locked run folder deleted under us is an error, not silently re-created
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise UserError(f"cannot create the folder for {target}: {error.strerror or error}") from None
+        raise _resource(error, target.parent, "cannot create the folder") from None
     if not os.access(target.parent, os.W_OK):
         raise UserError(f"cannot write to {target.parent}: permission denied")
+
+
+def _resource(error: Exception, target: Path, action: str = "cannot write") -> Exception:
+    """A resource failure (disk full, permission, read-only, folder gone) as one UserError line naming `target`."""
+    return resource_error(error, target, action) or error
 
 
 @contextmanager
@@ -57,45 +64,63 @@ def atomic_folder(target: str | Path) -> Iterator[Path]:
 
     Files are fsynced before the rename and the parent folder after it. A process killed at any
     point leaves `target` as it was (or, when replacing, briefly absent with the old copy in a hidden
-    `.<name>.old-*` sibling) and never a partial folder under the name `target`.
+    `.<name>.old-*` sibling) and never a partial folder under the name `target`. A full disk, a
+    permission or read-only error, or the folder vanishing becomes one ResourceError naming `target`,
+    with the temporary folder removed and `target` as it was.
     """
     target = Path(target)
     _make_parent(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        yield tmp
-        for path in tmp.iterdir():  # fsync files so the rename never exposes empty ones
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-        fsync_dir(tmp)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-        fsync_dir(target.parent)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    except OSError as error:
+        raise _resource(error, target) from None
+    try:
+        try:
+            yield tmp
+            _commit(tmp, target)
+        except (OSError, SafetensorError) as error:
+            raise _resource(error, target) from None
+        check_owned(target, replaced=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _commit(tmp: Path, target: Path) -> None:
+    """fsync the files of `tmp`, then rename it to `target` (replacing an older `target`)."""
+    for path in tmp.iterdir():  # fsync files so the rename never exposes empty ones
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
+    fsync_dir(tmp)
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+    fsync_dir(target.parent)
+
+
 def write_json(path: str | Path, data: Any) -> None:
-    """Write JSON atomically (temporary file in the same folder, fsync, rename)."""
+    """Write JSON atomically (temporary file in the same folder, fsync, rename); ResourceError naming `path`."""
     path = Path(path)
+    body = json.dumps(data, indent=2, sort_keys=False, default=str) + "\n"  # fails before writing
     _make_parent(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2, sort_keys=False, default=str)
-            handle.write("\n")
+            handle.write(body)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
         fsync_dir(path.parent)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    except OSError as error:
+        raise _resource(error, path) from None
+    finally:
+        if tmp is not None:  # gone after the rename; a leftover after a failure
+            Path(tmp).unlink(missing_ok=True)
+    check_owned(path)
 
 
 def save_peft_model(peft_model, folder: str | Path, metadata: dict | None = None) -> Path:

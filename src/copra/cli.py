@@ -8,20 +8,24 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from copra.compat import quiet_known_warnings
-from copra.errors import UserError
+from copra.errors import UserError, resource_error
 
 
 def _cmd_train(args) -> int:
     from copra.config import load_config
-    from copra.training import check_fresh_output, train
+    from copra.locks import folder_lock
+    from copra.training import check_fresh_output, check_writable, train
 
     config = load_config(args.config, args.set)
-    if not (args.resume or args.force):
-        check_fresh_output(config.output_dir)
-    result = train(config, output_dir=config.output_dir, resume=args.resume)
+    check_writable(Path(config.output_dir))  # names a file in the way or a read-only folder, before the lock
+    with folder_lock(config.output_dir):  # checked and written by one process only
+        if not (args.resume or args.force):
+            check_fresh_output(config.output_dir)
+        result = train(config, output_dir=config.output_dir, resume=args.resume)
     if result.resumed_from == config.steps:
         print(f"{config.output_dir} already holds this finished run", file=sys.stderr)
     elif result.resumed_from is not None:
@@ -216,6 +220,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except UserError as error:
         print(f"copra: error: {one_line(str(error))}", file=sys.stderr)
+        return 2
+    except (OSError, MemoryError) as error:  # a write the library did not wrap, or memory outside training
+        converted = resource_error(error, action="cannot use") if isinstance(error, OSError) else \
+            UserError("out of memory; try a smaller batch_size, fewer eval_examples or fewer --jobs")
+        if converted is None:
+            raise
+        print(f"copra: error: {one_line(str(converted))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("copra: interrupted", file=sys.stderr)

@@ -19,6 +19,7 @@ import os
 import random
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -33,9 +34,10 @@ from copra.checkpoint import (CHECKPOINTS_DIR, STATE_FILE, Checkpoint, latest_ch
                               load_optimizer_state, optimizer_state, remove_checkpoints, remove_leftovers,
                               rng_state, save_checkpoint, set_rng_state)
 from copra.config import TrainConfig
-from copra.errors import UserError
+from copra.errors import ResourceError, UserError
 from copra.evaluation import FewShotData, accuracy, adapter_state, load_adapter_state, prepare_data
 from copra.gates import CopRA
+from copra.locks import folder_lock
 
 
 class TrainingDiverged(UserError):
@@ -122,12 +124,33 @@ def train(config: TrainConfig, data: FewShotData | None = None, output_dir: str 
     `resume=True` continues from the newest checkpoint there (its config must equal `config` up to
     `RESUME_IGNORED`), so the final adapter is bit-identical to an uninterrupted run; with no
     checkpoint it starts at step 0, and a finished run (`result.json`) is returned as it is.
+
+    The run holds `output_dir`'s lock (`copra.locks`) throughout: FolderInUse if another process has
+    it. A full disk, a permission / read-only error, a deleted folder or running out of memory is one
+    UserError line that names the path or the batch size and where the last good checkpoint is.
     """
     out = Path(output_dir) if output_dir is not None else None
     if resume and out is None:
         raise UserError("resuming needs the output folder that holds the checkpoint")
     if out is not None:
         check_writable(out)
+    with folder_lock(out) if out is not None else nullcontext():  # one owner per run folder (re-entrant)
+        try:
+            return _train(config, data, out, initial_state, resume)
+        except ResourceError as error:
+            if out is None:
+                raise
+            raise ResourceError(f"{error}; {_kept(out)}") from None
+        except (MemoryError, RuntimeError) as error:  # torch.OutOfMemoryError is a RuntimeError
+            if not isinstance(error, MemoryError) and not _out_of_memory(error):
+                raise
+            raise UserError(f"out of memory training {config.method} on {config.task} with batch_size "
+                            f"{config.batch_size} (max_length {config.max_length}): lower batch_size and raise "
+                            f"grad_accum to keep the effective batch; {_kept(out)}") from None
+
+
+def _train(config: TrainConfig, data: FewShotData | None, out: Path | None,
+           initial_state: dict[str, torch.Tensor] | None, resume: bool) -> RunResult:
     checkpoint = None
     if resume:
         point = resume_point(out, config)
@@ -259,7 +282,8 @@ def check_writable(out: Path) -> None:
     if not existing.is_dir():
         raise UserError(f"output_dir {out} cannot be created: {existing} is a file")
     if not os.access(existing, os.W_OK):
-        raise UserError(f"output_dir {out} cannot be written: no permission in {existing}")
+        why = "read-only file system" if os.statvfs(existing).f_flag & os.ST_RDONLY else "no permission"
+        raise UserError(f"output_dir {out} cannot be written: {why} in {existing}")
 
 
 def check_fresh_output(out: str | Path) -> None:
@@ -362,6 +386,18 @@ def _restore(checkpoint: Checkpoint, named, optimizer, gates: CopRA | None, resu
         raise UserError(f"{checkpoint.folder}: checkpoint does not fit this run ({type(error).__name__}: {error}); "
                         "use --force to start over") from None
     return step, seconds
+
+
+def _kept(out: Path | None) -> str:
+    newest = latest_checkpoint(out / CHECKPOINTS_DIR) if out is not None else None
+    if newest is None:
+        return "no checkpoint of this run is on disk"
+    return f"the last good checkpoint is kept in {newest} (run again with --resume)"
+
+
+def _out_of_memory(error: RuntimeError) -> bool:
+    """CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError ("can't allocate memory")."""
+    return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)
 
 
 def _diverged(what: str, config: TrainConfig, kept: Path | None) -> str:

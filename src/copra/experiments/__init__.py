@@ -1,11 +1,13 @@
 """One module per paper experiment family; each is a config dataclass plus `run(config) -> dict`.
 
 `EXPERIMENTS` maps the CLI name to a loader returning (config class, run, render), imported lazily
-so `copra --help` stays fast.
+so `copra --help` stays fast. The `run` it returns holds the lock of `config.output_dir`
+(`copra.locks`) for the whole experiment: the CLI and the suite both go through it.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import Callable
 
@@ -13,9 +15,21 @@ from typing import Callable
 def _loader(module: str, config_class: str) -> Callable[[], tuple]:
     def load() -> tuple:
         loaded = importlib.import_module(f"copra.experiments.{module}")
-        return getattr(loaded, config_class), loaded.run, loaded.render
+        return getattr(loaded, config_class), locked(loaded.run), loaded.render
 
     return load
+
+
+def locked(run: Callable) -> Callable:
+    """`run(config)` holding the lock of `config.output_dir` (FolderInUse if another process has it)."""
+    @functools.wraps(run)
+    def run_locked(config, *args, **kwargs):
+        from copra.locks import folder_lock
+
+        with folder_lock(config.output_dir):
+            return run(config, *args, **kwargs)
+
+    return run_locked
 
 
 EXPERIMENTS: dict[str, Callable[[], tuple]] = {

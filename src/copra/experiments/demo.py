@@ -18,6 +18,7 @@ from copra.adapters import write_json
 from copra.config import TrainConfig, make_config
 from copra.errors import UserError
 from copra.evaluation import accuracy, prepare_data
+from copra.experiments import locked
 from copra.experiments.common import mean_std
 from copra.experiments.runs import run_all
 from copra.training import build_run
@@ -61,6 +62,7 @@ class DemoConfig:
                     eval_examples=self.section_eval_examples, progress=self.progress)
 
 
+@locked  # the results folder has one owner (each run folder inside is locked by `train`)
 def run(config: DemoConfig) -> dict:
     """Train every (task, method, seed), run the sections, write results, return the summary dict."""
     out = Path(config.output_dir)

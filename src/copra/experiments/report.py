@@ -27,8 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from copra.errors import UserError
+from copra.errors import UserError, resource_error
 from copra.experiments.verdicts import OTHER, SECTIONS, Section, judge, overall
+from copra.locks import folder_lock
 
 NAMES = {"lora": "LoRA", "copra": "CopRA", "early_copra": "Early CopRA"}
 OUTPUTS = ("paper_report.md", "paper_report.html")
@@ -312,12 +313,14 @@ def _write_text(path: Path, text: str) -> None:
 def write_report(results_dir: str | Path, output: str | Path | None = None) -> tuple[Path, ...]:
     """Write paper_report.md and paper_report.html into `output` (default: `results_dir`); nothing on error."""
     out = Path(output) if output is not None else Path(results_dir)
-    markdown_text, page = build_report(results_dir, out)
-    paths = tuple(out / name for name in OUTPUTS)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        for path, text in zip(paths, (markdown_text, page)):
-            _write_text(path, text)
-    except OSError as error:
-        raise UserError(f"cannot write the report into {out}: {error.strerror or error}") from None
+    with folder_lock(out):  # not while a suite or another report writes there
+        markdown_text, page = build_report(results_dir, out)
+        paths = tuple(out / name for name in OUTPUTS)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            for path, text in zip(paths, (markdown_text, page)):
+                _write_text(path, text)
+        except OSError as error:
+            raise resource_error(error, out, "cannot write the report into") or \
+                UserError(f"cannot write the report into {out}: {error.strerror or error}") from None
     return paths

@@ -7,7 +7,8 @@ reuses those runs instead of training them again, and never trusts a half-writte
 A run killed mid-training continues from its last checkpoint (`copra.training`, bit-identical).
 `run_all(..., jobs=N)` trains the missing runs in N worker processes (each with cores / N torch
 threads); the results are identical to the sequential path because every run is seeded by its
-config alone.
+config alone. Each run holds its own folder's lock (`train` takes it, in the worker that trains it);
+the parent only takes it briefly to read a run's state, never while a worker trains there.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Sequence
 
 from copra.config import TrainConfig
 from copra.errors import UserError
+from copra.locks import FolderInUse, folder_lock
 from copra.training import RunResult, resume_point, train
 
 
@@ -33,7 +35,10 @@ def _state_of(config: TrainConfig, output_dir: str | Path) -> RunResult | bool:
     if not out.is_dir():
         return False
     try:
-        point = resume_point(out, config)
+        with folder_lock(out):  # resume_point clears leftovers: not while another process trains there
+            point = resume_point(out, config)
+    except FolderInUse:
+        raise
     except UserError:
         return False
     if isinstance(point, RunResult):

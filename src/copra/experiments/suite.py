@@ -29,6 +29,7 @@ from copra.config import TrainConfig, build_dataclass
 from copra.errors import UserError
 from copra.experiments import EXPERIMENTS
 from copra.experiments.runs import check_jobs
+from copra.locks import folder_lock
 
 SUITE_VERSION = 1
 TEXT_TASKS = ["bbc_news", "news_outlets", "drug_reviews", "parl_party", "health_tweets"]
@@ -183,6 +184,11 @@ def reproduce(suite: str, output_dir: str | Path, sets: dict[str, Any] | None = 
     check_jobs(jobs)  # before anything is written
     out = Path(output_dir)
     steps = resolve(suite, dict(sets or {}))
+    with folder_lock(out):  # the results folder; each step and each run folder inside has its own lock
+        return _reproduce(out, suite, steps, jobs, progress, log)
+
+
+def _reproduce(out: Path, suite: str, steps: list[tuple[Step, Any]], jobs: int, progress: bool, log) -> dict:
     manifest = _manifest(suite, steps)
     check_folder(out, manifest)
     out.mkdir(parents=True, exist_ok=True)
