@@ -40,11 +40,12 @@ class DeploySettings:
     min_available_nodes: int = 0  #: connected nodes a round waits for (0: clients)
     min_train_nodes: int = 0  #: nodes a round trains on at least (0: clients)
     node_wait_timeout: float = 300.0  #: seconds a round waits for min_available_nodes before it goes on or stops
-    round_timeout: float = 600.0  #: seconds a round waits for replies; late or dead nodes count as failed
+    round_timeout: float = 600.0  #: seconds a round waits for replies at most; late or dead nodes count as failed
+    straggler_timeout: float = 120.0  #: seconds a round still waits for the others once enough clients answered
     min_reply_fraction: float = 0.5  #: a round is kept when at least this fraction of the clients answered
 
     def __post_init__(self) -> None:
-        for name in ("node_wait_timeout", "round_timeout"):
+        for name in ("node_wait_timeout", "round_timeout", "straggler_timeout"):
             value = getattr(self, name)
             if not math.isfinite(value) or value <= 0:
                 raise UserError(f"{name.replace('_', '-')} must be a positive number of seconds, got {value!r}")

@@ -5,8 +5,9 @@ Flower's own FedAvg waits for `min_available_nodes` without a time limit (`sampl
 
   * a round waits at most `node_wait_timeout` for `min_available_nodes` connected nodes, then goes
     on with the connected ones if there are at least `min_train_nodes`, else the run stops;
-  * the server waits at most `round_timeout` for replies (Flower's `strategy.start(timeout=)`); a node
-    that sent nothing by then, or replied with an error, is recorded as failed with the reason;
+  * the server pulls replies until all came, or `round_timeout` passed, or `straggler_timeout` passed
+    since enough clients answered (a dead node then costs seconds, not Flower's 35-60 s heartbeat
+    patience); a node that sent nothing by then, or replied with an error, is recorded as failed;
   * a round is merged (copra's `fusion`, weights n_i / N over the clients that answered) when at
     least ceil(min_reply_fraction * clients) clients answered, else the run stops (`RoundFailed`).
 """
@@ -38,6 +39,8 @@ class DeploymentFusion(fusion_strategy_class()):
         super().__init__(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=self.min_train,
                          min_available_nodes=settings.wanted_nodes)
         self.sent: dict[int, list[int]] = {}  # round -> node ids asked
+        self.asked: dict[int, dict[str, int]] = {}  # round -> {message id: node id}
+        self.closed: dict[int, str] = {}  # round -> why the reply wait ended
         self.partition_of: dict[int, int] = {}  # node id -> partition id, learnt from replies
         self.round_started: dict[int, float] = {}
         self.stopped: dict | None = None  # the round record that stopped the run
@@ -61,6 +64,38 @@ class DeploymentFusion(fusion_strategy_class()):
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         return [Message(content=record, message_type=MessageType.TRAIN, dst_node_id=node) for node in nodes]
 
+    def start(self, grid: Grid, *args, **kwargs):
+        """Flower's round loop, with this strategy's reply wait (`gather`) instead of the grid's."""
+        return super().start(_RoundGrid(grid, self), *args, **kwargs)
+
+    def gather(self, grid: Grid, messages: list[Message]) -> list[Message]:
+        """Push the round's messages; pull replies until all came, round-timeout passed, or straggler-timeout
+        passed since enough clients answered."""
+        if not messages:
+            return []
+        server_round = max(self.sent)
+        ids = list(grid.push_messages(messages))
+        self.asked[server_round] = dict(zip(ids, (m.metadata.dst_node_id for m in messages)))
+        waiting, replies, quorum_at = set(ids), [], None
+        start = time.monotonic()
+        self.closed[server_round] = "all nodes replied"
+        while waiting:
+            got = list(grid.pull_messages(waiting))
+            replies += got
+            waiting -= {m.metadata.reply_to_message_id for m in got}
+            now = time.monotonic()
+            if quorum_at is None and sum(not m.has_error() for m in replies) >= self.settings.needed_replies:
+                quorum_at = now
+            if waiting and now - start >= self.settings.round_timeout:
+                self.closed[server_round] = f"round-timeout {self.settings.round_timeout:g} s"
+                break
+            if waiting and quorum_at is not None and now - quorum_at >= self.settings.straggler_timeout:
+                self.closed[server_round] = f"straggler-timeout {self.settings.straggler_timeout:g} s"
+                break
+            if waiting:
+                time.sleep(0.5)
+        return replies
+
     def aggregate_train(self, server_round: int, replies) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         answered, failed = self.sort_replies(server_round, replies)
@@ -79,8 +114,11 @@ class DeploymentFusion(fusion_strategy_class()):
     def sort_replies(self, server_round: int, replies: list[Message]) -> tuple[list[dict], list[dict]]:
         """Who answered (partition, examples, accuracy) and who failed (error reason or no reply)."""
         answered, failed, seen = [], [], set()
+        # the SuperLink's own error replies (e.g. a node's heartbeat stopped) come from node 0: find the
+        # node from the message they answer
+        to_node = self.asked.get(server_round, {})
         for msg in replies:
-            node = int(msg.metadata.src_node_id)
+            node = int(to_node.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id))
             seen.add(node)
             if msg.has_error():
                 failed.append(self._failure(node, f"error reply: {msg.error.reason}"))
@@ -94,7 +132,7 @@ class DeploymentFusion(fusion_strategy_class()):
                              "num_examples": int(metrics[self.weighted_by_key]), "accuracy": float(metrics["accuracy"])})
         for node in self.sent[server_round]:
             if node not in seen:
-                failed.append(self._failure(node, f"no reply within round-timeout {self.settings.round_timeout:g} s"))
+                failed.append(self._failure(node, f"no reply when the round closed ({self.closed.get(server_round)})"))
         for node in sorted(set(self.partition_of) - set(self.sent[server_round]) - seen):
             failed.append(self._failure(node, "answered before, not connected when the round started"))
         answered.sort(key=lambda a: a["partition_id"])
@@ -102,3 +140,16 @@ class DeploymentFusion(fusion_strategy_class()):
 
     def _failure(self, node: int, reason: str) -> dict:
         return {"node_id": node, "partition_id": self.partition_of.get(node), "reason": reason}
+
+
+class _RoundGrid:
+    """Flower's grid as `Strategy.start` sees it, with the strategy's bounded reply wait."""
+
+    def __init__(self, grid: Grid, strategy: DeploymentFusion) -> None:
+        self._grid, self._strategy = grid, strategy
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages, *, timeout: float | None = None) -> list[Message]:
+        return self._strategy.gather(self._grid, list(messages))
