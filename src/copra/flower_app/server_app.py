@@ -93,8 +93,9 @@ def main(grid: Grid, context: Context) -> None:
             record.add_round(strategy.history[-1], evaluator, accuracy)
             return MetricRecord({"accuracy": accuracy})
 
+        # the reply wait is DeploymentFusion.gather's (round-timeout, straggler-timeout), not start's `timeout`
         strategy.start(grid=grid, initial_arrays=to_record(start) if start else ArrayRecord(),
-                       num_rounds=settings.rounds, timeout=settings.round_timeout, evaluate_fn=evaluate)
+                       num_rounds=settings.rounds, evaluate_fn=evaluate)
     except BaseException as error:
         record.data["failed_round"] = strategy.stopped  # the round that stopped the run, if one did
         record.finish(error)
