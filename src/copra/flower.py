@@ -17,9 +17,10 @@ SuperNodes unchanged:
 
 Client seeds, data and split are those of the in-process simulation, so both give the same
 adapters. Flower is imported lazily: `import copra` never needs flwr. Unless the caller set
-FLWR_TELEMETRY_ENABLED, Flower's telemetry is switched off before flwr is first imported.
-`flwr.simulation.run_simulation` is deprecated in favour of `flwr run`; the apps built here can be
-exported from a Flower project for that.
+FLWR_TELEMETRY_ENABLED / FLWR_DISABLE_UPDATE_CHECK, Flower's telemetry and update check are switched
+off before flwr is first imported.
+`flwr.simulation.run_simulation` is deprecated in favour of `flwr run`; `copra.flower_app` is the
+same protocol as a Flower app for the deployment engine (SuperLink + SuperNodes).
 """
 
 from __future__ import annotations
@@ -39,8 +40,12 @@ from copra.training import build_run, train
 NUM_EXAMPLES = "num-examples"  # Flower's default weighting key
 
 
+FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}  # no phoning home
+
+
 def _require_flwr() -> None:
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    for key, value in FLOWER_ENV.items():
+        os.environ.setdefault(key, value)
     try:
         import flwr  # noqa: F401
     except ImportError:
@@ -62,7 +67,7 @@ def from_record(record) -> Adapter:
 def client_app(config: FederatedConfig, method: str, seed: int, partitions: list[FewShotData]):
     """A Flower ClientApp: node with partition-id i trains client i of (method, seed) on partitions[i]."""
     _require_flwr()
-    from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+    from flwr.app import Context, Message
     from flwr.clientapp import ClientApp
 
     app = ClientApp()
@@ -70,16 +75,26 @@ def client_app(config: FederatedConfig, method: str, seed: int, partitions: list
     @app.train()
     def train_handler(msg: Message, context: Context) -> Message:
         client = int(context.node_config["partition-id"])
-        round_index = int(msg.content["config"]["server-round"]) - 1
-        arrays = msg.content["arrays"]
-        start = from_record(arrays) if len(arrays) else None
-        result = train(config.client_config(method, seed, round_index, client), data=partitions[client],
-                       initial_state=start)
-        metrics = MetricRecord({NUM_EXAMPLES: len(partitions[client].train_x), "accuracy": result.accuracy})
-        return Message(RecordDict({"arrays": to_record(result.state), "metrics": metrics,
-                                   "client": ConfigRecord({"partition-id": client})}), reply_to=msg)
+        return train_reply(msg, config, method, seed, client, partitions[client])
 
     return app
+
+
+def train_reply(msg, config: FederatedConfig, method: str, seed: int, client: int, part: FewShotData):
+    """Train client `client` of (method, seed) on `part` for the message's round; the reply Message.
+
+    The round comes from the message (`server-round`), the start from its arrays (empty: the
+    client's own seeded init), so a fresh process per round (deployment engine) trains the same.
+    """
+    from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
+    round_index = int(msg.content["config"]["server-round"]) - 1
+    arrays = msg.content["arrays"]
+    start = from_record(arrays) if len(arrays) else None
+    result = train(config.client_config(method, seed, round_index, client), data=part, initial_state=start)
+    metrics = MetricRecord({NUM_EXAMPLES: len(part.train_x), "accuracy": result.accuracy})
+    return Message(RecordDict({"arrays": to_record(result.state), "metrics": metrics,
+                               "client": ConfigRecord({"partition-id": client})}), reply_to=msg)
 
 
 _STRATEGY: type | None = None
