@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from copra.stats import HELD, NO_DIFFERENCE, REVERSED, compare, disjoint_pairs, incomplete_beta, t_cdf, t_quantile
+from copra.stats import (HELD, NO_DIFFERENCE, REVERSED, compare, disjoint_pairs, incomplete_beta, plateau, t_cdf,
+                         t_quantile)
 
 # Student's t, two-sided 95% / 90% / 99% critical values (any statistics textbook's table, 3 decimals)
 TABLE = {(0.975, 1): 12.706, (0.975, 2): 4.303, (0.975, 3): 3.182, (0.975, 4): 2.776, (0.975, 5): 2.571,
@@ -89,3 +90,17 @@ def test_wider_confidence_gives_a_wider_interval():
 def test_disjoint_pairs():
     assert disjoint_pairs([(0, 1), (0, 2), (1, 2), (2, 3)]) == [0, 3]
     assert disjoint_pairs([(0, 1), (1, 2), (2, 3), (3, 4)]) == [0, 2]
+
+
+def test_plateau_on_constructed_losses():
+    flat = [1.0 + 0.01 * (-1) ** i for i in range(40)]  # noise around a level: plateaued
+    assert plateau(flat).converged is True and plateau(flat).window == 5
+    falling = [2.0 * 0.97 ** i for i in range(40)]  # still falling 3% a step: windowed means 14% apart
+    p = plateau(falling)
+    assert p.converged is False and p.improvement == pytest.approx(1 - 0.97 ** 5, abs=1e-12)
+    assert plateau([0.04, 0.03] * 10 + [0.02] * 10).converged is True  # fitted: converged whatever its relative change
+    assert plateau([1.0] * 9).converged is None  # shorter than two windows: not judged
+    # the pilot of issue 12: CopRA's 25-step windows went 1.975 -> 1.908 (3.4%): still learning
+    assert plateau([1.975] * 25 + [1.908] * 25, window=25).converged is False
+    assert plateau([1.0] * 25 + [0.99] * 25, window=25).converged is True
+    assert plateau([1.86] * 25 + [0.61] * 25, window=25).converged is False

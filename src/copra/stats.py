@@ -140,3 +140,44 @@ def disjoint_pairs(pairs: Sequence[tuple[int, int]]) -> list[int]:
             kept.append(index)
             used.update((a, b))
     return kept
+
+
+# ----------------------------------------------------------------------------- convergence of a training loss
+PLATEAU_THRESHOLD = 0.02  # relative improvement of the windowed mean loss below which a run has plateaued
+PLATEAU_FLOOR = 0.05  # a windowed mean cross-entropy at or below this (the training set fitted) counts as converged
+MIN_WINDOW = 5  # steps
+
+
+@dataclass(frozen=True)
+class Plateau:
+    """Did a training loss plateau? `converged` is None when the run is too short to tell."""
+
+    converged: bool | None
+    improvement: float | None  #: (mean of the window before the last - mean of the last) / the former
+    window: int  #: steps per window
+    last_mean: float | None  #: mean loss over the last window
+    threshold: float = PLATEAU_THRESHOLD
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def plateau(losses: Sequence[float], window: int | None = None, threshold: float = PLATEAU_THRESHOLD,
+            floor: float = PLATEAU_FLOOR) -> Plateau:
+    """The plateau test: the mean loss of the last `window` steps improved on the window before it by
+    less than `threshold` (relative), or is at most `floor`.
+
+    Window: a tenth of the run (at least `MIN_WINDOW` steps), so batch-to-batch noise of few-shot
+    losses averages out. A run shorter than two windows is not judged (None). Caveat: a cosine
+    schedule flattens any loss curve near its end (the lr goes to its floor), so a plateau under
+    cosine says "no more progress at this length", not "no more progress possible"; comparing
+    lengths (the converged suite) or a constant lr after the ramp tells the two apart.
+    """
+    losses = [float(v) for v in losses]
+    window = window or max(MIN_WINDOW, math.ceil(len(losses) / 10))
+    if len(losses) < 2 * window or not all(math.isfinite(v) for v in losses):
+        return Plateau(None, None, window, None, threshold)
+    before = math.fsum(losses[-2 * window:-window]) / window
+    last = math.fsum(losses[-window:]) / window
+    improvement = (before - last) / before if before > 0 else 0.0
+    return Plateau(improvement < threshold or last <= floor, improvement, window, last, threshold)

@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Callable
 
 from copra.errors import UserError
-from copra.experiments.verdicts import OTHER, SECTIONS, Section, judge, overall
+from copra.experiments import convergence
+from copra.experiments.verdicts import OTHER, RULES, SECTIONS, Section, judge, overall
 
 NAMES = {"lora": "LoRA", "copra": "CopRA", "early_copra": "Early CopRA"}
 OUTPUTS = ("paper_report.md", "paper_report.html")
@@ -243,11 +244,15 @@ def document(entries: list[Entry], root: Path, out: Path, embed: dict[str, str] 
                   f"**Paper's direction:** {entry.section.claim}. Here: {_badge(overall(checks), as_html)}.", "",
                   *[f"- {claim}: {_badge(status, as_html)}; {numbers}" for claim, status, numbers in checks], "",
                   _images(body(entry), entry.path.parent, out, embed), ""]
+    runs = convergence.section(convergence.scan(root))
+    if runs:
+        toc.insert(2, "| Runs | [Did every training run converge?](#convergence) | see the section |")
+        parts = ['<a id="convergence"></a>', "", "## Runs: did every training run converge?", "", runs, ""] + parts
     found = f"{len(entries)} experiment {'summary' if len(entries) == 1 else 'summaries'} under `{root}`."
     head = ["# CopRA vs LoRA: the paper's experiments, run here", "",
             f"{found} Each section shows the experiment's own tables and figure, its seeds, key config and wall "
-            "time, and whether the paper's direction (CopRA vs LoRA) held here. *held* compares means over seeds "
-            "(no significance test); *within one std* marks a gap smaller than the seeds' spread.", "",
+            "time, and whether the paper's direction (CopRA vs LoRA) held here.", "",
+            f"**Rules.** {RULES}", "",
             "## Contents", "", *toc, ""]
     return "\n".join(head + parts)
 
@@ -265,8 +270,9 @@ thead th { background: #f2f2f2; } tbody tr:nth-child(even) { background: #fafafa
 img { display: block; max-width: 100%; max-height: 560px; height: auto; margin: 1em auto; }
 .meta { color: #555; font-size: 13px; margin: .3em 0; }
 .v { padding: 0 .45em; border-radius: 3px; font-weight: 600; white-space: nowrap; }
-.held { background: #d8f0d8; color: #14532d; } .did-not-hold { background: #f9d7d7; color: #7f1d1d; }
-.partly-held { background: #fcebc4; color: #6b4500; } .not-measured { background: #e6e6e6; color: #444; }
+.held { background: #d8f0d8; color: #14532d; } .reversed { background: #f9d7d7; color: #7f1d1d; }
+.partly-held, .partly-reversed, .mixed { background: #fcebc4; color: #6b4500; }
+.no-difference-shown, .not-measured { background: #e6e6e6; color: #444; }
 code { background: #f2f2f2; padding: 0 .2em; border-radius: 3px; }
 """
 
