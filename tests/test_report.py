@@ -198,7 +198,8 @@ def test_curve_sweep_compares_best_settings_step_by_step():
     def row(variant, step_pairs):  # merged accuracies per step over the 3 pairs of 3 seeds
         means = [sum(p) / 3 for p in step_pairs]
         return {"variant": variant, "label": "default", "merged_mean": means[-1],
-                "curve": {"steps": [10, 20], "merged_mean": means, "single_mean": means, "merged": step_pairs}}
+                "curve": {"steps": [10, 20], "merged_mean": means, "single_mean": means, "merged": step_pairs,
+                          "single": [[m] * 3 for m in means]}}
 
     rows = [row("LoRA lr 1e-3", [[0.5] * 3, [0.6] * 3]), row("LoRA lr 5e-3", [[0.7] * 3, [0.8] * 3]),
             row("CopRA lr 5e-3", [[0.75] * 3, [0.79] * 3])]
@@ -220,6 +221,48 @@ def test_runs_that_did_not_converge_are_listed(tmp_path, png):
     assert "| copra | 1 | 0 | 1 | 0 |" in runs and "| lora | 1 | 1 | 0 | 0 |" in runs
     assert "Runs that did not converge (1):" in runs and "| runs/copra/seed0 | copra | bbc_news | 0 | 300 | 0.210 |" in runs
     assert "Runs that were not tested (1):" in runs  # the old result.json without the test
+    fl = summaries()["federated"]  # federated clients keep their test in federated.json
+    fl["runs"]["copra"][0]["rounds"][0].update(round=1, client_converged=[True, False], client_final_loss=[0.2, 0.9])
+    (root / "federated" / "federated.json").write_text(json.dumps(fl))
+    markdown, _ = report.build_report(root)
+    assert "| federated/federated.json: seed 0 round 1 client 1 | copra | bbc_news | 0 | 30 | – | 0.900 |" in markdown
+
+
+def crossover_sweep() -> dict:
+    """A curve sweep over 4 seeds (pairs in combinations order; (0,1) and (2,3) are disjoint): CopRA behind at
+    step 50, level at 100, clearly ahead at 300."""
+    def row(variant, gains):
+        merged = [[0.7 + g + 0.001 * k for k in range(6)] for g in gains]  # per step, per pair
+        single = [[0.8 + g / 2 + 0.002 * k for k in range(4)] for g in gains]
+        return {"variant": variant, "label": "default", "values": {}, "merged_mean": sum(merged[-1]) / 6,
+                "curve": {"steps": [50, 100, 300], "merged": merged, "single": single,
+                          "merged_mean": [sum(m) / 6 for m in merged], "single_mean": [sum(x) / 4 for x in single],
+                          "merged_std": [0.0] * 3}}
+
+    copra = row("CopRA", [-0.05, 0.0, 0.04])
+    copra["curve"]["merged"][1] = [0.71, 0.7, 0.7, 0.7, 0.7, 0.69]  # step 100: +1 and -1 on the disjoint pairs
+    return {"experiment": "sweep", "name": "crossover", "task": "bbc_news", "axes": [], "wall_seconds": 5.0,
+            "config": {"seeds": [0, 1, 2, 3], "alpha": 0.5, "shots": 16, "steps": 300, "lr": 1e-3, "eval_examples": 9,
+                       "curve_every": 50},
+            "points": [row("LoRA", [0.0, 0.0, 0.0]), copra]}
+
+
+def test_crossover_figure_comes_first(tmp_path, png):
+    root = make_results(tmp_path / "results", png)
+    (root / "crossover").mkdir()
+    (root / "crossover" / "crossover.json").write_text(json.dumps(crossover_sweep()))
+    md_path, html_path = report.write_report(root)
+    markdown = md_path.read_text()
+    assert headings(markdown)[:3] == ["Contents", "Crossover", "Runs"]
+    section = markdown.split("## Crossover")[1].split("\n## ")[0]
+    assert "| 50 | -5.0 [-5.0, -5.0], reversed |" in section and "| 100 | -0.3 [-16.1, +15.6], no difference shown |" \
+        in section and "| 300 | +4.0 [+4.0, +4.0], held |" in section
+    assert "shown higher than LoRA's from step 300 on (1 of 3 steps)" in section
+    assert "![crossover](paper_report_crossover.png)" in section
+    assert (root / "paper_report_crossover.png").read_bytes()[:4] == b"\x89PNG"
+    assert html_path.read_text().count("data:image/png;base64,") == 7  # 5 figures + novel + the crossover
+    (claim, status, detail), = verdicts.judge("sweep", crossover_sweep())
+    assert status == verdicts.MIXED and "step 300: CopRA − LoRA +4.0" in detail
 
 
 def test_html_is_self_contained(tmp_path, png):

@@ -36,6 +36,26 @@ def scan(root: str | Path) -> list[dict]:
                      "task": config.get("task"), "seed": config.get("seed"), "steps": config.get("steps"),
                      "converged": data.get("converged"), "improvement": statistic.get("improvement"),
                      "final_loss": data.get("final_loss")})
+    return rows + _federated_clients(root)
+
+
+def _federated_clients(root: Path) -> list[dict]:
+    """Federated clients train in memory (no result.json): their plateau tests live in federated.json."""
+    rows = []
+    for path in sorted(root.rglob("federated.json")):
+        try:
+            summary = json.loads(path.read_text(encoding="utf-8"))
+            for method, runs in summary["runs"].items():
+                for run in runs:
+                    for r in run["rounds"]:
+                        for i, converged in enumerate(r.get("client_converged") or []):
+                            rows.append({"run": f"{path.relative_to(root).as_posix()}: seed {run['seed']} round "
+                                                f"{r['round']} client {i}", "method": method,
+                                         "task": summary.get("task"), "seed": run["seed"],
+                                         "steps": summary["config"]["steps"], "converged": converged,
+                                         "improvement": None, "final_loss": r["client_final_loss"][i]})
+        except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+            continue  # an older or partial summary: its clients were not tested
     return rows
 
 

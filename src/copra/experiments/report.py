@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 from copra.errors import UserError
-from copra.experiments import convergence
+from copra.experiments import convergence, crossover
 from copra.experiments.verdicts import OTHER, RULES, SECTIONS, Section, judge, overall
 
 NAMES = {"lora": "LoRA", "copra": "CopRA", "early_copra": "Early CopRA"}
@@ -220,7 +220,34 @@ def _badge(status: str, as_html: bool) -> str:
     return f'<span class="v {status.replace(" ", "-")}">{status}</span>' if as_html else f"**{status}**"
 
 
-def document(entries: list[Entry], root: Path, out: Path, embed: dict[str, str] | None = None) -> str:
+def crossover_figures(entries: list[Entry]) -> dict[str, tuple[Entry, dict, bytes]]:
+    """{file name: (sweep entry, CopRA − LoRA per step, PNG)} for every sweep with per-seed curves."""
+    found = [(e, data) for e in entries if e.name == "sweep" and (data := crossover.curves(e.summary))]
+    return {f"paper_report_crossover{'' if n == 0 else f'-{n}'}.png": (e, data, crossover.png(data))
+            for n, (e, data) in enumerate(found)}
+
+
+def crossover_sections(figures: dict[str, tuple[Entry, dict, bytes]], root: Path,
+                       embed: dict[str, str] | None) -> list[str]:
+    """The crossover figure(s), first in the report: from what training length does CopRA pay?"""
+    parts = []
+    for name, (entry, data, image) in figures.items():
+        ref = name
+        if embed is not None:
+            ref = f"copra-image-{len(embed)}"
+            embed[ref] = "data:image/png;base64," + base64.b64encode(image).decode("ascii")
+        parts += [f"*{entry.summary.get('name', 'sweep')} on {entry.summary.get('task')}, from "
+                  f"{entry.path.relative_to(root).as_posix()}. {crossover.summary_line(data)}*", "",
+                  f"![crossover]({ref})", "", crossover.table(data), ""]
+    if not parts:
+        return []
+    return ['<a id="crossover"></a>', "", "## Crossover: from what training length does CopRA pay?", "",
+            "CopRA minus LoRA (accuracy points) at each snapshot step of the same runs, with 95% paired "
+            "t-intervals: merged = fused disjoint seed pairs, single = each seed's adapter.", "", *parts]
+
+
+def document(entries: list[Entry], root: Path, out: Path, embed: dict[str, str] | None = None,
+             figures: dict[str, tuple[Entry, dict, bytes]] | None = None) -> str:
     """The report as Markdown; with `embed` (a dict to fill), the variant the HTML page is built from."""
     as_html = embed is not None
     toc = ["| paper | section | paper's direction here |", "|---|---|---|"]
@@ -248,6 +275,10 @@ def document(entries: list[Entry], root: Path, out: Path, embed: dict[str, str] 
     if runs:
         toc.insert(2, "| Runs | [Did every training run converge?](#convergence) | see the section |")
         parts = ['<a id="convergence"></a>', "", "## Runs: did every training run converge?", "", runs, ""] + parts
+    first = crossover_sections(figures or {}, root, embed)
+    if first:
+        toc.insert(2, "| Crossover | [From what training length does CopRA pay?](#crossover) | see the figure |")
+        parts = first + parts
     found = f"{len(entries)} experiment {'summary' if len(entries) == 1 else 'summaries'} under `{root}`."
     head = ["# CopRA vs LoRA: the paper's experiments, run here", "",
             f"{found} Each section shows the experiment's own tables and figure, its seeds, key config and wall "
@@ -294,19 +325,24 @@ def build_report(results_dir: str | Path, output_dir: str | Path | None = None) 
     root = Path(results_dir)
     entries = find_summaries(root)
     out = Path(output_dir) if output_dir is not None else root
+    return _build(root, out, entries)[:2]
+
+
+def _build(root: Path, out: Path, entries: list[Entry]) -> tuple[str, str, dict[str, bytes]]:
+    figures = crossover_figures(entries)
     images: dict[str, str] = {}
-    page = to_html(document(entries, root, out, images), images, f"CopRA vs LoRA: {root}")
-    return document(entries, root, out), page
+    page = to_html(document(entries, root, out, images, figures), images, f"CopRA vs LoRA: {root}")
+    return document(entries, root, out, None, figures), page, {name: f[2] for name, f in figures.items()}
 
 
-def _write_text(path: Path, text: str) -> None:
+def _write_text(path: Path, text: str | bytes) -> None:
     """Atomically, as `copra.adapters.write_json`: a temporary file beside `path`, fsync, rename."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        with os.fdopen(fd, "wb") as handle:
             if hasattr(os, "fchmod"):
                 os.fchmod(handle.fileno(), 0o644)  # a report is for reading (mkstemp makes it 0600)
-            handle.write(text)
+            handle.write(text.encode("utf-8") if isinstance(text, str) else text)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -316,12 +352,14 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def write_report(results_dir: str | Path, output: str | Path | None = None) -> tuple[Path, ...]:
-    """Write paper_report.md and paper_report.html into `output` (default: `results_dir`); nothing on error."""
+    """Write paper_report.md and paper_report.html (and the crossover PNG) into `output` (default: `results_dir`)."""
     out = Path(output) if output is not None else Path(results_dir)
-    markdown_text, page = build_report(results_dir, out)
+    markdown_text, page, figures = _build(Path(results_dir), out, find_summaries(results_dir))
     paths = tuple(out / name for name in OUTPUTS)
     try:
         out.mkdir(parents=True, exist_ok=True)
+        for name, image in figures.items():  # before the Markdown that links them
+            _write_text(out / name, image)
         for path, text in zip(paths, (markdown_text, page)):
             _write_text(path, text)
     except OSError as error:

@@ -157,32 +157,22 @@ def _pair_scores(merged: Sequence[float], seeds: int) -> list[float]:
     return [merged[k] for k in disjoint_pairs(pairs)] if len(merged) == len(pairs) else []
 
 
-def _curves(s: dict, rows: list[dict]) -> list[Check]:
-    """Fig. 6c: the best CopRA setting against the best LoRA setting, step by step."""
+def _curves(s: dict) -> list[Check]:
+    """Fig. 6c: the best CopRA setting against the best LoRA setting, step by step (`crossover.curves`)."""
+    from copra.experiments.crossover import curves
+
     claim = "the best CopRA setting's merged accuracy is above the best LoRA setting's over training steps"
-    best = {}
-    for prefix in ("CopRA", "LoRA"):
-        mine = [r for r in rows if str(r.get("variant", "")).startswith(prefix) and "curve" in r]
-        if mine:
-            best[prefix] = max(mine, key=lambda r: r["merged_mean"])
-    if len(best) < 2:
-        return [(claim, UNMEASURED, "needs CopRA and LoRA variants with curves")]
-    c, l = best["CopRA"]["curve"], best["LoRA"]["curve"]
-    seeds = len(_dig(s, "config", "seeds") or [])
-    steps = [k for k in c["steps"] if k in l["steps"]]
-    if not c.get("merged") or not l.get("merged"):
-        return [(claim, UNMEASURED, "the curves lack per-pair merged accuracies (rerun with this version)")]
-    found = [compare(_pair_scores(c["merged"][c["steps"].index(k)], seeds),
-                     _pair_scores(l["merged"][l["steps"].index(k)], seeds), CONFIDENCE) for k in steps]
-    numbers = "; ".join(f"step {k}: {describe(x)}" for k, x in zip(steps, found))
-    return [(claim, combine([x.verdict for x in found]),
-             f"{best['CopRA']['variant']} vs {best['LoRA']['variant']}: {numbers}")]
+    data = curves(s)
+    if data is None:
+        return [(claim, UNMEASURED, "needs CopRA and LoRA variants with per-pair curves (rerun with this version)")]
+    numbers = "; ".join(f"step {k}: {describe(x)}" for k, x in zip(data["steps"], data["merged"]))
+    return [(claim, combine([x.verdict for x in data["merged"]]), f"{data['names'][0]} vs {data['names'][1]}: {numbers}")]
 
 
 def _sweep(s: dict) -> list[Check]:
     rows = [r for r in s.get("points") or [] if isinstance(r, dict)]
     if any("curve" in r for r in rows):
-        return _curves(s, rows)
+        return _curves(s)
     names = {r.get("variant") for r in rows}
     copra = "CopRA" if "CopRA" in names else "CopRA linear"
     by = {v: {r["label"]: r for r in rows if r.get("variant") == v} for v in (copra, "LoRA")}
