@@ -62,10 +62,14 @@ def table(data: dict) -> str:
 
 def summary_line(data: dict) -> str:
     """Plain words: from which step CopRA's merged accuracy is shown to be higher, or where it comes closest."""
-    held = [s for s, m in zip(data["steps"], data["merged"]) if m.verdict == "held"]
-    if held:
+    steps = data["steps"]
+    held = [s for s, m in zip(steps, data["merged"]) if m.verdict == "held"]
+    if held and held == steps[steps.index(held[0]):]:
         return f"CopRA's merged accuracy is shown higher than LoRA's from step {held[0]} on ({len(held)} of " \
-               f"{len(data['steps'])} steps)."
+               f"{len(steps)} steps)."
+    if held:
+        return f"CopRA's merged accuracy is shown higher than LoRA's at steps {', '.join(map(str, held))} only " \
+               f"({len(held)} of {len(steps)} steps)."
     closest = max(zip(data["steps"], data["merged"]), key=lambda x: x[1].difference)
     return (f"CopRA's merged accuracy is not shown higher than LoRA's at any length here; it comes closest at step "
             f"{closest[0]} ({100 * closest[1].difference:+.1f} points).")

@@ -30,7 +30,8 @@ RULES = (f"Every claim pairs CopRA and LoRA by seed (same few-shot sample, initi
          f"*{HELD}*: the interval lies on the paper's side of 0; *{REVERSED}*: it lies on the other side; "
          f"*{NO_DIFFERENCE}*: it contains 0, or there is one seed and so no interval. A claim over several "
          f"settings is *{PARTLY}* / *{PARTLY_REVERSED}* when only some settings decide, *{MIXED}* when they "
-         f"disagree. *{UNMEASURED}*: the summary lacks per-seed scores. Accuracies in points (%).")
+         f"disagree; per-layer Shapley values are *{HELD}* when a majority of layers is. *{UNMEASURED}*: the summary "
+         "lacks per-seed scores. Accuracies in points (%).")
 
 
 def _dig(data, *path):
