@@ -11,8 +11,10 @@ that length), not a run that was t steps long.
 
 from __future__ import annotations
 
+import base64
 import io
 import itertools
+from pathlib import Path
 
 from copra.stats import Comparison, compare, disjoint_pairs
 
@@ -95,3 +97,27 @@ def png(data: dict) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)
     return buffer.getvalue()
+
+
+def figures(sweeps: list[tuple[Path, dict]]) -> dict[str, tuple[Path, dict, dict, bytes]]:
+    """{report file name: (summary path, summary, CopRA − LoRA per step, PNG)} for sweeps with per-seed curves."""
+    found = [(path, summary, data) for path, summary in sweeps if (data := curves(summary))]
+    return {f"paper_report_crossover{'' if n == 0 else f'-{n}'}.png": (path, summary, data, png(data))
+            for n, (path, summary, data) in enumerate(found)}
+
+
+def sections(found: dict[str, tuple[Path, dict, dict, bytes]], root: Path, embed: dict[str, str] | None) -> list[str]:
+    """The report's first section: the figure(s) and tables; with `embed` (HTML) the PNGs go in as data URIs."""
+    parts = []
+    for name, (path, summary, data, image) in found.items():
+        ref = name
+        if embed is not None:
+            ref = f"copra-image-{len(embed)}"
+            embed[ref] = "data:image/png;base64," + base64.b64encode(image).decode("ascii")
+        parts += [f"*{summary.get('name', 'sweep')} on {summary.get('task')}, from {path.relative_to(root).as_posix()}. "
+                  f"{summary_line(data)}*", "", f"![crossover]({ref})", "", table(data), ""]
+    if not parts:
+        return []
+    return ['<a id="crossover"></a>', "", "## Crossover: from what training length does CopRA pay?", "",
+            "CopRA minus LoRA (accuracy points) at each snapshot step of the same runs, with 95% paired "
+            "t-intervals: merged = fused disjoint seed pairs, single = each seed's adapter.", "", *parts]

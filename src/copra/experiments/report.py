@@ -220,34 +220,8 @@ def _badge(status: str, as_html: bool) -> str:
     return f'<span class="v {status.replace(" ", "-")}">{status}</span>' if as_html else f"**{status}**"
 
 
-def crossover_figures(entries: list[Entry]) -> dict[str, tuple[Entry, dict, bytes]]:
-    """{file name: (sweep entry, CopRA − LoRA per step, PNG)} for every sweep with per-seed curves."""
-    found = [(e, data) for e in entries if e.name == "sweep" and (data := crossover.curves(e.summary))]
-    return {f"paper_report_crossover{'' if n == 0 else f'-{n}'}.png": (e, data, crossover.png(data))
-            for n, (e, data) in enumerate(found)}
-
-
-def crossover_sections(figures: dict[str, tuple[Entry, dict, bytes]], root: Path,
-                       embed: dict[str, str] | None) -> list[str]:
-    """The crossover figure(s), first in the report: from what training length does CopRA pay?"""
-    parts = []
-    for name, (entry, data, image) in figures.items():
-        ref = name
-        if embed is not None:
-            ref = f"copra-image-{len(embed)}"
-            embed[ref] = "data:image/png;base64," + base64.b64encode(image).decode("ascii")
-        parts += [f"*{entry.summary.get('name', 'sweep')} on {entry.summary.get('task')}, from "
-                  f"{entry.path.relative_to(root).as_posix()}. {crossover.summary_line(data)}*", "",
-                  f"![crossover]({ref})", "", crossover.table(data), ""]
-    if not parts:
-        return []
-    return ['<a id="crossover"></a>', "", "## Crossover: from what training length does CopRA pay?", "",
-            "CopRA minus LoRA (accuracy points) at each snapshot step of the same runs, with 95% paired "
-            "t-intervals: merged = fused disjoint seed pairs, single = each seed's adapter.", "", *parts]
-
-
 def document(entries: list[Entry], root: Path, out: Path, embed: dict[str, str] | None = None,
-             figures: dict[str, tuple[Entry, dict, bytes]] | None = None) -> str:
+             figures: dict[str, tuple[Path, dict, dict, bytes]] | None = None) -> str:
     """The report as Markdown; with `embed` (a dict to fill), the variant the HTML page is built from."""
     as_html = embed is not None
     toc = ["| paper | section | paper's direction here |", "|---|---|---|"]
@@ -275,7 +249,7 @@ def document(entries: list[Entry], root: Path, out: Path, embed: dict[str, str] 
     if runs:
         toc.insert(2, "| Runs | [Did every training run converge?](#convergence) | see the section |")
         parts = ['<a id="convergence"></a>', "", "## Runs: did every training run converge?", "", runs, ""] + parts
-    first = crossover_sections(figures or {}, root, embed)
+    first = crossover.sections(figures or {}, root, embed)
     if first:
         toc.insert(2, "| Crossover | [From what training length does CopRA pay?](#crossover) | see the figure |")
         parts = first + parts
@@ -329,10 +303,10 @@ def build_report(results_dir: str | Path, output_dir: str | Path | None = None) 
 
 
 def _build(root: Path, out: Path, entries: list[Entry]) -> tuple[str, str, dict[str, bytes]]:
-    figures = crossover_figures(entries)
+    figures = crossover.figures([(e.path, e.summary) for e in entries if e.name == "sweep"])
     images: dict[str, str] = {}
     page = to_html(document(entries, root, out, images, figures), images, f"CopRA vs LoRA: {root}")
-    return document(entries, root, out, None, figures), page, {name: f[2] for name, f in figures.items()}
+    return document(entries, root, out, None, figures), page, {name: f[3] for name, f in figures.items()}
 
 
 def _write_text(path: Path, text: str | bytes) -> None:

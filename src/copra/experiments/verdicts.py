@@ -125,9 +125,11 @@ def _landscape(s: dict) -> list[Check]:
     alphas = s.get("alphas") or []
     half = next((i for i, a in enumerate(alphas) if abs(a - 0.5) < 1e-9), None)
     curves = lambda name: _dig(s, "curves", name, "accuracy") or []  # noqa: E731 [pair][alpha]
-    n = len(curves("lora/fusion"))
-    keep = disjoint_pairs([(k, k + 1) for k in range(n)])  # consecutive seeds: (0,1), (1,2), ...
-    pick = lambda name, f: [f(curves(name)[k]) for k in keep] if len(curves(name)) == n else None  # noqa: E731
+    def pick(name: str, f) -> list[float]:
+        """f of each disjoint pair's curve; pairs are consecutive seeds (0,1), (1,2), ...: keep (0,1), (2,3), ..."""
+        pairs = curves(name)
+        return [f(pairs[k]) for k in disjoint_pairs([(k, k + 1) for k in range(len(pairs))])]
+
     at_half = lambda name: pick(name, lambda a: a[half]) if half is not None else None  # noqa: E731
     barriers = lambda name: pick(name, lambda a: barrier(a, alphas))  # noqa: E731
     return [_paired("CopRA's fusion at alpha = 0.5 is above LoRA's", at_half("copra/fusion"), at_half("lora/fusion")),
