@@ -158,3 +158,39 @@ def test_eval_indices():
     assert eval_indices(LABELS, 18, seed=1) != eval_indices(LABELS, 18, seed=0)
     with pytest.raises(UserError, match="max_examples"):
         eval_indices(LABELS, 0)
+
+
+def test_validation_indices_avoid_the_excluded_and_are_balanced():
+    from copra.data import validation_indices
+
+    train = few_shot_indices(LABELS, shots=4, seed=3)
+    val = validation_indices(LABELS, train, 9, seed=3)
+    assert not set(val) & set(train) and val == sorted(val) == validation_indices(LABELS, train, 9, seed=3)
+    assert Counter(LABELS[i] for i in val) == {0: 3, 1: 3, 2: 3}
+    everything = validation_indices(LABELS, train, 1000)  # capped by what is left: the whole rest of the pool
+    assert sorted(everything + train) == list(range(len(LABELS)))
+    with pytest.raises(UserError, match="no training examples are left"):
+        validation_indices([0, 0], [0, 1], 5)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_validation_split_never_overlaps_the_test_split(seed, monkeypatch):
+    """prepare_validation: from the training pool, never the run's few-shot sample nor a test example."""
+    from copra.config import make_config
+    from copra.evaluation import prepare_data, prepare_validation
+
+    config = make_config(dict(task="bbc_news", shots=16, seed=seed, eval_examples=None))
+    val, test = prepare_validation(config, 300), prepare_data(config)
+    task = load_task("bbc_news")
+    assert len(val.eval_x) == 300 and set(val.eval_x) <= set(task.train_texts)
+    assert not set(val.eval_x) & set(test.eval_x) and not set(val.eval_x) & set(task.test_texts)
+    assert not set(val.eval_x) & set(val.train_x) and val.train_x == test.train_x  # same few-shot sample
+    assert all(task.train_labels[task.train_texts.index(x)] == y for x, y in zip(val.eval_x, val.eval_y))
+
+    # a pool that repeats test texts: the repeats never enter the validation split
+    leaky = TextTask("leaky", task.class_names, task.template, task.train_texts[:200] + task.test_texts[:50],
+                     task.train_labels[:200] + task.test_labels[:50], task.test_texts, task.test_labels, "test")
+    monkeypatch.setattr(text_tasks, "load_task", lambda name: leaky)
+    val = prepare_validation(config.replace(shots=2), 1000)
+    assert not set(val.eval_x) & set(task.test_texts)
+    assert len(val.eval_x) == len(set(leaky.train_texts) - set(val.train_x) - set(task.test_texts)) >= 180

@@ -83,6 +83,7 @@ def test_one_shot_run_writes_results_and_a_peft_adapter(tiny_text_model, tmp_pat
         assert sorted(entry["client_sizes"]) == [3, 3, 4]  # bbc_news: 5 classes x 2 shots over 3 clients
         (round1,) = entry["rounds"]
         assert len(round1["client_accuracy"]) == 3 and 0 <= round1["merged_accuracy"] <= 1
+        assert len(round1["client_converged"]) == len(round1["client_final_loss"]) == 3  # each client's plateau test
         assert set(summary["summary"][method]) >= {"client_mean", "client_std", "merged_mean", "merged_std"}
         model = PeftModel.from_pretrained(AutoModel.from_pretrained(tiny_text_model), entry["adapter_dir"])
         assert any("lora_A" in name for name, _ in model.named_parameters())

@@ -88,3 +88,58 @@ def test_clip_suite_steps_run_on_tiny_clip(monkeypatch, tmp_path):
     saved = json.loads((out / "landscape" / "landscape.json").read_text())
     assert saved["config"]["overrides"]["backbone"] == "clip" and saved["task"] == "dtd"
     assert Path(result["report"][0]).is_file()
+
+
+def test_converged_suite_resolves_with_the_issue_protocol():
+    steps = {s.name: (s, c) for s, c in suite.resolve("converged", {})}
+    assert list(steps) == ["lr_select", "federated", "multitask", "landscape", "pruning", "shapley", "crossover"]
+    assert all(c.shots == 16 for _, c in steps.values()) and steps["federated"][1].clients == 5
+    assert steps["federated"][1].seeds == [0, 1, 2, 3, 4] and len(steps["landscape"][1].seeds) == 6
+    assert all(s.selected_lr for name, (s, _) in steps.items() if name != "lr_select")
+    assert "every_other" in steps["pruning"][1].schemes and steps["crossover"][1].curve_every > 0
+
+
+def test_selected_lrs_reach_every_method():
+    from copra.experiments import timing
+
+    (_, landscape), (_, sweep) = [(s, c) for s, c in suite.resolve("converged", {}) if s.name in ("landscape",
+                                                                                                   "crossover")]
+    suite.use_selected_lr(landscape, {"lora": 1e-3, "copra": 5e-3})
+    suite.use_selected_lr(sweep, {"lora": 1e-3, "copra": 5e-3})
+    assert landscape.run_config("copra", 0).lr == 5e-3 and landscape.run_config("lora", 0).lr == 1e-3
+    assert sweep.run_config("CopRA", {}, 0).lr == 5e-3 and sweep.run_config("LoRA", {}, 0).lr == 1e-3
+    plan = timing.planned_steps("landscape", landscape)
+    assert plan == [(16, 300)] * 12  # 2 methods x 6 seeds
+    assert timing.estimate({"landscape": plan}, 0.5, 16) == {"landscape": 12 * 300 * 0.5}
+    assert timing.estimate({"x": [(32, 10)]}, 0.5, 16) == {"x": 10.0}  # twice the batch, twice the time
+
+
+def test_manifest_without_lrs_still_matches():
+    """Folders written before per-method lrs existed: an empty `lrs` is not a change of settings."""
+    steps = suite.resolve("full", {"seeds": [0, 1]})
+    manifest = suite._manifest("full", steps)
+    assert all("lrs" not in settings for settings in manifest["settings"].values())
+
+
+def test_converged_suite_picks_lrs_first_and_prints_its_time(monkeypatch, tmp_path, tiny_text_model, capsys):
+    def tiny():
+        return [Step("lr_select", "lr_select", dict(lr_grid=[1e-3, 0.3], validation_examples=20), "lr"),
+                Step("pruning", "pruning", dict(task="bbc_news", sparsities=[0.0], schemes=["all", "every_other"]),
+                     "Fig. 4", selected_lr=True)]
+
+    monkeypatch.setitem(suite.SUITES, "converged", tiny)
+    out = tmp_path / "converged"
+    assert main(["reproduce", "--suite", "converged", "-o", str(out), "-q", "--set", f"model={tiny_text_model}"]
+                + SMALL) == 0
+    err = capsys.readouterr().err
+    assert "timing probe:" in err and "expected training time" in err
+    assert err.index("timing probe:") < err.index("[lr_select] lr_select")  # printed before the first step
+    best = json.loads((out / "lr_select" / "lr_select.json").read_text())["best"]
+    pruning = json.loads((out / "pruning" / "pruning.json").read_text())
+    assert pruning["config"]["lrs"] == best
+    for method in ("lora", "copra"):
+        run = json.loads((out / "pruning" / "runs" / method / "seed0" / "result.json").read_text())
+        assert run["config"]["lr"] == best[method] and "converged" in run
+    assert main(["reproduce", "--suite", "converged", "-o", str(out), "-q", "--set", f"model={tiny_text_model}"]
+                + SMALL) == 0
+    assert "[pruning] done before, kept" in capsys.readouterr().err

@@ -39,6 +39,8 @@ def test_sweep_has_every_variant_and_point_with_single_and_pairwise_merged(lr_sw
         assert row["curve"]["steps"] == [2, 4]
         assert row["curve"]["merged_mean"][-1] == pytest.approx(row["merged_mean"])
         assert row["curve"]["single_mean"][-1] == pytest.approx(row["single_mean"])
+        assert row["curve"]["merged"][-1] == pytest.approx(row["merged"])  # per pair, for the paired verdicts
+        assert row["curve"]["single"][-1] == pytest.approx(row["single"]) and len(row["step_seconds"]) == 3
     assert (out / "sweep_lr.png").read_bytes()[:4] == b"\x89PNG"
     assert "| CopRA | lr=0.3 |" in (out / "sweep_lr.md").read_text()
 

@@ -66,3 +66,20 @@ def test_real_minilm_trains_and_beats_nothing_learned(tmp_path):
     assert adapter_config["r"] == 2 and adapter_config["use_rslora"] is True
     assert state.keys() == before.keys()
     assert any(not torch.equal(state[k], before[k]) for k in state)  # the adapter was trained
+
+
+def test_result_json_records_the_plateau_test(tiny_text_model, tmp_path, monkeypatch):
+    from copra import stats, training
+
+    result = train(tiny_run_config(tiny_text_model, method="copra", steps=10), output_dir=tmp_path / "flat")
+    saved = json.loads((tmp_path / "flat" / "result.json").read_text())
+    expected = stats.plateau(result.losses)  # the tiny random encoder learns next to nothing: a flat loss
+    assert saved["converged"] is expected.converged is True and saved["plateau"]["window"] == 5
+    assert saved["plateau"]["improvement"] == pytest.approx(expected.improvement)
+    # a run the test judges not converged (a threshold no curve passes) is marked so in result.json
+    monkeypatch.setattr(training, "plateau", lambda losses: stats.plateau(losses, threshold=-1.0, floor=0.0))
+    train(tiny_run_config(tiny_text_model, method="lora", steps=10), output_dir=tmp_path / "falling")
+    saved = json.loads((tmp_path / "falling" / "result.json").read_text())
+    assert saved["converged"] is False and saved["plateau"]["threshold"] == -1.0
+    short = train(tiny_run_config(tiny_text_model, method="lora", steps=4))
+    assert short.converged is None  # shorter than two windows: not tested

@@ -199,8 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("reproduce", help="every paper table and figure as one resumable suite, then the report")
-    p.add_argument("--suite", choices=["full", "clip"], default="full",
-                   help="full: the embedded default, more seeds (hours on CPU); clip: the paper's CLIP-LoRA protocol")
+    p.add_argument("--suite", choices=["full", "converged", "clip"], default="full",
+                   help="full: the embedded default, more seeds (hours on CPU); converged: per-method lr, 16 shots, 5 "
+                        "seeds, converged runs, statistics (hours on CPU; prints its expected time first); clip: CLIP-LoRA")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="applied to every step that has the key (e.g. seeds=0,1 steps=20; clip: model=, data_root=)")
     p.add_argument("-o", "--output", default="results/reproduce", help="results folder (resumed if it exists)")

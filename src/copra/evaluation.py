@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import torch
@@ -55,6 +55,36 @@ def prepare_data(config: TrainConfig) -> FewShotData:
         eval_x=tuple(_examples(task, "test")[i] for i in held_out),
         eval_y=tuple(task.test_labels[i] for i in held_out),
     )
+
+
+def prepare_validation(config: TrainConfig, examples: int = 200) -> FewShotData:
+    """The run's few-shot sample (as `prepare_data`) with a validation set in place of the evaluation set.
+
+    The validation set is carved from the task's *training* pool: class-balanced, at most `examples`,
+    never the run's few-shot sample, and never an example that also appears in the test split (a
+    pool may hold duplicates), so choosing hyperparameters on it cannot see the test split.
+    """
+    from copra.data.fewshot import validation_indices
+
+    data = prepare_data(config)
+    task = _load(config)
+    pool, labels = _examples(task, "train"), task.train_labels
+    trained = set(data.train_x)
+    test = set(_examples(task, "test"))
+    exclude = [i for i, x in enumerate(pool) if x in trained or x in test]
+    chosen = validation_indices(labels, exclude, examples, seed=config.seed)
+    return replace(data, eval_x=tuple(pool[i] for i in chosen), eval_y=tuple(labels[i] for i in chosen))
+
+
+def _load(config: TrainConfig):
+    """The task's splits (text tasks are cached by `load_task`)."""
+    if config.backbone == "clip":
+        from copra.data.coop import load_coop_task
+
+        return load_coop_task(config.data_root, config.task)
+    from copra.data.text_tasks import load_task
+
+    return load_task(config.task)
 
 
 def _examples(task, split: str) -> Sequence[Any]:

@@ -38,6 +38,7 @@ from copra.errors import ResourceError, UserError
 from copra.evaluation import FewShotData, accuracy, adapter_state, load_adapter_state, prepare_data
 from copra.gates import CopRA
 from copra.locks import folder_lock
+from copra.stats import plateau
 
 
 class TrainingDiverged(UserError):
@@ -61,6 +62,8 @@ class RunResult:
     losses: list[float] = field(default_factory=list)  # training loss of each optimizer step
     masks: list[list[bool]] = field(default_factory=list)  # CopRA gates of each step (empty for LoRA)
     resumed_from: int | None = None  # the step a resumed run continued from (steps: it had already finished)
+    converged: bool | None = None  # the training loss plateaued (copra.stats.plateau); None: too short to tell
+    plateau: dict | None = None  # the plateau test's statistic: window, improvement, last_mean, threshold
     state: dict | None = field(default=None, repr=False)  # the trained adapter (PEFT keys), in memory only
 
     def to_dict(self) -> dict:
@@ -233,6 +236,8 @@ def _train(config: TrainConfig, data: FewShotData | None, out: Path | None,
     result.train_seconds = previous_seconds + time.perf_counter() - start
     result.seconds_per_step = float(np.mean(result.step_seconds))  # optimizer steps only (no early-checkpoint eval)
     result.final_loss = loss_value
+    result.plateau = plateau(result.losses).to_dict()
+    result.converged = result.plateau["converged"]
     active = [sum(mask) / len(mask) for mask in result.masks]
     result.mean_active_fraction = float(np.mean(active)) if active else 1.0
     if gates is not None:

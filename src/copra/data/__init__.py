@@ -4,7 +4,8 @@ Kept import-light on purpose (standard library only), so ``copra.data`` can be u
 tests without loading torch or the data packages themselves.
 """
 
-from copra.data.fewshot import eval_indices, few_shot_indices
+from copra.data.fewshot import eval_indices, few_shot_indices, validation_indices
 from copra.data.text_tasks import TASKS, TextTask, load_task, task_names
 
-__all__ = ["TASKS", "TextTask", "eval_indices", "few_shot_indices", "load_task", "task_names"]
+__all__ = ["TASKS", "TextTask", "eval_indices", "few_shot_indices", "load_task", "task_names",
+           "validation_indices"]

@@ -83,3 +83,24 @@ def eval_indices(labels: Sequence[int], max_examples: int | None, seed: int = 0)
     for idx, k in zip(members, counts):
         chosen += rng.sample(idx, k)
     return sorted(chosen)
+
+
+def validation_indices(labels: Sequence[int], exclude: Sequence[int], max_examples: int, seed: int = 0) -> list[int]:
+    """A class-balanced subset of at most ``max_examples`` indices of a training pool, none in ``exclude``.
+
+    Why: hyperparameters (the lr of each method) are picked on examples the run does not train on and
+    the final evaluation never sees: the training pool minus the run's few-shot sample (``exclude``).
+    Depends only on (labels, exclude, max_examples, seed). Sorted ascending.
+    """
+    if max_examples < 1:
+        raise UserError(f"validation examples must be >= 1, got {max_examples}")
+    excluded = set(exclude)
+    members = [[i for i in idx if i not in excluded] for idx in _class_members(labels, None)]
+    counts = _balanced_counts([len(m) for m in members], max_examples)
+    rng = random.Random(f"validation-{seed}")
+    chosen: list[int] = []
+    for idx, k in zip(members, counts):
+        chosen += rng.sample(idx, k)
+    if not chosen:
+        raise UserError("no training examples are left for a validation split")
+    return sorted(chosen)

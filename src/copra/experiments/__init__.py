@@ -39,4 +39,5 @@ EXPERIMENTS: dict[str, Callable[[], tuple]] = {
     "pruning": _loader("pruning", "PruningConfig"),  # paper Fig. 4
     "shapley": _loader("shapley_layers", "ShapleyConfig"),  # paper Fig. 2
     "sweep": _loader("sweep", "SweepConfig"),  # paper Fig. 5 and 6 (lr, iterations, schedules, baselines, t-SNE)
+    "lr_select": _loader("lr_select", "LrSelectConfig"),  # each method's lr on a validation split (issue 12)
 }

@@ -34,7 +34,7 @@ import torch
 from copra.adapters import save_peft_model
 from copra.config import TrainConfig, make_config
 from copra.errors import UserError
-from copra.experiments.common import mean_std, write_outputs, zoom_bars
+from copra.experiments.common import check_lrs, mean_std, write_outputs, zoom_bars
 from copra.evaluation import FewShotData, adapter_state, load_adapter_state, prepare_data, state_accuracy
 from copra.merge import fusion
 from copra.training import build_run, train
@@ -81,7 +81,8 @@ class FederatedConfig:
     shots: int = 16  #: examples per class in the whole federation, before the split
     steps: int = 30  #: optimizer steps per client per round
     batch_size: int = 16  #: examples per step
-    lr: float = 5e-3  #: peak learning rate, same for every method
+    lr: float = 5e-3  #: peak learning rate, same for every method (unless `lrs` names it)
+    lrs: dict[str, float] = field(default_factory=dict)  #: peak lr per method (e.g. from lr_select); others use lr
     eval_examples: int | None = 240  #: fixed evaluation subset (None: the whole test split)
     model: str = "embedded:minilm"  #: backbone, as TrainConfig.model
     shared_init: bool = False  #: round 0 starts every client from one LoRA init (classic FedAvg), not its own
@@ -101,6 +102,7 @@ class FederatedConfig:
                 raise UserError(f"{name} must be an integer from 1 to {limit}, got {value!r}")
         if not isinstance(self.train_overrides, dict):
             raise UserError(f"train_overrides must be a mapping, got {self.train_overrides!r}")
+        check_lrs(self.lrs, self.methods)
         owned = sorted(set(self.train_overrides) & (set(self._shared()) | {"method", "seed", "output_dir"}))
         if owned:
             raise UserError(f"train_overrides sets {owned[0]!r}; set it on the federated config instead")
@@ -113,7 +115,7 @@ class FederatedConfig:
 
     def client_config(self, method: str, seed: int, round_index: int, client: int) -> TrainConfig:
         """The TrainConfig of one client's local training in one round."""
-        return make_config({**self.train_overrides, **self._shared(), "method": method,
+        return make_config({**self.train_overrides, **self._shared(), "method": method, "lr": self.lrs.get(method, self.lr),
                             "seed": client_seed(seed, round_index, client)})
 
     def data_config(self, seed: int) -> TrainConfig:
@@ -150,7 +152,9 @@ def simulate(config: FederatedConfig, method: str, seed: int, data: FewShotData 
         start_state = run.merged_state = fusion(run.client_states, weights)
         accs = [res.accuracy for res in results]
         run.rounds.append({"round": r + 1, "client_accuracy": accs, "client_mean": statistics.fmean(accs),
-                           "merged_accuracy": state_accuracy(evaluator, run.merged_state, data)})
+                           "merged_accuracy": state_accuracy(evaluator, run.merged_state, data),
+                           "client_converged": [res.converged for res in results],  # the plateau test per client
+                           "client_final_loss": [res.final_loss for res in results]})
     return run
 
 

@@ -34,7 +34,7 @@ from copra.align import align, bound
 from copra.config import METHODS, TrainConfig, make_config
 from copra.errors import UserError
 from copra.evaluation import FewShotData, prepare_data
-from copra.experiments.common import (Evaluator, barrier, check_overrides, check_unique, load_for_eval, mean_std,
+from copra.experiments.common import (Evaluator, barrier, check_lrs, check_overrides, check_unique, load_for_eval, mean_std,
                                       new_axes, save_figure, write_outputs)
 from copra.merge import MERGERS, check_compatible, delta_weights, fusion, mixture, mixture_config
 from copra.experiments.runs import run_all
@@ -57,6 +57,7 @@ class LandscapeConfig:
     steps: int = 30  #: optimizer steps per run
     batch_size: int = 16  #: examples per step
     lr: float = 5e-3  #: peak learning rate, same for both methods
+    lrs: dict[str, float] = field(default_factory=dict)  #: peak lr per method (e.g. from lr_select); others use lr
     eval_examples: int = 240  #: fixed evaluation subset
     model: str = "embedded:minilm"  #: encoder (TrainConfig.model)
     overrides: dict[str, Any] = field(default_factory=dict)  #: any other TrainConfig keys (e.g. max_length, rank)
@@ -80,11 +81,12 @@ class LandscapeConfig:
         if isinstance(self.align_steps, bool) or not isinstance(self.align_steps, int) or self.align_steps < 0:
             raise UserError(f"align_steps must be a non-negative integer, got {self.align_steps!r}")
         check_overrides(self.overrides)
+        check_lrs(self.lrs, self.methods)
         self.run_config(self.methods[0], self.seeds[0])  # validates every TrainConfig field
 
     def run_config(self, method: str, seed: int) -> TrainConfig:
         return make_config({**self.overrides, **dict(task=self.task, method=method, seed=seed, shots=self.shots,
-                            steps=self.steps, batch_size=self.batch_size, lr=self.lr, model=self.model,
+                            steps=self.steps, batch_size=self.batch_size, lr=self.lrs.get(method, self.lr), model=self.model,
                             eval_examples=self.eval_examples, progress=self.progress)})
 
     def pairs(self) -> list[tuple[int, int]]:

@@ -28,7 +28,7 @@ from copra.align import align_many
 from copra.config import METHODS, TrainConfig, make_config
 from copra.errors import UserError
 from copra.evaluation import FewShotData, prepare_data
-from copra.experiments.common import (Evaluator, check_overrides, check_unique, load_for_eval, mean_std, new_axes,
+from copra.experiments.common import (Evaluator, check_lrs, check_overrides, check_unique, load_for_eval, mean_std, new_axes,
                                       save_figure, write_outputs, zero_b, zoom_bars)
 from copra.merge import check_compatible, fusion
 from copra.experiments.runs import run_all
@@ -49,6 +49,7 @@ class MultitaskConfig:
     steps: int = 30  #: optimizer steps per run
     batch_size: int = 16  #: examples per step
     lr: float = 5e-3  #: peak learning rate, same for both methods
+    lrs: dict[str, float] = field(default_factory=dict)  #: peak lr per method (e.g. from lr_select); others use lr
     eval_examples: int = 240  #: fixed evaluation subset per task
     model: str = "embedded:minilm"  #: encoder (TrainConfig.model), shared by all tasks
     overrides: dict[str, Any] = field(default_factory=dict)  #: any other TrainConfig keys (e.g. max_length, rank)
@@ -67,11 +68,12 @@ class MultitaskConfig:
         if isinstance(self.align_steps, bool) or not isinstance(self.align_steps, int) or self.align_steps < 0:
             raise UserError(f"align_steps must be a non-negative integer, got {self.align_steps!r}")
         check_overrides(self.overrides)
+        check_lrs(self.lrs, self.methods)
         self.run_config(self.tasks[0], self.methods[0], self.seeds[0])  # validates every TrainConfig field
 
     def run_config(self, task: str, method: str, seed: int) -> TrainConfig:
         return make_config({**self.overrides, **dict(task=task, method=method, seed=seed, shots=self.shots,
-                            steps=self.steps, batch_size=self.batch_size, lr=self.lr, model=self.model,
+                            steps=self.steps, batch_size=self.batch_size, lr=self.lrs.get(method, self.lr), model=self.model,
                             eval_examples=self.eval_examples, progress=self.progress)})
 
 

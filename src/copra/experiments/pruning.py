@@ -17,7 +17,7 @@ from typing import Any
 from copra.config import make_config
 from copra.errors import UserError
 from copra.evaluation import FewShotData, prepare_data
-from copra.experiments.common import (Evaluator, check_overrides, load_for_eval, mean_std, save_figure, write_outputs,
+from copra.experiments.common import (Evaluator, check_lrs, check_overrides, load_for_eval, mean_std, save_figure, write_outputs,
                                       zoom_bars)
 from copra.prune import STRUCTURED, magnitude, projections, structured
 
@@ -34,6 +34,7 @@ class PruningConfig:
     steps: int = 30  #: optimizer steps per run
     batch_size: int = 16  #: examples per step
     lr: float = 5e-3  #: peak learning rate
+    lrs: dict[str, float] = field(default_factory=dict)  #: peak lr per method (lora, copra) (e.g. from lr_select); others use lr
     eval_examples: int = 240  #: fixed evaluation subset
     schemes: list[str] = field(default_factory=lambda: list(STRUCTURED))  #: structured schemes ("all" = unpruned)
     sparsities: list[float] = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(10)])  #: unstructured
@@ -53,6 +54,7 @@ class PruningConfig:
         if not self.seeds:
             raise UserError("pruning needs at least one seed")
         check_overrides(self.overrides)
+        check_lrs(self.lrs, ("lora", "copra"))
         self.base_config()  # validates every TrainConfig field
 
     def base_config(self):
@@ -94,7 +96,8 @@ def run(config: PruningConfig) -> dict:
     out = Path(config.output_dir)
     started = time.perf_counter()
     adapters: dict[str, list[str]] = {m: [] for m in METHODS}
-    plan = [(base.replace(method=method, seed=seed, save_early=method == "copra"), out / "runs" / method / f"seed{seed}")
+    plan = [(base.replace(method=method, seed=seed, save_early=method == "copra", lr=config.lrs.get(method, config.lr)),
+             out / "runs" / method / f"seed{seed}")
             for seed in config.seeds for method in ("lora", "copra")]
     for result in run_all(plan, config.jobs):
         adapters[result.config["method"]].append(result.adapter_dir)

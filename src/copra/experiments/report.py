@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Callable
 
 from copra.errors import UserError, resource_error
-from copra.experiments.verdicts import OTHER, SECTIONS, Section, judge, overall
+from copra.experiments import convergence, crossover
+from copra.experiments.verdicts import OTHER, RULES, SECTIONS, Section, judge, overall
 from copra.locks import folder_lock
 
 NAMES = {"lora": "LoRA", "copra": "CopRA", "early_copra": "Early CopRA"}
@@ -220,7 +221,8 @@ def _badge(status: str, as_html: bool) -> str:
     return f'<span class="v {status.replace(" ", "-")}">{status}</span>' if as_html else f"**{status}**"
 
 
-def document(entries: list[Entry], root: Path, out: Path, embed: dict[str, str] | None = None) -> str:
+def document(entries: list[Entry], root: Path, out: Path, embed: dict[str, str] | None = None,
+             figures: dict[str, tuple[Path, dict, dict, bytes]] | None = None) -> str:
     """The report as Markdown; with `embed` (a dict to fill), the variant the HTML page is built from."""
     as_html = embed is not None
     toc = ["| paper | section | paper's direction here |", "|---|---|---|"]
@@ -244,11 +246,19 @@ def document(entries: list[Entry], root: Path, out: Path, embed: dict[str, str] 
                   f"**Paper's direction:** {entry.section.claim}. Here: {_badge(overall(checks), as_html)}.", "",
                   *[f"- {claim}: {_badge(status, as_html)}; {numbers}" for claim, status, numbers in checks], "",
                   _images(body(entry), entry.path.parent, out, embed), ""]
+    runs = convergence.section(convergence.scan(root))
+    if runs:
+        toc.insert(2, "| Runs | [Did every training run converge?](#convergence) | see the section |")
+        parts = ['<a id="convergence"></a>', "", "## Runs: did every training run converge?", "", runs, ""] + parts
+    first = crossover.sections(figures or {}, root, embed)
+    if first:
+        toc.insert(2, "| Crossover | [From what training length does CopRA pay?](#crossover) | see the figure |")
+        parts = first + parts
     found = f"{len(entries)} experiment {'summary' if len(entries) == 1 else 'summaries'} under `{root}`."
     head = ["# CopRA vs LoRA: the paper's experiments, run here", "",
             f"{found} Each section shows the experiment's own tables and figure, its seeds, key config and wall "
-            "time, and whether the paper's direction (CopRA vs LoRA) held here. *held* compares means over seeds "
-            "(no significance test); *within one std* marks a gap smaller than the seeds' spread.", "",
+            "time, and whether the paper's direction (CopRA vs LoRA) held here.", "",
+            f"**Rules.** {RULES}", "",
             "## Contents", "", *toc, ""]
     return "\n".join(head + parts)
 
@@ -266,8 +276,9 @@ thead th { background: #f2f2f2; } tbody tr:nth-child(even) { background: #fafafa
 img { display: block; max-width: 100%; max-height: 560px; height: auto; margin: 1em auto; }
 .meta { color: #555; font-size: 13px; margin: .3em 0; }
 .v { padding: 0 .45em; border-radius: 3px; font-weight: 600; white-space: nowrap; }
-.held { background: #d8f0d8; color: #14532d; } .did-not-hold { background: #f9d7d7; color: #7f1d1d; }
-.partly-held { background: #fcebc4; color: #6b4500; } .not-measured { background: #e6e6e6; color: #444; }
+.held { background: #d8f0d8; color: #14532d; } .reversed { background: #f9d7d7; color: #7f1d1d; }
+.partly-held, .partly-reversed, .mixed { background: #fcebc4; color: #6b4500; }
+.no-difference-shown, .not-measured { background: #e6e6e6; color: #444; }
 code { background: #f2f2f2; padding: 0 .2em; border-radius: 3px; }
 """
 
@@ -289,19 +300,24 @@ def build_report(results_dir: str | Path, output_dir: str | Path | None = None) 
     root = Path(results_dir)
     entries = find_summaries(root)
     out = Path(output_dir) if output_dir is not None else root
+    return _build(root, out, entries)[:2]
+
+
+def _build(root: Path, out: Path, entries: list[Entry]) -> tuple[str, str, dict[str, bytes]]:
+    figures = crossover.figures([(e.path, e.summary) for e in entries if e.name == "sweep"])
     images: dict[str, str] = {}
-    page = to_html(document(entries, root, out, images), images, f"CopRA vs LoRA: {root}")
-    return document(entries, root, out), page
+    page = to_html(document(entries, root, out, images, figures), images, f"CopRA vs LoRA: {root}")
+    return document(entries, root, out, None, figures), page, {name: f[3] for name, f in figures.items()}
 
 
-def _write_text(path: Path, text: str) -> None:
+def _write_text(path: Path, text: str | bytes) -> None:
     """Atomically, as `copra.adapters.write_json`: a temporary file beside `path`, fsync, rename."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        with os.fdopen(fd, "wb") as handle:
             if hasattr(os, "fchmod"):
                 os.fchmod(handle.fileno(), 0o644)  # a report is for reading (mkstemp makes it 0600)
-            handle.write(text)
+            handle.write(text.encode("utf-8") if isinstance(text, str) else text)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -311,13 +327,15 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def write_report(results_dir: str | Path, output: str | Path | None = None) -> tuple[Path, ...]:
-    """Write paper_report.md and paper_report.html into `output` (default: `results_dir`); nothing on error."""
+    """Write paper_report.md and paper_report.html (and the crossover PNG) into `output` (default: `results_dir`)."""
     out = Path(output) if output is not None else Path(results_dir)
     with folder_lock(out):  # not while a suite or another report writes there
-        markdown_text, page = build_report(results_dir, out)
+        markdown_text, page, figures = _build(Path(results_dir), out, find_summaries(results_dir))
         paths = tuple(out / name for name in OUTPUTS)
         try:
             out.mkdir(parents=True, exist_ok=True)
+            for name, image in figures.items():  # before the Markdown that links them
+                _write_text(out / name, image)
             for path, text in zip(paths, (markdown_text, page)):
                 _write_text(path, text)
         except OSError as error:

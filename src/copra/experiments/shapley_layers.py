@@ -18,7 +18,7 @@ import numpy as np
 from copra.config import METHODS, make_config
 from copra.errors import UserError
 from copra.evaluation import FewShotData, prepare_data
-from copra.experiments.common import (Evaluator, check_overrides, check_unique, load_for_eval, new_axes, save_figure,
+from copra.experiments.common import (Evaluator, check_lrs, check_overrides, check_unique, load_for_eval, new_axes, save_figure,
                                       write_outputs)
 from copra.shapley import ESTIMATORS
 
@@ -40,6 +40,7 @@ class ShapleyConfig:
     steps: int = 30  #: optimizer steps per run
     batch_size: int = 16  #: examples per step
     lr: float = 5e-3  #: peak learning rate
+    lrs: dict[str, float] = field(default_factory=dict)  #: peak lr per method (e.g. from lr_select); others use lr
     eval_examples: int = 240  #: fixed evaluation subset
     model: str = "embedded:minilm"  #: encoder (TrainConfig.model)
     overrides: dict[str, Any] = field(default_factory=dict)  #: any other TrainConfig keys
@@ -57,11 +58,12 @@ class ShapleyConfig:
         if self.samples < 2:
             raise UserError(f"samples must be >= 2, got {self.samples!r}")
         check_overrides(self.overrides)
+        check_lrs(self.lrs, self.methods)
         self.run_config("lora", self.seeds[0])
 
     def run_config(self, method: str, seed: int):
         return make_config({**self.overrides, **dict(task=self.task, method=method, seed=seed, shots=self.shots,
-                            steps=self.steps, batch_size=self.batch_size, lr=self.lr, model=self.model,
+                            steps=self.steps, batch_size=self.batch_size, lr=self.lrs.get(method, self.lr), model=self.model,
                             eval_examples=self.eval_examples, progress=self.progress)})
 
 

@@ -5,6 +5,12 @@ A suite is a list of steps, each one experiment with its settings, written to it
 - `full`: the embedded default (MiniLM, real text tasks): every experiment at its full size (all
   alphas, sparsities, schemes, exact and multilinear Shapley, 240 evaluation examples), the sweeps
   of Fig. 5-6, three seeds; 95 minutes measured on 2 CPU cores.
+- `converged`: issue 12's protocol on the embedded default: each method's lr picked first on a
+  validation split (`lr_select`), then 16 shots, five seeds, runs long enough for the training loss to
+  plateau (`result.json` records whether it did), whole test splits (capped at 2000 examples), FL with
+  5 clients, MTL, the pairwise landscape with its barrier (six seeds: three disjoint pairs), pruning,
+  exact Shapley, and the crossover sweep (CopRA vs LoRA merged accuracy from snapshots along training).
+  A timing probe prints the expected wall time before the first step.
 - `clip`: the paper's protocol (CLIP-LoRA: ViT-B/16 weights, CoOp data sets, 16 shots, rank 2,
   lr 2e-4, batch 32, 500 x shots iterations) for users who have the weights and data on disk:
   `--set model=PATH --set data_root=PATH [--set tasks=dtd,eurosat]`.
@@ -36,6 +42,9 @@ TEXT_TASKS = ["bbc_news", "news_outlets", "drug_reviews", "parl_party", "health_
 FIVE_SEEDS = [0, 1, 2, 3, 4]  # the paper's count; the CLIP suite uses it where a GPU makes it affordable
 SEEDS = [0, 1, 2]  # the full suite on CPU: three seeds keep it near 1.5-2 hours on 2 cores
 CLIP_LORA = dict(shots=16, steps=500 * 16, batch_size=32, lr=2e-4, eval_examples=1_000_000)  # whole test sets
+CONVERGED_STEPS = 300  # optimizer steps per run: 60 epochs of 16 shots x 5 classes at batch 16 (override: --set steps=)
+CONVERGED = dict(shots=16, steps=CONVERGED_STEPS, eval_examples=2000)  # whole test splits of the MTL/FL tasks
+PAIR_SEEDS = [0, 1, 2, 3, 4, 5]  # merged accuracies of seed pairs: three disjoint pairs for the paired test
 CLIP_TASKS = ["dtd", "eurosat", "caltech101", "oxford_pets", "oxford_flowers", "food101", "fgvc_aircraft",
               "stanford_cars", "sun397", "ucf101", "imagenet"]
 
@@ -48,6 +57,7 @@ class Step:
     experiment: str
     settings: dict[str, Any] = field(default_factory=dict)
     paper: str = ""  #: which table or figure it reproduces
+    selected_lr: bool = False  #: train each method at the lr an earlier `lr_select` step picked
 
 
 def full_suite() -> list[Step]:
@@ -89,7 +99,28 @@ def clip_suite() -> list[Step]:
     ]
 
 
-SUITES = {"full": full_suite, "clip": clip_suite}
+def converged_suite() -> list[Step]:
+    """Issue 12: each method's own lr, then converged runs at 16 shots and five seeds (see the module doc)."""
+    fused = {"LoRA": {"method": "lora"}, "CopRA": {"method": "copra"}}
+    return [
+        Step("lr_select", "lr_select", dict(shots=16, steps=CONVERGED_STEPS, seeds=[0, 1], lr_grid=[5e-4, 1e-3, 5e-3]),
+             "protocol: each method's lr on a validation split"),
+        Step("federated", "federated", dict(CONVERGED, clients=5, seeds=FIVE_SEEDS, steps=CONVERGED_STEPS // 3),
+             "Table 1 (FL)", selected_lr=True),  # a client holds a fifth of the data: 100 steps = 100 epochs of it
+        Step("multitask", "multitask", dict(CONVERGED, tasks=["bbc_news", "news_outlets"], seeds=FIVE_SEEDS),
+             "Table 1 (MTL)", selected_lr=True),
+        Step("landscape", "landscape", dict(CONVERGED, seeds=PAIR_SEEDS), "Fig. 3", selected_lr=True),
+        Step("pruning", "pruning", dict(CONVERGED, seeds=FIVE_SEEDS, schemes=["all", "every_other", "low", "middle",
+                                                                              "high"]), "Fig. 4", selected_lr=True),
+        Step("shapley", "shapley", dict(CONVERGED, seeds=FIVE_SEEDS, estimator="exact", compare_exact=False), "Fig. 2",
+             selected_lr=True),
+        Step("crossover", "sweep", dict(CONVERGED, name="crossover", grid={}, seeds=PAIR_SEEDS, variants=fused,
+                                        curve_every=CONVERGED_STEPS // 6), "crossover: CopRA − LoRA over training",
+             selected_lr=True),
+    ]
+
+
+SUITES = {"full": full_suite, "clip": clip_suite, "converged": converged_suite}
 CLIP_SETTINGS = ("model", "data_root")  # what a clip suite cannot run without
 
 
@@ -135,6 +166,29 @@ def resolve(suite: str, sets: dict[str, Any]) -> list[tuple[Step, Any]]:
     return [(step, build_dataclass(EXPERIMENTS[step.experiment]()[0], values)) for step, values in resolved]
 
 
+def use_selected_lr(config: Any, best: dict[str, float]) -> None:
+    """Give each method the lr `lr_select` picked: `lrs` of an experiment, `lr` of a sweep's variants."""
+    if hasattr(config, "lrs"):
+        methods = getattr(config, "methods", ["lora", "copra"])
+        config.lrs = {m: lr for m, lr in best.items() if m in methods}
+    for variant in getattr(config, "variants", {}).values():
+        if variant.get("method") in best and "lr" not in getattr(config, "grid", {}):
+            variant["lr"] = best[variant["method"]]
+
+
+def _selected(folder: Path) -> dict[str, float]:
+    """The lrs a finished `lr_select` step picked ({} if there is none)."""
+    try:
+        return dict(json.loads((folder / "lr_select.json").read_text(encoding="utf-8")).get("best") or {})
+    except (OSError, ValueError):
+        return {}
+
+
+def _comparable(settings: dict) -> dict:
+    """Settings as stored and compared: run-time keys dropped, and an empty `lrs` (older summaries lack it)."""
+    return {k: v for k, v in settings.items() if k not in ("progress", "jobs") and not (k == "lrs" and not v)}
+
+
 def _stem(step: Step, config: Any) -> str:
     return getattr(config, "name", step.experiment)
 
@@ -146,13 +200,11 @@ def _finished(step: Step, config: Any, folder: Path) -> bool:
     except (OSError, ValueError):
         return False
     wanted = json.loads(json.dumps(dataclasses.asdict(config)))
-    return {k: v for k, v in saved.get("config", {}).items() if k not in ("progress", "jobs")} == \
-        {k: v for k, v in wanted.items() if k not in ("progress", "jobs")}
+    return _comparable(saved.get("config", {})) == _comparable(wanted)
 
 
 def _manifest(suite: str, steps: list[tuple[Step, Any]]) -> dict:
-    settings = {step.name: {k: v for k, v in dataclasses.asdict(config).items() if k not in ("progress", "jobs",
-                                                                                               "output_dir")}
+    settings = {step.name: {k: v for k, v in _comparable(dataclasses.asdict(config)).items() if k != "output_dir"}
                 for step, config in steps}
     return json.loads(json.dumps({"suite": suite, "version": SUITE_VERSION, "settings": settings}))
 
@@ -178,6 +230,20 @@ def check_folder(out: Path, manifest: dict) -> None:
                             "use another results folder (or delete that one) to run with new settings")
 
 
+def _expected_time(steps: list[tuple[Step, Any]]) -> str:
+    """The timing probe's estimate of the suite's training time (see `timing`), as one log line."""
+    from copra.experiments import timing
+
+    plan = {step.name: timing.planned_steps(step.experiment, config) for step, config in steps}
+    probed = [c.run_config(c.methods[0], c.lr_grid[0], c.seeds[0]) for s, c in steps if s.experiment == "lr_select"]
+    probed += [c.run_config(c.methods[0], c.seeds[0]) for s, c in steps if s.experiment in ("landscape", "shapley")]
+    if not probed:
+        return "timing probe: no step to probe"
+    seconds_per_step = timing.probe(probed[0])
+    return timing.describe(timing.estimate(plan, seconds_per_step, probed[0].batch_size), seconds_per_step,
+                           probed[0].batch_size)
+
+
 def reproduce(suite: str, output_dir: str | Path, sets: dict[str, Any] | None = None, jobs: int = 1,
               progress: bool = True, log=print) -> dict:
     """Run (or resume) every step of `suite` into `output_dir`, then write the report there."""
@@ -193,20 +259,28 @@ def _reproduce(out: Path, suite: str, steps: list[tuple[Step, Any]], jobs: int, 
     check_folder(out, manifest)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "suite.json", manifest)
-    timings = {}
+    if suite == "converged":
+        log(_expected_time(steps))
+    timings: dict[str, float] = {}
+    best: dict[str, float] = {}
     for step, config in steps:
         config.output_dir = str(out / step.name)
         config.progress = progress
         if hasattr(config, "jobs"):
             config.jobs = jobs
+        if step.selected_lr and best:
+            use_selected_lr(config, best)
         if _finished(step, config, out / step.name):
             log(f"[{step.name}] done before, kept ({step.paper})")
-            continue
-        log(f"[{step.name}] {step.experiment} ({step.paper}) ...")
-        started = time.perf_counter()
-        EXPERIMENTS[step.experiment]()[1](config)
-        timings[step.name] = time.perf_counter() - started
-        log(f"[{step.name}] {timings[step.name]:.0f} s")
+        else:
+            log(f"[{step.name}] {step.experiment} ({step.paper}) ...")
+            started = time.perf_counter()
+            EXPERIMENTS[step.experiment]()[1](config)
+            timings[step.name] = time.perf_counter() - started
+            log(f"[{step.name}] {timings[step.name]:.0f} s")
+        if step.experiment == "lr_select":
+            best = _selected(out / step.name)
+            log(f"[{step.name}] lr per method: {best}")
     from copra.experiments.report import write_report
 
     report = write_report(out)

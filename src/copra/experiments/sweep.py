@@ -159,7 +159,8 @@ def run(config: SweepConfig) -> dict:
                    "single": single, "merged": merged,
                    "single_mean": mean_std(single)[0], "single_std": mean_std(single)[1],
                    "merged_mean": mean_std(merged)[0], "merged_std": mean_std(merged)[1],
-                   "seconds_per_step": mean_std(r.seconds_per_step for r in done)[0]}
+                   "seconds_per_step": mean_std(r.seconds_per_step for r in done)[0],
+                   "step_seconds": [r.seconds_per_step for r in done]}
             if config.curve_every:
                 row["curve"] = curve(evaluator, data, config, runs_of(done), loaded, done[0].config["steps"])
             if config.geometry:
@@ -187,7 +188,8 @@ def runs_of(done: list) -> list[Path]:
 def curve(evaluator: Evaluator, data, config: SweepConfig, folders: list[Path], final: list, total_steps: int) -> dict:
     """Single and pairwise-merged accuracy at every snapshot step and at the end (paper Fig. 6c)."""
     steps = sorted(int(p.name.split("-")[1]) for p in (folders[0] / SNAPSHOTS_DIR).glob("step-*"))
-    out: dict[str, list] = {"steps": [], "single_mean": [], "merged_mean": [], "merged_std": []}
+    out: dict[str, list] = {"steps": [], "single_mean": [], "merged_mean": [], "merged_std": [], "single": [],
+                            "merged": []}  # single: [step][seed]; merged: [step][seed pair], as combinations
     for step in steps + [None]:
         loaded = final if step is None else [load_adapter(f / SNAPSHOTS_DIR / f"step-{step}") for f in folders]
         single = [evaluator.accuracy(state, cfg, data) for state, cfg in loaded]
@@ -197,6 +199,8 @@ def curve(evaluator: Evaluator, data, config: SweepConfig, folders: list[Path], 
         out["single_mean"].append(mean_std(single)[0])
         out["merged_mean"].append(mean_std(merged)[0])
         out["merged_std"].append(mean_std(merged)[1])
+        out["single"].append(single)
+        out["merged"].append(merged)
     return out
 
 

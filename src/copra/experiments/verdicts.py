@@ -1,20 +1,37 @@
-"""The paper's claims, CopRA vs LoRA, one verdict function per experiment: did the direction hold here?
+"""The paper's claims, CopRA vs LoRA, one verdict function per experiment, with statistics.
 
 `SECTIONS` maps an experiment name (the `"experiment"` key of its summary JSON) to where the report
 places it (the paper's label and order), the paper's claim in one line and a verdict function
-`summary -> [(claim, status, numbers), ...]` with status held / did not hold / partly held / not
-measured. A verdict reads the summary with `_dig`, so a missing key means "not measured", never an
-exception. A new experiment plugs into `copra report` with one entry here.
+`summary -> [(claim, status, numbers), ...]`. Every claim pairs CopRA's and LoRA's per-seed scores
+(same seed: same few-shot sample, initial A and evaluation set) and judges them with
+`copra.stats.compare`: mean difference, 95% paired t-interval over seeds, and *held* (the interval
+lies in the paper's direction), *reversed* (it lies the other way) or *no difference shown*.
+Merged accuracies of seed pairs count only disjoint pairs (independent replicates). A summary
+without per-seed scores (written by an older copra) reads "not measured", never an exception.
+A new experiment plugs into `copra report` with one entry here.
 """
 
 from __future__ import annotations
 
+import itertools
 import statistics
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
-HELD, NOT_HELD, PARTLY, UNMEASURED = "held", "did not hold", "partly held", "not measured"
+from copra.stats import HELD, NO_DIFFERENCE, REVERSED, Comparison, compare, disjoint_pairs
+
+UNMEASURED, PARTLY, PARTLY_REVERSED, MIXED = "not measured", "partly held", "partly reversed", "mixed"
+NOT_HELD = REVERSED  # the former name of the opposite verdict
+CONFIDENCE = 0.95
 Check = tuple[str, str, str]  # (claim, status, the numbers that decide it)
+RULES = (f"Every claim pairs CopRA and LoRA by seed (same few-shot sample, initial A and evaluation set) and "
+         f"reports the mean difference CopRA − LoRA with a {CONFIDENCE:.0%} paired t-interval over seeds "
+         "(differences normal, seeds independent; merged accuracies of seed pairs count only disjoint pairs). "
+         f"*{HELD}*: the interval lies on the paper's side of 0; *{REVERSED}*: it lies on the other side; "
+         f"*{NO_DIFFERENCE}*: it contains 0, or there is one seed and so no interval. A claim over several "
+         f"settings is *{PARTLY}* / *{PARTLY_REVERSED}* when only some settings decide, *{MIXED}* when they "
+         f"disagree; per-layer Shapley values are *{HELD}* when a majority of layers is. *{UNMEASURED}*: the summary "
+         "lacks per-seed scores. Accuracies in points (%).")
 
 
 def _dig(data, *path):
@@ -27,130 +44,153 @@ def _dig(data, *path):
     return data
 
 
-def _ms(row, mean: str = "mean", std: str = "std") -> tuple[float, float | None] | None:
-    """(mean, std) of a summary row, None if it has no mean."""
-    return None if _dig(row, mean) is None else (row[mean], _dig(row, std))
+def describe(c: Comparison, unit: float = 100, digits: int = 1, label: str = "CopRA − LoRA", what: str = "seed") -> str:
+    """'CopRA − LoRA +4.0, 95% CI [+1.2, +6.8], 5 seeds' (no interval with one seed)."""
+    f = lambda v: f"{unit * v:+.{digits}f}"  # noqa: E731
+    ci = "no interval" if c.low is None else f"{c.confidence:.0%} CI [{f(c.low)}, {f(c.high)}]"
+    return f"{label} {f(c.difference)}, {ci}, {c.n} {what}{'s' if c.n != 1 else ''}"
 
 
-def _compare(claim: str, copra, lora, unit: float = 100, digits: int = 1, tolerance: float = 0.0,
-             lower: bool = False, names: tuple[str, str] = ("CopRA", "LoRA")) -> Check:
-    """Held when CopRA's mean is above LoRA's (below with `lower`; `tolerance` allows a shortfall)."""
-    if copra is None or lora is None:
-        return claim, UNMEASURED, f"no {names[0] if copra is None else names[1]} result in the summary"
-    (cm, cs), (lm, ls) = copra, lora
-    if lower:
-        held = cm <= lm + tolerance
-    else:
-        held = cm >= lm - tolerance if tolerance else cm > lm
-    fmt = lambda m, s: f"{unit * m:.{digits}f}" + ("" if s is None else f" ± {unit * s:.{digits}f}")  # noqa: E731
-    spread = max(s or 0.0 for s in (cs, ls))
-    note = ", within one std over seeds" if 0 < spread and abs(cm - lm) <= spread else ""
-    return (claim, HELD if held else NOT_HELD,
-            f"{names[0]} {fmt(cm, cs)} vs {names[1]} {fmt(lm, ls)} (difference {unit * (cm - lm):+.{digits}f}{note})")
+def _paired(claim: str, copra: Sequence[float] | None, lora: Sequence[float] | None, unit: float = 100,
+            digits: int = 1, lower: bool = False, names: tuple[str, str] = ("CopRA", "LoRA"), what: str = "seed") -> Check:
+    """One claim judged by `compare` on per-seed scores (`lower`: smaller is better, e.g. seconds)."""
+    if not copra or not lora:
+        return claim, UNMEASURED, "no per-seed scores in the summary (rerun with this version to judge it)"
+    if len(copra) != len(lora):
+        return claim, UNMEASURED, f"unpaired: {len(copra)} {names[0]} and {len(lora)} {names[1]} scores"
+    c = compare([-v for v in copra], [-v for v in lora], CONFIDENCE) if lower else compare(copra, lora, CONFIDENCE)
+    label = f"{names[1]} − {names[0]}" if lower else f"{names[0]} − {names[1]}"
+    means = (f"{names[0]} {unit * statistics.fmean(copra):.{digits}f} vs "
+             f"{names[1]} {unit * statistics.fmean(lora):.{digits}f}")
+    return claim, c.verdict, f"{means}; {describe(c, unit, digits, label, what)}"
+
+
+def combine(statuses: Sequence[str]) -> str:
+    """One status for several settings: all agree -> that; else partly held / partly reversed / mixed."""
+    measured = {s for s in statuses if s != UNMEASURED}
+    if len(measured) <= 1:
+        return measured.pop() if measured else UNMEASURED
+    if {HELD, REVERSED} <= measured or {PARTLY, REVERSED} <= measured or MIXED in measured:
+        return MIXED
+    return PARTLY if HELD in measured or PARTLY in measured else PARTLY_REVERSED
 
 
 def _demo(s: dict) -> list[Check]:
-    checks = []
-    for task, row in (s.get("tasks") or {}).items():
-        copra, lora = _ms(_dig(row, "runs", "copra")), _ms(_dig(row, "runs", "lora"))
-        spread = max([x[1] or 0.0 for x in (copra, lora) if x] or [0.0])
-        checks.append(_compare(f"{task}: CopRA's accuracy matches LoRA's (no lower than one std)", copra, lora,
-                               tolerance=spread))
-    step = lambda m: [t for r in (s.get("tasks") or {}).values()  # noqa: E731
-                      if (t := _dig(r, "runs", m, "seconds_per_step")) is not None]
-    copra, lora = step("copra"), step("lora")
-    checks.append(_compare("CopRA's training step is no slower than LoRA's (s/step, mean over tasks)",
-                           (statistics.fmean(copra), None) if copra else None,
-                           (statistics.fmean(lora), None) if lora else None, unit=1, digits=3, lower=True))
+    tasks = s.get("tasks") or {}
+    checks = [_paired(f"{task}: CopRA's accuracy vs LoRA's (paper: CopRA ≥ LoRA)", _dig(row, "runs", "copra", "accuracy"),
+                      _dig(row, "runs", "lora", "accuracy")) for task, row in tasks.items()]
+    step = lambda m: [t for r in tasks.values() for t in (_dig(r, "runs", m, "step_seconds") or [])]  # noqa: E731
+    checks.append(_paired("CopRA's training step is no slower than LoRA's (s/step; pairs: task x seed)",
+                          step("copra"), step("lora"), unit=1, digits=3, lower=True, what="run"))
     return checks
 
 
 def _federated(s: dict) -> list[Check]:
-    merged = lambda m: _ms(_dig(s, "summary", m), "merged_mean", "merged_std")  # noqa: E731
-    return [_compare("CopRA's merged (server) accuracy is above LoRA's", merged("copra"), merged("lora"))]
+    def merged(method: str) -> dict:
+        return {r.get("seed"): _dig(r, "rounds", -1, "merged_accuracy") for r in _dig(s, "runs", method) or []}
+
+    copra, lora = merged("copra"), merged("lora")
+    seeds = [k for k in copra if k in lora and copra[k] is not None and lora[k] is not None]
+    return [_paired("CopRA's merged (server) accuracy is above LoRA's", [copra[k] for k in seeds],
+                    [lora[k] for k in seeds])]
 
 
 def _multitask(s: dict) -> list[Check]:
-    merged = lambda m: _ms(_dig(s, "methods", m, "merged", "average"))  # noqa: E731
-    return [_compare("CopRA's merged adapter is more accurate than LoRA's (average over tasks)",
-                     merged("copra"), merged("lora"))]
+    def average(method: str) -> list[float]:
+        runs = _dig(s, "methods", method, "runs") or []
+        return [statistics.fmean(r["merged"].values()) for r in runs if _dig(r, "merged")]
+
+    return [_paired("CopRA's merged adapter is more accurate than LoRA's (average over tasks)",
+                    average("copra"), average("lora"))]
 
 
 def _shapley(s: dict) -> list[Check]:
-    copra, lora = _dig(s, "methods", "copra", "mean"), _dig(s, "methods", "lora", "mean")
+    copra, lora = ([r.get("values") for r in _dig(s, "methods", m, "runs") or []] for m in ("copra", "lora"))
     claim = "CopRA's layers have higher Shapley values than LoRA's, in most layers"
-    if not copra or not lora or len(copra) != len(lora):
-        return [(claim, UNMEASURED, "needs per-layer values of both LoRA and CopRA")]
-    higher = sum(a > b for a, b in zip(copra, lora))
-    return [(claim, HELD if higher > len(copra) / 2 else NOT_HELD, f"higher in {higher} of {len(copra)} layers"),
-            _compare("CopRA's weakest layer is worth more than LoRA's weakest", (min(copra), None), (min(lora), None),
-                     unit=1, digits=4)]
+    if not copra or not lora or not copra[0] or len(copra) != len(lora) or len(copra[0]) != len(lora[0]):
+        return [(claim, UNMEASURED, "needs per-seed, per-layer values of both LoRA and CopRA")]
+    layers = [compare([v[j] for v in copra], [v[j] for v in lora], CONFIDENCE) for j in range(len(copra[0]))]
+    count = {v: sum(c.verdict == v for c in layers) for v in (HELD, REVERSED)}
+    status = next((v for v in (HELD, REVERSED) if count[v] > len(layers) / 2), NO_DIFFERENCE)
+    numbers = (f"held in {count[HELD]}, reversed in {count[REVERSED]} of {len(layers)} layers; per layer "
+               + "; ".join(f"{j}: {1e2 * c.difference:+.2f}" for j, c in enumerate(layers)) + " (x1e-2)")
+    return [(claim, status, numbers),
+            _paired("CopRA's weakest layer is worth more than LoRA's weakest", [min(v) for v in copra],
+                    [min(v) for v in lora], unit=1, digits=4)]
 
 
 def _landscape(s: dict) -> list[Check]:
-    half = next((i for i, a in enumerate(s.get("alphas") or []) if abs(a - 0.5) < 1e-9), None)
-    claims = ("CopRA's fusion at alpha = 0.5 is above LoRA's", "LoRA Align raises CopRA's fusion at alpha = 0.5")
-    if half is None:
-        return [(claim, UNMEASURED, "alpha = 0.5 was not evaluated") for claim in claims]
+    from copra.experiments.common import barrier
 
-    def at(curve: str) -> tuple[float, float | None] | None:
-        row = _dig(s, "curves", curve)
-        if _dig(row, "mean", half) is None:
-            return None
-        pairs = len(_dig(row, "accuracy") or [])
-        return row["mean"][half], _dig(row, "std", half) if pairs > 1 else None  # one pair: no spread to show
+    alphas = s.get("alphas") or []
+    half = next((i for i, a in enumerate(alphas) if abs(a - 0.5) < 1e-9), None)
+    curves = lambda name: _dig(s, "curves", name, "accuracy") or []  # noqa: E731 [pair][alpha]
+    def pick(name: str, f) -> list[float]:
+        """f of each disjoint pair's curve; pairs are consecutive seeds (0,1), (1,2), ...: keep (0,1), (2,3), ..."""
+        pairs = curves(name)
+        return [f(pairs[k]) for k in disjoint_pairs([(k, k + 1) for k in range(len(pairs))])]
 
-    return [_compare(claims[0], at("copra/fusion"), at("lora/fusion")),
-            _compare(claims[1], at("copra+align/fusion"), at("copra/fusion"), names=("with Align", "without"))]
+    at_half = lambda name: pick(name, lambda a: a[half]) if half is not None else None  # noqa: E731
+    barriers = lambda name: pick(name, lambda a: barrier(a, alphas))  # noqa: E731
+    return [_paired("CopRA's fusion at alpha = 0.5 is above LoRA's", at_half("copra/fusion"), at_half("lora/fusion")),
+            _paired("CopRA's fusion barrier is lower than LoRA's", barriers("copra/fusion"), barriers("lora/fusion"),
+                    lower=True),
+            _paired("LoRA Align raises CopRA's fusion at alpha = 0.5", at_half("copra+align/fusion"),
+                    at_half("copra/fusion"), names=("with Align", "without"))]
 
 
 def _pruning(s: dict) -> list[Check]:
-    def mean_over(kind: str, method: str) -> tuple[float, None] | None:
-        rows, other = _dig(s, kind, method), _dig(s, kind, "lora" if method == "copra" else "copra")
-        keys = [k for k in rows or {} if k in (other or {}) and k not in ("all", "0", "0.0")]
-        return (statistics.fmean(rows[k]["mean"] for k in keys), None) if keys else None
+    def per_seed(kind: str, method: str, only: str | None = None) -> list[float] | None:
+        rows, other = _dig(s, kind, method) or {}, _dig(s, kind, "lora" if method == "copra" else "copra") or {}
+        keys = [k for k in rows if k in other and k not in ("all", "0", "0.0") and only in (None, k)]
+        values = [_dig(rows, k, "values") for k in keys]
+        if not keys or any(not v or len(v) != len(values[0]) for v in values):
+            return None
+        return [statistics.fmean(v[i] for v in values) for i in range(len(values[0]))]
 
-    return [_compare(f"CopRA keeps more accuracy under {kind} pruning (mean over the pruned settings)",
-                     mean_over(kind, "copra"), mean_over(kind, "lora")) for kind in ("structured", "unstructured")]
+    checks = [_paired(f"CopRA keeps more accuracy under {kind} pruning (mean over the pruned settings)",
+                      per_seed(kind, "copra"), per_seed(kind, "lora")) for kind in ("structured", "unstructured")]
+    return checks + [_paired("CopRA keeps more accuracy with every other layer's adapter dropped",
+                             per_seed("structured", "copra", "every_other"), per_seed("structured", "lora", "every_other"))]
 
 
-def _curves(rows: list[dict]) -> list[Check]:
-    """Fig. 6c: the best CopRA setting against the best LoRA setting, step by step."""
+def _pair_scores(merged: Sequence[float], seeds: int) -> list[float]:
+    """The merged accuracies of disjoint seed pairs, from the list over itertools.combinations(seeds, 2)."""
+    pairs = list(itertools.combinations(range(seeds), 2))
+    return [merged[k] for k in disjoint_pairs(pairs)] if len(merged) == len(pairs) else []
+
+
+def _curves(s: dict) -> list[Check]:
+    """Fig. 6c: the best CopRA setting against the best LoRA setting, step by step (`crossover.curves`)."""
+    from copra.experiments.crossover import curves
+
     claim = "the best CopRA setting's merged accuracy is above the best LoRA setting's over training steps"
-    best = {}
-    for prefix in ("CopRA", "LoRA"):
-        mine = [r for r in rows if str(r.get("variant", "")).startswith(prefix) and "curve" in r]
-        if mine:
-            best[prefix] = max(mine, key=lambda r: r["merged_mean"])
-    if len(best) < 2:
-        return [(claim, UNMEASURED, "needs CopRA and LoRA variants with curves")]
-    c, l = best["CopRA"]["curve"], best["LoRA"]["curve"]
-    steps = [k for k in c["steps"] if k in l["steps"]]
-    wins = sum(c["merged_mean"][c["steps"].index(k)] > l["merged_mean"][l["steps"].index(k)] for k in steps)
-    return [(claim, HELD if wins == len(steps) else PARTLY if wins else NOT_HELD,
-             f"above at {wins} of {len(steps)} steps ({best['CopRA']['variant']} vs {best['LoRA']['variant']}; final "
-             f"{100 * best['CopRA']['merged_mean']:.1f} vs {100 * best['LoRA']['merged_mean']:.1f})")]
+    data = curves(s)
+    if data is None:
+        return [(claim, UNMEASURED, "needs CopRA and LoRA variants with per-pair curves (rerun with this version)")]
+    numbers = "; ".join(f"step {k}: {describe(x)}" for k, x in zip(data["steps"], data["merged"]))
+    return [(claim, combine([x.verdict for x in data["merged"]]), f"{data['names'][0]} vs {data['names'][1]}: {numbers}")]
 
 
 def _sweep(s: dict) -> list[Check]:
     rows = [r for r in s.get("points") or [] if isinstance(r, dict)]
     if any("curve" in r for r in rows):
-        return _curves(rows)
+        return _curves(s)
     names = {r.get("variant") for r in rows}
     copra = "CopRA" if "CopRA" in names else "CopRA linear"
     by = {v: {r["label"]: r for r in rows if r.get("variant") == v} for v in (copra, "LoRA")}
     common = [k for k in by[copra] if k in by["LoRA"]]
-    claim = "CopRA's merged accuracy (fused seed pairs) is above LoRA's at every setting"
+    claim = "CopRA's merged accuracy (fused disjoint seed pairs) is above LoRA's at every setting"
     if not common:
         return [(claim, UNMEASURED, "needs LoRA and CopRA at the same settings")]
-    wins = sum(by[copra][k]["merged_mean"] > by["LoRA"][k]["merged_mean"] for k in common)
-    numbers = "; ".join(f"{k}: {100 * by[copra][k]['merged_mean']:.1f} vs {100 * by['LoRA'][k]['merged_mean']:.1f}"
-                        for k in common)
-    step = lambda v: (statistics.fmean(by[v][k]["seconds_per_step"] for k in common), None)  # noqa: E731
-    return [(claim, HELD if wins == len(common) else PARTLY if wins else NOT_HELD,
-             f"above in {wins} of {len(common)} ({copra} vs LoRA: {numbers})"),
-            _compare("CopRA's training step is cheaper than LoRA's (s/step)", step(copra), step("LoRA"), unit=1,
-                     digits=3, lower=True)]
+    seeds = len(_dig(s, "config", "seeds") or [])
+    checks = [_paired(k, _pair_scores(by[copra][k].get("merged") or [], seeds),
+                      _pair_scores(by["LoRA"][k].get("merged") or [], seeds)) for k in common]
+    step = lambda v: [t for k in common for t in (by[v][k].get("step_seconds") or [])]  # noqa: E731
+    return [(claim, combine([status for _, status, _ in checks]),
+             f"{copra} vs LoRA: " + "; ".join(f"{k}: {status}, {numbers}" for k, status, numbers in checks)),
+            _paired("CopRA's training step is cheaper than LoRA's (s/step; pairs: setting x seed)", step(copra),
+                    step("LoRA"), unit=1, digits=3, lower=True, what="run")]
 
 
 def _sweep_place(s: dict) -> tuple[str, float]:
@@ -214,6 +254,5 @@ def judge(name: str, summary: dict) -> list[Check]:
 
 
 def overall(checks: list[Check]) -> str:
-    """One status for a section: held / did not hold when every measured check agrees, else partly held."""
-    measured = {status for _, status, _ in checks if status != UNMEASURED}
-    return UNMEASURED if not measured else measured.pop() if len(measured) == 1 else PARTLY
+    """One status for a section: the checks' common status, else partly held / partly reversed / mixed."""
+    return combine([status for _, status, _ in checks])
