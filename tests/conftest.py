@@ -93,3 +93,15 @@ def interrupted_run(config, out, at_step: int, monkeypatch) -> None:
     with pytest.raises(KeyboardInterrupt):
         training.train(config, output_dir=out)
     monkeypatch.setattr(training, "_save_checkpoint", real)
+
+
+def train_sets(model: str, out, **extra) -> list[str]:
+    """`--set key=value` arguments for a tiny checkpointing `copra train` run into `out`."""
+    values = dict(model=model, task="parl_party", shots=2, steps=4, batch_size=4, eval_examples=12, max_length=16,
+                  progress="false", checkpoint_every=1, output_dir=str(out)) | extra
+    return [arg for key, value in values.items() for arg in ("--set", f"{key}={value}")]
+
+
+def files_under(folder) -> list[str]:
+    """Every path below `folder`, relative and sorted ([] when it does not exist)."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) if folder.exists() else []

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from conftest import files_under, train_sets
 
 from copra.cli import main
 from copra.experiments import suite
@@ -37,16 +38,6 @@ def _foreign_lock(folder: Path, pid: int = 4242, host: str = "elsewhere"):
         yield path
     finally:
         os.close(fd)
-
-
-def _sets(model: str, out: Path, **extra) -> list[str]:
-    values = dict(model=model, task="parl_party", shots=2, steps=4, batch_size=4, eval_examples=12, max_length=16,
-                  progress="false", checkpoint_every=1, output_dir=str(out)) | extra
-    return [arg for key, value in values.items() for arg in ("--set", f"{key}={value}")]
-
-
-def _files(folder: Path) -> list[str]:
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) if folder.exists() else []
 
 
 def test_lock_is_reentrant_names_its_holder_and_leaves_nothing(tmp_path):
@@ -90,8 +81,8 @@ def test_every_writing_command_is_refused_while_another_process_holds_its_folder
     adapter = Path(train(tiny_run_config(tiny_text_model), output_dir=tmp_path / "a").adapter_dir)
     model = ["--set", f"model={tiny_text_model}"]
     commands = {
-        "train": (["train", *_sets(tiny_text_model, tmp_path / "busy")], tmp_path / "busy"),
-        "train --resume": (["train", "--resume", *_sets(tiny_text_model, tmp_path / "busy")], tmp_path / "busy"),
+        "train": (["train", *train_sets(tiny_text_model, tmp_path / "busy")], tmp_path / "busy"),
+        "train --resume": (["train", "--resume", *train_sets(tiny_text_model, tmp_path / "busy")], tmp_path / "busy"),
         "pruning": (["pruning", "-o", str(tmp_path / "busy"), *model], tmp_path / "busy"),
         "sweep": (["sweep", "-o", str(tmp_path / "busy"), *model], tmp_path / "busy"),
         "reproduce": (["reproduce", "-o", str(tmp_path / "busy"), "-q", *model], tmp_path / "busy"),
@@ -106,7 +97,7 @@ def test_every_writing_command_is_refused_while_another_process_holds_its_folder
         err = capsys.readouterr().err
         assert code == 2 and err.count("\n") == 1, (name, err)
         assert f"copra: error: {folder} is in use by another copra process (PID 4242 on elsewhere, started " in err, name
-        assert not folder.exists(), (name, _files(folder))  # nothing written
+        assert not folder.exists(), (name, files_under(folder))  # nothing written
 
 
 def test_a_locked_run_folder_inside_a_suite_is_refused_before_training(tiny_text_model, tmp_path):
@@ -140,7 +131,7 @@ def test_four_concurrent_trains_into_one_folder_exactly_one_wins_and_its_adapter
 
     out = tmp_path / "run"
     seeds = [11, 12, 13, 14]
-    processes = [_copra("train", *_sets(tiny_text_model, out, steps=30, seed=seed, method="copra")) for seed in seeds]
+    processes = [_copra("train", *train_sets(tiny_text_model, out, steps=30, seed=seed, method="copra")) for seed in seeds]
     done = [_finish(p) for p in processes]
     winners = [i for i, (code, _, _) in enumerate(done) if code == 0]
     print("exit codes:", [code for code, _, _ in done], "refusals:", [err.strip() for code, _, err in done if code])
@@ -171,7 +162,7 @@ def test_a_second_reproduce_on_one_results_folder_is_refused(tiny_text_model, tm
     def first_suite(out_, *args):  # stands in for the suite's steps, inside the real reproduce()
         process = _copra("reproduce", "-o", str(out), "-q", "--set", f"model={tiny_text_model}", "--set", "seeds=0,1")
         second["code"], second["out"], second["err"] = _finish(process)
-        second["files"] = _files(out)
+        second["files"] = files_under(out)
         return {"report": ()}
 
     monkeypatch.setattr(suite, "_reproduce", first_suite)
@@ -186,7 +177,7 @@ def test_a_run_sigkilled_while_holding_the_lock_resumes_without_clean_up(tiny_te
     from copra.checkpoint import latest_checkpoint
 
     out = tmp_path / "run"
-    sets = _sets(tiny_text_model, out, steps=40)
+    sets = train_sets(tiny_text_model, out, steps=40)
     process = _copra("train", *sets)
     deadline = time.monotonic() + 120
     while latest_checkpoint(out / "checkpoints") is None and process.poll() is None and time.monotonic() < deadline:

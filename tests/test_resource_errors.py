@@ -12,22 +12,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import files_under, train_sets
 
 from copra import locks
 from copra.cli import main
 from copra.locks import lock_path
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-
-
-def _sets(model: str, out: Path, **extra) -> list[str]:
-    values = dict(model=model, task="parl_party", shots=2, steps=4, batch_size=4, eval_examples=12, max_length=16,
-                  progress="false", checkpoint_every=1, output_dir=str(out)) | extra
-    return [arg for key, value in values.items() for arg in ("--set", f"{key}={value}")]
-
-
-def _files(folder: Path) -> list[str]:
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) if folder.exists() else []
 
 
 def _cli(capsys, *argv):
@@ -65,7 +56,7 @@ def test_disk_full_mid_checkpoint_is_one_line_and_keeps_the_previous_checkpoint(
     from copra.checkpoint import load_checkpoint
 
     out = tmp_path / "run"
-    sets = _sets(tiny_text_model, out, steps=6, checkpoint_every=2)
+    sets = train_sets(tiny_text_model, out, steps=6, checkpoint_every=2)
     monkeypatch.setattr(checkpoint, "save_file", _full_disk_after(1000, fail_at_call=2, kind=kind))
     code, stdout, err = _cli(capsys, "train", *sets)
     with capsys.disabled():  # the message as printed, for the record (-s)
@@ -108,13 +99,13 @@ def test_read_only_output_folder_is_one_line(tiny_text_model, tmp_path, capsys, 
     readonly = tmp_path / "ro"  # the output folder itself is read-only (its parent is not)
     readonly.mkdir()
     _read_only(monkeypatch, readonly)
-    code, _, err = _cli(capsys, "train", "--resume", *_sets(tiny_text_model, readonly, checkpoint_every=2))
+    code, _, err = _cli(capsys, "train", "--resume", *train_sets(tiny_text_model, readonly, checkpoint_every=2))
     assert code == 2 and err.count("\n") == 1
     assert f"copra: error: cannot create the folder {readonly / 'checkpoints'}: Read-only file system (EROFS)" in err
     code, _, err = _cli(capsys, "merge", adapter, adapter, "-o", str(readonly / "merged"))  # the lock file: 1st write
     assert code == 2 and err.count("\n") == 1
     assert f"cannot lock {readonly / 'merged'}: {readonly / '.merged.copra-lock'}: Read-only file system" in err
-    assert _files(readonly) == []
+    assert files_under(readonly) == []
 
 
 @pytest.mark.parametrize("code", ["EACCES", "EPERM", "EDQUOT", "EROFS", "ENOSPC"])
@@ -139,7 +130,7 @@ def test_atomic_writers_turn_resource_errors_into_one_line_and_leave_nothing(tmp
         save_adapter(state, {"peft_type": "LORA", "r": 2, "target_modules": ["m"]}, tmp_path / "adapter")
     with pytest.raises(ResourceError, match=rf"^cannot write {tmp_path / 'x.json'}: .* \({code}\); "):
         write_json(tmp_path / "x.json", {"a": 1})
-    assert _files(tmp_path) == []
+    assert files_under(tmp_path) == []
 
 
 def test_other_os_errors_keep_their_traceback_and_ctrl_c_releases_the_lock(tiny_text_model, tmp_path, monkeypatch):
@@ -169,7 +160,7 @@ def test_folder_deleted_under_a_running_job_stops_it_with_one_line(tiny_text_mod
         return folder
 
     monkeypatch.setattr(training, "_save_checkpoint", save_then_delete)
-    code, _, err = _cli(capsys, "train", *_sets(tiny_text_model, out, steps=6, checkpoint_every=2))
+    code, _, err = _cli(capsys, "train", *train_sets(tiny_text_model, out, steps=6, checkpoint_every=2))
     assert code == 2 and err.count("\n") == 1
     assert f"{out} was deleted or replaced while this process was writing to it" in err
     assert not out.exists()  # not silently re-created
@@ -190,7 +181,7 @@ def test_out_of_memory_in_training_is_one_line_with_the_batch_size(tiny_text_mod
 
     monkeypatch.setattr(training.F, "cross_entropy", oom_at_step_3)
     out = tmp_path / "run"
-    code, _, err = _cli(capsys, "train", *_sets(tiny_text_model, out, steps=6, checkpoint_every=1, method="lora"))
+    code, _, err = _cli(capsys, "train", *train_sets(tiny_text_model, out, steps=6, checkpoint_every=1, method="lora"))
     assert code == 2 and err.count("\n") == 1
     assert "out of memory training lora on parl_party with batch_size 4" in err and "grad_accum" in err
     assert f"kept in {out / 'checkpoints' / 'step-00000002'}" in err
@@ -212,8 +203,8 @@ def test_a_real_full_disk_and_a_real_read_only_folder_give_one_line(tiny_text_mo
     train = f"{sys.executable} -m copra.cli train"
     done = _in_private_mounts(
         f"mount -t tmpfs -o size=256k tmpfs {full} && mount --bind -o ro {readonly} {readonly} && "
-        f"{train} {' '.join(_sets(tiny_text_model, full / 'run', steps=4, rank=64, checkpoint_every=1))}; echo rc=$?; "
-        f"{train} {' '.join(_sets(tiny_text_model, readonly / 'run', steps=4))}; echo rc=$?")
+        f"{train} {' '.join(train_sets(tiny_text_model, full / 'run', steps=4, rank=64, checkpoint_every=1))}; echo rc=$?; "
+        f"{train} {' '.join(train_sets(tiny_text_model, readonly / 'run', steps=4))}; echo rc=$?")
     lines = done.stderr.strip().splitlines()
     print("\n" + "\n".join(lines[-2:]))
     assert done.stdout.split() == ["rc=2", "rc=2"]
