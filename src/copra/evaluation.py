@@ -57,6 +57,33 @@ def prepare_data(config: TrainConfig) -> FewShotData:
     )
 
 
+def validation_data(config: TrainConfig, examples: int | None = None) -> FewShotData:
+    """The run's data with its evaluation set replaced by a validation split of the training pool.
+
+    The split is class-balanced, at most `examples` (default: config.eval_examples) long, and holds
+    none of the run's few-shot training examples (seeded by config.seed) nor anything of the test split.
+    """
+    from copra.data.fewshot import few_shot_indices, validation_indices
+
+    data = prepare_data(config)  # checks the task and the shots
+    task = _load_task(config)
+    train = few_shot_indices(task.train_labels, config.shots, config.seed, task.num_classes)
+    held = validation_indices(task.train_labels, train, examples or config.eval_examples, seed=config.seed)
+    pool = _examples(task, "train")
+    return FewShotData(data.task, data.class_names, data.prompts, data.train_x, data.train_y,
+                       tuple(pool[i] for i in held), tuple(task.train_labels[i] for i in held))
+
+
+def _load_task(config: TrainConfig):
+    if config.backbone == "clip":
+        from copra.data.coop import load_coop_task
+
+        return load_coop_task(config.data_root, config.task)
+    from copra.data.text_tasks import load_task
+
+    return load_task(config.task)
+
+
 def _examples(task, split: str) -> Sequence[Any]:
     # text tasks name them *_texts, image tasks *_images
     return getattr(task, f"{split}_texts", None) or getattr(task, f"{split}_images")

@@ -83,3 +83,18 @@ def eval_indices(labels: Sequence[int], max_examples: int | None, seed: int = 0)
     for idx, k in zip(members, counts):
         chosen += rng.sample(idx, k)
     return sorted(chosen)
+
+
+def validation_indices(labels: Sequence[int], exclude: Sequence[int], max_examples: int | None,
+                       seed: int = 0) -> list[int]:
+    """A class-balanced subsample of the indices not in ``exclude`` (the run's few-shot training set).
+
+    Why: choices made from adapter scores (which layers to keep) must be made on data the adapter was
+    not trained on and the test split never sees; the rest of the training pool is that data.
+    """
+    taken = set(exclude)
+    rest = [i for i in range(len(labels)) if i not in taken]
+    if not rest:
+        raise UserError("no training examples are left for a validation split after the few-shot sample")
+    chosen = eval_indices([labels[i] for i in rest], max_examples, seed=seed)
+    return [rest[i] for i in chosen]
