@@ -156,6 +156,14 @@ def render_rows(table: dict[str, Any]) -> list[str]:
                       f"{100 * row['best_fixed']['mean']:.1f} ({row['best_fixed']['scheme']})",
                       f"{100 * row['random']['mean']:.1f} ± {100 * row['random']['std']:.1f}"]
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for m in methods:
+        rows = table["methods"][m]["summary"]
+        lost = {other: [k for k in map(str, table["keep"]) if rows[k]["shapley"]["mean"] < rows[k][other]["mean"]]
+                for other in ("best_fixed", "random")}
+        lines.append(f"- {m}: Shapley-guided keeping is below the best fixed scheme at K = "
+                     f"{', '.join(lost['best_fixed']) or 'none'} and below the random mean at K = "
+                     f"{', '.join(lost['random']) or 'none'}.")
     return lines + [""]
 
 
