@@ -14,6 +14,8 @@ before anything is written, and the folder itself is written atomically by `save
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -147,9 +149,6 @@ def read_values(path: str | Path, adapter: Path) -> tuple[list[str], list[float]
     From a summary: the run whose folder is `adapter`; else the mean over seeds of the method the
     adapter was trained with (its copra.json); else the only run in the file.
     """
-    import json
-    import math
-
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
