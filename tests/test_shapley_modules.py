@@ -8,7 +8,7 @@ import pytest
 from conftest import tiny_run_config
 from copra.errors import UserError
 from copra.evaluation import prepare_data
-from copra.experiments.shapley_layers import ShapleyConfig, module_grid, run_from_adapters
+from copra.experiments.shapley_layers import ShapleyConfig, block_label, module_grid, run_from_adapters
 from copra.training import train
 
 
@@ -17,6 +17,12 @@ def test_module_grid_places_each_player_in_its_block_and_projection():
     blocks, projections, grid = module_grid(players[:-1], list(range(5)))  # block 1 lacks its value module
     assert blocks == ["encoder.layer.0", "encoder.layer.1"] and projections == ["query", "key", "value"]
     assert grid[0].tolist() == [0, 1, 2] and grid[1, :2].tolist() == [3, 4] and np.isnan(grid[1, 2])
+
+
+@pytest.mark.parametrize("block, label", [("encoder.layer.3", "3"), ("text_model.encoder.layers.11", "text_model 11"),
+                                          ("vision_model.encoder.layers.0", "vision_model 0"), ("transformer.h.2", "transformer 2")])
+def test_block_labels_keep_towers_apart(block, label):
+    assert block_label(block) == label
 
 
 def test_module_level_shapley_experiment(tiny_text_model, tmp_path):

@@ -13,6 +13,7 @@ block x projection per method.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -165,6 +166,11 @@ def plot(summary: dict, path: Path) -> Path:
     return save_figure(figure, path, dpi=110)
 
 
+def block_label(block: str) -> str:
+    """'encoder.layer.3' -> '3'; 'vision_model.encoder.layers.3' -> 'vision_model 3' (towers stay apart)."""
+    return re.sub(r"(?:^|\.)(?:encoder\.)?(?:layer|layers|h|block|blocks)\.(?=\d+$)", " ", block).strip()
+
+
 def plot_heatmap(summary: dict, path: Path) -> Path:
     """One block x projection heat map per method, on one colour scale centred at 0."""
     from matplotlib.colors import TwoSlopeNorm
@@ -181,7 +187,7 @@ def plot_heatmap(summary: dict, path: Path) -> Path:
             if np.isfinite(value):
                 ax.text(j, i, f"{value:+.3f}", ha="center", va="center", fontsize=7)
         ax.set_xticks(range(len(projections)), projections)
-        ax.set_yticks(range(len(blocks)), [b.rsplit(".", 1)[-1] for b in blocks])
+        ax.set_yticks(range(len(blocks)), [block_label(b) for b in blocks])
         ax.set_xlabel("projection")
         ax.set_title(LABELS.get(method, method))
     axes[0].set_ylabel("block")
@@ -227,7 +233,7 @@ def render_modules(summary: dict) -> str:
         lines += [f"**{LABELS.get(method, method)}** (sum = v(all) - v(none): {sum(row['mean']):+.4f})", "",
                   "| block | " + " | ".join(projections) + " |", "|---|" + "---|" * len(projections)]
         for i, block in enumerate(blocks):
-            lines.append(f"| {block.rsplit('.', 1)[-1]} | " + " | ".join(
+            lines.append(f"| {block_label(block)} | " + " | ".join(
                 "-" if not np.isfinite(grid[i, j]) else f"{grid[i, j]:+.4f} ± {se[i, j]:.4f}"
                 for j in range(len(projections))) + " |")
         lines.append("")
