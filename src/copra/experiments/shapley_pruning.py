@@ -177,6 +177,7 @@ def plot_panel(table: dict[str, Any], axes) -> None:
             axes.errorbar(ks, [100 * r["mean"] for r in rows], yerr=[100 * r["std"] for r in rows], color=colour,
                           linestyle=style, marker="o" if name == "shapley" else None, capsize=2,
                           label=f"{method} {name.replace('_', ' ')}")
+    axes.set_xticks(ks)
     axes.set_xlabel("layers kept (K)")
     axes.set_ylabel("accuracy (%)")
     axes.set_title("keep K layers: Shapley vs fixed vs random")
