@@ -230,7 +230,9 @@ def render_modules(summary: dict) -> str:
     for method, row in summary["methods"].items():
         blocks, projections, grid = module_grid(row["players"], row["mean"])
         _, _, se = module_grid(row["players"], row.get("estimator_se") or [float("nan")] * len(row["players"]))
-        lines += [f"**{LABELS.get(method, method)}** (sum = v(all) - v(none): {sum(row['mean']):+.4f})", "",
+        gain = np.mean([r["v_full"] - r["v_empty"] for r in row["runs"]])
+        lines += [f"**{LABELS.get(method, method)}** (sum of values {sum(row['mean']):+.4f}; "
+                  f"v(all) - v(none) {gain:+.4f})", "",
                   "| block | " + " | ".join(projections) + " |", "|---|" + "---|" * len(projections)]
         for i, block in enumerate(blocks):
             lines.append(f"| {block_label(block)} | " + " | ".join(
