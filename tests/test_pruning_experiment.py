@@ -56,7 +56,8 @@ def test_shapley_experiment_on_trained_adapters(tiny_text_model, tmp_path):
         row = summary["methods"][method]
         assert row["players"] == ["encoder.layer.0", "encoder.layer.1", "encoder.layer.2"]
         run = row["runs"][0]
-        assert sum(run["exact"]) == pytest.approx(run["v_full"] - run["v_empty"], abs=1e-9)  # efficiency
-        assert run["max_abs_error"] == pytest.approx(max(abs(a - b) for a, b in zip(run["exact"], run["values"])))
+        # 16 samples pay for all 2^3 coalitions: the estimator returns the exact values, nothing to compare
+        assert run["method"] == "exact" and "exact" not in run and row["max_abs_error"] is None
+        assert sum(run["values"]) == pytest.approx(run["v_full"] - run["v_empty"], abs=1e-9)  # efficiency
     assert (tmp_path / "out" / "shapley.png").stat().st_size > 1000
     assert "| layer |" in (tmp_path / "out" / "shapley.md").read_text()

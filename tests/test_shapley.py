@@ -113,24 +113,25 @@ def test_permutation_is_efficient_per_sample(antithetic):
 
 
 def test_multilinear_is_efficient_within_its_error():
-    result = multilinear(interacting, 6, 400, seed=1)
+    result = multilinear(interacting, 6, 400, seed=1, exact_when_affordable=False)
     gap = abs(result.values.sum() - (result.v_full - result.v_empty))
     assert gap < 4 * result.stderr.sum()  # std of a sum <= sum of stds
 
 
 def test_multilinear_is_exact_on_an_additive_game():
-    result = multilinear(additive, len(W), 8, seed=0)
+    result = multilinear(additive, len(W), 8, seed=0, exact_when_affordable=False)
     np.testing.assert_allclose(result.values, W, atol=1e-12)
-    np.testing.assert_allclose(result.stderr, 0, atol=1e-12)
+    # the marginals are constant but differ between players: the floor keeps the stderr honest, ~d/m
+    assert np.all(result.stderr > 0) and np.all(result.stderr < np.ptp(W) / 4)
 
 
 @pytest.mark.parametrize(
     "estimate",
     [
-        lambda s, seed: permutation(interacting, 6, s, seed),
-        lambda s, seed: permutation(interacting, 6, s, seed, antithetic=True),
-        lambda s, seed: multilinear(interacting, 6, s, seed),
-        lambda s, seed: multilinear(interacting, 6, s, seed, antithetic=False),
+        lambda s, seed: permutation(interacting, 6, s, seed, exact_when_affordable=False),
+        lambda s, seed: permutation(interacting, 6, s, seed, antithetic=True, exact_when_affordable=False),
+        lambda s, seed: multilinear(interacting, 6, s, seed, exact_when_affordable=False),
+        lambda s, seed: multilinear(interacting, 6, s, seed, antithetic=False, exact_when_affordable=False),
     ],
     ids=["permutation", "permutation-antithetic", "multilinear", "multilinear-plain"],
 )
@@ -148,13 +149,14 @@ def test_samplers_converge_to_exact(estimate):
 
 def test_samplers_on_majority_game():
     truth = np.array([1 / 2, 1 / 6, 1 / 6, 1 / 6])
-    for result in (permutation(majority, 4, 2000, seed=0), multilinear(majority, 4, 2000, seed=0)):
+    for result in (permutation(majority, 4, 2000, seed=0, exact_when_affordable=False),
+                   multilinear(majority, 4, 2000, seed=0, exact_when_affordable=False)):
         np.testing.assert_allclose(result.values, truth, atol=0.05)
 
 
 def test_multilinear_symmetric_game():
     n = 8
-    result = multilinear(symmetric, n, 1000, seed=2)
+    result = multilinear(symmetric, n, 1000, seed=2, exact_when_affordable=False)
     expected = (symmetric([True] * n) - symmetric([False] * n)) / n
     assert np.all(np.abs(result.values - expected) <= 5 * result.stderr)
 
@@ -162,10 +164,62 @@ def test_multilinear_symmetric_game():
 @pytest.mark.parametrize("name", ["permutation", "multilinear"])
 def test_samplers_reproducible_by_seed(name):
     run = ESTIMATORS[name]
-    a, b, c = (run(interacting, 6, 50, seed) for seed in (7, 7, 8))
+    a, b, c = (run(interacting, 6, 50, seed, exact_when_affordable=False) for seed in (7, 7, 8))
     np.testing.assert_array_equal(a.values, b.values)
     np.testing.assert_array_equal(a.stderr, b.stderr)
     assert not np.array_equal(a.values, c.values)
+
+
+# -- exact when affordable, a standard error that is not falsely 0 ------------------------------------
+@pytest.mark.parametrize("name", ["permutation", "multilinear"])
+def test_samplers_switch_to_exact_when_the_budget_covers_every_coalition(name):
+    # n = 6: 2^6 = 64 coalitions. permutation: 13 * 5 + 2 = 67 >= 64; multilinear: 10 * 7 + 2 = 72 >= 64
+    samples = {"permutation": 13, "multilinear": 10}[name]
+    counted, calls = counting(interacting)
+    result = ESTIMATORS[name](counted, 6, samples, seed=3)
+    assert result.method == "exact" and result.samples == 0 and len(calls) == 2**6
+    np.testing.assert_allclose(result.values, brute_force(interacting, 6), atol=1e-12)
+    np.testing.assert_array_equal(result.stderr, 0)
+    # one permutation (or antithetic pair) fewer: the budget is short of 2^6, so it samples
+    below = ESTIMATORS[name](interacting, 6, samples - (1 if name == "permutation" else 2), seed=3)
+    assert below.method == name and below.samples > 0
+    assert not np.allclose(below.values, result.values)
+
+
+def test_exact_when_affordable_respects_max_players():
+    # 17 players: 2^17 coalitions exceed the exact enumerator's limit, whatever the budget
+    result = permutation(lambda m: float(sum(m)), 17, 10_000, seed=0)
+    assert result.method == "permutation"
+
+
+def threshold(mask, quota=3):
+    """A 0/1 game on 6 players: 1 once the weighted count reaches the quota (marginals are 0 or 1)."""
+    weights = (2, 1, 1, 1, 1, 1)
+    return float(sum(w for w, on in zip(weights, mask) if on) >= quota)
+
+
+@pytest.mark.parametrize("name", ["permutation", "multilinear"])
+def test_zero_one_game_gets_a_nonzero_stderr_for_every_player(name):
+    truth = exact(threshold, 6).values
+    for seed in range(20):
+        samples = 4 if name == "multilinear" else 3
+        result = ESTIMATORS[name](threshold, 6, samples, seed=seed, exact_when_affordable=False)
+        assert np.all(result.stderr > 0), (seed, result.values, result.stderr)
+    # coverage of +-2 SE over many small-sample runs stays high (it fell to 0.24-0.79 with zeros)
+    hits = [np.abs(r.values - truth) <= 2 * r.stderr
+            for r in (ESTIMATORS[name](threshold, 6, 6, seed=s, exact_when_affordable=False) for s in range(200))]
+    assert np.mean(hits) >= 0.85
+
+
+def test_variance_floor_is_zero_only_when_every_marginal_is_the_same():
+    from copra.shapley import variance_floor
+
+    same = np.full((3, 2), 0.5)
+    assert variance_floor(same, 3, gap=0.0) == 0.0
+    q = 1 / 5
+    assert variance_floor(same, 3, gap=0.5) == pytest.approx(q * (1 - q) * 0.25)  # efficiency missed
+    zero_one = np.array([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])  # constant per player, varying across players
+    assert variance_floor(zero_one, 3, gap=0.0) == pytest.approx(q * (1 - q))
 
 
 # -- the Game wrapper ----------------------------------------------------------------------------
@@ -210,7 +264,7 @@ def test_batched_values_match_scalar(name):
         batches.append(rows)
         return np.array([interacting(r) for r in rows])
 
-    kwargs = {} if name == "exact" else {"samples": 120, "seed": 4}
+    kwargs = {} if name == "exact" else {"samples": 120, "seed": 4, "exact_when_affordable": False}
     scalar = ESTIMATORS[name](interacting, 6, **kwargs)
     batch = ESTIMATORS[name](None, 6, values=values, **kwargs)
     np.testing.assert_allclose(batch.values, scalar.values, atol=1e-12)

@@ -14,6 +14,8 @@ before anything is written, and the folder itself is written atomically by `save
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -21,7 +23,7 @@ from copra.adapters import finite_or_none, load_adapter, read_metadata, save_ada
 from copra.errors import UserError
 from copra.locks import locks_output
 from copra.merge import MERGERS, check_compatible, check_weights, mixture_config
-from copra.prune import STRUCTURED, magnitude, structured
+from copra.prune import STRUCTURED, check_k, keep_players, magnitude, players_of, structured, top_k
 
 
 def _describe(folders: Sequence[Path]) -> str:
@@ -90,24 +92,95 @@ def merge_folders(folders: Sequence[str | Path], method: str = "fusion", weights
 
 @locks_output
 def prune_folder(folder: str | Path, *, output: str | Path, scheme: str | None = None, sparsity: float | None = None,
-                 scope: str = "matrix", overwrite: bool = False) -> Path:
-    """Prune a PEFT adapter folder into `output` (still a PEFT folder): a structured scheme or magnitude sparsity.
+                 scope: str = "matrix", keep_values: str | Path | tuple | None = None, keep: int | None = None,
+                 overwrite: bool = False) -> Path:
+    """Prune a PEFT adapter folder into `output` (still a PEFT folder): a structured scheme, magnitude
+    sparsity, or the `keep` players with the highest Shapley values (`keep_values`: a VALUES.json as
+    `copra shapley` writes it, or a (players, values) pair already computed).
 
     Structured schemes zero whole layers or projections (keys kept, so PEFT loads it); `sparsity`
     zeroes that fraction of the smallest-magnitude A/B entries. UserError on bad input, nothing written.
     """
     folder, output = Path(folder), Path(output)
-    if (scheme is None) == (sparsity is None):
-        raise UserError("prune needs exactly one of a scheme or a sparsity")
+    if sum(x is not None for x in (scheme, sparsity, keep_values)) != 1:
+        raise UserError("prune needs exactly one of a scheme, a sparsity or Shapley values to keep by")
+    if (keep_values is None) != (keep is None):
+        raise UserError("keeping by Shapley values needs both the values and K (--keep-by-shapley with --keep)")
     if scheme is not None and scheme not in STRUCTURED:
         raise UserError(f"unknown pruning scheme {scheme!r}; choose from {list(STRUCTURED)}")
+    check_output(folder, output, overwrite)
+    if keep_values is not None and not isinstance(keep_values, tuple):
+        keep_values = Path(keep_values)
+    state, config = load_adapter(folder)
+    metadata = {"pruned": True, "input": str(folder.resolve()), "scheme": scheme, "sparsity": sparsity,
+                "scope": scope if sparsity is not None else None,
+                "input_metadata": {k: _metadata(folder).get(k) for k in ("method", "task", "seed", "accuracy")}}
+    if keep_values is not None:
+        players, values = keep_values if isinstance(keep_values, tuple) else read_values(keep_values, folder)
+        players, values = list(players), list(values)
+        kept = choose_players(state, players, values, keep)
+        pruned = keep_players(state, kept)
+        metadata["keep_by_shapley"] = {"source": "auto" if isinstance(keep_values, tuple) else str(keep_values.resolve()),
+                                       "keep": keep, "kept": kept, "players": players, "values": values}
+    else:
+        pruned = structured(state, scheme) if scheme is not None else magnitude(state, sparsity, scope)
+    return save_adapter(pruned, config, output, metadata)
+
+
+def check_output(folder: Path, output: Path, overwrite: bool) -> None:
+    """UserError if `output` is the input or (without overwrite) already exists."""
     if output.resolve() == folder.resolve():
         raise UserError(f"output {output} is the input adapter; choose another folder")
     if output.exists() and not overwrite:
         raise UserError(f"output {output} already exists; remove it or pass overwrite")
-    state, config = load_adapter(folder)
-    pruned = structured(state, scheme) if scheme is not None else magnitude(state, sparsity, scope)
-    metadata = {"pruned": True, "input": str(folder.resolve()), "scheme": scheme, "sparsity": sparsity,
-                "scope": scope if sparsity is not None else None,
-                "input_metadata": {k: _metadata(folder).get(k) for k in ("method", "task", "seed", "accuracy")}}
-    return save_adapter(pruned, config, output, metadata)
+
+
+def choose_players(state: dict, players: list[str], values: list[float], keep: int) -> list[str]:
+    """The `keep` players with the highest values, after checking they are exactly the adapter's players."""
+    for granularity in ("layer", "module"):
+        if sorted(players) == sorted(players_of(state, granularity)):
+            break
+    else:
+        raise UserError(f"the Shapley values are for players {players[:3]}... ({len(players)}), not for this "
+                        f"adapter's layers {players_of(state)} or its {len(players_of(state, 'module'))} modules")
+    return [players[i] for i in top_k(values, check_k(keep, len(players)))]
+
+
+def read_values(path: str | Path, adapter: Path) -> tuple[list[str], list[float]]:
+    """(players, values) from a VALUES.json: {"players", "values"}, or a `copra shapley` summary.
+
+    From a summary: the run whose folder is `adapter`; else the mean over seeds of the method the
+    adapter was trained with (its copra.json); else the only run in the file.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"Shapley values file not found: {path}") from None
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise UserError(f"cannot read Shapley values from {path}: {error}") from None
+    row = _values_row(data, adapter, path) if isinstance(data, dict) and "methods" in data else data
+    players, values = (row.get("players"), row.get("values", row.get("mean"))) if isinstance(row, dict) else (None, None)
+    if not (isinstance(players, list) and isinstance(values, list) and len(players) == len(values) > 0
+            and all(isinstance(p, str) for p in players) and len(set(players)) == len(players)
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)):
+        raise UserError(f"{path}: expected distinct player names and one finite value each "
+                        "(a `copra shapley` summary or {\"players\": [...], \"values\": [...]})")
+    return players, [float(v) for v in values]
+
+
+def _values_row(summary: dict, adapter: Path, path: Path) -> dict:
+    methods = summary.get("methods")
+    if not isinstance(methods, dict) or not all(isinstance(m, dict) for m in methods.values()):
+        raise UserError(f"{path}: 'methods' must map each training method to its Shapley values")
+    runs = [run for m in methods.values() for run in m.get("runs") or [] if isinstance(run, dict)]
+    mine = [r for r in runs if isinstance(r.get("folder"), str) and Path(r["folder"]).resolve() == adapter.resolve()]
+    if mine:
+        return mine[0]
+    method = _metadata(adapter).get("method")
+    if method in methods:
+        return methods[method]
+    if len(runs) == 1:
+        return runs[0]
+    raise UserError(f"{path} holds Shapley values of {len(runs)} adapters, none of them {adapter}, and the "
+                    f"adapter's training method ({method!r}) is not among {sorted(methods)}")

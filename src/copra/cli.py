@@ -95,10 +95,39 @@ def _cmd_merge(args) -> int:
 def _cmd_prune(args) -> int:
     from copra.adapter_ops import prune_folder
 
+    values = _keep_values(args)
     out = prune_folder(args.adapter, output=args.output, scheme=args.scheme, sparsity=args.sparsity,
-                       scope=args.scope, overwrite=args.force)
-    print(f"pruned {args.adapter} ({args.scheme or f'sparsity {args.sparsity}'}) -> {out}")
+                       scope=args.scope, keep_values=values, keep=args.keep, overwrite=args.force)
+    how = args.scheme or (f"sparsity {args.sparsity}" if args.sparsity is not None else
+                          f"the {args.keep} players with the highest Shapley values")
+    print(f"pruned {args.adapter} ({how}) -> {out}")
     return 0
+
+
+def _keep_values(args):
+    """--keep-by-shapley: the VALUES.json path, or (players, values) computed now for `auto`."""
+    from pathlib import Path
+
+    if args.keep is not None and args.keep_by_shapley is None:
+        raise UserError("--keep goes with --keep-by-shapley VALUES.json|auto")
+    if args.task is not None and args.keep_by_shapley != "auto":
+        raise UserError("--task goes with --keep-by-shapley auto (the task whose training pool gives the validation split)")
+    if args.keep_by_shapley is None:
+        return None
+    if args.keep is None:
+        raise UserError("--keep-by-shapley needs --keep K (how many players to keep)")
+    if args.keep_by_shapley != "auto":
+        return args.keep_by_shapley
+    if args.task is None:
+        raise UserError("--keep-by-shapley auto needs --task T (values are estimated on its validation split)")
+    from copra.adapter_ops import check_output
+    from copra.adapters import load_adapter
+    from copra.experiments.shapley_pruning import auto_values
+    from copra.prune import check_k, players_of
+
+    check_output(Path(args.adapter), Path(args.output), args.force)  # before the minutes of estimation
+    check_k(args.keep, len(players_of(load_adapter(args.adapter)[0], args.granularity)))
+    return auto_values(args.adapter, args.task, args.granularity, args.samples)
 
 
 def _cmd_report(args) -> int:
@@ -174,11 +203,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace the output folder if it exists")
     p.set_defaults(func=_cmd_merge)
 
-    p = sub.add_parser("prune", help="prune a LoRA adapter folder (structured scheme or magnitude sparsity)")
+    p = sub.add_parser("prune", help="prune a LoRA adapter folder (structured scheme, magnitude sparsity or keep K by Shapley)")
     p.add_argument("adapter", help="PEFT adapter folder")
     how = p.add_mutually_exclusive_group(required=True)
     how.add_argument("--scheme", help="all, every_other, low, middle, high, query, key, value, output")
     how.add_argument("--sparsity", type=float, help="fraction of A/B entries to zero, in [0, 1)")
+    how.add_argument("--keep-by-shapley", metavar="VALUES.json|auto",
+                     help="keep the --keep K players with the highest Shapley values (a `copra shapley` JSON, or "
+                          "auto: estimate them now on a validation split of --task's training pool)")
+    p.add_argument("--keep", type=int, metavar="K", help="players kept with --keep-by-shapley")
+    p.add_argument("--task", help="with --keep-by-shapley auto: the task the adapter was trained on")
+    p.add_argument("--granularity", choices=["layer", "module"], default="layer",
+                   help="with --keep-by-shapley auto: players are blocks (default) or single LoRA modules")
+    p.add_argument("--samples", type=int, default=64,
+                   help="with --keep-by-shapley auto: multilinear samples (exact values when that covers 2^n)")
     p.add_argument("--scope", choices=["matrix", "global"], default="matrix", help="magnitude threshold per matrix or global")
     p.add_argument("-o", "--output", required=True, help="output adapter folder")
     p.add_argument("--force", action="store_true", help="replace the output folder if it exists")

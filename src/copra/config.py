@@ -44,6 +44,7 @@ class TrainConfig:
     lora_alpha: float = 1.0  #: LoRA alpha
     lora_dropout: float = 0.25  #: dropout on the LoRA input
     use_rslora: bool = True  #: scale by alpha / sqrt(r) instead of alpha / r
+    use_dora: bool = False  #: PEFT's DoRA (weight-decomposed LoRA: a learned magnitude per output)
     target_modules: list[str] = field(default_factory=lambda: ["query", "key", "value"])  #: modules that get LoRA
     backbone_dropout: float = 0.0  #: dropout inside the frozen backbone (CLIP has none)
     logit_scale: float = 20.0  #: cosine-similarity temperature (CLIP uses 100)

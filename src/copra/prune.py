@@ -39,6 +39,8 @@ PROJECTIONS = {
     "output": ("attention.output.dense", "out_proj", "o_proj", "o"),
 }
 LAYER_SCHEMES = ("all", "every_other", "low", "middle", "high")
+KEEP_SCHEMES = ("every_other", "low", "middle", "high")  # fixed choices of K players, for any K
+_PEFT = re.compile(r"^base_model\.model\.")
 STRUCTURED = LAYER_SCHEMES + tuple(PROJECTIONS)
 SCOPES = ("matrix", "global")
 
@@ -242,6 +244,69 @@ def magnitude(adapter: Adapter, sparsity: float, scope: str = "matrix") -> Adapt
     return out
 
 
+# -- keeping K players: by value (Shapley-guided) or by a fixed scheme ------------------------------
+def _strip(name: str) -> str:
+    return _PEFT.sub("", name)
+
+
+def players_of(adapter: Adapter, granularity: str = "layer") -> list[str]:
+    """The adapter's players as copra.gates names them (no PEFT prefix): blocks, or single LoRA modules.
+
+    "layer": every block (tower by tower, numerically), then each LoRA module outside any block on
+    its own (as gates.player_of does); "module": every LoRA module, grouped by block in that order.
+    """
+    if granularity not in ("layer", "module"):
+        raise UserError(f"unknown granularity {granularity!r}; choose layer or module")
+    modules = list(dict.fromkeys(_module(k) for k in _lora_keys(adapter)))
+    rank = {block: i for i, block in enumerate(layer_ids(adapter))} if any(_block(m) for m in modules) else {}
+    position = lambda m: rank.get((_block(m) or ("",))[0], len(rank))  # noqa: E731
+    modules.sort(key=position)  # stable: key order inside a block
+    names = [m if granularity == "module" or not _block(m) else _block(m)[0] for m in modules]
+    return [_strip(n) for n in dict.fromkeys(names)]
+
+
+def check_k(k, n: int) -> int:
+    """K as an int in [1, n] (how many of n players to keep), else UserError."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
+        raise UserError(f"keep K must be an integer from 1 to {n} (the number of players), got {k!r}")
+    return int(k)
+
+
+def top_k(values: Sequence[float], k: int) -> list[int]:
+    """Indices of the k highest values, in increasing index order (ties go to the lower index)."""
+    k = check_k(k, len(values))
+    order = sorted(range(len(values)), key=lambda i: (-float(values[i]), i))
+    return sorted(order[:k])
+
+
+def fixed_subset(scheme: str, n: int, k: int) -> list[int]:
+    """Indices of the k of n players (model order) a fixed scheme keeps, for any k.
+
+    every_other: k evenly spaced from the first (k = n/2 gives 0, 2, 4, ...); low / high: the first /
+    last k; middle: k centred (lower side when n - k is odd). At k = n/3 these are Fig. 4's thirds.
+    """
+    if scheme not in KEEP_SCHEMES:
+        raise UserError(f"unknown scheme {scheme!r}; choose from {list(KEEP_SCHEMES)}")
+    k = check_k(k, n)
+    start = {"low": 0, "middle": (n - k) // 2, "high": n - k}.get(scheme)
+    return [i * n // k for i in range(k)] if start is None else list(range(start, start + k))
+
+
+def keep_players(adapter: Adapter, players: Iterable[str]) -> Adapter:
+    """Zero the A/B of every player not in `players` (names as `players_of` gives them, either granularity)."""
+    players = [_strip(p) for p in players]
+    for granularity in ("layer", "module"):
+        known = players_of(adapter, granularity)
+        if set(players) <= set(known):
+            break
+    else:
+        unknown = next(p for p in players if p not in players_of(adapter, "module"))
+        raise UserError(f"unknown player {unknown!r}; the adapter's layers are {players_of(adapter)}")
+    keep = set(players)
+    name = (lambda m: _strip(m)) if granularity == "module" else (lambda m: _strip((_block(m) or (m,))[0]))
+    return _zeroed(adapter, lambda key: name(_module(key)) not in keep)
+
+
 def sparsity_of(adapter: Adapter) -> float:
     """Fraction of zero entries over all lora_A/lora_B matrices."""
     keys = _lora_keys(adapter)
@@ -250,6 +315,7 @@ def sparsity_of(adapter: Adapter) -> float:
 
 
 __all__ = [
-    "PROJECTIONS", "SCOPES", "STRUCTURED", "drop_layers", "drop_projections", "keep_projections",
+    "KEEP_SCHEMES", "PROJECTIONS", "SCOPES", "STRUCTURED", "check_k", "drop_layers", "fixed_subset", "keep_players",
+    "players_of", "top_k", "drop_projections", "keep_projections",
     "layer_ids", "magnitude", "projection_of", "projections", "sparsity_of", "structured",
 ]

@@ -9,6 +9,23 @@ knows nothing about LoRA: it takes `value(mask) -> float` (mask: one bool per pl
 Efficiency (sum of values == v(all) - v(empty)): `exact` satisfies it to rounding; `permutation`
 satisfies it per sampled permutation, hence exactly (to rounding) for any sample size; `multilinear`
 satisfies it only in expectation (the error shrinks like its stderr).
+
+Two choices answer the faults a comparison with shapiq 1.8.0 found (issue 15, 12/24-player games):
+- Exact when affordable. A sampler whose budget (the most distinct coalitions it may evaluate) is at
+  least the 2^n coalitions of the game returns the exact values instead (`method == "exact"`), unless
+  `exact_when_affordable=False`.
+- A standard error that is not falsely 0. On 0/1-valued games (accuracy on a small set) a player's
+  sampled marginals are often all equal by chance (all 0, or 1 in every sampled order), so their
+  sample variance is 0 while the error is not. Each player's per-draw variance is therefore raised
+  to at least the Bernoulli bound q (1 - q) d^2, where q = 1 / (m + 2) is Laplace's rule-of-succession
+  chance that a draw differs from the m equal ones seen, and d is the spread of all sampled marginals
+  (max - min over every player and draw; 1 for a 0/1 game whose marginals reach 0 and 1), or the
+  efficiency gap |sum phi - (v(all) - v(empty))| if that is larger. The floor is 0 only when every
+  sampled marginal of every player is the same number and efficiency holds. It is conservative for
+  an additive game with unequal weights (a sample cannot tell its constant marginals from a rare
+  change), and it shrinks like d / m, faster than the sampling error's 1 / sqrt(m). On a 6-player
+  0/1 threshold game with 6 samples, +-2 SE covered the exact value in 98% (permutation) and 99.9%
+  (multilinear) of player estimates over 300 seeds; with 20 samples, 95% and 92%.
 """
 
 from __future__ import annotations
@@ -102,6 +119,21 @@ def _check_samples(samples, least: int, what: str) -> int:
     return int(samples)
 
 
+def affordable(n: int, budget: int, max_players: int = 16) -> bool:
+    """Whether the exact values (all 2^n coalitions) cost no more than `budget` distinct evaluations."""
+    return n <= max_players and 2**n <= budget
+
+
+def variance_floor(marginals: np.ndarray, draws: int, gap: float) -> float:
+    """The least per-draw variance of a player's marginal: q (1 - q) d^2 (see the module docstring).
+
+    marginals: [draws, n] sampled marginal contributions; gap: sum of estimates - (v(all) - v(empty)).
+    """
+    spread = max(float(marginals.max() - marginals.min()), abs(gap)) if marginals.size else abs(gap)
+    q = 1.0 / (draws + 2)
+    return q * (1 - q) * spread**2
+
+
 def _ends(game: Game) -> tuple[float, float]:
     v = game.evaluate(np.array([[False] * game.n, [True] * game.n]))
     return float(v[0]), float(v[1])
@@ -128,18 +160,22 @@ def exact(value, n: int, *, values: Values | None = None, max_players: int = 16)
 
 
 def permutation(
-    value, n: int, samples: int, seed: int = 0, *, antithetic: bool = False, values: Values | None = None
+    value, n: int, samples: int, seed: int = 0, *, antithetic: bool = False, values: Values | None = None,
+    exact_when_affordable: bool = True,
 ) -> ShapleyResult:
     """Monte Carlo over random player orders: phi_i = mean marginal contribution of i to its predecessors.
 
     `samples` permutations (with `antithetic`, ceil(samples/2) random ones, each paired with its
-    reverse) cost at most samples * (n - 1) + 2 distinct value calls. The stderr comes from the
-    per-permutation (per-pair) marginal contributions; it is NaN when there is only one of them.
+    reverse) cost at most samples * (n - 1) + 2 distinct value calls; when that is >= 2^n the exact
+    values are returned instead. The stderr comes from the per-permutation (per-pair) marginal
+    contributions, with the variance floor above; it is NaN when there is only one of them.
     """
     game = _game(value, n, values)
     samples = _check_samples(samples, 1, "permutations to draw")
-    rng = np.random.default_rng(seed)
     units = math.ceil(samples / 2) if antithetic else samples
+    if exact_when_affordable and affordable(n, (2 * units if antithetic else units) * (n - 1) + 2):
+        return exact(game, n)
+    rng = np.random.default_rng(seed)
     perms = np.stack([rng.permutation(n) for _ in range(units)])
     if antithetic:
         perms = np.stack([perms, perms[:, ::-1]], axis=1).reshape(-1, n)
@@ -149,9 +185,14 @@ def permutation(
     contrib = np.take_along_axis(np.diff(v, axis=1), rank, axis=1)  # [P, n] marginal of each player
     if antithetic:
         contrib = contrib.reshape(units, 2, n).mean(1)
-    stderr = contrib.std(0, ddof=1) / math.sqrt(units) if units > 1 else np.full(n, np.nan)
     v_empty, v_full = _ends(game)
-    return ShapleyResult(contrib.mean(0), stderr, v_empty, v_full, game.evaluations, "permutation", len(perms))
+    phi = contrib.mean(0)
+    if units > 1:
+        floor = variance_floor(contrib, units, float(phi.sum()) - (v_full - v_empty))
+        stderr = np.sqrt(np.maximum(contrib.var(0, ddof=1), floor) / units)
+    else:
+        stderr = np.full(n, np.nan)
+    return ShapleyResult(phi, stderr, v_empty, v_full, game.evaluations, "permutation", len(perms))
 
 
 def multilinear(
@@ -163,6 +204,7 @@ def multilinear(
     q_points: int | None = None,
     antithetic: bool = True,
     values: Values | None = None,
+    exact_when_affordable: bool = True,
 ) -> ShapleyResult:
     """Owen's multilinear extension (paper Eq. 3): phi_i = int_0^1 e_i(q) dq, e_i(q) = E[v(E_i + i) - v(E_i)].
 
@@ -176,7 +218,8 @@ def multilinear(
     (Okhrati & Lipani's "halved" estimator) that range is [0, 1/2] and each S = {j : U_j < q} is
     paired with its complement {j : U_j >= q}, a draw at 1 - q; a pair counts as two samples (an odd
     `samples` is rounded up). Every stratum needs at least two independent draws (pairs) for the
-    stratified stderr, so q_points defaults to, and may not exceed, half the number of them.
+    stratified stderr, so q_points defaults to, and may not exceed, half the number of them. When the
+    budget samples * (n + 1) + 2 is >= 2^n the exact values are returned instead.
     """
     game = _game(value, n, values)
     least = 4 if antithetic else 2
@@ -191,6 +234,8 @@ def multilinear(
             f"{units} independent draws from samples={samples}), got {q_points!r}"
         )
     q_points = int(q_points)
+    if exact_when_affordable and affordable(n, (2 * units if antithetic else units) * (n + 1) + 2):
+        return exact(game, n)
     counts = np.full(q_points, units // q_points) + (np.arange(q_points) < units % q_points)
     stratum = np.repeat(np.arange(q_points), counts)
     width = (0.5 if antithetic else 1.0) / q_points
@@ -213,10 +258,12 @@ def multilinear(
         phi += rows.mean(0) / q_points
         variance += rows.var(0, ddof=1) / len(rows) / q_points**2
     v_empty, v_full = _ends(game)
+    floor = variance_floor(unit, units, float(phi.sum()) - (v_full - v_empty))
     used = 2 * units if antithetic else units
-    return ShapleyResult(phi, np.sqrt(variance), v_empty, v_full, game.evaluations, "multilinear", used)
+    stderr = np.sqrt(np.maximum(variance, floor / units))
+    return ShapleyResult(phi, stderr, v_empty, v_full, game.evaluations, "multilinear", used)
 
 
 ESTIMATORS = {"exact": exact, "permutation": permutation, "multilinear": multilinear}
 
-__all__ = ["ESTIMATORS", "Game", "ShapleyResult", "exact", "multilinear", "permutation"]
+__all__ = ["ESTIMATORS", "Game", "ShapleyResult", "affordable", "exact", "multilinear", "permutation", "variance_floor"]

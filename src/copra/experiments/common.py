@@ -2,7 +2,7 @@
 
 Why: the paper's merging results (Fig. 3 landscape, Table 1 MTL) evaluate dozens of merged adapters.
 Building a model per point would dominate the run time, so `Evaluator` keeps one classifier per
-LoRA shape (rank, alpha, rsLoRA, targets) and swaps adapter states into it with `load_adapter_state`,
+LoRA shape (rank, alpha, rsLoRA, DoRA, targets) and swaps adapter states into it with `load_adapter_state`,
 through exactly the modules PEFT would load a saved folder into. The classifier's LoRA settings
 come from the adapter's own `adapter_config.json`, so the scaling alpha/r (or alpha/sqrt(r)) is the
 one PEFT would apply; a mixture adapter (rank n*r) gets its own classifier built from `mixture_config`.
@@ -75,7 +75,8 @@ def lora_fields(adapter_config: dict, where: str) -> dict[str, Any]:
     if adapter_config.get("rank_pattern") or adapter_config.get("alpha_pattern"):
         raise UserError(f"{where}: per-module rank_pattern/alpha_pattern adapters cannot be evaluated here")
     return dict(rank=int(adapter_config["r"]), lora_alpha=float(adapter_config.get("lora_alpha", 8)),
-                use_rslora=bool(adapter_config.get("use_rslora", False)), target_modules=sorted(targets))
+                use_rslora=bool(adapter_config.get("use_rslora", False)),
+                use_dora=bool(adapter_config.get("use_dora", False)), target_modules=sorted(targets))
 
 
 def load_for_eval(folder: str | Path, task: str | None = None, model: str | None = None) -> tuple[Adapter, dict]:

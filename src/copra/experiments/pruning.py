@@ -5,6 +5,10 @@ or keep one attention projection (q / k / v). Unstructured: zero the smallest-ma
 A and B entries. The paper's claim: CopRA's layers each work on their own (they were trained in
 random sub-teams), so CopRA loses less accuracy when parts of the adapter are removed; the early
 checkpoint (T/4) shows it most.
+
+Beyond the paper, the scheme `shapley` keeps the K layers with the highest Shapley values (estimated
+on a validation split of the training pool) for every K in `keep`, next to the fixed schemes at the
+same K and random K-subsets (copra.experiments.shapley_pruning).
 """
 
 from __future__ import annotations
@@ -17,11 +21,12 @@ from typing import Any
 from copra.config import make_config
 from copra.errors import UserError
 from copra.evaluation import FewShotData, prepare_data
-from copra.experiments.common import (Evaluator, check_lrs, check_overrides, load_for_eval, mean_std, save_figure, write_outputs,
-                                      zoom_bars)
+from copra.experiments.common import (Evaluator, check_lrs, check_overrides, check_unique, load_for_eval, mean_std,
+                                      save_figure, write_outputs, zoom_bars)
 from copra.prune import STRUCTURED, magnitude, projections, structured
 
 METHODS = ("lora", "copra", "early_copra")
+SCHEMES = STRUCTURED + ("shapley",)
 
 
 @dataclass
@@ -36,7 +41,11 @@ class PruningConfig:
     lr: float = 5e-3  #: peak learning rate
     lrs: dict[str, float] = field(default_factory=dict)  #: peak lr per method (lora, copra) (e.g. from lr_select); others use lr
     eval_examples: int = 240  #: fixed evaluation subset
-    schemes: list[str] = field(default_factory=lambda: list(STRUCTURED))  #: structured schemes ("all" = unpruned)
+    schemes: list[str] = field(default_factory=lambda: list(STRUCTURED))  #: structured schemes ("all" = unpruned; add "shapley" for keep-K by Shapley)
+    keep: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])  #: shapley scheme: numbers of layers kept
+    random_subsets: int = 5  #: shapley scheme: random K-subsets compared per K
+    validation_examples: int = 240  #: shapley scheme: held-out training examples the values are estimated on
+    shapley_samples: int = 64  #: shapley scheme: multilinear samples (exact values when that budget covers 2^n)
     sparsities: list[float] = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(10)])  #: unstructured
     model: str = "embedded:minilm"  #: encoder the adapters belong to
     overrides: dict[str, Any] = field(default_factory=dict)  #: any other TrainConfig keys (e.g. max_length)
@@ -45,9 +54,16 @@ class PruningConfig:
     jobs: int = 1  #: training runs in parallel processes (finished runs in output_dir are reused)
 
     def __post_init__(self) -> None:
-        unknown = [s for s in self.schemes if s not in STRUCTURED]
+        unknown = [s for s in self.schemes if s not in SCHEMES]
         if unknown:
-            raise UserError(f"unknown pruning scheme {unknown[0]!r}; choose from {list(STRUCTURED)}")
+            raise UserError(f"unknown pruning scheme {unknown[0]!r}; choose from {list(SCHEMES)}")
+        if "shapley" in self.schemes:
+            check_unique("keep", self.keep)
+            if any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.keep):
+                raise UserError(f"keep must list numbers of layers >= 1, got {self.keep!r}")
+            for name in ("random_subsets", "validation_examples", "shapley_samples"):
+                if getattr(self, name) < (4 if name == "shapley_samples" else 1):
+                    raise UserError(f"{name} must be a positive integer (shapley_samples >= 4), got {getattr(self, name)!r}")
         bad = [s for s in self.sparsities if not 0.0 <= s < 1.0]
         if bad:
             raise UserError(f"sparsity must be in [0, 1), got {bad[0]!r}")
@@ -76,6 +92,8 @@ def evaluate_pruned(adapters: dict[str, list[str]], data: FewShotData, config: P
             state, adapter_config = load_for_eval(folder, task=data.task)
             present = projections(state)
             for scheme in config.schemes:
+                if scheme == "shapley":
+                    continue  # keep-K by Shapley value: see shapley_pruning.keep_by_shapley
                 if scheme in ("query", "key", "value", "output") and scheme not in present:
                     continue  # that projection has no adapter: nothing to keep
                 structured_acc[method][scheme].append(evaluator.accuracy(structured(state, scheme), adapter_config, data))
@@ -110,8 +128,15 @@ def run_from_adapters(adapters: dict[str, list[str]], data: FewShotData, config:
                       started: float | None = None) -> dict:
     """Prune and evaluate existing adapter folders ({method: [folder, ...]}); write JSON, PNG, Markdown."""
     started = started if started is not None else time.perf_counter()
+    evaluator = Evaluator(config.base_config())
     results = {"config": asdict(config), "task": data.task, "adapters": adapters,
-               **evaluate_pruned(adapters, data, config, Evaluator(config.base_config()))}
+               **evaluate_pruned(adapters, data, config, evaluator)}
+    if "shapley" in config.schemes:
+        from copra.experiments.shapley_pruning import keep_by_shapley
+
+        results["keep_by_shapley"] = keep_by_shapley(adapters, data, config.base_config(), evaluator, config.keep,
+                                                     config.random_subsets, config.shapley_samples,
+                                                     config.validation_examples)
     results["wall_seconds"] = time.perf_counter() - started
     out = Path(config.output_dir)
     write_outputs(out, "pruning", results, plot, render)
@@ -122,8 +147,14 @@ def plot(results: dict, path: Path) -> None:
     """Fig. 4: bars per structured scheme (left), accuracy vs sparsity (right); one colour per method."""
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(12, 4), layout="constrained")
-    left, right = figure.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
+    keep = results.get("keep_by_shapley")
+    figure = Figure(figsize=(17 if keep else 12, 4), layout="constrained")
+    panels = figure.subplots(1, 3 if keep else 2, gridspec_kw={"width_ratios": [3, 2, 2] if keep else [3, 2]})
+    left, right = panels[:2]
+    if keep:
+        from copra.experiments.shapley_pruning import plot_panel
+
+        plot_panel(keep, panels[2])
     methods = list(results["structured"])
     schemes = [s for s in results["config"]["schemes"] if any(s in results["structured"][m] for m in methods)]
     width = 0.8 / max(len(methods), 1)
@@ -154,6 +185,8 @@ def render(results: dict) -> str:
     lines = [f"## Pruning ({results['task']}, paper Fig. 4)", "", "![pruning](pruning.png)", "",
              "| scheme | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
     for scheme in results["config"]["schemes"]:
+        if scheme == "shapley":
+            continue
         cells = [results["structured"][m].get(scheme) for m in methods]
         if any(cells):
             lines.append(f"| {scheme} | " + " | ".join(
@@ -162,4 +195,8 @@ def render(results: dict) -> str:
     for sparsity in results["config"]["sparsities"]:
         cells = [results["unstructured"][m][str(sparsity)] for m in methods]
         lines.append(f"| {sparsity} | " + " | ".join(f"{100 * c['mean']:.1f} ± {100 * c['std']:.1f}" for c in cells) + " |")
+    if results.get("keep_by_shapley"):
+        from copra.experiments.shapley_pruning import render_rows
+
+        lines += [""] + render_rows(results["keep_by_shapley"])
     return "\n".join(lines + ["", f"Wall time: {results['wall_seconds']:.0f} s.", ""])

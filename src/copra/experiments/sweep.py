@@ -9,6 +9,7 @@ TrainConfig overrides, so one experiment covers the paper's comparisons and the 
 - schedules and baselines (`SCHEDULE_VARIANTS`): CopRA's linear / exponential / sine ramps, a start
   at p=0.1, a shorter ramp, and what CopRA might reduce to -- plain LoRA with and without adapter
   dropout, and stochastic depth for LoRA (every layer kept with a fixed p=0.5 all along);
+- CopRA on DoRA (`variants: dora`): LoRA, CopRA, DoRA and CopRA on DoRA side by side;
 - Fig. 5a (`geometry: true`): t-SNE of all adapters and seed-to-seed cosine / L2 per setting;
 - Fig. 6c (`curve_every: k`): single and merged accuracy every k steps (runs save snapshots).
 
@@ -45,7 +46,14 @@ SCHEDULE_VARIANTS = {
     "CopRA p0=0.1": {"method": "copra", "initial_p": 0.1},
     "CopRA ramp 1/2": {"method": "copra", "ramp_fraction": 0.5},
 }
-VARIANT_SETS = {"paper": PAPER_VARIANTS, "schedules": SCHEDULE_VARIANTS}
+# CopRA on PEFT's DoRA: does gating whole layers still help when each layer also learns a magnitude?
+DORA_VARIANTS = {
+    "LoRA": {"method": "lora"},
+    "CopRA": {"method": "copra"},
+    "DoRA": {"method": "lora", "use_dora": True},
+    "CopRA on DoRA": {"method": "copra", "use_dora": True},
+}
+VARIANT_SETS = {"paper": PAPER_VARIANTS, "schedules": SCHEDULE_VARIANTS, "dora": DORA_VARIANTS}
 
 
 @dataclass
@@ -54,7 +62,7 @@ class SweepConfig:
 
     name: str = "sweep_lr"  #: output file stem, so several sweeps share a results folder
     task: str = "bbc_news"  #: task every run trains and is evaluated on
-    variants: Any = "paper"  #: "paper", "schedules", or a mapping name -> TrainConfig overrides
+    variants: Any = "paper"  #: "paper", "schedules", "dora", or a mapping name -> TrainConfig overrides
     grid: dict[str, list] = field(default_factory=lambda: {"lr": [5e-4, 1e-3, 5e-3, 1e-2]})  #: 0-2 swept keys
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  #: adapters per setting; every pair is fused
     alpha: float = 0.5  #: fusion coefficient of the merged accuracy

@@ -16,6 +16,7 @@ def lora_config(config: TrainConfig) -> LoraConfig:
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
         use_rslora=config.use_rslora,
+        use_dora=config.use_dora,
         target_modules=list(config.target_modules),
         bias="none",
     )
