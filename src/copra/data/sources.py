@@ -137,17 +137,21 @@ def check_classes(name: str, class_names: tuple[str, ...], labels: list[int], wh
 
 
 def build_split(name: str, class_names: tuple[str, ...], template: str, source: str,
-                pairs: Iterable[tuple[str, int]]) -> TextTask:
-    """Deduplicate, then split each class by text hash into ~70% train and ~30% test."""
+                pairs: Iterable[tuple[str, int]], minimum: int = MIN_CLASS_SIZE, salt: str | None = None) -> TextTask:
+    """Deduplicate, then split each class by hash of (salt, text) into ~70% train and ~30% test.
+
+    The salt defaults to the task name; files of the user's pass a fixed one, so that moving or
+    renaming a file keeps its split.
+    """
     items = dedupe(pairs)
-    check_classes(name, class_names, [y for _, y in items], source, MIN_CLASS_SIZE)
+    check_classes(name, class_names, [y for _, y in items], source, minimum)
     by_class: dict[int, list[str]] = defaultdict(list)
     for text, y in items:
         by_class[y].append(text)
     train: list[tuple[str, str, int]] = []
     test: list[tuple[str, str, int]] = []
     for y, texts in by_class.items():
-        keyed = sorted((_split_key(name, t), t, y) for t in texts)
+        keyed = sorted((_split_key(name if salt is None else salt, t), t, y) for t in texts)
         n_test = min(max(1, round(TEST_FRACTION * len(keyed))), len(keyed) - 1)
         test += keyed[:n_test]
         train += keyed[n_test:]
@@ -159,12 +163,13 @@ def build_split(name: str, class_names: tuple[str, ...], template: str, source: 
 
 
 def build_presplit(name: str, class_names: tuple[str, ...], template: str, source: str,
-                   train_pairs: Iterable[tuple[str, int]], test_pairs: Iterable[tuple[str, int]]) -> TextTask:
+                   train_pairs: Iterable[tuple[str, int]], test_pairs: Iterable[tuple[str, int]],
+                   minimum: int = MIN_CLASS_SIZE) -> TextTask:
     """Keep a data set's own split: deduplicate each side, drop test texts that also occur in train."""
     train, test = dedupe(train_pairs), dedupe(test_pairs)
     seen = {t for t, _ in train}
     test = [(t, y) for t, y in test if t not in seen]
-    check_classes(name, class_names, [y for _, y in train], f"{source} train split", MIN_CLASS_SIZE)
+    check_classes(name, class_names, [y for _, y in train], f"{source} train split", minimum)
     check_classes(name, class_names, [y for _, y in test], f"{source} test split", 1)
     return TextTask(name, class_names, template,
                     tuple(t for t, _ in train), tuple(y for _, y in train),
