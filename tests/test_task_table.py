@@ -51,6 +51,8 @@ def test_multitask_takes_mtl15(tiny_text_model):
     assert multitask.MultitaskConfig(model=tiny_text_model, tasks=["mtl15"]).tasks == list(MTL15)
     with pytest.raises(UserError, match="duplicates"):
         multitask.MultitaskConfig(model=tiny_text_model, tasks=["mtl15", "bbc_news"])
+    with pytest.raises(UserError, match="may not set 'train_file'"):  # it would replace every task
+        multitask.MultitaskConfig(model=tiny_text_model, overrides={"train_file": "x.csv"})
 
 
 def _summary(tasks):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import bz2
 import re
+from collections import Counter
 from typing import Callable, Iterable
 
 from copra.data.sources import TextTask, build_presplit, build_split, data_file, read_csv_rows
@@ -155,8 +156,6 @@ def _camel_words(label: str) -> str:
 
 
 def _dbpedia_keep() -> list[str]:
-    from collections import Counter
-
     labels = set(_bolt_labels("DBPedia"))
     train = Counter(y for s in ("train", "dev") for _, y in read_bolt_tsv("DBPedia", s, labels))
     test = Counter(y for _, y in read_bolt_tsv("DBPedia", "test", labels))
