@@ -22,7 +22,12 @@ def test_registry_names():
 
 @pytest.mark.parametrize("name", sorted(TASKS))
 def test_task_loads(name):
-    task = load_task(name)
+    try:
+        task = load_task(name)
+    except UserError as error:
+        if "is not installed" not in str(error):
+            raise
+        pytest.skip(str(error))  # an MTL15 data wheel is missing; the error names its install line
     assert load_task(name) is task  # cached
     assert task.name == name and task.num_classes >= 2
     assert len(set(task.class_names)) == task.num_classes

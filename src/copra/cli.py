@@ -149,15 +149,15 @@ def _cmd_reproduce(args) -> int:
 
 
 def _cmd_tasks(args) -> int:
-    from copra.data.text_tasks import load_task, task_names
+    from copra.data.text_tasks import MTL15, TASKS
+    from copra.experiments.task_table import render, task_rows
 
-    for name in task_names():
-        try:
-            task = load_task(name)
-            print(f"{name:16s} {task.num_classes:3d} classes  {len(task.train_texts):6d} train  "
-                  f"{len(task.test_texts):6d} test  {task.template!r}")
-        except UserError as error:
-            print(f"{name:16s} unavailable: {error}")
+    unknown = [n for n in args.names if n not in TASKS]
+    if unknown:
+        raise UserError(f"unknown task {unknown[0]!r}; choose from: {', '.join(MTL15)}")
+    rows = task_rows(args.names or list(MTL15), zero_shot=args.zero_shot, eval_examples=args.eval_examples,
+                     model=args.model, progress=not args.quiet)
+    print(render(rows))
     return 0
 
 
@@ -247,7 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_reproduce)
 
-    p = sub.add_parser("tasks", help="list the embedded text tasks")
+    p = sub.add_parser("tasks", help="list the embedded text tasks (MTL15): classes, sizes, zero-shot accuracy")
+    p.add_argument("names", nargs="*", help="tasks to list (default: all 15)")
+    p.add_argument("--zero-shot", action="store_true", help="also evaluate the untrained encoder on each task (minutes)")
+    p.add_argument("--eval-examples", type=int, default=500, help="fixed evaluation subset per task (default 500)")
+    p.add_argument("--model", default="embedded:minilm", help="encoder for --zero-shot (TrainConfig.model)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_tasks)
     return parser
 

@@ -35,6 +35,12 @@ class TrainConfig:
     backbone: str = "text"  #: "text" (sentence encoder, head-free) or "clip" (CLIPModel)
     model: str = "embedded:minilm"  #: "embedded:minilm" (the wheel), a local folder or a hub name
     data_root: str | None = None  #: clip only: folder with split_zhou_*.json and the images
+    # your own data (text backbone): task=file:PATH, or train_file (+ test_file)
+    train_file: str | None = None  #: a local CSV/TSV, JSON Lines or Parquet file as the task (same as task=file:PATH)
+    test_file: str | None = None  #: its test split (default: a fixed ~30% per class of the train file)
+    text_column: str = "text"  #: column of a data file that holds the texts
+    label_column: str = "label"  #: column of a data file that holds the labels (class names)
+    prompt: str | None = None  #: class prompt template with one {} (default: the task's own; files "This text is about {}.")
     # data
     shots: int = 16  #: training examples per class (few-shot)
     eval_examples: int | None = 500  #: size of the fixed, class-balanced evaluation subset (None: all)
@@ -84,7 +90,8 @@ class TrainConfig:
             raise UserError(f"snapshot_every must be >= 0 (0: no snapshots), got {self.snapshot_every!r}")
         if self.checkpoint_every < 0:
             raise UserError(f"checkpoint_every must be >= 0 (0: no checkpoints), got {self.checkpoint_every!r}")
-        for name in ("task", "model", "output_dir"):
+        self._check_data_files()
+        for name in ("task", "model", "output_dir", "text_column", "label_column"):
             if not getattr(self, name).strip():
                 raise UserError(f"{name} must not be empty")
         if self.eval_examples is not None and self.eval_examples < 1:
@@ -106,6 +113,20 @@ class TrainConfig:
         for i, name in enumerate(self.target_modules):
             if not name.strip():
                 raise UserError(f"target_modules[{i}] must be a module name, got {name!r}")
+
+    def _check_data_files(self) -> None:
+        """train_file is task=file:PATH; test_file and a file task belong to the text backbone."""
+        if self.train_file is not None:
+            wanted = f"file:{self.train_file}"
+            if self.task.startswith("file:") and self.task != wanted:
+                raise UserError(f"task={self.task!r} and train_file={self.train_file!r} name two files; give one")
+            self.task = wanted
+        if self.test_file is not None and not self.task.startswith("file:"):
+            raise UserError("test_file needs a training file too: set train_file=PATH (or task=file:PATH)")
+        if self.task.startswith("file:") and self.backbone != "text":
+            raise UserError(f"data files are text tasks; backbone {self.backbone!r} cannot use {self.task!r}")
+        if self.prompt is not None and self.prompt.count("{}") != 1:
+            raise UserError(f"prompt must hold exactly one {{}} for the class name, got {self.prompt!r}")
 
     def _check_types(self) -> None:
         hints = typing.get_type_hints(type(self))

@@ -34,9 +34,9 @@ def prepare_data(config: TrainConfig) -> FewShotData:
 
         task = load_coop_task(config.data_root, config.task)
     else:
-        from copra.data.text_tasks import load_task
+        from copra.data.user_files import text_task
 
-        task = load_task(config.task)
+        task = text_task(config.task, config.test_file, config.text_column, config.label_column, config.prompt)
     counts = [0] * task.num_classes
     for y in task.train_labels:
         counts[y] += 1

@@ -26,7 +26,7 @@ from copra.evaluation import FewShotData, load_adapter_state
 Adapter = dict[str, torch.Tensor]
 BATCH = 64  # evaluation batch size, as copra.evaluation.predict
 MAX_CACHED_IMAGES = 512  # image evaluation sets up to this size keep their decoded inputs in memory
-RESERVED = ("task", "method", "seed", "output_dir", "progress")  # set by the experiment, not by overrides
+RESERVED = ("task", "method", "seed", "output_dir", "progress", "train_file", "test_file")  # set by the experiment
 
 
 def mean_std(values: Iterable[float]) -> tuple[float, float]:

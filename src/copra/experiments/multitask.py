@@ -34,13 +34,14 @@ from copra.merge import check_compatible, fusion
 from copra.experiments.runs import run_all
 
 LABELS = {"lora": "LoRA", "copra": "CopRA"}
+MANY_TASKS = 5  # above this, the figure is the per-task layout of the paper's Fig. 5c
 
 
 @dataclass
 class MultitaskConfig:
     """Settings of the multi-task merge (paper Table 1, MTL): tasks, methods, seeds, training budget."""
 
-    tasks: list[str] = field(default_factory=lambda: ["bbc_news", "news_outlets"])  #: tasks whose adapters are fused
+    tasks: list[str] = field(default_factory=lambda: ["bbc_news", "news_outlets"])  #: tasks fused ("mtl15": all 15)
     methods: list[str] = field(default_factory=lambda: ["lora", "copra"])  #: training methods compared
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  #: one adapter per (task, seed), fused per seed
     align: bool = False  #: LoRA Align every adapter to the first task's before fusing
@@ -58,6 +59,7 @@ class MultitaskConfig:
     jobs: int = 1  #: training runs in parallel processes (finished runs in output_dir are reused)
 
     def __post_init__(self) -> None:
+        self.tasks = expand_tasks(self.tasks)
         check_unique("tasks", self.tasks, minimum=2)
         check_unique("methods", self.methods, METHODS)
         check_unique("seeds", self.seeds)
@@ -75,6 +77,17 @@ class MultitaskConfig:
         return make_config({**self.overrides, **dict(task=task, method=method, seed=seed, shots=self.shots,
                             steps=self.steps, batch_size=self.batch_size, lr=self.lrs.get(method, self.lr), model=self.model,
                             eval_examples=self.eval_examples, progress=self.progress)})
+
+
+def expand_tasks(tasks: list[str]) -> list[str]:
+    """``mtl15`` (alone or in a list) stands for the 15 embedded text tasks of the paper's Fig. 5c."""
+    if isinstance(tasks, str):  # MultitaskConfig(tasks="mtl15") in code; --set already gives a list
+        tasks = [t.strip() for t in tasks.split(",") if t.strip()]
+    if not isinstance(tasks, (list, tuple)):
+        return tasks
+    from copra.data.text_tasks import MTL15
+
+    return [name for t in tasks for name in (MTL15 if t == "mtl15" else [t])]
 
 
 def run(config: MultitaskConfig) -> dict:
@@ -148,8 +161,13 @@ def run_from_adapters(adapters: dict[str, list[dict[str, str]]], config: Multita
 
 
 def plot(summary: dict, path: str | Path) -> Path:
-    """Grouped bars per task: original vs merged accuracy (%) for each method, std as error bars."""
+    """Grouped bars per task: original vs merged accuracy (%) for each method, std as error bars.
+
+    More than ``MANY_TASKS`` tasks (MTL15) get the paper's Fig. 5c layout instead (`plot_per_task`).
+    """
     tasks = summary["tasks"]
+    if len(tasks) > MANY_TASKS:
+        return plot_per_task(summary, path)
     bars = [(m, k) for m in summary["methods"] for k in ("original", "merged")]
     figure, ax = new_axes(max(6.0, 1.8 * len(tasks) + 3), 4.0)
     width = 0.8 / len(bars)
@@ -171,9 +189,38 @@ def plot(summary: dict, path: str | Path) -> Path:
     return save_figure(figure, path)
 
 
+def plot_per_task(summary: dict, path: str | Path) -> Path:
+    """Fig. 5c: per task (and the average), a bar per method's fused adapter (std over seeds), a ring per
+    method's own task adapter, a dash for zero-shot; tasks on a rotated axis so 15 stay readable."""
+    tasks = [*summary["tasks"], "average"]
+    methods = list(summary["methods"])
+    zero = [100 * summary["zero_shot"][t] for t in summary["tasks"]]
+    zero.append(sum(zero) / len(zero))
+    figure, ax = new_axes(max(8.0, 0.75 * len(tasks) + 2), 4.5)
+    width = 0.8 / len(methods)
+    for i, method in enumerate(methods):
+        row = summary["methods"][method]
+        xs = [x - 0.4 + width * (i + 0.5) for x in range(len(tasks))]
+        ax.bar(xs, [100 * row["merged"][t]["mean"] for t in tasks], width,
+               yerr=[100 * row["merged"][t]["std"] for t in tasks], capsize=2, color=f"C{i}",
+               label=f"{LABELS.get(method, method)} fused")
+        ax.scatter(xs, [100 * row["original"][t]["mean"] for t in tasks], s=30, facecolors="none",
+                   edgecolors=f"C{i}", linewidths=1.5, zorder=3, label=f"{LABELS.get(method, method)} own adapter")
+    ax.scatter(range(len(tasks)), zero, marker="_", s=300, color="k", zorder=4, label="zero-shot")
+    ax.set_xticks(range(len(tasks)), tasks, rotation=45, ha="right")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"{len(tasks) - 1} task adapters fused (equal weights), accuracy on each task")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, ncol=len(methods) + 1)
+    return save_figure(figure, path)
+
+
 def table(summary: dict) -> str:
     """Markdown: rows origin/merge x method, columns tasks + average, accuracy (%) mean ± std over seeds."""
     tasks = summary["tasks"]
+    if len(tasks) > MANY_TASKS:
+        return table_per_task(summary)
     lines = ["| | method | " + " | ".join(tasks) + " | average |", "|---" * (len(tasks) + 3) + "|",
              "| zero-shot | – | " + " | ".join(f"{100 * summary['zero_shot'][t]:.1f}" for t in tasks) + " | "
              f"{100 * sum(summary['zero_shot'].values()) / len(tasks):.1f} |"]
@@ -182,6 +229,21 @@ def table(summary: dict) -> str:
             cells = [row[kind][t] for t in [*tasks, "average"]]
             lines.append(f"| {label} | {LABELS.get(method, method)} | "
                          + " | ".join(f"{100 * c['mean']:.1f} ± {100 * c['std']:.1f}" for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def table_per_task(summary: dict) -> str:
+    """Markdown for many tasks (MTL15): one row per task, columns zero-shot and origin/merge per method."""
+    tasks, methods = summary["tasks"], list(summary["methods"])
+    kinds = [(k, m) for k in ("original", "merged") for m in methods]
+    head = "| task | zero-shot | " + " | ".join(
+        f"{'origin' if k == 'original' else 'merge'} {LABELS.get(m, m)}" for k, m in kinds) + " |"
+    lines = [head, "|---" * (len(kinds) + 2) + "|"]
+    zero = dict(summary["zero_shot"], average=sum(summary["zero_shot"].values()) / len(tasks))
+    for t in [*tasks, "average"]:
+        cells = [summary["methods"][m][k][t] for k, m in kinds]
+        lines.append(f"| {t} | {100 * zero[t]:.1f} | "
+                     + " | ".join(f"{100 * c['mean']:.1f} ± {100 * c['std']:.1f}" for c in cells) + " |")
     return "\n".join(lines)
 
 
