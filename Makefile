@@ -42,7 +42,7 @@ test-latest:
 	.venv-latest/bin/pip install -q --upgrade pip
 	# Everything at its newest but torch, held at the CPU build (newer torch wheels here are CUDA builds).
 	.venv-latest/bin/pip install -q --upgrade --upgrade-strategy eager -c requirements/torch-cpu.txt \
-		-e '.[test,federated]'
+		-e '.[test,federated,files]'
 	.venv-latest/bin/pip install -q --no-deps -r requirements/embedded.in
 	.venv-latest/bin/python -c '$(VERSIONS)'
 	.venv-latest/bin/python -m pytest -q -p no:cacheprovider
@@ -50,7 +50,7 @@ test-latest:
 # The lower bounds of pyproject.toml, resolved by uv (lowest direct versions) and installed by pip.
 test-lowest: $(STAMP)
 	rm -rf .venv-lowest
-	$(VENV)/bin/uv pip compile pyproject.toml requirements/tools.in --extra test --extra federated \
+	$(VENV)/bin/uv pip compile pyproject.toml requirements/tools.in --extra test --extra federated --extra files \
 		--resolution lowest-direct $(UV_FLAGS) -q -o .venv-lowest.txt
 	$(PYTHON) -m venv .venv-lowest
 	.venv-lowest/bin/pip install -q --require-hashes -r .venv-lowest.txt
@@ -61,7 +61,7 @@ test-lowest: $(STAMP)
 
 # Refresh the locks with uv (a real resolver); run `make test-latest` first.
 lock: $(STAMP)
-	$(VENV)/bin/uv pip compile pyproject.toml requirements/tools.in --extra test --extra federated \
+	$(VENV)/bin/uv pip compile pyproject.toml requirements/tools.in --extra test --extra federated --extra files \
 		$(UV_FLAGS) -o requirements.lock
 	$(VENV)/bin/uv pip compile requirements/embedded.in --no-deps $(UV_FLAGS) -o requirements-embedded.lock
 
