@@ -83,7 +83,8 @@ def _cmd_merge(args) -> int:
     from copra.adapter_ops import merge_folders
 
     out = merge_folders(args.adapters, args.method, _numbers(args.weights), args.align, output=args.output,
-                        align_steps=args.align_steps, overwrite=args.force)
+                        align_steps=args.align_steps, overwrite=args.force, density=args.density,
+                        majority_sign_method=args.majority_sign_method, seed=args.seed)
     print(f"{args.method} of {len(args.adapters)} adapters{' (aligned)' if args.align else ''} -> {out}")
     return 0
 
@@ -160,10 +161,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1, help="training runs in parallel processes (default 1)")
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("merge", help="merge LoRA adapter folders (fusion or mixture) into one PEFT folder")
+    from copra.peft_merge import MERGE_METHODS
+
+    p = sub.add_parser("merge", help="merge LoRA adapter folders (fusion, mixture or PEFT's methods) into one PEFT folder")
     p.add_argument("adapters", nargs="+", help="PEFT adapter folders (two or more)")
-    p.add_argument("--method", choices=["fusion", "mixture"], default="fusion", help="fusion (rank r) or mixture (rank n*r)")
+    p.add_argument("--method", choices=MERGE_METHODS, default="fusion", metavar="METHOD",
+                   help="fusion (rank r), mixture (rank n*r) or PEFT's add_weighted_adapter: " + ", ".join(MERGE_METHODS[2:]))
     p.add_argument("--weights", help="one weight per adapter, comma-separated (default: equal)")
+    p.add_argument("--density", type=float, help="fraction kept by ties, dare_*, magnitude_prune (and _svd), in (0, 1]")
+    p.add_argument("--majority-sign-method", choices=["total", "frequency"], help="TIES sign election (default total)")
+    p.add_argument("--seed", type=int, default=0, help="seed of DARE's random drops (default 0)")
     p.add_argument("--align", action="store_true", help="LoRA Align every adapter to the first before merging")
     p.add_argument("--align-steps", type=int, default=200, help="Adam steps of LoRA Align per module")
     p.add_argument("-o", "--output", required=True, help="output adapter folder")
