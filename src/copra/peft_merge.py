@@ -225,3 +225,28 @@ def merge_states(method: str, states: Sequence[Adapter], configs: Sequence[dict]
         raise UserError(f"unknown merge method {method!r}; choose one of {list(MERGE_METHODS)}")
     return peft_merge(states, configs, method, weights, density=density,
                       majority_sign_method=majority_sign_method, seed=seed)
+
+
+def setting_options(method: str, density: float) -> dict:
+    """merge_states keywords for an experiment's (merge method, merge_density) setting; UserError if bad.
+
+    Experiments carry one `merge_density` for every method; it reaches only the methods that take one.
+    """
+    if method not in MERGE_METHODS:
+        raise UserError(f"unknown merge method {method!r}; choose one of {list(MERGE_METHODS)}")
+    if method not in DENSITY_METHODS:
+        return {}
+    check_options(method, density, None)
+    return {"density": float(density)}
+
+
+def lora_scaling(config: dict) -> float:
+    """PEFT's scaling of an adapter_config: lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA."""
+    r = config["r"]
+    return config["lora_alpha"] / (math.sqrt(r) if config.get("use_rslora", False) else r)
+
+
+def rescaled(state: Adapter, factor: float) -> Adapter:
+    """The same adapter with every B factor times `factor` (moves an update between two scalings exactly)."""
+    b_keys = {b for _, _, b in module_pairs(state)}
+    return {k: (v * factor if k in b_keys else v) for k, v in state.items()}
