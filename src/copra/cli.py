@@ -63,6 +63,10 @@ def _cmd_experiment(args) -> int:
 
     config_class, run, render = EXPERIMENTS[args.command]()
     sets = list(args.set) + ([f"output_dir={args.output}"] if args.output else [])
+    if args.executor is not None or args.ray_address is not None:
+        if "executor" not in getattr(config_class, "__dataclass_fields__", {}):
+            raise UserError(f"{args.command} runs in this process; --executor and --ray-address do not apply")
+        sets += [f"executor={args.executor or 'ray'}"] + ([f"ray_address={args.ray_address}"] if args.ray_address else [])
     config = load_dataclass(config_class, args.config, sets)
     summary = run(config)
     print(render(summary))
@@ -111,7 +115,8 @@ def _cmd_reproduce(args) -> int:
     from copra.experiments.suite import reproduce
 
     result = reproduce(args.suite, args.output, parse_sets(args.set), jobs=args.jobs, progress=not args.quiet,
-                       log=lambda line: print(line, file=sys.stderr))
+                       log=lambda line: print(line, file=sys.stderr), executor=args.executor or ("ray" if args.ray_address else "local"),
+                       ray_address=args.ray_address)
     print("report: " + " and ".join(str(p) for p in result["report"]))
     return 0
 
@@ -136,6 +141,13 @@ class _ArgumentError(UserError):
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse prints usage + message and exits; copra prints one line
         raise _ArgumentError(f"{message} (see {self.prog} --help)")
+
+
+def _executor_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--executor", choices=["local", "ray"],
+                   help="local: this process or --jobs processes (default); ray: one Ray task per training run")
+    p.add_argument("--ray-address", help="Ray cluster to join (default $COPRA_RAY_ADDRESS, else a private local Ray "
+                                         "with --jobs CPUs); run folders must be on a shared file system")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -194,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", help="YAML file overriding the experiment's defaults")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one key")
         p.add_argument("-o", "--output", help="results folder")
+        _executor_arguments(p)
         p.set_defaults(func=_cmd_experiment)
 
     p = sub.add_parser("report", help="every experiment's results in one Markdown + HTML report, in paper order")
@@ -209,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="results/reproduce", help="results folder (resumed if it exists)")
     p.add_argument("--jobs", type=int, default=1, help="training runs in parallel processes")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    _executor_arguments(p)
     p.set_defaults(func=_cmd_reproduce)
 
     p = sub.add_parser("tasks", help="list the embedded text tasks")

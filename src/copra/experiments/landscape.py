@@ -66,6 +66,8 @@ class LandscapeConfig:
     output_dir: str = "results/landscape"  #: where adapters, JSON, PNG and Markdown go
     progress: bool = True  #: progress bars
     jobs: int = 1  #: training runs in parallel processes (finished runs in output_dir are reused)
+    executor: str = "local"  #: where training runs go: local (this process or `jobs` processes) or ray (one Ray task each)
+    ray_address: str | None = None  #: Ray cluster to join (else $COPRA_RAY_ADDRESS, else a private local Ray of `jobs` CPUs)
 
     def __post_init__(self) -> None:
         check_unique("methods", self.methods, METHODS)
@@ -102,7 +104,8 @@ def run(config: LandscapeConfig) -> dict:
     out = Path(config.output_dir)
     data = prepare_data(config.run_config(config.methods[0], config.seeds[0]))  # fails early on a bad task
     keys = [(m, s) for m in config.methods for s in config.seeds]
-    done = run_all([(config.run_config(m, s), out / "runs" / m / f"seed{s}") for m, s in keys], config.jobs)
+    plan = [(config.run_config(m, s), out / "runs" / m / f"seed{s}") for m, s in keys]
+    done = run_all(plan, config.jobs, config.executor, config.ray_address)
     folders = {key: result.adapter_dir for key, result in zip(keys, done)}
     pairs = {m: [(folders[m, a], folders[m, b]) for a, b in config.pairs()] for m in config.methods}
     return run_from_adapters(pairs, config, data)

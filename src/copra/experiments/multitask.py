@@ -58,6 +58,8 @@ class MultitaskConfig:
     output_dir: str = "results/multitask"  #: where adapters, JSON, PNG and Markdown go
     progress: bool = True  #: progress bars
     jobs: int = 1  #: training runs in parallel processes (finished runs in output_dir are reused)
+    executor: str = "local"  #: where training runs go: local (this process or `jobs` processes) or ray (one Ray task each)
+    ray_address: str | None = None  #: Ray cluster to join (else $COPRA_RAY_ADDRESS, else a private local Ray of `jobs` CPUs)
 
     def __post_init__(self) -> None:
         check_unique("tasks", self.tasks, minimum=2)
@@ -86,7 +88,7 @@ def run(config: MultitaskConfig) -> dict:
     keys = [(m, s, t) for m in config.methods for s in config.seeds for t in config.tasks]
     plan = [(config.run_config(t, m, s), out / "runs" / t / m / f"seed{s}") for m, s, t in keys]
     adapters: dict[str, list[dict[str, str]]] = {m: [{} for _ in config.seeds] for m in config.methods}
-    for (method, seed, task), result in zip(keys, run_all(plan, config.jobs)):
+    for (method, seed, task), result in zip(keys, run_all(plan, config.jobs, config.executor, config.ray_address)):
         adapters[method][config.seeds.index(seed)][task] = result.adapter_dir
     return run_from_adapters(adapters, config, data)
 

@@ -12,7 +12,8 @@ A suite is a list of steps, each one experiment with its settings, written to it
 Resuming: a killed suite started again skips every step whose summary JSON (written last, atomically)
 records the same config, and inside a step reuses every finished training run (`runs.run_all`).
 `suite.json` records the suite's name, version and resolved settings; a folder made with other
-settings is refused rather than mixed. `--jobs N` trains independent runs in N processes.
+settings is refused rather than mixed. `--jobs N` trains independent runs in N processes, `--executor ray`
+as Ray tasks (shared file system assumed).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from copra.adapters import write_json
 from copra.config import TrainConfig, build_dataclass
 from copra.errors import UserError
 from copra.experiments import EXPERIMENTS
-from copra.experiments.runs import check_jobs
+from copra.experiments.runs import check_executor, check_jobs
 
 SUITE_VERSION = 1
 TEXT_TASKS = ["bbc_news", "news_outlets", "drug_reviews", "parl_party", "health_tweets"]
@@ -89,6 +90,7 @@ def clip_suite() -> list[Step]:
 
 
 SUITES = {"full": full_suite, "clip": clip_suite}
+HOW = ("progress", "jobs", "executor", "ray_address")  # how runs execute, not what they compute: never compared
 CLIP_SETTINGS = ("model", "data_root")  # what a clip suite cannot run without
 
 
@@ -145,13 +147,12 @@ def _finished(step: Step, config: Any, folder: Path) -> bool:
     except (OSError, ValueError):
         return False
     wanted = json.loads(json.dumps(dataclasses.asdict(config)))
-    return {k: v for k, v in saved.get("config", {}).items() if k not in ("progress", "jobs")} == \
-        {k: v for k, v in wanted.items() if k not in ("progress", "jobs")}
+    return {k: v for k, v in saved.get("config", {}).items() if k not in HOW} == \
+        {k: v for k, v in wanted.items() if k not in HOW}
 
 
 def _manifest(suite: str, steps: list[tuple[Step, Any]]) -> dict:
-    settings = {step.name: {k: v for k, v in dataclasses.asdict(config).items() if k not in ("progress", "jobs",
-                                                                                               "output_dir")}
+    settings = {step.name: {k: v for k, v in dataclasses.asdict(config).items() if k not in (*HOW, "output_dir")}
                 for step, config in steps}
     return json.loads(json.dumps({"suite": suite, "version": SUITE_VERSION, "settings": settings}))
 
@@ -178,9 +179,13 @@ def check_folder(out: Path, manifest: dict) -> None:
 
 
 def reproduce(suite: str, output_dir: str | Path, sets: dict[str, Any] | None = None, jobs: int = 1,
-              progress: bool = True, log=print) -> dict:
-    """Run (or resume) every step of `suite` into `output_dir`, then write the report there."""
+              progress: bool = True, log=print, executor: str = "local", ray_address: str | None = None) -> dict:
+    """Run (or resume) every step of `suite` into `output_dir`, then write the report there.
+
+    `executor="ray"` trains every step's runs as Ray tasks (`ray_runs`), joining `ray_address`.
+    """
     check_jobs(jobs)  # before anything is written
+    check_executor(executor, ray_address)
     out = Path(output_dir)
     steps = resolve(suite, dict(sets or {}))
     manifest = _manifest(suite, steps)
@@ -192,7 +197,7 @@ def reproduce(suite: str, output_dir: str | Path, sets: dict[str, Any] | None = 
         config.output_dir = str(out / step.name)
         config.progress = progress
         if hasattr(config, "jobs"):
-            config.jobs = jobs
+            config.jobs, config.executor, config.ray_address = jobs, executor, ray_address
         if _finished(step, config, out / step.name):
             log(f"[{step.name}] done before, kept ({step.paper})")
             continue
