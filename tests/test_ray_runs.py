@@ -94,3 +94,30 @@ def test_a_killed_ray_task_resumes_its_run_from_the_checkpoint(tiny_text_model, 
     assert recorded["resumed_from"] == 4  # Ray's retry continued from the checkpoint, not from step 0
     assert all(torch.equal(resumed.state[k], whole.state[k]) for k in whole.state)
     assert ray.is_initialized()  # a Ray the caller started is left running
+
+
+def test_ray_address_comes_from_the_setting_then_the_environment(monkeypatch):
+    from copra.experiments.ray_runs import resolve_address
+
+    monkeypatch.delenv("COPRA_RAY_ADDRESS", raising=False)
+    assert resolve_address(None) is None  # a private local Ray
+    monkeypatch.setenv("COPRA_RAY_ADDRESS", "ray://head:10001")
+    assert resolve_address(None) == "ray://head:10001"
+    assert resolve_address("auto") == "auto"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["federated", "--executor", "ray"], "federated runs in this process; --executor"),
+    (["sweep", "--set", "executor=slurm"], "executor must be one of ['local', 'ray']"),
+    (["sweep", "--executor", "dask"], "invalid choice: 'dask'"),
+    (["reproduce", "--executor", "ray", "--jobs", "0"], "jobs must be a positive integer"),
+    (["reproduce", "--executor", "ray", "--ray-address", ""], "ray_address must be a non-empty string"),
+])
+def test_executor_arguments_are_one_line_errors(capsys, tmp_path, tiny_text_model, argv, message):
+    from copra.cli import main
+
+    out = tmp_path / "never"
+    code = main([*argv, "-o", str(out), *(["--set", f"model={tiny_text_model}"] if argv[0] == "sweep" else [])])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert not out.exists()
