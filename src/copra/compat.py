@@ -163,7 +163,8 @@ def fold_rslora_scaling(peft_model: nn.Module, adapter_name: str) -> bool:
     config.use_rslora = False
     config.lora_alpha = config.r
     for module in peft_model.modules():
-        if adapter_name in getattr(module, "scaling", {}) and hasattr(module, "set_scale"):
+        scaling = getattr(module, "scaling", None)  # a LoRA layer's dict (attention modules have a float)
+        if isinstance(scaling, dict) and adapter_name in scaling and hasattr(module, "set_scale"):
             # set_scale(s) gives s * alpha / sqrt(r) under the layer's rsLoRA flag: choose s for scaling 1
             module.set_scale(adapter_name, module.r[adapter_name] ** 0.5 / module.lora_alpha[adapter_name])
     return True
