@@ -152,3 +152,29 @@ def test_cli_writes_a_peft_folder(capsys, tmp_path):
     assert code == 0 and "ties_svd of 2 adapters" in capsys.readouterr().out
     state, config = load_adapter(tmp_path / "m")
     assert config["r"] == config["lora_alpha"] == 2 and len(state) == 8
+
+
+@pytest.mark.parametrize("method", ["linear", "svd", "dare_ties_svd"])
+def test_gpt2_conv1d_adapters_merge_like_peft(tmp_path, method):
+    """fan_in_fan_out (GPT-2's Conv1D): the skeleton's nn.Linear gives PEFT's factors, the config keeps the flag."""
+    from transformers import GPT2Config, GPT2Model
+
+    def base():
+        torch.manual_seed(0)
+        return GPT2Model(GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=32, n_positions=16))
+
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True, init_lora_weights=False)
+    torch.manual_seed(1)
+    model = get_peft_model(base(), config, adapter_name="one")
+    model.add_adapter("two", config)
+    folders = save_each(model, tmp_path)
+    torch.manual_seed(5)
+    model.add_weighted_adapter(["one", "two"], [0.6, 0.4], "peft", combination_type=method,
+                               **({"density": 0.5} if method in DENSITY_METHODS else {}))
+    out = merge_folders(folders, method, [0.6, 0.4], output=tmp_path / "m", seed=5,
+                        **({"density": 0.5} if method in DENSITY_METHODS else {}))
+    assert json.loads((out / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    got, want = loaded_deltas(base(), out), deltas(model, "peft")
+    assert len(got) == 2
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)

@@ -2,8 +2,8 @@
 
 `peft.LoraModel.add_weighted_adapter` (TIES: Yadav et al. 2023; DARE: Yu et al. 2023; SVD and
 magnitude merges) needs a model holding every adapter. Merging needs only the adapters, so copra
-builds a *skeleton*: an `nn.Module` with one `nn.Linear(in, out)` per LoRA module, at the same
-module path, its in/out features read from the A/B shapes and its weight a zero-stride view of one
+builds a *skeleton*: an `nn.Module` with one `nn.Linear(in, out)` per LoRA module (GPT-2's Conv1D
+for fan_in_fan_out adapters), at the same module path, its in/out features read from the A/B shapes and its weight a zero-stride view of one
 zero (no base weights in memory, no hub access: `base_model_name_or_path` may be a hub name or empty).
 PEFT wraps it, the adapters are loaded by name, PEFT merges them with exactly the given weights,
 and the result is the merged adapter's PEFT state dict and config. copra re-implements none of it.
@@ -114,8 +114,13 @@ def check_inputs(states: Sequence[Adapter], configs: Sequence[dict], method: str
     return {path: shape[:2] for path, shape in shapes[0].items()}
 
 
-def skeleton(shapes: dict[str, tuple[int, int]], dtype: torch.dtype = torch.float32) -> nn.Module:
-    """An nn.Module with an nn.Linear(in, out) at each module path; weights are one shared zero (no memory)."""
+def skeleton(shapes: dict[str, tuple[int, int]], dtype: torch.dtype = torch.float32,
+             conv1d: bool = False) -> nn.Module:
+    """An nn.Module with an nn.Linear(in, out) at each module path; weights are one shared zero (no memory).
+
+    `conv1d`: transformers' Conv1D (GPT-2's [in, out] layer) instead, for fan_in_fan_out adapters, so
+    PEFT lays out their updates (and DARE draws its drops) exactly as on the real model.
+    """
     root = nn.Module()
     zero = torch.zeros((), dtype=dtype)
     for path in sorted(shapes, key=_natural):
@@ -123,12 +128,21 @@ def skeleton(shapes: dict[str, tuple[int, int]], dtype: torch.dtype = torch.floa
         parent = root
         *parents, leaf = path.split(".")
         for name in parents:
-            if not hasattr(parent, name):
-                parent.add_module(name, nn.Module())
-            parent = getattr(parent, name)
-        linear = nn.Linear(fan_in, fan_out, bias=False, device="meta", dtype=dtype)
-        linear.weight = nn.Parameter(zero.expand(fan_out, fan_in), requires_grad=False)  # [out, in], stride 0
-        parent.add_module(leaf, linear)
+            child = dict(parent.named_children()).get(name)
+            if child is None:
+                child = nn.Module()
+                parent.add_module(name, child)
+            parent = child
+        if conv1d:
+            from transformers.pytorch_utils import Conv1D
+
+            layer = Conv1D(fan_out, fan_in).to("meta", dtype)
+            layer.weight = nn.Parameter(zero.expand(fan_in, fan_out), requires_grad=False)  # [in, out], stride 0
+            layer.bias = nn.Parameter(zero.expand(fan_out), requires_grad=False)
+        else:
+            layer = nn.Linear(fan_in, fan_out, bias=False, device="meta", dtype=dtype)
+            layer.weight = nn.Parameter(zero.expand(fan_out, fan_in), requires_grad=False)  # [out, in], stride 0
+        parent.add_module(leaf, layer)
     return root
 
 
@@ -151,7 +165,7 @@ def _load(states: Sequence[Adapter], configs: Sequence[dict], shapes: dict, dtyp
     for n, (state, config) in enumerate(zip(states, configs)):
         lora = _lora_config(config, shapes)
         if model is None:
-            model = PeftModel(skeleton(shapes, dtype), lora, adapter_name="a0")
+            model = PeftModel(skeleton(shapes, dtype, conv1d=lora.fan_in_fan_out), lora, adapter_name="a0")
         else:
             model.add_adapter(f"a{n}", lora)
         keys = {k if k.startswith(_PREFIX) else _PREFIX + k: v for k, v in state.items()}
