@@ -104,3 +104,16 @@ def test_quiet_known_warnings_hides_exactly_the_listed_ones():
             warnings.warn(message + " (in a test)", category)
         warnings.warn("something else", FutureWarning)
     assert [str(w.message) for w in caught] == ["something else"]
+
+
+def test_fold_rslora_scaling_gives_the_update_add_weighted_adapter_folds_in():
+    model = tiny_lora_bert()  # rsLoRA, r=2
+    model.add_weighted_adapter(["default"], [1.0], "same", combination_type="linear")  # must equal "default"
+    layer = model.base_model.model.encoder.layer[0].attention.self.query
+    before = layer.get_delta_weight("same")
+    assert compat.fold_rslora_scaling(model, "same")
+    want = layer.get_delta_weight("default")
+    torch.testing.assert_close(layer.get_delta_weight("same"), want)
+    if not torch.allclose(before, want):  # this PEFT has the sqrt(r) overscaling (peft#3449)
+        torch.testing.assert_close(before, want * 2 ** 0.5)
+    assert model.peft_config["same"].use_rslora is False and not compat.fold_rslora_scaling(model, "same")

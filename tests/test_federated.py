@@ -105,6 +105,28 @@ def test_merged_state_is_size_weighted_fusion_and_rounds_continue(tiny_text_mode
     assert any(fed.merged_state[k].abs().sum() > 0 for k in lora_b)
 
 
+def test_peft_merge_method_aggregates_in_the_clients_scaling(tiny_text_model, tmp_path):
+    from copra.merge import delta_weights
+    from copra.peft_merge import peft_merge
+
+    config = fed_config(tiny_text_model, tmp_path, clients=2, methods=["copra"], merge_method="dare_ties",
+                        merge_density=0.8)
+    data = prepare_data(config.data_config(0))
+    fed = simulate(config, "copra", 0, data)
+    classifier, _ = build_run(config.client_config("copra", 0, 0, 0), data)
+    client = {k: (sorted(v) if isinstance(v, set) else v)
+              for k, v in classifier.encoder.peft_config["default"].to_dict().items()}
+    want, _ = peft_merge(fed.client_states, [client] * 2, "dare_ties", [0.5, 0.5], density=0.8)
+    got, peft = delta_weights(fed.merged_state), delta_weights(want)  # same update: B rescaled by 1 / s_client
+    s = client["lora_alpha"] / client["r"] ** 0.5
+    for key in got:
+        torch.testing.assert_close(s * got[key], peft[key], rtol=1e-5, atol=1e-7)
+    with pytest.raises(UserError, match="changes the rank"):
+        fed_config(tiny_text_model, tmp_path, merge_method="cat")
+    with pytest.raises(UserError, match="unknown merge method"):
+        fed_config(tiny_text_model, tmp_path, merge_method="average")
+
+
 def test_two_round_run_plots_merged_accuracy_by_round(tiny_text_model, tmp_path):
     summary = run(fed_config(tiny_text_model, tmp_path, clients=2, rounds=2, shared_init=True))
     for method in ("lora", "copra"):

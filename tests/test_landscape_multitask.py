@@ -110,6 +110,32 @@ def test_landscape_config_and_adapter_checks(model, folders, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_landscape_takes_peft_merge_methods(land, folders, model, tmp_path):
+    """A PEFT merger's point equals PEFT loading the folder `copra merge` writes for the same weights."""
+    from peft import PeftModel
+    from transformers import AutoModel
+
+    from copra.models.text import PromptClassifier
+
+    base, _ = land
+    config = landscape.LandscapeConfig(model=model, seeds=[0, 1], alphas=[0.0, 0.3, 1.0], mergers=["ties", "cat"],
+                                       align=False, merge_density=0.7, output_dir=str(tmp_path / "peft"), **FAST)
+    summary = landscape.run_from_adapters({"copra": [folders["copra"]]}, config)
+    assert set(summary["curves"]) == {"copra/ties", "copra/cat"}
+    inputs = summary["methods"]["copra"]["inputs"][0]
+    cat = summary["curves"]["copra/cat"]["accuracy"][0]  # cat is exact: its ends are the inputs
+    assert cat[-1] == pytest.approx(inputs["alpha_1"], abs=0.051) and cat[0] == pytest.approx(inputs["alpha_0"], abs=0.051)
+    out = merge_folders(folders["copra"], "ties", [0.3, 0.7], density=0.7, output=tmp_path / "ties")
+    encoder = PeftModel.from_pretrained(AutoModel.from_pretrained(model, add_pooling_layer=False), str(out))
+    classifier, data = build_run(config.run_config("copra", 0))
+    peft_classifier = PromptClassifier(encoder, classifier.tokenizer, max_length=16)
+    peft_classifier.set_prompts(list(data.prompts))
+    assert summary["curves"]["copra/ties"]["accuracy"][0][1] == pytest.approx(
+        accuracy(peft_classifier, data.eval_x, data.eval_y), abs=0.051)
+    with pytest.raises(UserError, match="density must be a number in"):
+        landscape.LandscapeConfig(model=model, mergers=["dare_ties"], merge_density=0.0)
+
+
 # ---- multitask (Table 1, MTL) -----------------------------------------------------------------
 
 def test_multitask_table_and_merged_accuracy_on_each_task(model, tmp_path):
@@ -138,6 +164,19 @@ def test_multitask_table_and_merged_accuracy_on_each_task(model, tmp_path):
     assert (tmp_path / "mtl" / "multitask.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(UserError, match="needs one adapter folder for each"):
         multitask.run_from_adapters({"lora": [{"bbc_news": run["adapters"]["bbc_news"]}]}, config)
+    # merge_method: the same adapters merged by PEFT's TIES, scored through PEFT's own merged config
+    from copra.peft_merge import peft_merge
+
+    ties = multitask.MultitaskConfig(model=model, tasks=config.tasks, seeds=[0], merge_method="ties", merge_density=0.5,
+                                     output_dir=str(tmp_path / "mtl-ties"), **FAST)
+    again = multitask.run_from_adapters({"copra": [run["adapters"]]}, ties)["methods"]["copra"]["runs"][0]
+    assert again["original"] == run["original"]
+    loaded = [load_adapter(run["adapters"][t]) for t in config.tasks]
+    state, merged_config = peft_merge([s for s, _ in loaded], [c for _, c in loaded], "ties", density=0.5)
+    assert merged_config["lora_alpha"] == merged_config["r"] and not merged_config["use_rslora"]
+    classifier, data = build_run(ties.run_config("news_outlets", "copra", 0).replace(lora_alpha=2.0, use_rslora=False))
+    assert again["merged"]["news_outlets"] == pytest.approx(state_accuracy(classifier, state, data))
+    assert "equal-weight ties merge" in (tmp_path / "mtl-ties" / "multitask.md").read_text()
     with pytest.raises(UserError, match="tasks"):
         multitask.MultitaskConfig(model=model, tasks=["bbc_news"])
 

@@ -5,6 +5,7 @@ meant to be merged. `merge_folders` turns PEFT adapter folders into one PEFT ada
 
     fusion   B = sum_i w_i B_i, A = sum_i w_i A_i          (same rank r, same adapter_config)
     mixture  B A = sum_i w_i B_i A_i, exactly             (rank n*r, adapter_config from `mixture_config`)
+    linear, cat, svd, ties, dare_*, magnitude_prune(_svd)  PEFT's add_weighted_adapter (`copra.peft_merge`)
 
 with optional LoRA Align of every adapter to the first before a fusion. Why a separate function: the
 result must be loadable by plain `PeftModel.from_pretrained`, and a bad input must never leave a
@@ -22,7 +23,8 @@ from typing import Sequence
 from copra.adapters import finite_or_none, load_adapter, read_metadata, save_adapter
 from copra.errors import UserError
 from copra.locks import locks_output
-from copra.merge import MERGERS, check_compatible, check_weights, mixture_config
+from copra.merge import check_compatible, check_weights
+from copra.peft_merge import MERGE_METHODS, PEFT_METHODS, check_inputs, check_options, merge_states
 from copra.prune import STRUCTURED, check_k, keep_players, magnitude, players_of, structured, top_k
 
 
@@ -39,13 +41,17 @@ def _metadata(folder: Path) -> dict:
 
 @locks_output  # one writer per output folder, from the existence check to the rename
 def merge_folders(folders: Sequence[str | Path], method: str = "fusion", weights: Sequence[float] | None = None,
-                  align: bool = False, *, output: str | Path, align_steps: int = 200, overwrite: bool = False) -> Path:
+                  align: bool = False, *, output: str | Path, align_steps: int = 200, overwrite: bool = False,
+                  density: float | None = None, majority_sign_method: str | None = None, seed: int = 0) -> Path:
     """Merge PEFT LoRA adapter folders into the PEFT folder `output`; returns its path.
 
+    `method`: copra's fusion or mixture, or one of PEFT's combination types (`peft_merge.PEFT_METHODS`,
+    computed by PEFT's add_weighted_adapter on a skeleton, no base model needed; `density` for TIES /
+    DARE / magnitude merges, `majority_sign_method` for TIES, `seed` for DARE's random drops).
     `weights`: one per adapter (default 1/n each; they need not sum to 1). `align`: LoRA Align every
-    adapter to the first before merging (changes fusion only; a mixture is exact either way). Writes
-    `copra.json` with the inputs, weights, method and the bound D_upper (alpha = 0.5) of each adapter
-    against the first, before and after alignment. UserError on any bad input, with no output written.
+    adapter to the first before merging (changes factor-wise methods; mixture and cat are exact either
+    way). Writes `copra.json` with the inputs, weights, method and the bound D_upper (alpha = 0.5) of
+    each adapter against the first, before and after alignment. UserError on any bad input, nothing written.
     """
     from copra.align import align_many, bound
 
@@ -53,8 +59,12 @@ def merge_folders(folders: Sequence[str | Path], method: str = "fusion", weights
     output = Path(output)
     if len(folders) < 2:
         raise UserError(f"merging needs at least two adapter folders, got {len(folders)}")
-    if method not in MERGERS:
-        raise UserError(f"unknown merge method {method!r}; choose one of {sorted(MERGERS)}")
+    if method not in MERGE_METHODS:
+        raise UserError(f"unknown merge method {method!r}; choose one of {list(MERGE_METHODS)}")
+    if method in PEFT_METHODS:
+        check_options(method, density, majority_sign_method)
+    elif density is not None or majority_sign_method is not None:
+        raise UserError(f"density and majority sign method apply to PEFT's methods, not to {method!r}")
     if not isinstance(align, bool):
         raise UserError(f"align must be true or false, got {align!r}")
     if isinstance(align_steps, bool) or not isinstance(align_steps, int) or align_steps < 1:
@@ -69,24 +79,31 @@ def merge_folders(folders: Sequence[str | Path], method: str = "fusion", weights
     inputs_meta = [_metadata(f) for f in folders]
     states, configs = [s for s, _ in loaded], [c for _, c in loaded]
     try:
-        check_compatible(states, configs)
+        if method in PEFT_METHODS and not align:
+            check_inputs(states, configs, method)  # PEFT's rules: ranks may differ for cat / SVD
+        else:
+            check_compatible(states, configs)
     except UserError as error:
         raise UserError(f"{error} ({_describe(folders)})") from None
-    before = [bound(states[0], s) for s in states[1:]]
+    same_shape = all(s[k].shape == v.shape for s in states for k, v in states[0].items() if k in s)
+    before = [bound(states[0], s) for s in states[1:]] if same_shape else None
     after = None
     if align:
         states = [states[0], *align_many(states[0], states[1:], steps=align_steps)]
         after = [bound(states[0], s) for s in states[1:]]
-    merged = MERGERS[method](states, w)
-    config = mixture_config(configs[0], len(states)) if method == "mixture" else dict(configs[0])
+    merged, config = merge_states(method, states, configs, w, density=density,
+                                  majority_sign_method=majority_sign_method, seed=seed)
     metadata = {
         "merged": True, "method": method, "weights": w, "align": align,
         "inputs": [str(f) for f in resolved],
         "input_metadata": [{k: m.get(k) for k in ("method", "task", "seed", "accuracy")} for m in inputs_meta],
         "bound_alpha": 0.5,
-        "bound_before_align": [finite_or_none(b) for b in before],
+        "bound_before_align": None if before is None else [finite_or_none(b) for b in before],
         "bound_after_align": None if after is None else [finite_or_none(b) for b in after],
     }
+    if method in PEFT_METHODS:
+        metadata["peft"] = {"combination_type": method, "density": density, "seed": seed,
+                            "majority_sign_method": majority_sign_method}
     return save_adapter(merged, config, output, metadata)  # refuses NaN/inf before writing; atomic
 
 

@@ -67,6 +67,10 @@ def _cmd_experiment(args) -> int:
 
     config_class, run, render = EXPERIMENTS[args.command]()
     sets = list(args.set) + ([f"output_dir={args.output}"] if args.output else [])
+    if args.executor is not None or args.ray_address is not None:
+        if "executor" not in getattr(config_class, "__dataclass_fields__", {}):
+            raise UserError(f"{args.command} runs in this process; --executor and --ray-address do not apply")
+        sets += [f"executor={args.executor or 'ray'}"] + ([f"ray_address={args.ray_address}"] if args.ray_address else [])
     config = load_dataclass(config_class, args.config, sets)
     summary = run(config)
     print(render(summary))
@@ -87,7 +91,8 @@ def _cmd_merge(args) -> int:
     from copra.adapter_ops import merge_folders
 
     out = merge_folders(args.adapters, args.method, _numbers(args.weights), args.align, output=args.output,
-                        align_steps=args.align_steps, overwrite=args.force)
+                        align_steps=args.align_steps, overwrite=args.force, density=args.density,
+                        majority_sign_method=args.majority_sign_method, seed=args.seed)
     print(f"{args.method} of {len(args.adapters)} adapters{' (aligned)' if args.align else ''} -> {out}")
     return 0
 
@@ -143,7 +148,8 @@ def _cmd_reproduce(args) -> int:
     from copra.experiments.suite import reproduce
 
     result = reproduce(args.suite, args.output, parse_sets(args.set), jobs=args.jobs, progress=not args.quiet,
-                       log=lambda line: print(line, file=sys.stderr))
+                       log=lambda line: print(line, file=sys.stderr), executor=args.executor or ("ray" if args.ray_address else "local"),
+                       ray_address=args.ray_address)
     print("report: " + " and ".join(str(p) for p in result["report"]))
     return 0
 
@@ -170,6 +176,13 @@ class _Parser(argparse.ArgumentParser):
         raise _ArgumentError(f"{message} (see {self.prog} --help)")
 
 
+def _executor_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--executor", choices=["local", "ray"],
+                   help="local: this process or --jobs processes (default); ray: one Ray task per training run")
+    p.add_argument("--ray-address", help="Ray cluster to join (default $COPRA_RAY_ADDRESS, else a private local Ray "
+                                         "with --jobs CPUs); run folders must be on a shared file system")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="copra", description="CopRA: progressive, randomly gated LoRA training")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -193,10 +206,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1, help="training runs in parallel processes (default 1)")
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("merge", help="merge LoRA adapter folders (fusion or mixture) into one PEFT folder")
+    from copra.peft_merge import MERGE_METHODS
+
+    p = sub.add_parser("merge", help="merge LoRA adapter folders (fusion, mixture or PEFT's methods) into one PEFT folder")
     p.add_argument("adapters", nargs="+", help="PEFT adapter folders (two or more)")
-    p.add_argument("--method", choices=["fusion", "mixture"], default="fusion", help="fusion (rank r) or mixture (rank n*r)")
+    p.add_argument("--method", choices=MERGE_METHODS, default="fusion", metavar="METHOD",
+                   help="fusion (rank r), mixture (rank n*r) or PEFT's add_weighted_adapter: " + ", ".join(MERGE_METHODS[2:]))
     p.add_argument("--weights", help="one weight per adapter, comma-separated (default: equal)")
+    p.add_argument("--density", type=float, help="fraction kept by ties, dare_*, magnitude_prune (and _svd), in (0, 1]")
+    p.add_argument("--majority-sign-method", choices=["total", "frequency"], help="TIES sign election (default total)")
+    p.add_argument("--seed", type=int, default=0, help="seed of DARE's random drops (default 0)")
     p.add_argument("--align", action="store_true", help="LoRA Align every adapter to the first before merging")
     p.add_argument("--align-steps", type=int, default=200, help="Adam steps of LoRA Align per module")
     p.add_argument("-o", "--output", required=True, help="output adapter folder")
@@ -229,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", help="YAML file overriding the experiment's defaults")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one key")
         p.add_argument("-o", "--output", help="results folder")
+        _executor_arguments(p)
         p.set_defaults(func=_cmd_experiment)
 
     p = sub.add_parser("report", help="every experiment's results in one Markdown + HTML report, in paper order")
@@ -245,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="results/reproduce", help="results folder (resumed if it exists)")
     p.add_argument("--jobs", type=int, default=1, help="training runs in parallel processes")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    _executor_arguments(p)
     p.set_defaults(func=_cmd_reproduce)
 
     p = sub.add_parser("tasks", help="list the embedded text tasks (MTL15): classes, sizes, zero-shot accuracy")

@@ -145,6 +145,32 @@ def checkpoint_file(path: str, filename: str) -> str | None:
         return None
 
 
+
+# -- peft: add_weighted_adapter's merged scaling with rsLoRA -----------------------------------------------
+def fold_rslora_scaling(peft_model: nn.Module, adapter_name: str) -> bool:
+    """Make the merged adapter `adapter_name` scale by 1, as `add_weighted_adapter` means it to; True if changed.
+
+    `add_weighted_adapter` folds every input's scaling into the merged factors and sets r = lora_alpha
+    so the merged scaling is 1, but it copies `use_rslora` from the first input, and with rsLoRA the
+    scaling is alpha / sqrt(r) = sqrt(r): the update comes out sqrt(r) times too large (peft 0.13-0.21.2;
+    huggingface/peft#3449, #3761). Turning rsLoRA off on the merged adapter's config (and scaling, via
+    the public `set_scale`) gives the update PEFT computed. A no-op where PEFT already did so.
+    """
+    config = peft_model.peft_config[adapter_name]
+    if not getattr(config, "use_rslora", False):
+        return False
+    scaling = config.lora_alpha / config.r ** 0.5
+    if abs(scaling - 1.0) < 1e-12:
+        return False
+    config.use_rslora = False
+    config.lora_alpha = config.r
+    for module in peft_model.modules():
+        scaling = getattr(module, "scaling", None)  # a LoRA layer's dict (attention modules have a float)
+        if isinstance(scaling, dict) and adapter_name in scaling and hasattr(module, "set_scale"):
+            # set_scale(s) gives s * alpha / sqrt(r) under the layer's rsLoRA flag: choose s for scaling 1
+            module.set_scale(adapter_name, module.r[adapter_name] ** 0.5 / module.lora_alpha[adapter_name])
+    return True
+
 # -- warnings from other libraries that are not the user's concern ----------------------------------
 # peft 0.17-0.21 calls `is_gradient_checkpointing`, which transformers 5 deprecates.
 KNOWN_WARNINGS = (("`is_gradient_checkpointing` is deprecated", FutureWarning),)

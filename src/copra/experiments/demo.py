@@ -43,6 +43,8 @@ class DemoConfig:
     output_dir: str = "results"  #: where JSON, report and adapters go
     progress: bool = True  #: progress bars
     jobs: int = 1  #: training runs in parallel processes (finished runs in output_dir are reused)
+    executor: str = "local"  #: where training runs go: local (this process or `jobs` processes) or ray (one Ray task each)
+    ray_address: str | None = None  #: Ray cluster to join (else $COPRA_RAY_ADDRESS, else a private local Ray of `jobs` CPUs)
 
     def __post_init__(self) -> None:
         if not self.tasks or not self.seeds or not self.methods:
@@ -76,7 +78,8 @@ def run(config: DemoConfig) -> dict:
     keys = [(t, m, s) for t in config.tasks for m in config.methods for s in config.seeds]
     folders = {(t, m, s): out / "runs" / t / m / f"seed{s}" for t, m, s in keys}
     # every run at once, so `jobs` > 1 trains across tasks and methods; finished runs are reused
-    done = dict(zip(keys, run_all([(config.run_config(*key), folders[key]) for key in keys], config.jobs)))
+    plan = [(config.run_config(*key), folders[key]) for key in keys]
+    done = dict(zip(keys, run_all(plan, config.jobs, config.executor, config.ray_address)))
     for task in config.tasks:
         classifier, data = build_run(config.run_config(task, config.methods[0], config.seeds[0]))
         row = {"zero_shot": accuracy(classifier, data.eval_x, data.eval_y), "classes": len(data.class_names),

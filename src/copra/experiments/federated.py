@@ -12,7 +12,8 @@ Protocol, per method and run seed s (methods share data, split and client seeds,
   * round r (0-based), client i trains `steps` steps with TrainConfig seed `client_seed(s, r, i)`
     = 10000 s + 100 r + i, from its own fresh seeded LoRA init in round 0 (the paper; or one shared
     init with `shared_init`) and from the server's merged adapter in later rounds;
-  * the server merges with `fusion`, weights n_i / N (client example counts): FedAvg of A and B.
+  * the server merges with `fusion`, weights n_i / N (client example counts): FedAvg of A and B
+    (`merge_method` swaps in a rank-keeping PEFT method, e.g. ties or dare_ties, with the same weights);
   * each client model and the merged model are evaluated on the run's fixed evaluation subset.
 `rounds=1` is the paper's one-shot setting. In multi-round mode each round is a full local run:
 the cosine LR, AdamW state and (CopRA) the keep-probability ramp restart every round.
@@ -37,9 +38,11 @@ from copra.errors import UserError
 from copra.experiments.common import check_lrs, mean_std, write_outputs, zoom_bars
 from copra.evaluation import FewShotData, adapter_state, load_adapter_state, prepare_data, state_accuracy
 from copra.merge import fusion
+from copra.peft_merge import lora_scaling, merge_states, rescaled, setting_options
 from copra.training import build_run, train
 
 Adapter = dict[str, torch.Tensor]
+RANK_CHANGING = ("mixture", "cat")  # merges whose rank differs from the clients': no next round from them
 MAX_CLIENTS = MAX_ROUNDS = 100  # client_seed packs round and client into two decimal digits each
 
 
@@ -86,6 +89,8 @@ class FederatedConfig:
     eval_examples: int | None = 240  #: fixed evaluation subset (None: the whole test split)
     model: str = "embedded:minilm"  #: backbone, as TrainConfig.model
     shared_init: bool = False  #: round 0 starts every client from one LoRA init (classic FedAvg), not its own
+    merge_method: str = "fusion"  #: server aggregation: fusion (FedAvg of A and B) or a rank-keeping PEFT method (ties, dare_ties, svd, ...)
+    merge_density: float = 0.5  #: density of TIES / DARE / magnitude merges (unused by the other methods)
     train_overrides: dict[str, Any] = field(default_factory=dict)  #: other TrainConfig fields for every client
     output_dir: str = "results/federated"  #: where federated.json/.md/.png and merged adapters go
     progress: bool = True  #: progress bars
@@ -100,6 +105,10 @@ class FederatedConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
                 raise UserError(f"{name} must be an integer from 1 to {limit}, got {value!r}")
+        setting_options(self.merge_method, self.merge_density)
+        if self.merge_method in RANK_CHANGING:
+            raise UserError(f"merge_method {self.merge_method!r} changes the rank; the next round trains from the "
+                            "merged adapter, so federated learning needs a rank-keeping method")
         if not isinstance(self.train_overrides, dict):
             raise UserError(f"train_overrides must be a mapping, got {self.train_overrides!r}")
         check_lrs(self.lrs, self.methods)
@@ -149,13 +158,29 @@ def simulate(config: FederatedConfig, method: str, seed: int, data: FewShotData 
         results = [train(config.client_config(method, seed, r, i), data=part, initial_state=start_state)
                    for i, part in enumerate(parts)]
         run.client_states = [res.state for res in results]
-        start_state = run.merged_state = fusion(run.client_states, weights)
+        start_state = run.merged_state = aggregate(config, evaluator, run.client_states, weights)
         accs = [res.accuracy for res in results]
         run.rounds.append({"round": r + 1, "client_accuracy": accs, "client_mean": statistics.fmean(accs),
                            "merged_accuracy": state_accuracy(evaluator, run.merged_state, data),
                            "client_converged": [res.converged for res in results],  # the plateau test per client
                            "client_final_loss": [res.final_loss for res in results]})
     return run
+
+
+def aggregate(config: FederatedConfig, evaluator: torch.nn.Module, states: list[Adapter],
+              weights: list[float]) -> Adapter:
+    """The server's merge of the client adapters, in the clients' own LoRA scaling (so round r+1 starts from it).
+
+    fusion is FedAvg of A and B; a PEFT method's merged adapter has scaling 1, so its B is rescaled to
+    the clients' alpha/r (or alpha/sqrt(r)): the same update, in the shape the clients train.
+    """
+    if config.merge_method == "fusion":
+        return fusion(states, weights)
+    client = {k: (sorted(v) if isinstance(v, set) else v)
+              for k, v in evaluator.encoder.peft_config["default"].to_dict().items()}
+    merged, merged_config = merge_states(config.merge_method, states, [client] * len(states), weights,
+                                         **setting_options(config.merge_method, config.merge_density))
+    return rescaled(merged, lora_scaling(merged_config) / lora_scaling(client))
 
 
 def initial_state(config: FederatedConfig, method: str, seed: int, data: FewShotData) -> Adapter:
@@ -203,7 +228,7 @@ def run(config: FederatedConfig) -> dict:
 def save_merged(evaluator: torch.nn.Module, fed: FederatedRun, folder: Path, config: FederatedConfig) -> Path:
     """Write the final merged adapter as a PEFT folder (PEFT's own save_pretrained, so from_pretrained loads it)."""
     load_adapter_state(evaluator, fed.merged_state)
-    meta = {"method": fed.method, "task": config.task, "seed": fed.seed, "federated": True, "merge": "fusion",
+    meta = {"method": fed.method, "task": config.task, "seed": fed.seed, "federated": True, "merge": config.merge_method,
             "clients": config.clients, "rounds": config.rounds, "client_sizes": fed.client_sizes,
             "accuracy": fed.rounds[-1]["merged_accuracy"], "config": dataclasses.asdict(config)}
     return save_peft_model(evaluator.encoder, folder, meta)
@@ -226,7 +251,7 @@ def render(summary: dict) -> str:
     text = ["## Federated learning: client vs merged accuracy", "",
             f"Task {summary['task']}: {c['shots']} shots per class split at random over {c['clients']} clients, "
             f"{c['steps']} steps of batch {c['batch_size']} per client per round, lr {c['lr']}, {rounds}; the server "
-            f"averages A and B weighted by client size (FedAvg = `fusion`). Seeds {c['seeds']}; accuracy (%) on "
+            f"merges with `{c.get('merge_method', 'fusion')}` weighted by client size (FedAvg = `fusion`). Seeds {c['seeds']}; accuracy (%) on "
             f"{summary['eval_examples']} evaluation examples, last round, mean ± std over seeds.", "", table(summary), ""]
     if c["rounds"] > 1:
         text += ["Merged accuracy by round: " + "; ".join(
@@ -245,7 +270,7 @@ def plot(summary: dict, path: Path) -> Path:
     s, rounds = summary["summary"], summary["config"]["rounds"]
     fig, axes = plt.subplots(1, 2 if rounds > 1 else 1, figsize=(9 if rounds > 1 else 5, 3.6), squeeze=False)
     ax, x = axes[0][0], np.arange(len(s))
-    for offset, key, label in ((-0.2, "client", "clients (mean)"), (0.2, "merged", "merged (fusion)")):
+    for offset, key, label in ((-0.2, "client", "clients (mean)"), (0.2, "merged", f"merged ({summary['config'].get('merge_method', 'fusion')})")):
         ax.bar(x + offset, [100 * v[f"{key}_mean"] for v in s.values()], 0.4, label=label,
                yerr=[100 * v[f"{key}_std"] for v in s.values()], capsize=4)
     zoom_bars(ax, [100 * v[f"{key}_mean"] for v in s.values() for key in ("client", "merged")])

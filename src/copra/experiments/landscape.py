@@ -14,8 +14,9 @@ Evaluation: one classifier per LoRA shape, reused for every point (`common.Evalu
 an exact rank-2r adapter (`copra.merge.mixture`), which a rank-r model cannot hold, so it is evaluated
 in a second classifier built from `mixture_config` (r -> 2r, lora_alpha -> 2 alpha, or sqrt(2) alpha
 with rsLoRA, so the scaling is unchanged). That is exactly the model PEFT builds when it loads the
-saved mixture folder, and it reuses the library's own `mixture`; PEFT's `add_weighted_adapter("cat")`
-would instead need both adapters loaded by name and applies its own weight/scaling conventions.
+saved mixture folder, and it reuses the library's own `mixture`. PEFT's combination types (ties,
+dare_ties, svd, ...) are further `mergers`, computed by PEFT's `add_weighted_adapter` through
+`copra.peft_merge.merge_states` and evaluated with the config PEFT gives the merged adapter.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ from copra.errors import UserError
 from copra.evaluation import FewShotData, prepare_data
 from copra.experiments.common import (Evaluator, barrier, check_lrs, check_overrides, check_unique, load_for_eval, mean_std,
                                       new_axes, save_figure, write_outputs)
-from copra.merge import MERGERS, check_compatible, delta_weights, fusion, mixture, mixture_config
+from copra.merge import check_compatible, delta_weights, fusion, mixture
+from copra.peft_merge import MERGE_METHODS, merge_states, setting_options
 from copra.experiments.runs import run_all
 
 ALPHAS = [round(i / 10, 1) for i in range(11)]
@@ -50,7 +52,8 @@ class LandscapeConfig:
     methods: list[str] = field(default_factory=lambda: ["lora", "copra"])  #: training methods compared
     seeds: list[int] = field(default_factory=lambda: [0, 1])  #: one adapter per seed; pairs are consecutive seeds
     alphas: list[float] = field(default_factory=lambda: list(ALPHAS))  #: interpolation coefficients in [0, 1]
-    mergers: list[str] = field(default_factory=lambda: ["fusion", "mixture"])  #: merge rules evaluated
+    mergers: list[str] = field(default_factory=lambda: ["fusion", "mixture"])  #: merge methods evaluated (this experiment's merge_method setting: fusion, mixture, or PEFT's ties, dare_ties, ...)
+    merge_density: float = 0.5  #: density of TIES / DARE / magnitude merges (unused by the other methods)
     align: bool = True  #: also fuse after LoRA Align (curves "lora+align/fusion", "copra+align/fusion")
     align_steps: int = 200  #: Adam steps of LoRA Align per module
     shots: int = 8  #: training examples per class
@@ -64,10 +67,14 @@ class LandscapeConfig:
     output_dir: str = "results/landscape"  #: where adapters, JSON, PNG and Markdown go
     progress: bool = True  #: progress bars
     jobs: int = 1  #: training runs in parallel processes (finished runs in output_dir are reused)
+    executor: str = "local"  #: where training runs go: local (this process or `jobs` processes) or ray (one Ray task each)
+    ray_address: str | None = None  #: Ray cluster to join (else $COPRA_RAY_ADDRESS, else a private local Ray of `jobs` CPUs)
 
     def __post_init__(self) -> None:
         check_unique("methods", self.methods, METHODS)
-        check_unique("mergers", self.mergers, MERGERS)
+        check_unique("mergers", self.mergers, MERGE_METHODS)
+        for merger in self.mergers:
+            setting_options(merger, self.merge_density)
         check_unique("seeds", self.seeds, minimum=2)
         if not all(isinstance(s, int) and not isinstance(s, bool) for s in self.seeds):
             raise UserError(f"seeds must be integers, got {self.seeds!r}")
@@ -99,7 +106,8 @@ def run(config: LandscapeConfig) -> dict:
     out = Path(config.output_dir)
     data = prepare_data(config.run_config(config.methods[0], config.seeds[0]))  # fails early on a bad task
     keys = [(m, s) for m in config.methods for s in config.seeds]
-    done = run_all([(config.run_config(m, s), out / "runs" / m / f"seed{s}") for m, s in keys], config.jobs)
+    plan = [(config.run_config(m, s), out / "runs" / m / f"seed{s}") for m, s in keys]
+    done = run_all(plan, config.jobs, config.executor, config.ray_address)
     folders = {key: result.adapter_dir for key, result in zip(keys, done)}
     pairs = {m: [(folders[m, a], folders[m, b]) for a, b in config.pairs()] for m in config.methods}
     return run_from_adapters(pairs, config, data)
@@ -154,10 +162,10 @@ def run_from_adapters(pairs: dict[str, list[tuple[str, str]]], config: Landscape
                 bounds.update(after=bound(sa, aligned), gap_after=gap(sa, aligned))
             row["bounds"].append(bounds)
             for name, merger, aligned_flag, other in variants:
-                merged_config = mixture_config(ca, 2) if merger == "mixture" else ca
                 accs = []
                 for alpha in alphas:
-                    merged = MERGERS[merger]([sa, other], [alpha, 1 - alpha])
+                    merged, merged_config = merge_states(merger, [sa, other], [ca, cb], [alpha, 1 - alpha],
+                                                         **setting_options(merger, config.merge_density))
                     accs.append(evaluator.accuracy(merged, merged_config, data))
                     bar.update(1)
                 curve = summary["curves"].setdefault(name, {"method": method, "merger": merger, "align": aligned_flag,
@@ -189,7 +197,7 @@ def plot(summary: dict, path: str | Path) -> Path:
     for name, curve in summary["curves"].items():
         colour = colours.setdefault(curve["method"], f"C{len(colours)}")
         mean = [100 * v for v in curve["mean"]]
-        ax.plot(alphas, mean, ":" if curve["align"] else STYLES[curve["merger"]], color=colour, marker="o",
+        ax.plot(alphas, mean, ":" if curve["align"] else STYLES.get(curve["merger"], "-."), color=colour, marker="o",
                 markersize=3, label=name)
         if len(curve["accuracy"]) > 1:
             ax.fill_between(alphas, [m - 100 * s for m, s in zip(mean, curve["std"])],

@@ -30,7 +30,8 @@ from copra.errors import UserError
 from copra.evaluation import FewShotData, prepare_data
 from copra.experiments.common import (Evaluator, check_lrs, check_overrides, check_unique, load_for_eval, mean_std, new_axes,
                                       save_figure, write_outputs, zero_b, zoom_bars)
-from copra.merge import check_compatible, fusion
+from copra.merge import check_compatible
+from copra.peft_merge import merge_states, setting_options
 from copra.experiments.runs import run_all
 
 LABELS = {"lora": "LoRA", "copra": "CopRA"}
@@ -45,6 +46,8 @@ class MultitaskConfig:
     methods: list[str] = field(default_factory=lambda: ["lora", "copra"])  #: training methods compared
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  #: one adapter per (task, seed), fused per seed
     align: bool = False  #: LoRA Align every adapter to the first task's before fusing
+    merge_method: str = "fusion"  #: how task adapters are merged: fusion, mixture or a PEFT method (ties, dare_ties, ...)
+    merge_density: float = 0.5  #: density of TIES / DARE / magnitude merges (unused by the other methods)
     align_steps: int = 200  #: Adam steps of LoRA Align per module
     shots: int = 8  #: training examples per class
     steps: int = 30  #: optimizer steps per run
@@ -57,6 +60,8 @@ class MultitaskConfig:
     output_dir: str = "results/multitask"  #: where adapters, JSON, PNG and Markdown go
     progress: bool = True  #: progress bars
     jobs: int = 1  #: training runs in parallel processes (finished runs in output_dir are reused)
+    executor: str = "local"  #: where training runs go: local (this process or `jobs` processes) or ray (one Ray task each)
+    ray_address: str | None = None  #: Ray cluster to join (else $COPRA_RAY_ADDRESS, else a private local Ray of `jobs` CPUs)
 
     def __post_init__(self) -> None:
         self.tasks = expand_tasks(self.tasks)
@@ -69,6 +74,7 @@ class MultitaskConfig:
             raise UserError(f"align must be true or false, got {self.align!r}")
         if isinstance(self.align_steps, bool) or not isinstance(self.align_steps, int) or self.align_steps < 0:
             raise UserError(f"align_steps must be a non-negative integer, got {self.align_steps!r}")
+        setting_options(self.merge_method, self.merge_density)
         check_overrides(self.overrides)
         check_lrs(self.lrs, self.methods)
         self.run_config(self.tasks[0], self.methods[0], self.seeds[0])  # validates every TrainConfig field
@@ -97,7 +103,7 @@ def run(config: MultitaskConfig) -> dict:
     keys = [(m, s, t) for m in config.methods for s in config.seeds for t in config.tasks]
     plan = [(config.run_config(t, m, s), out / "runs" / t / m / f"seed{s}") for m, s, t in keys]
     adapters: dict[str, list[dict[str, str]]] = {m: [{} for _ in config.seeds] for m in config.methods}
-    for (method, seed, task), result in zip(keys, run_all(plan, config.jobs)):
+    for (method, seed, task), result in zip(keys, run_all(plan, config.jobs, config.executor, config.ray_address)):
         adapters[method][config.seeds.index(seed)][task] = result.adapter_dir
     return run_from_adapters(adapters, config, data)
 
@@ -138,12 +144,13 @@ def run_from_adapters(adapters: dict[str, list[dict[str, str]]], config: Multita
             parts = [states[t][0] for t in tasks]
             if config.align:
                 parts = [parts[0], *align_many(parts[0], parts[1:], steps=config.align_steps)]
-            merged = fusion(parts)  # equal weights 1/n
+            merged, merged_config = merge_states(config.merge_method, parts, [states[t][1] for t in tasks],
+                                                 **setting_options(config.merge_method, config.merge_density))
             record = {"adapters": {t: str(group[t]) for t in tasks}, "original": {}, "merged": {}}
             for task in tasks:
                 state, adapter_config = states[task]
                 record["original"][task] = evaluator.accuracy(state, adapter_config, data[task])
-                record["merged"][task] = evaluator.accuracy(merged, adapter_config, data[task])
+                record["merged"][task] = evaluator.accuracy(merged, merged_config, data[task])
                 bar.update(2)
             runs.append(record)
         row = {"runs": runs}
@@ -183,7 +190,8 @@ def plot(summary: dict, path: str | Path) -> Path:
               + [100 * summary["zero_shot"][t] for t in tasks])
     ax.set_xticks(range(len(tasks)), tasks)
     ax.set_ylabel("accuracy (%)")
-    ax.set_title("Task adapters fused (equal weights), evaluated on each task")
+    method = summary["config"].get("merge_method", "fusion")
+    ax.set_title(f"Task adapters merged ({method}, equal weights), evaluated on each task")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
     return save_figure(figure, path)
@@ -253,7 +261,8 @@ def render(summary: dict) -> str:
         "# Multi-task merging (CopRA paper, Table 1 right)", "",
         f"One adapter per task ({', '.join(summary['tasks'])}) and seed ({c['seeds']}), {c['shots']} shots, "
         f"{c['steps']} steps, model {c['model']}. *origin*: each task's own adapter on its task; *merge*: the "
-        f"equal-weight fusion of all task adapters{' after LoRA Align' if c['align'] else ''}, evaluated on every "
+        f"equal-weight {c.get('merge_method', 'fusion')} merge of all task adapters"
+        f"{' after LoRA Align' if c['align'] else ''}, evaluated on every "
         "task with that task's class prompts. Accuracy (%) on fixed evaluation subsets, mean ± std over seeds.", "",
         table(summary), "", "![multitask](multitask.png)", "",
     ])

@@ -52,6 +52,8 @@ class PruningConfig:
     output_dir: str = "results/pruning"  #: where JSON, PNG and Markdown go
     progress: bool = True  #: progress bars
     jobs: int = 1  #: training runs in parallel processes (finished runs in output_dir are reused)
+    executor: str = "local"  #: where training runs go: local (this process or `jobs` processes) or ray (one Ray task each)
+    ray_address: str | None = None  #: Ray cluster to join (else $COPRA_RAY_ADDRESS, else a private local Ray of `jobs` CPUs)
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.schemes if s not in SCHEMES]
@@ -117,7 +119,7 @@ def run(config: PruningConfig) -> dict:
     plan = [(base.replace(method=method, seed=seed, save_early=method == "copra", lr=config.lrs.get(method, config.lr)),
              out / "runs" / method / f"seed{seed}")
             for seed in config.seeds for method in ("lora", "copra")]
-    for result in run_all(plan, config.jobs):
+    for result in run_all(plan, config.jobs, config.executor, config.ray_address):
         adapters[result.config["method"]].append(result.adapter_dir)
         if result.early_dir:
             adapters["early_copra"].append(result.early_dir)

@@ -9,6 +9,7 @@ A run killed mid-training continues from its last checkpoint (`copra.training`, 
 threads); the results are identical to the sequential path because every run is seeded by its
 config alone. Each run holds its own folder's lock (`train` takes it, in the worker that trains it);
 the parent only takes it briefly to read a run's state, never while a worker trains there.
+`executor="ray"` trains them as Ray tasks instead (`ray_runs`), back through the same folders.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from copra.config import TrainConfig
 from copra.errors import UserError
 from copra.locks import FolderInUse, folder_lock
 from copra.training import RunResult, resume_point, train
+
+
+EXECUTORS = ("local", "ray")  # local: this process or `jobs` spawned processes; ray: one Ray task per run
 
 
 def _state_of(config: TrainConfig, output_dir: str | Path) -> RunResult | bool:
@@ -71,16 +75,32 @@ def _train_in_worker(config: TrainConfig, output_dir: str, resume: bool) -> str:
     return output_dir
 
 
-def run_all(runs: Sequence[tuple[TrainConfig, str | Path]], jobs: int = 1) -> list[RunResult]:
+def check_executor(executor: str, ray_address: str | None = None) -> None:
+    """UserError unless `executor` is one of EXECUTORS and `ray_address` (if any) a non-empty string."""
+    if executor not in EXECUTORS:
+        raise UserError(f"executor must be one of {list(EXECUTORS)}, got {executor!r}")
+    if ray_address is not None and (not isinstance(ray_address, str) or not ray_address.strip()):
+        raise UserError(f"ray_address must be a non-empty string such as 'auto' or 'ray://host:10001', got {ray_address!r}")
+
+
+def run_all(runs: Sequence[tuple[TrainConfig, str | Path]], jobs: int = 1, executor: str = "local",
+            ray_address: str | None = None) -> list[RunResult]:
     """Results of every (config, output folder), in order; finished runs are reused, the rest trained.
 
-    With `jobs` > 1 the missing runs train in that many spawned processes; their adapters come back
-    through the folders (never pickled), read by `finished`.
+    With `jobs` > 1 the missing runs train in that many spawned processes; with `executor="ray"`
+    each is a Ray task (`ray_runs`; a private local Ray gets `jobs` CPUs when no address is set).
+    Either way their adapters come back through the folders (never pickled), read by `finished`.
     """
     check_jobs(jobs)
+    check_executor(executor, ray_address)
     states = [_state_of(c, d) for c, d in runs]
     results: list[RunResult | None] = [s if isinstance(s, RunResult) else None for s in states]
     missing = [i for i, r in enumerate(results) if r is None]
+    if executor == "ray" and missing:
+        from copra.experiments.ray_runs import run_on_ray
+
+        run_on_ray(runs, missing, ray_address, jobs)
+        return [r if r is not None else _reload(*runs[i]) for i, r in enumerate(results)]
     if jobs == 1 or len(missing) <= 1:
         for i in missing:
             results[i] = train(runs[i][0], output_dir=runs[i][1], resume=bool(states[i]))
@@ -91,7 +111,13 @@ def run_all(runs: Sequence[tuple[TrainConfig, str | Path]], jobs: int = 1) -> li
         futures = {i: pool.submit(_train_in_worker, runs[i][0], str(runs[i][1]), bool(states[i])) for i in missing}
         for i, future in futures.items():
             future.result()  # re-raises a worker's error (a UserError stays one)
-            results[i] = finished(*runs[i])
-            if results[i] is None:
-                raise RuntimeError(f"run in {runs[i][1]} finished but left no readable result")
+            results[i] = _reload(*runs[i])
     return results  # type: ignore[return-value]
+
+
+def _reload(config: TrainConfig, output_dir: str | Path) -> RunResult:
+    """The result a worker (process or Ray task) left in `output_dir`."""
+    result = finished(config, output_dir)
+    if result is None:
+        raise RuntimeError(f"run in {output_dir} finished but left no readable result")
+    return result

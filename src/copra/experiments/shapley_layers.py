@@ -56,6 +56,8 @@ class ShapleyConfig:
     output_dir: str = "results/shapley"  #: where JSON, PNG and Markdown go
     progress: bool = True  #: progress bars
     jobs: int = 1  #: training runs in parallel processes (finished runs in output_dir are reused)
+    executor: str = "local"  #: where training runs go: local (this process or `jobs` processes) or ray (one Ray task each)
+    ray_address: str | None = None  #: Ray cluster to join (else $COPRA_RAY_ADDRESS, else a private local Ray of `jobs` CPUs)
 
     def __post_init__(self) -> None:
         check_unique("methods", self.methods, METHODS)
@@ -85,7 +87,7 @@ def run(config: ShapleyConfig) -> dict:
     data = prepare_data(config.run_config(config.methods[0], config.seeds[0]))  # fails early on a bad task
     out = Path(config.output_dir)
     plan = [(config.run_config(m, s), out / "runs" / m / f"seed{s}") for m in config.methods for s in config.seeds]
-    done = iter(run_all(plan, config.jobs))
+    done = iter(run_all(plan, config.jobs, config.executor, config.ray_address))
     adapters = {m: [next(done).adapter_dir for _ in config.seeds] for m in config.methods}
     return run_from_adapters(adapters, config, data)
 

@@ -18,7 +18,8 @@ A suite is a list of steps, each one experiment with its settings, written to it
 Resuming: a killed suite started again skips every step whose summary JSON (written last, atomically)
 records the same config, and inside a step reuses every finished training run (`runs.run_all`).
 `suite.json` records the suite's name, version and resolved settings; a folder made with other
-settings is refused rather than mixed. `--jobs N` trains independent runs in N processes.
+settings is refused rather than mixed. `--jobs N` trains independent runs in N processes, `--executor ray`
+as Ray tasks (shared file system assumed).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from copra.adapters import write_json
 from copra.config import TrainConfig, build_dataclass
 from copra.errors import UserError
 from copra.experiments import EXPERIMENTS
-from copra.experiments.runs import check_jobs
+from copra.experiments.runs import check_executor, check_jobs
 from copra.locks import folder_lock
 
 SUITE_VERSION = 1
@@ -121,6 +122,7 @@ def converged_suite() -> list[Step]:
 
 
 SUITES = {"full": full_suite, "clip": clip_suite, "converged": converged_suite}
+HOW = ("progress", "jobs", "executor", "ray_address")  # how runs execute, not what they compute: never compared
 CLIP_SETTINGS = ("model", "data_root")  # what a clip suite cannot run without
 
 
@@ -186,7 +188,7 @@ def _selected(folder: Path) -> dict[str, float]:
 
 def _comparable(settings: dict) -> dict:
     """Settings as stored and compared: run-time keys dropped, and an empty `lrs` (older summaries lack it)."""
-    return {k: v for k, v in settings.items() if k not in ("progress", "jobs") and not (k == "lrs" and not v)}
+    return {k: v for k, v in settings.items() if k not in HOW and not (k == "lrs" and not v)}
 
 
 def _stem(step: Step, config: Any) -> str:
@@ -245,16 +247,21 @@ def _expected_time(steps: list[tuple[Step, Any]]) -> str:
 
 
 def reproduce(suite: str, output_dir: str | Path, sets: dict[str, Any] | None = None, jobs: int = 1,
-              progress: bool = True, log=print) -> dict:
-    """Run (or resume) every step of `suite` into `output_dir`, then write the report there."""
+              progress: bool = True, log=print, executor: str = "local", ray_address: str | None = None) -> dict:
+    """Run (or resume) every step of `suite` into `output_dir`, then write the report there.
+
+    `executor="ray"` trains every step's runs as Ray tasks (`ray_runs`), joining `ray_address`.
+    """
     check_jobs(jobs)  # before anything is written
+    check_executor(executor, ray_address)
     out = Path(output_dir)
     steps = resolve(suite, dict(sets or {}))
     with folder_lock(out):  # the results folder; each step and each run folder inside has its own lock
-        return _reproduce(out, suite, steps, jobs, progress, log)
+        return _reproduce(out, suite, steps, jobs, progress, log, executor, ray_address)
 
 
-def _reproduce(out: Path, suite: str, steps: list[tuple[Step, Any]], jobs: int, progress: bool, log) -> dict:
+def _reproduce(out: Path, suite: str, steps: list[tuple[Step, Any]], jobs: int, progress: bool, log,
+               executor: str, ray_address: str | None) -> dict:
     manifest = _manifest(suite, steps)
     check_folder(out, manifest)
     out.mkdir(parents=True, exist_ok=True)
@@ -267,7 +274,7 @@ def _reproduce(out: Path, suite: str, steps: list[tuple[Step, Any]], jobs: int, 
         config.output_dir = str(out / step.name)
         config.progress = progress
         if hasattr(config, "jobs"):
-            config.jobs = jobs
+            config.jobs, config.executor, config.ray_address = jobs, executor, ray_address
         if step.selected_lr and best:
             use_selected_lr(config, best)
         if _finished(step, config, out / step.name):

@@ -78,6 +78,8 @@ class SweepConfig:
     output_dir: str = "results/sweep"  #: where adapters, JSON, PNG and Markdown go
     progress: bool = True  #: progress bars
     jobs: int = 1  #: training runs in parallel processes (finished runs in output_dir are reused)
+    executor: str = "local"  #: where training runs go: local (this process or `jobs` processes) or ray (one Ray task each)
+    ray_address: str | None = None  #: Ray cluster to join (else $COPRA_RAY_ADDRESS, else a private local Ray of `jobs` CPUs)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.replace("_", "").replace("-", "").isalnum():
@@ -150,7 +152,7 @@ def run(config: SweepConfig) -> dict:
     plan = [(variant, i, seed) for variant in config.variants for i in range(len(points)) for seed in config.seeds]
     runs = [(config.run_config(v, points[i], s), out / "runs" / config.name / slug(v) / slug(label(points[i])) / f"seed{s}")
             for v, i, s in plan]
-    results = dict(zip(plan, run_all(runs, config.jobs)))
+    results = dict(zip(plan, run_all(runs, config.jobs, config.executor, config.ray_address)))
     evaluator = Evaluator(first)
     summary: dict[str, Any] = {"experiment": "sweep", "name": config.name, "config": asdict(config), "task": data.task,
                                "axes": list(config.grid), "points": []}
