@@ -114,11 +114,14 @@ def test_selected_lrs_reach_every_method():
     assert timing.estimate({"x": [(32, 10)]}, 0.5, 16) == {"x": 10.0}  # twice the batch, twice the time
 
 
-def test_manifest_without_lrs_still_matches():
+def test_manifest_without_lrs_still_matches(tmp_path):
     """Folders written before per-method lrs existed: an empty `lrs` is not a change of settings."""
     steps = suite.resolve("full", {"seeds": [0, 1]})
     manifest = suite._manifest("full", steps)
-    assert all("lrs" not in settings for settings in manifest["settings"].values())
+    old = json.loads(json.dumps(manifest))
+    assert sum(settings.pop("lrs", None) == {} for settings in old["settings"].values()) > 0
+    (tmp_path / "suite.json").write_text(json.dumps(old))
+    suite.check_folder(tmp_path, manifest, {step.name: suite._defaults(config) for step, config in steps})
 
 
 def test_converged_suite_picks_lrs_first_and_prints_its_time(monkeypatch, tmp_path, tiny_text_model, capsys):
@@ -143,3 +146,17 @@ def test_converged_suite_picks_lrs_first_and_prints_its_time(monkeypatch, tmp_pa
     assert main(["reproduce", "--suite", "converged", "-o", str(out), "-q", "--set", f"model={tiny_text_model}"]
                 + SMALL) == 0
     assert "[pruning] done before, kept" in capsys.readouterr().err
+
+
+def test_a_folder_made_before_a_field_existed_still_matches(tmp_path):
+    """A key the stored settings lack reads as its default; a changed value is still refused."""
+    defaults = {"merge_method": "fusion", "lrs": {}}
+    assert suite.first_difference({"steps": 30}, {"steps": 30, "merge_method": "fusion", "lrs": {}}, defaults) is None
+    assert suite.first_difference({"steps": 30}, {"steps": 30, "merge_method": "ties"}, defaults) == "merge_method"
+    assert suite.first_difference({"steps": 30, "jobs": 1}, {"steps": 30, "jobs": 4}, {}) is None  # how, not what
+    (tmp_path / "suite.json").write_text(json.dumps({"suite": "full", "version": suite.SUITE_VERSION,
+                                                      "settings": {"demo": {"steps": 30}}}))
+    new = {"suite": "full", "version": suite.SUITE_VERSION, "settings": {"demo": {"steps": 30, "merge_method": "fusion"}}}
+    suite.check_folder(tmp_path, new, {"demo": defaults})
+    with pytest.raises(UserError, match="merge_method"):
+        suite.check_folder(tmp_path, new, {"demo": {}})

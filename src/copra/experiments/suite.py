@@ -186,9 +186,23 @@ def _selected(folder: Path) -> dict[str, float]:
         return {}
 
 
-def _comparable(settings: dict) -> dict:
-    """Settings as stored and compared: run-time keys dropped, and an empty `lrs` (older summaries lack it)."""
-    return {k: v for k, v in settings.items() if k not in HOW and not (k == "lrs" and not v)}
+def _defaults(config: Any) -> dict:
+    """The config class's field defaults, as JSON stores them."""
+    found = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+             for f in dataclasses.fields(config)
+             if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
+    return json.loads(json.dumps(found))
+
+
+def first_difference(old: dict, new: dict, defaults: dict) -> str | None:
+    """The first key where two stored settings differ, or None. Run-time keys (`HOW`) never count, and a
+    key one side lacks reads as its default: a field added after a folder was made, left at its
+    default, computes what the folder holds, so older results folders still resume."""
+    absent = object()
+    for key in sorted(set(old) | set(new)):
+        if key not in HOW and old.get(key, defaults.get(key, absent)) != new.get(key, defaults.get(key, absent)):
+            return key
+    return None
 
 
 def _stem(step: Step, config: Any) -> str:
@@ -202,17 +216,19 @@ def _finished(step: Step, config: Any, folder: Path) -> bool:
     except (OSError, ValueError):
         return False
     wanted = json.loads(json.dumps(dataclasses.asdict(config)))
-    return _comparable(saved.get("config", {})) == _comparable(wanted)
+    return first_difference(saved.get("config", {}), wanted, _defaults(config)) is None
 
 
 def _manifest(suite: str, steps: list[tuple[Step, Any]]) -> dict:
-    settings = {step.name: {k: v for k, v in _comparable(dataclasses.asdict(config)).items() if k != "output_dir"}
+    settings = {step.name: {k: v for k, v in dataclasses.asdict(config).items() if k not in (*HOW, "output_dir")}
                 for step, config in steps}
     return json.loads(json.dumps({"suite": suite, "version": SUITE_VERSION, "settings": settings}))
 
 
-def check_folder(out: Path, manifest: dict) -> None:
-    """Refuse a results folder made by another suite, version or settings (no mixing of results)."""
+def check_folder(out: Path, manifest: dict, defaults: dict[str, dict] | None = None) -> None:
+    """Refuse a results folder made by another suite, version or settings (no mixing of results).
+
+    `defaults` (per step: its config's field defaults) lets a folder made before a field existed match."""
     path = out / "suite.json"
     if not path.exists():
         return
@@ -226,9 +242,9 @@ def check_folder(out: Path, manifest: dict) -> None:
                             f"not {manifest['suite']!r} version {manifest['version']}; use another results folder")
     for name, settings in manifest["settings"].items():
         old = saved.get("settings", {}).get(name)
-        if old is not None and old != settings:
-            key = next(k for k in settings if old.get(k) != settings[k])
-            raise UserError(f"{out}: step {name!r} was run with {key}={old.get(key)!r}, now {settings[key]!r}; "
+        key = None if old is None else first_difference(old, settings, (defaults or {}).get(name, {}))
+        if key is not None:
+            raise UserError(f"{out}: step {name!r} was run with {key}={old.get(key)!r}, now {settings.get(key)!r}; "
                             "use another results folder (or delete that one) to run with new settings")
 
 
@@ -263,7 +279,7 @@ def reproduce(suite: str, output_dir: str | Path, sets: dict[str, Any] | None = 
 def _reproduce(out: Path, suite: str, steps: list[tuple[Step, Any]], jobs: int, progress: bool, log,
                executor: str, ray_address: str | None) -> dict:
     manifest = _manifest(suite, steps)
-    check_folder(out, manifest)
+    check_folder(out, manifest, {step.name: _defaults(config) for step, config in steps})
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "suite.json", manifest)
     if suite == "converged":
