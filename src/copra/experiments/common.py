@@ -159,6 +159,16 @@ class Evaluator:
         return value
 
 
+def run_precision(config: dict) -> str:
+    """The precision an experiment's runs use on this machine: its TrainConfig overrides' or "auto", resolved."""
+    from copra.precision import resolve
+
+    for where in (config, config.get("overrides"), config.get("train_overrides")):
+        if isinstance(where, dict) and isinstance(where.get("precision"), str):
+            return resolve(where["precision"])
+    return resolve("auto")
+
+
 def new_axes(width: float = 7.0, height: float = 4.0):
     """(figure, axes) drawn with the Agg canvas, without pyplot's global state."""
     from matplotlib.figure import Figure
@@ -188,6 +198,7 @@ def write_outputs(out: Path, name: str, summary: dict, plot, render) -> dict:
 
     out = Path(out)
     summary.setdefault("experiment", name)  # lets `copra report` find every experiment's summary
+    summary.setdefault("precision", run_precision(summary.get("config") or {}))
     write_json(out / f"{name}.json", summary)
     plot(summary, out / f"{name}.png")
     (out / f"{name}.md").write_text(render(summary), encoding="utf-8")
