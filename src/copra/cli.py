@@ -30,7 +30,7 @@ def _cmd_train(args) -> int:
     elif args.resume:
         print(f"no checkpoint in {config.output_dir}: trained from step 0", file=sys.stderr)
     print(f"{config.method} on {config.task}, seed {config.seed}: accuracy {100 * result.accuracy:.2f}% "
-          f"({result.seconds_per_step:.3f} s/step) -> {result.adapter_dir}")
+          f"({result.seconds_per_step:.3f} s/step, {result.precision or 'fp32'}) -> {result.adapter_dir}")
     return 0
 
 
