@@ -142,6 +142,8 @@ def test_each_text_is_tokenised_once_per_classifier(tiny_text_model):
     second = classifier.tokenize(texts[::-1])
     assert sum(len(c) for c in calls) == len(set(texts))
     assert torch.equal(first["input_ids"], second["input_ids"].flip(0))
+    classifier.max_length = 5  # a changed setting is not served from the cache
+    assert classifier.tokenize(texts)["input_ids"].shape[1] == 5
 
 
 def test_sorted_evaluation_returns_predictions_in_input_order(tiny_text_model):

@@ -68,6 +68,7 @@ class PromptClassifier(nn.Module):
         self.prefix_cache = None  # a FrozenPrefixCache while CopRA trains (see enable_prefix_cache)
         self.precision = "fp32"  # "bf16"/"fp16": frozen weights cast, forwards under autocast (copra.precision)
         self._token_ids: dict[str, list[int]] = {}  # each text is tokenised once per classifier (= per run)
+        self._token_key: tuple | None = None  # (tokenizer, max_length) the cached ids were made with
 
     def enable_prefix_cache(self, gates) -> bool:
         """Reuse frozen lower blocks' hidden states in training (exact only with a deterministic backbone)."""
@@ -80,6 +81,8 @@ class PromptClassifier(nn.Module):
 
     def token_ids(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text, cut at max_length; a text seen before is not tokenised again."""
+        if self._token_key != (id(self.tokenizer), self.max_length):  # another tokenizer or length: start afresh
+            self._token_ids, self._token_key = {}, (id(self.tokenizer), self.max_length)
         missing = list(dict.fromkeys(t for t in texts if t not in self._token_ids))
         if missing:
             if len(self._token_ids) + len(missing) > MAX_CACHED_TEXTS:
