@@ -188,3 +188,16 @@ def test_peft_lora_dropout_is_swapped_for_bits_dropout(tiny_text_model):
     assert dropouts and all(isinstance(d, BitsDropout) and d.p == 0.25 for d in dropouts)
     assert not [m for m in classifier.encoder.modules() if type(m) is torch.nn.Dropout and m.p > 0]
     assert swap_lora_dropout(classifier.encoder) == 0  # nothing left to swap
+
+
+def test_demo_and_experiment_summaries_carry_the_precision(monkeypatch):
+    from copra.experiments.common import run_precision
+    from copra.experiments.demo import DemoConfig
+
+    assert DemoConfig(precision="fp32").run_config("bbc_news", "lora", 0).precision == "fp32"
+    with pytest.raises(UserError, match="precision must be one of"):
+        DemoConfig(precision="half")
+    monkeypatch.setattr(precision, "bf16_supported", lambda device_type="cpu": True)
+    assert run_precision({}) == "bf16" and run_precision({"overrides": {"precision": "fp32"}}) == "fp32"
+    monkeypatch.setattr(precision, "bf16_supported", lambda device_type="cpu": False)
+    assert run_precision({"train_overrides": {}}) == "fp32"
