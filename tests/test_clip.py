@@ -267,6 +267,7 @@ def test_train_end_to_end(config, clip_dir, tmp_path, monkeypatch):
 
     import copra.models
     from copra.models.clip import ClipClassifier
+    from copra.precision import cast_frozen
     from copra.training import train
 
     built = []
@@ -280,6 +281,8 @@ def test_train_end_to_end(config, clip_dir, tmp_path, monkeypatch):
     loaded = PeftModel.from_pretrained(CLIPModel.from_pretrained(clip_dir), str(adapter)).eval()
     assert any(float(p.abs().sum()) > 0 for n, p in loaded.named_parameters() if "lora_B" in n)
     reloaded = ClipClassifier(loaded, trained.tokenizer, image_size=32, mean=MEAN, std=STD)
+    reloaded.precision = trained.precision  # the run's precision ("auto": bf16 on a CPU with bf16), same arithmetic
+    cast_frozen(reloaded.encoder, trained.precision)
     task = load_coop_task(config.data_root, "dtd")
     pixels = trained.inputs_for(task.test_images)["pixel_values"]
     with torch.no_grad():

@@ -20,6 +20,7 @@ from conftest import interrupted_run, tiny_run_config
 from copra import training
 from copra.checkpoint import CHECKPOINTS_DIR, latest_checkpoint, load_checkpoint
 from copra.cli import main
+from copra.errors import UserError
 from copra.training import TrainingDiverged, train
 
 WEIGHTS = Path("adapter") / "adapter_model.safetensors"
@@ -203,3 +204,16 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_text_model, tmp_
         with pytest.raises(TrainingDiverged, match="(loss became|weights became|step overflowed) .*lower lr"):
             train(_config(tiny_text_model, tmp_path / name, 12, lr=lr, weight_decay=decay), output_dir=tmp_path / name)
         assert not (tmp_path / name / "adapter").exists()
+
+
+def test_a_run_recorded_before_a_field_existed_is_reused_only_when_it_computed_the_same(tiny_text_model, tmp_path):
+    """A missing key reads as what older runs used: the default (use_dora), or fp32 for precision."""
+    from copra.training import same_run
+
+    config = tiny_run_config(tiny_text_model, precision="fp32")
+    stored = {k: v for k, v in config.to_dict().items() if k not in ("use_dora", "precision")}
+    same_run(stored, config, tmp_path)  # both missing keys read as what this run computes
+    with pytest.raises(UserError, match="precision='fp32'"):
+        same_run(stored, config.replace(precision="bf16"), tmp_path)
+    with pytest.raises(UserError, match="use_dora"):
+        same_run(stored, config.replace(use_dora=True), tmp_path)

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_run_config
-from copra.evaluation import accuracy, adapter_state, state_accuracy
+from copra.evaluation import accuracy, adapter_state, load_adapter_state, state_accuracy
 from copra.training import build_run, train
 
 
@@ -33,10 +33,12 @@ def test_tiny_copra_run_writes_peft_adapter_and_metadata(tiny_text_model, tmp_pa
     ours = state_accuracy(classifier, saved, data)
     assert ours == pytest.approx(result.accuracy)
     peft_model = PeftModel.from_pretrained(AutoModel.from_pretrained(tiny_text_model, add_pooling_layer=False), str(folder)).eval()
-    inputs = classifier.inputs_for(["the market said good news", "a film about music"])
-    classifier.eval()
+    exact, _ = build_run(config.replace(precision="fp32"))  # fp32 like the PEFT model (training ran in `auto`)
+    load_adapter_state(exact, saved)
+    inputs = exact.inputs_for(["the market said good news", "a film about music"])
+    exact.eval()
     with torch.no_grad():
-        assert torch.allclose(peft_model(**inputs).last_hidden_state, classifier.encoder(**inputs).last_hidden_state, atol=1e-6)
+        assert torch.allclose(peft_model(**inputs).last_hidden_state, exact.encoder(**inputs).last_hidden_state, atol=1e-6)
 
 
 def test_same_seed_same_adapter_and_lora_vs_copra_differ(tiny_text_model):

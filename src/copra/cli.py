@@ -13,6 +13,7 @@ from typing import Sequence
 
 from copra.compat import quiet_known_warnings
 from copra.errors import UserError, resource_error
+from copra.precision import PRECISIONS
 
 
 def _cmd_train(args) -> int:
@@ -33,14 +34,14 @@ def _cmd_train(args) -> int:
     elif args.resume:
         print(f"no checkpoint in {config.output_dir}: trained from step 0", file=sys.stderr)
     print(f"{config.method} on {config.task}, seed {config.seed}: accuracy {100 * result.accuracy:.2f}% "
-          f"({result.seconds_per_step:.3f} s/step) -> {result.adapter_dir}")
+          f"({result.seconds_per_step:.3f} s/step, {result.precision or 'fp32'}) -> {result.adapter_dir}")
     return 0
 
 
 def _cmd_demo(args) -> int:
     from copra.experiments.demo import DemoConfig, run, table
 
-    config = DemoConfig(output_dir=args.output, progress=not args.quiet, jobs=args.jobs)
+    config = DemoConfig(output_dir=args.output, progress=not args.quiet, jobs=args.jobs, precision=args.precision)
     if args.tasks:
         config.tasks = args.tasks.split(",")
     if args.seeds:
@@ -204,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sections", help="comma-separated: merging,pruning,shapley (default all; 'none' for the core table)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.add_argument("--jobs", type=int, default=1, help="training runs in parallel processes (default 1)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="auto (bf16 where the CPU/GPU has it, else fp32), fp32, bf16 or fp16 (CUDA)")
     p.set_defaults(func=_cmd_demo)
 
     from copra.peft_merge import MERGE_METHODS

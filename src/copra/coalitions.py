@@ -34,8 +34,9 @@ from torch import nn
 
 from copra.compat import memoized_forward
 from copra.errors import UserError
-from copra.evaluation import FewShotData, accuracy
+from copra.evaluation import FewShotData, accuracy, length_order
 from copra.gates import CopRA, lora_modules, player_of
+from copra.precision import autocast_of
 from copra.shapley import ESTIMATORS, Game, ShapleyResult
 
 METRICS = ("accuracy", "neg_loss")
@@ -116,7 +117,7 @@ class CoalitionEvaluator:
         return out
 
     # -- the reference path ------------------------------------------------------------------------
-    @torch.no_grad()
+    @torch.inference_mode()
     def _naive_loss(self) -> float:
         classifier, was_training = self.classifier, self.classifier.training
         classifier.eval()
@@ -142,20 +143,21 @@ class CoalitionEvaluator:
         return masks
 
     def _inputs(self) -> tuple[dict[str, torch.Tensor], list[tuple[dict[str, torch.Tensor], torch.Tensor]]]:
-        """Tokenized prompts and evaluation chunks (padded per chunk, as `copra.evaluation.predict` does)."""
+        """Tokenized prompts and evaluation chunks (formed by input length and padded per chunk, as
+        `copra.evaluation.predict` does)."""
         if self._chunks is None:
             classifier = self.classifier
             if not getattr(classifier, "prompts", None):
                 classifier.set_prompts(list(self.data.prompts))
             self._prompts = classifier.tokenize(list(classifier.prompts))
-            self._chunks = [
-                (classifier.inputs_for(list(self.data.eval_x[s : s + self.batch_size])), self.labels[s : s + self.batch_size])
-                for s in range(0, len(self.data.eval_x), self.batch_size)
-            ]
+            order = length_order(classifier, self.data.eval_x)
+            chunks = [order[s : s + self.batch_size] for s in range(0, len(order), self.batch_size)]
+            self._chunks = [(classifier.inputs_for([self.data.eval_x[i] for i in rows]), self.labels[rows])
+                            for rows in chunks]
         return self._prompts, self._chunks
 
-    @torch.no_grad()
-    def _fast_values(self, masks: np.ndarray) -> np.ndarray:
+    @torch.no_grad()  # not inference_mode: reuse_base_outputs guards its memo by version counters,
+    def _fast_values(self, masks: np.ndarray) -> np.ndarray:  # which inference tensors do not keep
         from copra.models.text import mean_pool
 
         classifier, was_training = self.classifier, self.classifier.training
@@ -167,7 +169,7 @@ class CoalitionEvaluator:
             prompts: list[torch.Tensor | None] = [None] * len(masks)  # [C, H] per coalition
 
             def keep_prompts(hidden: torch.Tensor, attention: torch.Tensor, leaf_rows: np.ndarray) -> None:
-                embedded = F.normalize(mean_pool(hidden, attention), dim=-1)
+                embedded = F.normalize(mean_pool(hidden.float(), attention), dim=-1)
                 for r in leaf_rows.tolist():
                     prompts[r] = embedded
 
@@ -177,7 +179,7 @@ class CoalitionEvaluator:
                 labels = labels.to(device)
 
                 def add_chunk(hidden: torch.Tensor, attention: torch.Tensor, leaf_rows: np.ndarray) -> None:
-                    texts = F.normalize(mean_pool(hidden, attention), dim=-1)  # [B, H]
+                    texts = F.normalize(mean_pool(hidden.float(), attention), dim=-1)  # [B, H]
                     for r in leaf_rows.tolist():
                         if self.metric == "accuracy":
                             score[r] += int(((texts @ prompts[r].T).argmax(-1) == labels).sum())
@@ -194,7 +196,8 @@ class CoalitionEvaluator:
               leaf) -> None:
         """Depth-first over the prefix trie of masks[rows]; leaf(last hidden, attention mask, rows) per coalition."""
         attention = inputs["attention_mask"].to(device)
-        hidden, layer_mask = self.runner.start(inputs["input_ids"].to(device), attention)
+        with autocast_of(self.classifier, device):  # blocks in the classifier's precision, scores in fp32
+            hidden, layer_mask = self.runner.start(inputs["input_ids"].to(device), attention)
         self._descend(hidden, layer_mask, attention, masks, rows, 0, leaf)
 
     def _descend(self, hidden, layer_mask, attention, masks, rows, depth, leaf) -> None:
@@ -210,7 +213,7 @@ class CoalitionEvaluator:
         outs: list[torch.Tensor | None] = []
         with reuse_base_outputs(self.block_modules[depth] if len(branches) > 1 else []):
             for branch in branches:
-                with self.gates.active(masks[branch[0]].tolist()):  # only this block's gates fire here
+                with self.gates.active(masks[branch[0]].tolist()), autocast_of(self.classifier, hidden.device):
                     outs.append(self.runner.run(hidden, layer_mask, depth, depth + 1))
         for index, branch in enumerate(branches):
             out, outs[index] = outs[index], None

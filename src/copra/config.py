@@ -18,6 +18,7 @@ import yaml
 
 from copra.errors import UserError
 from copra.gates import GRANULARITIES
+from copra.precision import PRECISIONS
 from copra.schedule import RAMPS, check_probability
 
 METHODS = ("lora", "copra")
@@ -68,6 +69,7 @@ class TrainConfig:
     ramp: str = "linear"  #: ramp shape: linear (paper), exponential or sine
     granularity: str = "layer"  #: one gate per transformer block ("layer") or per LoRA module
     prefix_cache: bool = True  #: reuse frozen lower blocks' hidden states (text backbone, exact speed-up)
+    precision: str = "auto"  #: "auto" (bf16 where the CPU/GPU has it, else fp32), "fp32", "bf16", "fp16" (CUDA)
     # outputs
     output_dir: str = "runs/default"  #: where the adapter and metadata go
     checkpoint_every: int = 10  #: steps between resumable checkpoints in output_dir/checkpoints (0: none)
@@ -106,6 +108,8 @@ class TrainConfig:
             raise UserError(f"ramp_fraction must be in (0, 1], got {self.ramp_fraction!r}")
         if self.ramp not in RAMPS:
             raise UserError(f"ramp must be one of {sorted(RAMPS)}, got {self.ramp!r}")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
         if self.granularity not in GRANULARITIES:
             raise UserError(f"granularity must be one of {list(GRANULARITIES)}, got {self.granularity!r}")
         if not self.target_modules:
@@ -136,6 +140,11 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Every field's default, as `to_dict` would record it."""
+        return cls().to_dict()
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)

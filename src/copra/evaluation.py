@@ -92,22 +92,36 @@ def _examples(task, split: str) -> Sequence[Any]:
     return getattr(task, f"{split}_texts", None) or getattr(task, f"{split}_images")
 
 
-@torch.no_grad()
 def predict(classifier: nn.Module, examples: Sequence[Any], batch_size: int = 64) -> torch.Tensor:
-    """Predicted class ids for `examples`, in eval mode (every adapter on unless a mask is set)."""
+    """Predicted class ids for `examples`, in eval mode (every adapter on unless a mask is set).
+
+    Runs under `torch.inference_mode` in the classifier's precision; batches are formed in order of
+    input length (`length_order`), so each is padded only to a similar length.
+    """
     was_training = classifier.training
     classifier.eval()
     try:
-        device = next(classifier.parameters()).device
-        class_embeddings = classifier.class_embeddings()  # [C, H], once for all batches
-        predictions = []
-        for start in range(0, len(examples), batch_size):
-            inputs = classifier.inputs_for(list(examples[start : start + batch_size]))
-            embedded = classifier.embed(**{k: v.to(device) for k, v in inputs.items()})  # [B, H]
-            predictions.append((embedded @ class_embeddings.T).argmax(-1).cpu())
-        return torch.cat(predictions)
+        with torch.inference_mode():
+            device = next(classifier.parameters()).device
+            class_embeddings = classifier.class_embeddings()  # [C, H], once for all batches
+            order = length_order(classifier, examples)
+            predicted = torch.empty(len(examples), dtype=torch.long)
+            for start in range(0, len(examples), batch_size):
+                rows = order[start : start + batch_size]
+                inputs = classifier.inputs_for([examples[i] for i in rows])
+                embedded = classifier.embed(**{k: v.to(device) for k, v in inputs.items()})  # [B, H]
+                predicted[rows] = (embedded @ class_embeddings.T).argmax(-1).cpu()
+            return predicted
     finally:
         classifier.train(was_training)
+
+
+def length_order(classifier: nn.Module, examples: Sequence[Any]) -> list[int]:
+    """Indices of `examples` from shortest to longest input (stable); as given if lengths are unknown (images)."""
+    length = getattr(classifier, "input_length", None)
+    if length is None:
+        return list(range(len(examples)))
+    return sorted(range(len(examples)), key=lambda i: length(examples[i]))
 
 
 def accuracy(classifier: nn.Module, examples: Sequence[Any], labels: Sequence[int], batch_size: int = 64) -> float:

@@ -39,6 +39,8 @@ from copra.evaluation import FewShotData, accuracy, adapter_state, load_adapter_
 from copra.gates import CopRA
 from copra.locks import folder_lock
 from copra.stats import plateau
+from copra.precision import grad_scaler
+from copra.precision import resolve as resolve_precision
 
 
 class TrainingDiverged(UserError):
@@ -64,6 +66,7 @@ class RunResult:
     resumed_from: int | None = None  # the step a resumed run continued from (steps: it had already finished)
     converged: bool | None = None  # the training loss plateaued (copra.stats.plateau); None: too short to tell
     plateau: dict | None = None  # the plateau test's statistic: window, improvement, last_mean, threshold
+    precision: str | None = None  # the precision the run used ("fp32", "bf16", "fp16"; config "auto" resolved)
     state: dict | None = field(default=None, repr=False)  # the trained adapter (PEFT keys), in memory only
 
     def to_dict(self) -> dict:
@@ -133,13 +136,14 @@ def train(config: TrainConfig, data: FewShotData | None = None, output_dir: str 
     UserError line that names the path or the batch size and where the last good checkpoint is.
     """
     out = Path(output_dir) if output_dir is not None else None
+    precision = resolve_precision(config.precision)  # fp16 on a CPU: one error line before anything is written
     if resume and out is None:
         raise UserError("resuming needs the output folder that holds the checkpoint")
     if out is not None:
         check_writable(out)
     with folder_lock(out) if out is not None else nullcontext():  # one owner per run folder (re-entrant)
         try:
-            return _train(config, data, out, initial_state, resume)
+            return _train(config, data, out, initial_state, resume, precision)
         except ResourceError as error:
             if out is None:
                 raise
@@ -153,13 +157,16 @@ def train(config: TrainConfig, data: FewShotData | None = None, output_dir: str 
 
 
 def _train(config: TrainConfig, data: FewShotData | None, out: Path | None,
-           initial_state: dict[str, torch.Tensor] | None, resume: bool) -> RunResult:
+           initial_state: dict[str, torch.Tensor] | None, resume: bool, precision: str) -> RunResult:
     checkpoint = None
     if resume:
         point = resume_point(out, config)
         if isinstance(point, RunResult):
             return point
         checkpoint = point
+        if checkpoint is not None and checkpoint.state.get("precision", precision) != precision:
+            raise UserError(f"{checkpoint.folder} was trained in {checkpoint.state['precision']}, but this machine runs "
+                            f"precision={config.precision} as {precision}; set precision to match or use --force")
     classifier, data = build_run(config, data)
     if initial_state is not None:
         load_adapter_state(classifier, initial_state)
@@ -179,10 +186,12 @@ def _train(config: TrainConfig, data: FewShotData | None, out: Path | None,
     labels = torch.tensor(data.train_y)
     order = batches(len(data.train_x), config.batch_size, config.seed)
     early_step = math.ceil(config.steps / 4) if config.save_early else None
-    result = RunResult(config=config.to_dict(), accuracy=float("nan"), seconds_per_step=0.0, train_seconds=0.0)
+    result = RunResult(config=config.to_dict(), accuracy=float("nan"), seconds_per_step=0.0, train_seconds=0.0,
+                       precision=precision)
+    scaler = grad_scaler(precision, device.type)  # fp16 only
     first_step, previous_seconds, last_checkpoint = 0, 0.0, None
     if checkpoint is not None:
-        first_step, previous_seconds = _restore(checkpoint, named, optimizer, gates, result)
+        first_step, previous_seconds = _restore(checkpoint, named, optimizer, gates, result, scaler)
         last_checkpoint = checkpoint.folder
         for _ in range(first_step * config.grad_accum):  # the batch order continues where it stopped
             next(order)
@@ -205,14 +214,18 @@ def _train(config: TrainConfig, data: FewShotData | None, out: Path | None,
             idx = next(order)[rank::world]  # data parallel: each process takes its share of the batch
             inputs = classifier.inputs_for([data.train_x[i] for i in idx], train=True)
             logits = model(**{k: v.to(device) for k, v in inputs.items()})  # [B, C]
-            loss = F.cross_entropy(logits, labels[idx].to(device)) / config.grad_accum
-            accelerator.backward(loss)
+            loss = F.cross_entropy(logits, labels[idx].to(device)) / config.grad_accum  # fp32 logits and loss
+            accelerator.backward(scaler.scale(loss) if scaler is not None else loss)
             # every process sees the same loss, so all of them stop together on NaN
             loss_value += (accelerator.reduce(loss.detach(), "mean") if world > 1 else loss.detach()).item()
         if not math.isfinite(loss_value):
             raise TrainingDiverged(_diverged(f"loss became {loss_value} at step {step}", config, last_checkpoint))
         try:
-            optimizer.step()
+            if scaler is not None:  # skips the step when fp16 gradients overflowed, then adapts the scale
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
         except RuntimeError as error:  # e.g. lr / (1 - beta1) beyond float range
             if "overflow" not in str(error):
                 raise
@@ -232,7 +245,7 @@ def _train(config: TrainConfig, data: FewShotData | None, out: Path | None,
                             metadata(config, data, checkpoint="snapshot", at_step=done))
         if out is not None and config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
             seconds = previous_seconds + time.perf_counter() - start
-            last_checkpoint = _save_checkpoint(out, done, named, optimizer, gates, result, seconds)
+            last_checkpoint = _save_checkpoint(out, done, named, optimizer, gates, result, seconds, scaler)
     result.train_seconds = previous_seconds + time.perf_counter() - start
     result.seconds_per_step = float(np.mean(result.step_seconds))  # optimizer steps only (no early-checkpoint eval)
     result.final_loss = loss_value
@@ -246,7 +259,7 @@ def _train(config: TrainConfig, data: FewShotData | None, out: Path | None,
     result.accuracy = accuracy(classifier, data.eval_x, data.eval_y)
     result.state = adapter_state(classifier)
     if out is not None:
-        meta = metadata(config, data, accuracy=result.accuracy, seconds_per_step=result.seconds_per_step,
+        meta = metadata(config, data, accuracy=result.accuracy, precision=precision, seconds_per_step=result.seconds_per_step,
                         train_seconds=result.train_seconds, final_loss=loss_value, early_accuracy=result.early_accuracy)
         result.adapter_dir = str(save_peft_model(encoder, out / "adapter", meta))
         write_json(out / RESULT_FILE, result.to_dict())  # written last: marks the run finished
@@ -303,16 +316,26 @@ def check_fresh_output(out: str | Path) -> None:
         raise UserError(f"output_dir {out} is a file, not a folder")
 
 
+# Fields added after runs were first recorded, with the value those older runs in effect used (when
+# it is not the field's default): a run recorded before a field existed is the same run only then.
+RECORDED_BEFORE = {"precision": "fp32"}
+
+
 def same_run(stored: dict, config: TrainConfig, where: Path) -> None:
-    """UserError naming the first field where a stored run config differs from `config`."""
+    """UserError naming the first field where a stored run config differs from `config`.
+
+    A field the stored config lacks reads as what runs before that field used (`RECORDED_BEFORE`,
+    else the field's default), so finished runs stay reusable when TrainConfig gains a field."""
     if not isinstance(stored, dict):
         raise UserError(f"{where}: holds no run config")
     mine = config.to_dict()
+    before = TrainConfig.defaults() | RECORDED_BEFORE
     for key in sorted(set(stored) | set(mine)):
         if key in RESUME_IGNORED:
             continue
-        if key not in stored or key not in mine or stored[key] != mine[key]:
-            raise UserError(f"{where} belongs to a run with {key}={stored.get(key, '<unset>')!r}, but this run has "
+        theirs = stored.get(key, before.get(key, "<unset>"))
+        if key not in mine or theirs != mine[key]:
+            raise UserError(f"{where} belongs to a run with {key}={theirs!r}, but this run has "
                             f"{key}={mine.get(key, '<unset>')!r}; resume with the same config or use --force to start over")
 
 
@@ -351,7 +374,7 @@ def _clear_run(out: Path) -> None:
 
 
 def _save_checkpoint(out: Path, step: int, named, optimizer, gates: CopRA | None, result: RunResult,
-                     seconds: float) -> Path:
+                     seconds: float, scaler=None) -> Path:
     tensors = {f"param.{name}": p.detach() for name, p in named}
     if gates is not None:  # reseeded from (seed, step) at every step anyway; kept for inspection
         tensors["rng.gates"] = gates.state_dict()["generator"]
@@ -360,12 +383,14 @@ def _save_checkpoint(out: Path, step: int, named, optimizer, gates: CopRA | None
     state = {
         "config": result.config, "optimizer": optim_json, "rng": rng_json, "train_seconds": seconds,
         "losses": result.losses, "step_seconds": result.step_seconds, "masks": result.masks,
-        "early_accuracy": result.early_accuracy, "early_dir": result.early_dir,
+        "early_accuracy": result.early_accuracy, "early_dir": result.early_dir, "precision": result.precision,
+        "scaler": scaler.state_dict() if scaler is not None else None,
     }
     return save_checkpoint(out / CHECKPOINTS_DIR, step, {**tensors, **optim_tensors, **rng_tensors}, state)
 
 
-def _restore(checkpoint: Checkpoint, named, optimizer, gates: CopRA | None, result: RunResult) -> tuple[int, float]:
+def _restore(checkpoint: Checkpoint, named, optimizer, gates: CopRA | None, result: RunResult,
+             scaler=None) -> tuple[int, float]:
     """Parameters, optimizer, RNG states and progress from `checkpoint`; (first step, seconds so far)."""
     state, tensors, step = checkpoint.state, checkpoint.tensors, checkpoint.step
     try:
@@ -378,6 +403,8 @@ def _restore(checkpoint: Checkpoint, named, optimizer, gates: CopRA | None, resu
                 param.copy_(saved)
         load_optimizer_state(optimizer, tensors, state["optimizer"])
         set_rng_state(tensors, state["rng"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         if gates is not None and "rng.gates" in tensors:
             gates.load_state_dict({"generator": tensors["rng.gates"], "mask": None, "explicit": False})
         result.losses = [float(v) for v in state["losses"]]

