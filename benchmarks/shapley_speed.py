@@ -22,6 +22,7 @@ from copra.coalitions import CoalitionEvaluator, shapley_for_model
 from copra.config import make_config
 from copra.gates import CopRA
 from copra.shapley import Game
+from copra.compat import quiet_known_warnings
 from copra.training import build_run
 
 
@@ -31,6 +32,7 @@ def all_masks(n: int) -> np.ndarray:
 
 
 def main() -> None:
+    quiet_known_warnings()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", default="bbc_news")
     parser.add_argument("--eval-examples", type=int, default=200)

@@ -22,6 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from copra.config import make_config
 from copra.precision import DTYPES, resolve
+from copra.compat import quiet_known_warnings
 from copra.training import batches, build_run, train
 
 HIDDEN, FFN = 384, 1536  # all-MiniLM-L6-v2
@@ -72,6 +73,7 @@ def forward_only(config, steps: int) -> tuple[float, float]:
 
 
 def main() -> None:
+    quiet_known_warnings()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps T of the schedule")
     parser.add_argument("--task", default="bbc_news", help="long texts: every batch is full 64 tokens")
