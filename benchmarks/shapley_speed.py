@@ -19,10 +19,10 @@ import numpy as np
 import torch
 
 from copra.coalitions import CoalitionEvaluator, shapley_for_model
+from copra.compat import quiet_known_warnings
 from copra.config import make_config
 from copra.gates import CopRA
 from copra.shapley import Game
-from copra.compat import quiet_known_warnings
 from copra.training import build_run
 
 

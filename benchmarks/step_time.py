@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from copra.compat import quiet_known_warnings
 from copra.config import make_config
 from copra.precision import DTYPES, resolve
-from copra.compat import quiet_known_warnings
 from copra.training import batches, build_run, train
 
 HIDDEN, FFN = 384, 1536  # all-MiniLM-L6-v2
