@@ -25,12 +25,12 @@ def tiny_bert(layers: int = 3, seed: int = 0, attention: str | None = None):
 
 
 def tiny_lora_bert(layers: int = 3, seed: int = 0, dropout: float = 0.0, init_lora_weights=False,
-                   attention: str | None = None):
-    """A tiny BERT with LoRA on q/k/v; B is random (not zero) so adapters change the output."""
+                   attention: str | None = None, use_dora: bool = False):
+    """A tiny BERT with LoRA (or DoRA) on q/k/v; B is random (not zero) so adapters change the output."""
     from peft import LoraConfig, get_peft_model
 
     model = tiny_bert(layers, seed, attention)
-    config = LoraConfig(r=2, lora_alpha=1, lora_dropout=dropout, use_rslora=True,
+    config = LoraConfig(r=2, lora_alpha=1, lora_dropout=dropout, use_rslora=True, use_dora=use_dora,
                         target_modules=["query", "key", "value"], init_lora_weights=init_lora_weights)
     torch.manual_seed(seed + 1)
     return get_peft_model(model, config)
@@ -105,3 +105,17 @@ def train_sets(model: str, out, **extra) -> list[str]:
 def files_under(folder) -> list[str]:
     """Every path below `folder`, relative and sorted ([] when it does not exist)."""
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) if folder.exists() else []
+
+
+def train_lora_and_copra(model_path: str, out, **overrides):
+    """A LoRA and a CopRA adapter of the tiny encoder, trained on the same data: (data, {method: [folder]})."""
+    from copra.evaluation import prepare_data
+    from copra.training import train
+
+    config = tiny_run_config(model_path, **({"steps": 6, "lr": 0.3} | overrides))
+    data = prepare_data(config)
+    adapters = {}
+    for method in ("lora", "copra"):
+        train(config.replace(method=method), data=data, output_dir=out / method)
+        adapters[method] = [str(out / method / "adapter")]
+    return data, adapters

@@ -71,8 +71,11 @@ def test_bad_controller_arguments(bad):
         CopRA(tiny_lora_bert(), **({"total_steps": 10} | bad))
 
 
-def test_all_on_equals_plain_lora_and_all_off_equals_base(tiny_inputs):
-    model = tiny_lora_bert(layers=3).train()
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_all_on_equals_plain_lora_and_all_off_equals_base(tiny_inputs, use_dora):
+    """LoRA and DoRA alike (DoRA's magnitude vector must be switched off with A and B)."""
+    model = tiny_lora_bert(layers=3, use_dora=use_dora).train()
+    assert use_dora == any("lora_magnitude_vector" in n for n, _ in model.named_parameters())
     plain = _hidden(model, tiny_inputs)
     with model.disable_adapter():
         base = _hidden(model, tiny_inputs)

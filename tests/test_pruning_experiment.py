@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import tiny_run_config
+from conftest import tiny_run_config, train_lora_and_copra
 from copra.errors import UserError
 from copra.evaluation import prepare_data
 from copra.experiments.pruning import PruningConfig, run_from_adapters
@@ -43,12 +43,7 @@ def test_pruning_config_refuses_bad_values(bad):
 def test_shapley_experiment_on_trained_adapters(tiny_text_model, tmp_path):
     from copra.experiments.shapley_layers import ShapleyConfig, run_from_adapters
 
-    config = tiny_run_config(tiny_text_model, steps=6, lr=0.3)
-    data = prepare_data(config)
-    adapters = {}
-    for method in ("lora", "copra"):
-        train(config.replace(method=method), data=data, output_dir=tmp_path / method)
-        adapters[method] = [str(tmp_path / method / "adapter")]
+    data, adapters = train_lora_and_copra(tiny_text_model, tmp_path)
     shapley = ShapleyConfig(seeds=[0], samples=16, eval_examples=20, model=tiny_text_model,
                             overrides={"max_length": 16}, output_dir=str(tmp_path / "out"))
     summary = run_from_adapters(adapters, shapley, data)

@@ -5,11 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import tiny_run_config
+from conftest import train_lora_and_copra
 from copra.errors import UserError
-from copra.evaluation import prepare_data
 from copra.experiments.shapley_layers import ShapleyConfig, block_label, module_grid, run_from_adapters
-from copra.training import train
 
 
 def test_module_grid_places_each_player_in_its_block_and_projection():
@@ -26,12 +24,7 @@ def test_block_labels_keep_towers_apart(block, label):
 
 
 def test_module_level_shapley_experiment(tiny_text_model, tmp_path):
-    config = tiny_run_config(tiny_text_model, steps=6, lr=0.3)
-    data = prepare_data(config)
-    adapters = {}
-    for method in ("lora", "copra"):
-        train(config.replace(method=method), data=data, output_dir=tmp_path / method)
-        adapters[method] = [str(tmp_path / method / "adapter")]
+    data, adapters = train_lora_and_copra(tiny_text_model, tmp_path)
     shapley = ShapleyConfig(seeds=[0], samples=8, eval_examples=20, model=tiny_text_model, granularity="module",
                             overrides={"max_length": 16}, output_dir=str(tmp_path / "out"))
     summary = run_from_adapters(adapters, shapley, data)
