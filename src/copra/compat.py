@@ -5,7 +5,8 @@ that the layer runner called. Public APIs come first everywhere; what is left he
 version switch between public APIs or the few internals with no public equivalent, each with the
 versions it was checked against. `tests/test_compat.py` runs every path that is picked at run time.
 
-Checked: transformers 4.45-5.24, peft 0.13-0.21, torch 2.13-2.14 (`make test-lowest`, `make test-latest`).
+Checked: the mask and gating paths on transformers 4.45-5.24, peft 0.13-0.21, torch 2.13-2.14
+(`make test-lowest`, `make test-latest`); `fold_rslora_scaling` on peft 0.21 only (its test fails on 0.13).
 Flower needs nothing here: copra.flower subclasses FedAvg through its documented `aggregate_train`
 hook and reads back only the constructor's own arguments (`weighted_by_key`, `train_metrics_aggr_fn`).
 """
@@ -152,7 +153,7 @@ def fold_rslora_scaling(peft_model: nn.Module, adapter_name: str) -> bool:
 
     `add_weighted_adapter` folds every input's scaling into the merged factors and sets r = lora_alpha
     so the merged scaling is 1, but it copies `use_rslora` from the first input, and with rsLoRA the
-    scaling is alpha / sqrt(r) = sqrt(r): the update comes out sqrt(r) times too large (peft 0.13-0.21.2;
+    scaling is alpha / sqrt(r) = sqrt(r): the update comes out sqrt(r) times too large (peft 0.21.2;
     huggingface/peft#3449, #3761). Turning rsLoRA off on the merged adapter's config (and scaling, via
     the public `set_scale`) gives the update PEFT computed. A no-op where PEFT already did so.
     """
