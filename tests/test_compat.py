@@ -51,27 +51,28 @@ def test_the_runner_prefers_the_public_bidirectional_mask():
                        torch.as_tensor(compat.bidirectional_mask_builder(model)(hidden, mask)))
 
 
-def test_adapters_disabled_runs_the_base_layer_and_restores_flags():
+def test_switching_adapters_off_runs_the_base_layer_and_restores_flags():
     model = tiny_lora_bert()
     ids, mask = padded_batch()
     _, module = lora_modules(model)[0]
     module.lora_A["default"].weight.requires_grad_(False)  # a frozen adapter must stay frozen
     flags = {n: p.requires_grad for n, p in module.named_parameters()}
     x = torch.randn(2, 16)
-    with compat.adapters_disabled(module):
-        off = module(x)
-        assert module.disable_adapters
+    compat.switch_adapters_off(module)
+    off = module(x)
+    assert module.disable_adapters
+    compat.switch_adapters_on(module)
     torch.testing.assert_close(off, module.base_layer(x))
     assert not module.disable_adapters
     assert {n: p.requires_grad for n, p in module.named_parameters()} == flags
     assert not torch.allclose(module(x), off)  # the adapter is on again
 
 
-def test_adapters_disabled_leaves_a_layer_the_user_disabled_alone():
+def test_switching_leaves_a_layer_the_user_disabled_alone():
     _, module = lora_modules(tiny_lora_bert())[0]
     module.enable_adapters(False)
-    with compat.adapters_disabled(module):
-        pass
+    compat.switch_adapters_off(module)
+    compat.switch_adapters_on(module)
     assert module.disable_adapters
 
 

@@ -53,26 +53,16 @@ def attention_mask_builder(model: nn.Module) -> MaskBuilder | None:
 
 
 # -- peft: switching one LoRA layer off for a single forward ----------------------------------------------
-@contextmanager
-def adapters_disabled(module: nn.Module) -> Iterator[None]:
-    """Inside, PEFT's tuner layer `module` runs its base layer only; afterwards it is as it was.
+def switch_adapters_off(module: nn.Module) -> list[tuple[torch.nn.Parameter, bool]]:
+    """PEFT's tuner layer `module` runs its base layer only until `switch_adapters_on(module)`.
 
-    Uses the public `BaseTunerLayer.enable_adapters` (peft >= 0.13), which also flips requires_grad
-    of the adapter weights; the flags are put back exactly, so a frozen (inference) adapter stays
-    frozen and a trainable one trainable. A layer the user already disabled is left alone.
+    For forward pre-/post-hook pairs. Uses the public `BaseTunerLayer.enable_adapters` (peft >= 0.13),
+    which also flips requires_grad of the adapter weights; the flags are saved (and returned) so the
+    second half puts them back exactly: a frozen (inference) adapter stays frozen, a trainable one
+    trainable. A layer the user already disabled is left alone (nothing saved, nothing restored).
     """
     if module.disable_adapters:
-        yield
-        return
-    switch_adapters_off(module)
-    try:
-        yield
-    finally:
-        switch_adapters_on(module)
-
-
-def switch_adapters_off(module: nn.Module) -> list[tuple[torch.nn.Parameter, bool]]:
-    """First half of `adapters_disabled`, for forward pre-/post-hook pairs; returns the saved flags."""
+        return []
     saved = [(p, p.requires_grad) for name, p in module.named_parameters() if not name.startswith("base_layer.")]
     module.__dict__["_copra_requires_grad"] = saved
     module.enable_adapters(False)
@@ -184,7 +174,7 @@ def quiet_known_warnings() -> None:
 
 
 __all__ = [
-    "KNOWN_WARNINGS", "adapters_disabled", "attention_mask_builder", "bidirectional_mask_builder",
+    "KNOWN_WARNINGS", "attention_mask_builder", "bidirectional_mask_builder",
     "checkpoint_file", "legacy_mask_builder", "memoized_forward", "quiet_known_warnings",
     "switch_adapters_off", "switch_adapters_on", "tensor_version",
 ]

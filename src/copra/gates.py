@@ -207,7 +207,7 @@ class CopRA:
         return self._mask[index]
 
     def _before_forward(self, index: int, module: LoraLayer, args) -> None:
-        if not self.is_on(index, module.training) and not module.disable_adapters:
+        if not self.is_on(index, module.training):
             switch_adapters_off(module)  # PEFT's forward then runs the base layer only
 
     @staticmethod
