@@ -2,6 +2,7 @@ import math
 
 import pytest
 
+from copra.config import TrainConfig
 from copra.errors import UserError
 from copra.schedule import ascii_plot, exponential, keep_probability, sine
 
@@ -59,3 +60,18 @@ def test_ascii_plot_rises():
     lines = plot.splitlines()
     assert lines[0].endswith("*" * 5)  # the top row is the p=1 plateau (last quarter)
     assert lines[4][3] == "*"  # starts at p=0
+
+
+def test_lr_schedules_hold_the_peak_through_the_ramp_or_decay_from_the_start():
+    from copra.schedule import learning_rate
+
+    cosine = [learning_rate(t, 100, 1.0, 0.0) for t in range(100)]
+    held = [learning_rate(t, 100, 1.0, 0.0, "hold_then_cosine", 0.75) for t in range(100)]
+    assert cosine[0] == 1.0 and cosine[-1] == pytest.approx(0.0) and cosine[75] < 0.2  # the paper's: low when p hits 1
+    assert held[:75] == [1.0] * 75 and held[-1] == pytest.approx(0.0)
+    assert all(a >= b for a, b in zip(held[75:], held[76:]))  # decays monotonically after the ramp
+    assert [learning_rate(t, 10, 0.3, 0.0, "constant") for t in (0, 9)] == [0.3, 0.3]
+    with pytest.raises(UserError, match="lr_schedule"):
+        learning_rate(0, 10, 1.0, 0.0, "step")
+    with pytest.raises(UserError, match="lr_schedule"):
+        TrainConfig(lr_schedule="linear")

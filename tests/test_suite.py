@@ -92,7 +92,8 @@ def test_clip_suite_steps_run_on_tiny_clip(monkeypatch, tmp_path):
 
 def test_converged_suite_resolves_with_the_issue_protocol():
     steps = {s.name: (s, c) for s, c in suite.resolve("converged", {})}
-    assert list(steps) == ["lr_select", "federated", "multitask", "landscape", "pruning", "shapley", "crossover"]
+    assert list(steps) == ["lr_select", "federated", "multitask", "landscape", "pruning", "shapley", "crossover",
+                           "schedules"]
     assert all(c.shots == 16 for _, c in steps.values()) and steps["federated"][1].clients == 5
     assert steps["federated"][1].seeds == [0, 1, 2, 3, 4] and len(steps["landscape"][1].seeds) == 6
     assert all(s.selected_lr for name, (s, _) in steps.items() if name != "lr_select")
@@ -128,10 +129,14 @@ def test_converged_suite_picks_lrs_first_and_prints_its_time(monkeypatch, tmp_pa
     def tiny():
         return [Step("lr_select", "lr_select", dict(lr_grid=[1e-3, 0.3], validation_examples=20), "lr"),
                 Step("pruning", "pruning", dict(task="bbc_news", sparsities=[0.0], schemes=["all", "every_other"]),
-                     "Fig. 4", selected_lr=True)]
+                     "Fig. 4", selected_lr=True),
+                Step("shapley", "shapley", dict(task="bbc_news", estimator="exact"), "Fig. 2", selected_lr=True)]
 
     monkeypatch.setitem(suite.SUITES, "converged", tiny)
     out = tmp_path / "converged"
+    trained = []
+    real_train = runs.train
+    monkeypatch.setattr(runs, "train", lambda *a, **k: trained.append(k.get("output_dir")) or real_train(*a, **k))
     assert main(["reproduce", "--suite", "converged", "-o", str(out), "-q", "--set", f"model={tiny_text_model}"]
                 + SMALL) == 0
     err = capsys.readouterr().err
@@ -140,9 +145,11 @@ def test_converged_suite_picks_lrs_first_and_prints_its_time(monkeypatch, tmp_pa
     best = json.loads((out / "lr_select" / "lr_select.json").read_text())["best"]
     pruning = json.loads((out / "pruning" / "pruning.json").read_text())
     assert pruning["config"]["lrs"] == best
-    for method in ("lora", "copra"):
-        run = json.loads((out / "pruning" / "runs" / method / "seed0" / "result.json").read_text())
-        assert run["config"]["lr"] == best[method] and "converged" in run
+    assert len(trained) == 4 and all(Path(d).parent == out / "runs" for d in trained)  # shapley reused pruning's
+    for folder in pruning["adapters"]["lora"] + pruning["adapters"]["copra"]:
+        run = json.loads((Path(folder).parent / "result.json").read_text())
+        assert run["config"]["lr"] == best[run["config"]["method"]] and "converged" in run
+    assert pruning["adapters"]["early_copra"]  # the store keeps every CopRA run's early checkpoint
     assert main(["reproduce", "--suite", "converged", "-o", str(out), "-q", "--set", f"model={tiny_text_model}"]
                 + SMALL) == 0
     assert "[pruning] done before, kept" in capsys.readouterr().err

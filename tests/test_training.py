@@ -85,3 +85,18 @@ def test_result_json_records_the_plateau_test(tiny_text_model, tmp_path, monkeyp
     assert saved["converged"] is False and saved["plateau"]["threshold"] == -1.0
     short = train(tiny_run_config(tiny_text_model, method="lora", steps=4))
     assert short.converged is None  # shorter than two windows: not tested
+
+
+def test_the_lr_schedule_reaches_the_optimizer(monkeypatch, tiny_text_model):
+    """hold_then_cosine trains at the peak lr until the ramp ends, then decays (TrainConfig.lr_schedule)."""
+    from copra import training
+
+    seen = []
+    real_step = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step",
+                        lambda self, *a, **k: seen.append(self.param_groups[0]["lr"]) or real_step(self, *a, **k))
+    train(tiny_run_config(tiny_text_model, lr_schedule="hold_then_cosine", steps=8, lr=0.01, min_lr=0.0))
+    assert seen[:6] == [0.01] * 6 and seen[7] == pytest.approx(0.0)
+    seen.clear()
+    train(tiny_run_config(tiny_text_model, steps=8, lr=0.01, min_lr=0.0))
+    assert seen[0] == 0.01 and 0 < seen[3] < 0.01  # the paper's cosine decays from the first step

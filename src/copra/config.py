@@ -19,7 +19,7 @@ import yaml
 from copra.errors import UserError
 from copra.gates import GRANULARITIES
 from copra.precision import PRECISIONS
-from copra.schedule import RAMPS, check_probability
+from copra.schedule import LR_SCHEDULES, RAMPS, check_probability
 
 METHODS = ("lora", "copra")
 BACKBONES = ("text", "clip")
@@ -62,6 +62,7 @@ class TrainConfig:
     lr: float = 1e-3  #: peak AdamW learning rate
     weight_decay: float = 1e-2  #: AdamW weight decay
     min_lr: float = 1e-6  #: cosine schedule's final learning rate
+    lr_schedule: str = "cosine"  #: "cosine" (the paper), "hold_then_cosine" (peak lr during the ramp, then cosine), "constant"
     # CopRA schedule (ignored for method=lora)
     initial_p: float = 0.0  #: keep probability at step 0
     final_p: float = 1.0  #: keep probability after the ramp
@@ -108,6 +109,8 @@ class TrainConfig:
             raise UserError(f"ramp_fraction must be in (0, 1], got {self.ramp_fraction!r}")
         if self.ramp not in RAMPS:
             raise UserError(f"ramp must be one of {sorted(RAMPS)}, got {self.ramp!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise UserError(f"lr_schedule must be one of {list(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if self.precision not in PRECISIONS:
             raise UserError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
         if self.granularity not in GRANULARITIES:

@@ -108,3 +108,26 @@ def ascii_plot(total_steps: int = 100, width: int = 40, height: int = 8, **kwarg
         row = height - 1 - min(int(p * (height - 1) + 0.5), height - 1)
         rows[row][col] = "*"
     return "\n".join("p |" + "".join(r) for r in rows) + "\n  +" + "-" * width + " t"
+
+
+# The learning-rate schedule around the keep-probability ramp (issue 12). The paper's cosine decays
+# from step 0, so by the time CopRA's ramp switches every adapter on (3T/4) the lr is ~15% of its
+# peak: the late layers train mostly at a low lr. "hold_then_cosine" holds the peak lr while p ramps
+# and decays over the remaining steps, so full-model training still gets a real lr. LoRA runs use
+# the same formula with the same ramp_fraction, so the two methods keep one lr budget.
+LR_SCHEDULES = ("cosine", "hold_then_cosine", "constant")
+
+
+def learning_rate(step: int, total_steps: int, peak: float, floor: float, schedule: str = "cosine",
+                  ramp_fraction: float = 0.75) -> float:
+    """The lr at optimizer step `step` (0-based): cosine from `peak` to `floor` (the paper), that cosine
+    started after the first `ramp_fraction` of training ("hold_then_cosine"), or `peak` throughout."""
+    if schedule not in LR_SCHEDULES:
+        raise UserError(f"lr_schedule must be one of {list(LR_SCHEDULES)}, got {schedule!r}")
+    if schedule == "constant":
+        return peak
+    start = math.ceil(ramp_fraction * total_steps) if schedule == "hold_then_cosine" else 0
+    if step < start:
+        return peak
+    progress = (step - start) / max(total_steps - 1 - start, 1)
+    return floor + 0.5 * (peak - floor) * (1.0 + math.cos(math.pi * min(progress, 1.0)))

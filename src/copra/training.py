@@ -41,6 +41,7 @@ from copra.locks import folder_lock
 from copra.stats import plateau
 from copra.precision import grad_scaler
 from copra.precision import resolve as resolve_precision
+from copra.schedule import learning_rate
 
 
 class TrainingDiverged(UserError):
@@ -90,8 +91,14 @@ def batches(num_examples: int, batch_size: int, seed: int):
 
 def cosine_lr(step: int, total: int, peak: float, floor: float) -> float:
     """Cosine decay from `peak` at step 0 to `floor` at the last step."""
-    progress = step / max(total - 1, 1)
-    return floor + 0.5 * (peak - floor) * (1.0 + math.cos(math.pi * progress))
+    return learning_rate(step, total, peak, floor)
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """The run's lr at `step`: the paper's cosine, or `config.lr_schedule` (see `copra.schedule`)."""
+    if config.lr_schedule == "cosine":
+        return cosine_lr(step, config.steps, config.lr, config.min_lr)
+    return learning_rate(step, config.steps, config.lr, config.min_lr, config.lr_schedule, config.ramp_fraction)
 
 
 def build_run(config: TrainConfig, data: FewShotData | None = None):
@@ -206,7 +213,7 @@ def _train(config: TrainConfig, data: FewShotData | None, out: Path | None,
     for step in bar:
         step_start = time.perf_counter()
         for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(step, config.steps, config.lr, config.min_lr)
+            group["lr"] = lr_at(step, config)
         if gates is not None:
             result.masks.append(gates.step(step))
         loss_value = 0.0

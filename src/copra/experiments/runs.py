@@ -10,11 +10,20 @@ threads); the results are identical to the sequential path because every run is 
 config alone. Each run holds its own folder's lock (`train` takes it, in the worker that trains it);
 the parent only takes it briefly to read a run's state, never while a worker trains there.
 `executor="ray"` trains them as Ray tasks instead (`ray_runs`), back through the same folders.
+
+Inside `shared_runs(root)` (the converged suite) every run lives in `root/<method>-<task>-seed<k>-<hash>`
+named by its config instead of the experiment's folder: experiments that need the same run (the
+landscape, pruning, Shapley and crossover steps all train bbc_news at 16 shots) train it once.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import os
+from contextlib import contextmanager
+from contextvars import ContextVar
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -27,6 +36,36 @@ from copra.training import RunResult, resume_point, train
 
 
 EXECUTORS = ("local", "ray")  # local: this process or `jobs` spawned processes; ray: one Ray task per run
+_STORE: ContextVar[Path | None] = ContextVar("copra_run_store", default=None)
+NOT_RUN_IDENTITY = ("output_dir", "progress")  # where and how loudly a run trains: not which run it is
+
+
+def run_name(config: TrainConfig) -> str:
+    """A folder name that only this run's config gives: readable prefix, hash of every other field."""
+    identity = {k: v for k, v in dataclasses.asdict(config).items() if k not in NOT_RUN_IDENTITY}
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    task = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in config.task)[:40]
+    return f"{config.method}-{task}-seed{config.seed}-{digest}"
+
+
+@contextmanager
+def shared_runs(root: str | Path):
+    """Within this block, `run_all` trains (or reuses) every run in `root/run_name(config)`."""
+    token = _STORE.set(Path(root))
+    try:
+        yield
+    finally:
+        _STORE.reset(token)
+
+
+def _placed(runs: Sequence[tuple[TrainConfig, str | Path]]) -> list[tuple[TrainConfig, str | Path]]:
+    """Each run's folder: the experiment's own, or inside `shared_runs` the store's. There every CopRA run
+    keeps its early checkpoint (it changes no weight), so pruning's runs are everyone's runs."""
+    store = _STORE.get()
+    if store is None:
+        return list(runs)
+    placed = [c.replace(save_early=c.method == "copra") for c, _ in runs]
+    return [(c, store / run_name(c)) for c in placed]
 
 
 def _state_of(config: TrainConfig, output_dir: str | Path) -> RunResult | bool:
@@ -93,9 +132,14 @@ def run_all(runs: Sequence[tuple[TrainConfig, str | Path]], jobs: int = 1, execu
     """
     check_jobs(jobs)
     check_executor(executor, ray_address)
+    runs = _placed(runs)
     states = [_state_of(c, d) for c, d in runs]
     results: list[RunResult | None] = [s if isinstance(s, RunResult) else None for s in states]
-    missing = [i for i, r in enumerate(results) if r is None]
+    pending: dict[str, int] = {}  # one training per folder: a run asked for twice trains once
+    for i, result in enumerate(results):
+        if result is None:
+            pending.setdefault(str(runs[i][1]), i)
+    missing = list(pending.values())
     if executor == "ray" and missing:
         from copra.experiments.ray_runs import run_on_ray
 
@@ -104,7 +148,7 @@ def run_all(runs: Sequence[tuple[TrainConfig, str | Path]], jobs: int = 1, execu
     if jobs == 1 or len(missing) <= 1:
         for i in missing:
             results[i] = train(runs[i][0], output_dir=runs[i][1], resume=bool(states[i]))
-        return results  # type: ignore[return-value]
+        return [r if r is not None else _reload(*runs[i]) for i, r in enumerate(results)]
     threads = max(1, (os.cpu_count() or 1) // jobs)
     with ProcessPoolExecutor(max_workers=min(jobs, len(missing)), mp_context=get_context("spawn"),
                              initializer=_worker_init, initargs=(threads,)) as pool:
@@ -112,7 +156,7 @@ def run_all(runs: Sequence[tuple[TrainConfig, str | Path]], jobs: int = 1, execu
         for i, future in futures.items():
             future.result()  # re-raises a worker's error (a UserError stays one)
             results[i] = _reload(*runs[i])
-    return results  # type: ignore[return-value]
+    return [r if r is not None else _reload(*runs[i]) for i, r in enumerate(results)]
 
 
 def _reload(config: TrainConfig, output_dir: str | Path) -> RunResult:

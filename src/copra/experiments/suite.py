@@ -9,8 +9,9 @@ A suite is a list of steps, each one experiment with its settings, written to it
   validation split (`lr_select`), then 16 shots, five seeds, runs long enough for the training loss to
   plateau (`result.json` records whether it did), whole test splits (capped at 2000 examples), FL with
   5 clients, MTL, the pairwise landscape with its barrier (six seeds: three disjoint pairs), pruning,
-  exact Shapley, and the crossover sweep (CopRA vs LoRA merged accuracy from snapshots along training).
-  A timing probe prints the expected wall time before the first step.
+  exact Shapley, the crossover sweep (CopRA vs LoRA merged accuracy from snapshots along training) and
+  the lr-schedule variants the paper leaves open. Identical runs of different steps train once, in
+  `runs/` (`runs.shared_runs`). A timing probe prints the expected wall time before the first step.
 - `clip`: the paper's protocol (CLIP-LoRA: ViT-B/16 weights, CoOp data sets, 16 shots, rank 2,
   lr 2e-4, batch 32, 500 x shots iterations) for users who have the weights and data on disk:
   `--set model=PATH --set data_root=PATH [--set tasks=dtd,eurosat]`.
@@ -27,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -35,7 +37,7 @@ from copra.adapters import write_json
 from copra.config import TrainConfig, build_dataclass
 from copra.errors import UserError
 from copra.experiments import EXPERIMENTS
-from copra.experiments.runs import check_executor, check_jobs
+from copra.experiments.runs import check_executor, check_jobs, shared_runs
 from copra.locks import folder_lock
 
 SUITE_VERSION = 1
@@ -45,6 +47,13 @@ SEEDS = [0, 1, 2]  # the full suite on CPU: three seeds keep it near 1.5-2 hours
 CLIP_LORA = dict(shots=16, steps=500 * 16, batch_size=32, lr=2e-4, eval_examples=1_000_000)  # whole test sets
 CONVERGED_STEPS = 300  # optimizer steps per run: 60 epochs of 16 shots x 5 classes at batch 16 (override: --set steps=)
 CONVERGED = dict(shots=16, steps=CONVERGED_STEPS, eval_examples=2000)  # whole test splits of the MTL/FL tasks
+SNAPSHOT_EVERY = CONVERGED_STEPS // 6  # adapters kept along every shared run: the crossover reads them
+# Issue 12's open question: the paper's cosine is at ~15% of its peak when the ramp ends; does a peak lr held
+# through the ramp (then cosine), or a shorter ramp, change the verdict? LoRA runs the held schedule too.
+SCHEDULE_VARIANTS = {"LoRA": {"method": "lora"}, "CopRA": {"method": "copra"},
+                     "LoRA, lr held 3/4": {"method": "lora", "lr_schedule": "hold_then_cosine"},
+                     "CopRA, lr held through the ramp": {"method": "copra", "lr_schedule": "hold_then_cosine"},
+                     "CopRA, ramp 1/2": {"method": "copra", "ramp_fraction": 0.5}}
 PAIR_SEEDS = [0, 1, 2, 3, 4, 5]  # merged accuracies of seed pairs: three disjoint pairs for the paired test
 CLIP_TASKS = ["dtd", "eurosat", "caltech101", "oxford_pets", "oxford_flowers", "food101", "fgvc_aircraft",
               "stanford_cars", "sun397", "ucf101", "imagenet"]
@@ -101,23 +110,33 @@ def clip_suite() -> list[Step]:
 
 
 def converged_suite() -> list[Step]:
-    """Issue 12: each method's own lr, then converged runs at 16 shots and five seeds (see the module doc)."""
+    """Issue 12: each method's own lr, then converged runs at 16 shots and five seeds (see the module doc).
+
+    Every bbc_news run keeps snapshots and the suite trains inside `runs.shared_runs`, so the
+    multitask, landscape, pruning, Shapley, crossover and schedules steps share one set of runs.
+    """
     fused = {"LoRA": {"method": "lora"}, "CopRA": {"method": "copra"}}
+    snapshots = {"snapshot_every": SNAPSHOT_EVERY}
     return [
         Step("lr_select", "lr_select", dict(shots=16, steps=CONVERGED_STEPS, seeds=[0, 1], lr_grid=[5e-4, 1e-3, 5e-3]),
              "protocol: each method's lr on a validation split"),
         Step("federated", "federated", dict(CONVERGED, clients=5, seeds=FIVE_SEEDS, steps=CONVERGED_STEPS // 3),
              "Table 1 (FL)", selected_lr=True),  # a client holds a fifth of the data: 100 steps = 100 epochs of it
-        Step("multitask", "multitask", dict(CONVERGED, tasks=["bbc_news", "news_outlets"], seeds=FIVE_SEEDS),
-             "Table 1 (MTL)", selected_lr=True),
-        Step("landscape", "landscape", dict(CONVERGED, seeds=PAIR_SEEDS), "Fig. 3", selected_lr=True),
-        Step("pruning", "pruning", dict(CONVERGED, seeds=FIVE_SEEDS, schemes=["all", "every_other", "low", "middle",
-                                                                              "high"]), "Fig. 4", selected_lr=True),
-        Step("shapley", "shapley", dict(CONVERGED, seeds=FIVE_SEEDS, estimator="exact", compare_exact=False), "Fig. 2",
+        Step("multitask", "multitask", dict(CONVERGED, tasks=["bbc_news", "news_outlets"], seeds=FIVE_SEEDS,
+                                            overrides=snapshots), "Table 1 (MTL)", selected_lr=True),
+        Step("landscape", "landscape", dict(CONVERGED, seeds=PAIR_SEEDS, overrides=snapshots), "Fig. 3",
              selected_lr=True),
+        Step("pruning", "pruning", dict(CONVERGED, seeds=FIVE_SEEDS, overrides=snapshots,
+                                        schemes=["all", "every_other", "low", "middle", "high"]), "Fig. 4",
+             selected_lr=True),
+        Step("shapley", "shapley", dict(CONVERGED, seeds=FIVE_SEEDS, estimator="exact", compare_exact=False,
+                                        overrides=snapshots), "Fig. 2", selected_lr=True),
         Step("crossover", "sweep", dict(CONVERGED, name="crossover", grid={}, seeds=PAIR_SEEDS, variants=fused,
-                                        curve_every=CONVERGED_STEPS // 6), "crossover: CopRA − LoRA over training",
+                                        curve_every=SNAPSHOT_EVERY), "crossover: CopRA − LoRA over training",
              selected_lr=True),
+        Step("schedules", "sweep", dict(CONVERGED, name="schedules", grid={}, seeds=PAIR_SEEDS,
+                                        variants=SCHEDULE_VARIANTS, curve_every=SNAPSHOT_EVERY),
+             "open in the paper: the lr schedule around the ramp, and the ramp's length", selected_lr=True),
     ]
 
 
@@ -285,6 +304,18 @@ def _reproduce(out: Path, suite: str, steps: list[tuple[Step, Any]], jobs: int, 
     if suite == "converged":
         log(_expected_time(steps))
     timings: dict[str, float] = {}
+    shared = shared_runs(out / "runs") if suite == "converged" else nullcontext()
+    with shared:
+        _run_steps(out, steps, jobs, progress, log, executor, ray_address, timings)
+    from copra.experiments.report import write_report
+
+    report = write_report(out)
+    return {"steps": [s.name for s, _ in steps], "seconds": timings, "report": report}
+
+
+def _run_steps(out: Path, steps: list[tuple[Step, Any]], jobs: int, progress: bool, log, executor: str,
+               ray_address: str | None, timings: dict[str, float]) -> None:
+    """Run every step not finished before, in order; `lr_select` passes its picks to later steps."""
     best: dict[str, float] = {}
     for step, config in steps:
         config.output_dir = str(out / step.name)
@@ -304,7 +335,3 @@ def _reproduce(out: Path, suite: str, steps: list[tuple[Step, Any]], jobs: int, 
         if step.experiment == "lr_select":
             best = _selected(out / step.name)
             log(f"[{step.name}] lr per method: {best}")
-    from copra.experiments.report import write_report
-
-    report = write_report(out)
-    return {"steps": [s.name for s, _ in steps], "seconds": timings, "report": report}
