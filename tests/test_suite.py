@@ -167,3 +167,12 @@ def test_a_folder_made_before_a_field_existed_still_matches(tmp_path):
     suite.check_folder(tmp_path, new, {"demo": defaults})
     with pytest.raises(UserError, match="merge_method"):
         suite.check_folder(tmp_path, new, {"demo": {}})
+
+
+def test_the_converged_suite_plans_each_shared_run_once():
+    """Runs the landscape, pruning, Shapley, crossover and schedules steps share are counted (and trained) once."""
+    plan = {name: sum(steps for _, steps in runs) for name, runs in suite._shared_plan(suite.resolve("converged", {})).items()}
+    assert plan["multitask"] == 5 * 2 * 2 * 300  # seeds x tasks x methods: the first to plan bbc_news seeds 0-4
+    assert plan["landscape"] == 2 * 300  # only seed 5 is new
+    assert plan["pruning"] == plan["shapley"] == plan["crossover"] == 0
+    assert plan["schedules"] == 3 * 6 * 300  # three new variants; LoRA and CopRA are the crossover's runs

@@ -64,8 +64,13 @@ def _placed(runs: Sequence[tuple[TrainConfig, str | Path]]) -> list[tuple[TrainC
     store = _STORE.get()
     if store is None:
         return list(runs)
-    placed = [c.replace(save_early=c.method == "copra") for c, _ in runs]
+    placed = [store_config(c) for c, _ in runs]
     return [(c, store / run_name(c)) for c in placed]
+
+
+def store_config(config: TrainConfig) -> TrainConfig:
+    """The config a run trains with in a shared store: every CopRA run keeps its early checkpoint."""
+    return config.replace(save_early=config.method == "copra")
 
 
 def _state_of(config: TrainConfig, output_dir: str | Path) -> RunResult | bool:

@@ -37,7 +37,7 @@ from copra.adapters import write_json
 from copra.config import TrainConfig, build_dataclass
 from copra.errors import UserError
 from copra.experiments import EXPERIMENTS
-from copra.experiments.runs import check_executor, check_jobs, shared_runs
+from copra.experiments.runs import check_executor, check_jobs, run_name, shared_runs, store_config
 from copra.locks import folder_lock
 
 SUITE_VERSION = 1
@@ -267,11 +267,32 @@ def check_folder(out: Path, manifest: dict, defaults: dict[str, dict] | None = N
                             "use another results folder (or delete that one) to run with new settings")
 
 
+def _shared_plan(steps: list[tuple[Step, Any]]) -> dict[str, list[tuple[int, int]]]:
+    """(batch, optimizer steps) each suite step will train inside `runs.shared_runs`: a run an earlier
+    step already planned (the same `runs.run_name`) is not counted again."""
+    from copra.experiments import timing
+
+    seen: set[str] = set()
+    plan = {}
+    for step, config in steps:
+        configs = timing.planned_configs(step.experiment, config)
+        if configs is None:
+            plan[step.name] = timing.planned_steps(step.experiment, config)
+            continue
+        plan[step.name] = []
+        for run in configs:
+            name = run_name(store_config(run))
+            if name not in seen:
+                seen.add(name)
+                plan[step.name].append((run.batch_size, run.steps))
+    return plan
+
+
 def _expected_time(steps: list[tuple[Step, Any]]) -> str:
     """The timing probe's estimate of the suite's training time (see `timing`), as one log line."""
     from copra.experiments import timing
 
-    plan = {step.name: timing.planned_steps(step.experiment, config) for step, config in steps}
+    plan = _shared_plan(steps)
     probed = [c.run_config(c.methods[0], c.lr_grid[0], c.seeds[0]) for s, c in steps if s.experiment == "lr_select"]
     probed += [c.run_config(c.methods[0], c.seeds[0]) for s, c in steps if s.experiment in ("landscape", "shapley")]
     if not probed:

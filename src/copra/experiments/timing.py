@@ -5,7 +5,8 @@ the first of them whether it fits the afternoon. The probe trains plain LoRA for
 the suite's own model and settings and measures seconds per optimizer step; every step of the
 suite says how many optimizer steps (and at which batch size) it plans; the estimate is their sum
 at the probed rate, scaled linearly by batch size. CopRA's steps are counted at LoRA's cost, an
-upper bound (gated-off layers are skipped). Evaluations (merges, Shapley coalitions, snapshots)
+upper bound (gated-off layers are skipped). In a suite whose steps share runs (`runs.shared_runs`)
+a run is counted once, in the first step that plans it (`planned_configs`). Evaluations (merges, Shapley coalitions, snapshots)
 are not counted: the estimate is the training part, and says so.
 """
 
@@ -31,6 +32,22 @@ def planned_steps(experiment: str, config: Any) -> list[tuple[int, int]]:
     }.get(experiment, lambda: len(c.seeds))()
     methods = getattr(c, "methods", ["lora", "copra"])  # pruning trains LoRA and CopRA
     return [(c.batch_size, c.steps)] * (per_method * len(methods))
+
+
+def planned_configs(experiment: str, config: Any) -> list | None:
+    """Every TrainConfig a suite step trains through `runs.run_all` (None: it trains otherwise, unshared)."""
+    c = config
+    methods = getattr(c, "methods", ["lora", "copra"])
+    if experiment == "sweep":
+        return [c.run_config(v, p, s) for v in c.variants for p in c.points() for s in c.seeds]
+    if experiment == "multitask":
+        return [c.run_config(t, m, s) for s in c.seeds for t in c.tasks for m in methods]
+    if experiment in ("landscape", "shapley"):
+        return [c.run_config(m, s) for m in methods for s in c.seeds]
+    if experiment == "pruning":
+        base = c.base_config()
+        return [base.replace(method=m, seed=s, lr=c.lrs.get(m, c.lr)) for s in c.seeds for m in ("lora", "copra")]
+    return None
 
 
 def probe(config: TrainConfig, steps: int = PROBE_STEPS) -> float:
