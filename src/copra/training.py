@@ -178,8 +178,8 @@ def _train(config: TrainConfig, data: FewShotData | None, out: Path | None,
     if initial_state is not None:
         load_adapter_state(classifier, initial_state)
     encoder = classifier.encoder
-    gates = CopRA(encoder, config.steps, config.initial_p, config.final_p, config.ramp_fraction,
-                  config.granularity, seed=config.seed, ramp=config.ramp) if config.method == "copra" else None
+    gates = CopRA(encoder, config.gate_schedule(), granularity=config.granularity,
+                  seed=config.seed) if config.method == "copra" else None
     if gates is not None and config.prefix_cache and hasattr(classifier, "enable_prefix_cache"):
         classifier.enable_prefix_cache(gates)
     named = [(n, p) for n, p in classifier.named_parameters() if p.requires_grad]
