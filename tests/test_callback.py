@@ -47,3 +47,24 @@ def test_callback_gates_every_optimizer_step(tmp_path):
     moved = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
     assert moved  # training happened
     assert not callback.gates.attached  # hooks removed at the end: plain PEFT model again
+
+
+def test_callback_takes_a_gate_schedule_or_the_trainers_steps():
+    from types import SimpleNamespace
+
+    import pytest
+
+    from conftest import tiny_lora_bert
+    from copra.errors import UserError
+    from copra.schedule import GateSchedule
+
+    state = SimpleNamespace(max_steps=99)
+    schedule = GateSchedule(12, initial_p=0.5)
+    given = CopRACallback(schedule, granularity="module", seed=3)
+    given.on_train_begin(None, state, None, model=tiny_lora_bert())
+    assert given.gates.schedule is schedule and len(given.gates.players) == 9 and given.gates.seed == 3
+    from_trainer = CopRACallback(final_p=0.8)
+    from_trainer.on_train_begin(None, state, None, model=tiny_lora_bert())
+    assert from_trainer.gates.schedule == GateSchedule(99, final_p=0.8)
+    with pytest.raises(UserError, match="ramp must be one of"):
+        CopRACallback(ramp="cubic")  # refused when made, not when training starts

@@ -23,9 +23,9 @@ def test_layer_players_in_model_order():
     model = tiny_lora_bert(layers=3)
     gates = CopRA(model, total_steps=10)
     assert gates.players == ["encoder.layer.0", "encoder.layer.1", "encoder.layer.2"]
-    modules = CopRA(model, total_steps=10, granularity="module")
-    assert len(modules.players) == 9
-    assert modules.players[:3] == [f"encoder.layer.0.attention.self.{m}" for m in ("query", "key", "value")]
+    module_gates = CopRA(model, total_steps=10, granularity="module")
+    assert len(module_gates.players) == 9
+    assert module_gates.players[:3] == [f"encoder.layer.0.attention.self.{m}" for m in ("query", "key", "value")]
 
 
 @pytest.mark.parametrize(
@@ -63,6 +63,22 @@ def test_clip_towers_are_separate_players():
 def test_model_without_lora_is_a_clear_error():
     with pytest.raises(UserError, match="no PEFT LoRA modules"):
         CopRA(tiny_bert(), total_steps=10)
+
+
+def test_a_gate_schedule_or_its_fields_draw_the_same_gates():
+    from copra.schedule import GateSchedule
+
+    model = tiny_lora_bert(layers=3)
+    schedule = GateSchedule(20, initial_p=0.3, ramp="sine")
+    gates = CopRA(model, schedule, seed=5)
+    assert gates.schedule is schedule and gates.total_steps == 20
+    masks = [gates.step(t) for t in range(20)]
+    gates.remove()
+    keyword_gates = CopRA(model, total_steps=20, initial_p=0.3, ramp="sine", seed=5)
+    assert keyword_gates.schedule == schedule and [keyword_gates.step(t) for t in range(20)] == masks
+    keyword_gates.remove()
+    with pytest.raises(TypeError):
+        CopRA(model, 20, 0.3)  # only the schedule (or total_steps) is positional
 
 
 @pytest.mark.parametrize("bad", [dict(total_steps=0), dict(initial_p=2.0), dict(granularity="head")])
@@ -161,20 +177,20 @@ def test_context_manager_restores_previous_state():
 
 def test_steps_are_seeded_and_never_empty():
     model = tiny_lora_bert(layers=3)
-    a = CopRA(model, total_steps=50, seed=7, granularity="module")
-    masks_a = [a.step(t) for t in range(50)]
-    a.remove()
-    b = CopRA(model, total_steps=50, seed=7, granularity="module")
-    assert [b.step(t) for t in range(50)] == masks_a
-    b.remove()
-    c = CopRA(model, total_steps=50, seed=8, granularity="module")
-    assert [c.step(t) for t in range(50)] != masks_a
+    gates = CopRA(model, total_steps=50, seed=7, granularity="module")
+    masks_a = [gates.step(t) for t in range(50)]
+    gates.remove()
+    same_seed_gates = CopRA(model, total_steps=50, seed=7, granularity="module")
+    assert [same_seed_gates.step(t) for t in range(50)] == masks_a
+    same_seed_gates.remove()
+    other_seed_gates = CopRA(model, total_steps=50, seed=8, granularity="module")
+    assert [other_seed_gates.step(t) for t in range(50)] != masks_a
     assert all(any(m) for m in masks_a)
     assert sum(masks_a[0]) == 1  # p = 0: exactly one player, the limit of redrawing
     assert all(all(m) for m in masks_a[38:])  # p = 1 after 3T/4 (ceil(37.5) = 38)
-    # a resumed controller draws the same mask for the same step
-    d = CopRA(model, total_steps=50, seed=7, granularity="module")
-    assert d.step(20) == masks_a[20]
+    # resumed gates draw the same mask for the same step
+    resumed_gates = CopRA(model, total_steps=50, seed=7, granularity="module")
+    assert resumed_gates.step(20) == masks_a[20]
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.8])

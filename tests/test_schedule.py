@@ -75,3 +75,43 @@ def test_lr_schedules_hold_the_peak_through_the_ramp_or_decay_from_the_start():
         learning_rate(0, 10, 1.0, 0.0, "step")
     with pytest.raises(UserError, match="lr_schedule"):
         TrainConfig(lr_schedule="linear")
+
+
+def test_gate_schedule_is_the_one_p_of_t():
+    import dataclasses
+
+    from copra.schedule import GateSchedule
+
+    schedule = GateSchedule(40, initial_p=0.1, final_p=0.9, ramp_fraction=0.5, ramp="sine")
+    assert [schedule.keep_probability(t) for t in range(40)] == [
+        keep_probability(t, 40, 0.1, 0.9, 0.5, "sine") for t in range(40)]
+    assert schedule.keep_probability(20) == 0.9 and schedule.keep_probability(0) == pytest.approx(0.1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        schedule.final_p = 1.0
+    with pytest.raises(UserError, match="step must be >= 0"):
+        schedule.keep_probability(-1)
+    # built from one, or from total_steps (positional or keyword) and the other fields
+    assert GateSchedule.of(schedule) is schedule
+    assert GateSchedule.of(40, initial_p=0.1, final_p=0.9, ramp_fraction=0.5, ramp="sine") == schedule
+    assert GateSchedule.of(total_steps=40, ramp="sine", initial_p=0.1, final_p=0.9, ramp_fraction=0.5) == schedule
+    with pytest.raises(TypeError, match="not both"):
+        GateSchedule.of(schedule, initial_p=0.2)
+    with pytest.raises(TypeError, match="twice"):
+        GateSchedule.of(40, total_steps=40)
+
+
+@pytest.mark.parametrize("fields", [dict(total_steps=0), dict(initial_p=1.5), dict(ramp_fraction=0.0), dict(ramp="cubic")])
+def test_gate_schedule_refuses_bad_fields(fields):
+    from copra.schedule import GateSchedule
+
+    with pytest.raises(UserError):
+        GateSchedule(**({"total_steps": 10} | fields))
+
+
+def test_train_config_keeps_flat_schedule_fields():
+    from copra.schedule import GateSchedule
+
+    config = TrainConfig(steps=30, initial_p=0.2, ramp_fraction=0.5, ramp="exponential")
+    assert config.gate_schedule() == GateSchedule(30, 0.2, 1.0, 0.5, "exponential")
+    with pytest.raises(UserError, match="ramp must be one of"):
+        TrainConfig(ramp="cubic")

@@ -9,6 +9,7 @@ from copra.cli import main
 from copra.errors import UserError
 from copra.experiments import runs, suite
 from copra.experiments.suite import Step
+from copra.settings import dataclass_defaults
 
 SMALL = ["--set", "shots=2", "--set", "steps=3", "--set", "batch_size=4", "--set", "eval_examples=20",
          "--set", "max_length=16", "--set", "seeds=0,1"]
@@ -122,7 +123,7 @@ def test_manifest_without_lrs_still_matches(tmp_path):
     old = json.loads(json.dumps(manifest))
     assert sum(settings.pop("lrs", None) == {} for settings in old["settings"].values()) > 0
     (tmp_path / "suite.json").write_text(json.dumps(old))
-    suite.check_folder(tmp_path, manifest, {step.name: suite._defaults(config) for step, config in steps})
+    suite.check_folder(tmp_path, manifest, {step.name: dataclass_defaults(type(config)) for step, config in steps})
 
 
 def test_converged_suite_picks_lrs_first_and_prints_its_time(monkeypatch, tmp_path, tiny_text_model, capsys):

@@ -12,32 +12,34 @@ from __future__ import annotations
 from transformers import TrainerCallback
 
 from copra.gates import CopRA
+from copra.schedule import GateSchedule
 
 
 class CopRACallback(TrainerCallback):
-    """Gate PEFT LoRA layers as CopRA does; `total_steps` defaults to the Trainer's max_steps."""
+    """Gate PEFT LoRA layers as CopRA does.
 
-    def __init__(
-        self,
-        total_steps: int | None = None,
-        initial_p: float = 0.0,
-        final_p: float = 1.0,
-        ramp_fraction: float = 0.75,
-        granularity: str = "layer",
-        seed: int = 0,
-        ramp: str = "linear",
-    ):
-        self.total_steps = total_steps
-        self.options = dict(
-            initial_p=initial_p, final_p=final_p, ramp_fraction=ramp_fraction, granularity=granularity, seed=seed, ramp=ramp
-        )
+    `schedule` is a GateSchedule, or total_steps with GateSchedule's other fields as keywords (as for
+    `CopRA`); without total_steps the schedule spans the Trainer's max_steps.
+    """
+
+    def __init__(self, schedule: GateSchedule | int | None = None, *, granularity: str = "layer", seed: int = 0,
+                 **schedule_fields):
+        if schedule is None and schedule_fields.get("total_steps") is None:
+            schedule_fields.pop("total_steps", None)
+            GateSchedule(1, **schedule_fields)  # bad fields fail now, not when training starts
+        else:
+            schedule = GateSchedule.of(schedule, **schedule_fields)
+            schedule_fields = {}
+        self.schedule, self._fields = schedule, schedule_fields
+        self.granularity, self.seed = granularity, seed
         self.gates: CopRA | None = None
         self.masks: list[list[bool]] = []  # one per optimizer step, for inspection
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if self.gates is not None:
             self.gates.remove()
-        self.gates = CopRA(model, total_steps=self.total_steps or state.max_steps, **self.options)
+        schedule = self.schedule or GateSchedule(state.max_steps, **self._fields)
+        self.gates = CopRA(model, schedule, granularity=self.granularity, seed=self.seed)
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.masks.append(self.gates.step(state.global_step))

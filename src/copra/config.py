@@ -1,25 +1,26 @@
-"""Run configuration: one dataclass, validated on construction, overridable from YAML and `--set`.
+"""Run configuration: the TrainConfig schema, validated on construction, and its presets.
 
 Defaults are the embedded default (MiniLM, real text data, CLIP-LoRA's LoRA settings). A YAML file
-only overrides defaults; an unknown key is an error that names it. `preset: clip-lora` starts from
-CLIP-LoRA's published settings (Zanella & Ben Ayed, 2024) instead.
+only overrides defaults; an unknown key is an error that names it (the generic YAML / `--set` reader
+is `copra.settings`). `preset: clip-lora` starts from CLIP-LoRA's published settings (Zanella & Ben
+Ayed, 2024) instead.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from copra.errors import UserError
 from copra.gates import GRANULARITIES
 from copra.precision import PRECISIONS
-from copra.schedule import LR_SCHEDULES, RAMPS, check_probability
+from copra.schedule import LR_SCHEDULES, GateSchedule, check_probability
+# the generic loader, re-exported here where callers have always found it
+from copra.settings import (build_dataclass, check_known, check_names, coerce_fields, dataclass_defaults,  # noqa: F401
+                            load_dataclass, parse_sets, read_values, read_yaml, short)
 
 METHODS = ("lora", "copra")
 BACKBONES = ("text", "clip")
@@ -103,12 +104,9 @@ class TrainConfig:
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0 or (name in ("lr", "lora_alpha", "logit_scale") and value == 0):
                 raise UserError(f"{name} must be a finite positive number, got {value!r}")
-        for name in ("lora_dropout", "backbone_dropout", "initial_p", "final_p"):
+        for name in ("lora_dropout", "backbone_dropout"):
             check_probability(name, getattr(self, name))
-        if not 0.0 < self.ramp_fraction <= 1.0:
-            raise UserError(f"ramp_fraction must be in (0, 1], got {self.ramp_fraction!r}")
-        if self.ramp not in RAMPS:
-            raise UserError(f"ramp must be one of {sorted(RAMPS)}, got {self.ramp!r}")
+        self.gate_schedule()  # initial_p, final_p, ramp_fraction, ramp
         if self.lr_schedule not in LR_SCHEDULES:
             raise UserError(f"lr_schedule must be one of {list(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if self.precision not in PRECISIONS:
@@ -136,10 +134,11 @@ class TrainConfig:
             raise UserError(f"prompt must hold exactly one {{}} for the class name, got {self.prompt!r}")
 
     def _check_types(self) -> None:
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            setattr(self, f.name, _coerce(f.name, value, hints[f.name]))
+        coerce_fields(self)
+
+    def gate_schedule(self) -> GateSchedule:
+        """CopRA's keep-probability schedule p(t) over this run's steps (flat fields in YAML)."""
+        return GateSchedule(self.steps, self.initial_p, self.final_p, self.ramp_fraction, self.ramp)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -147,7 +146,7 @@ class TrainConfig:
     @classmethod
     def defaults(cls) -> dict[str, Any]:
         """Every field's default, as `to_dict` would record it."""
-        return cls().to_dict()
+        return dataclass_defaults(cls)
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
@@ -178,138 +177,17 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _coerce(name: str, value: Any, annotation: Any) -> Any:
-    """Check `value` against a field annotation (int, float, bool, str, list[X], dict, X | None)."""
-    args = typing.get_args(annotation)
-    if type(None) in args:
-        if value is None:
-            return None
-        annotation = next(a for a in args if a is not type(None))
-    origin = typing.get_origin(annotation)
-    if origin is list:
-        item = (typing.get_args(annotation) or (Any,))[0]
-        if isinstance(value, str):  # "--set seeds=0,1,2" or "tasks=a,b"
-            value = [yaml.safe_load(v) if item is not str else v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
-            raise UserError(f"{name} must be a list, got {_short(value)}")
-        return [_coerce(f"{name}[{i}]", v, item) for i, v in enumerate(value)]
-    if origin is dict or annotation is dict:
-        if not isinstance(value, dict):
-            raise UserError(f"{name} must be a mapping, got {_short(value)}")
-        return dict(value)
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise UserError(f"{name} must be true or false, got {_short(value)}")
-        return value
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise UserError(f"{name} must be an integer, got {_short(value)}")
-        return value
-    if annotation is float:
-        if isinstance(value, str):  # PyYAML reads "5e-4" (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise UserError(f"{name} must be a number, got {_short(value)}")
-        try:
-            return float(value)
-        except OverflowError:
-            raise UserError(f"{name} must be a finite number, got {_short(value)}") from None
-    if annotation is str:
-        if not isinstance(value, str):
-            raise UserError(f"{name} must be a string, got {_short(value)}")
-        return value
-    return value
-
-
-def _short(value: Any, limit: int = 80) -> str:
-    """repr of a value for an error line, cut to `limit` characters."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _check_keys(values: dict[Any, Any]) -> None:
-    for key in values:
-        if not isinstance(key, str):
-            raise UserError(f"config keys must be names, got {_short(key)}")
-
-
-def build_dataclass(cls: type, values: dict[str, Any]):
-    """An instance of a config dataclass from a mapping: unknown keys and wrong types are UserErrors."""
-    _check_keys(values)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise UserError(f"unknown config key {_short(unknown[0])}; known keys: {', '.join(sorted(names))}")
-    hints = typing.get_type_hints(cls)
-    return cls(**{k: _coerce(k, v, hints[k]) for k, v in values.items()})
-
-
-def load_dataclass(cls: type, path: str | Path | None = None, sets: list[str] | None = None):
-    """Defaults of `cls` <- YAML file <- --set overrides (for experiment configs)."""
-    values = read_yaml(path) if path else {}
-    values.update(parse_sets(sets or []))
-    return build_dataclass(cls, values)
-
-
-def _field_names() -> set[str]:
-    return {f.name for f in dataclasses.fields(TrainConfig)}
-
-
 def make_config(overrides: dict[str, Any] | None = None) -> TrainConfig:
     """A TrainConfig from a preset (key `preset`) plus overrides; unknown keys are errors."""
     values = dict(overrides or {})
-    _check_keys(values)
+    check_names(values)
     preset = values.pop("preset", "minilm")
     if not isinstance(preset, str) or preset not in PRESETS:
-        raise UserError(f"unknown preset {_short(preset)}; choose one of {sorted(PRESETS)}")
-    unknown = sorted(set(values) - _field_names())
-    if unknown:
-        raise UserError(f"unknown config key {_short(unknown[0])}; known keys: {', '.join(sorted(_field_names()))}")
+        raise UserError(f"unknown preset {short(preset)}; choose one of {sorted(PRESETS)}")
+    check_known(values, TrainConfig)
     return TrainConfig(**{**PRESETS[preset], **values})
-
-
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping with the safe loader (no arbitrary objects)."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"config file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise UserError(f"cannot read config file {path}: {error}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise UserError(f"config file {path} is not valid YAML: {first}") from None
-    except RecursionError:
-        raise UserError(f"config file {path} is nested too deeply") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise UserError(f"config file {path} must hold a mapping of keys to values, got {type(data).__name__}")
-    return data
-
-
-def parse_sets(items: list[str]) -> dict[str, Any]:
-    """`["lr=5e-4", "method=lora"]` -> {"lr": 0.0005, "method": "lora"} (values parsed as YAML)."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise UserError(f"--set takes key=value, got {item!r}")
-        try:
-            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
-        except (yaml.YAMLError, RecursionError):
-            out[key.strip()] = raw
-    return out
 
 
 def load_config(path: str | Path | None = None, sets: list[str] | None = None) -> TrainConfig:
     """Defaults <- YAML file <- --set overrides."""
-    values = read_yaml(path) if path else {}
-    values.update(parse_sets(sets or []))
-    return make_config(values)
+    return make_config(read_values(path, sets))

@@ -31,7 +31,7 @@ from torch import nn
 
 from copra.compat import switch_adapters_off, switch_adapters_on
 from copra.errors import UserError
-from copra.schedule import RAMPS, keep_probability, validate
+from copra.schedule import RAMPS, GateSchedule
 
 GRANULARITIES = ("layer", "module")
 
@@ -76,23 +76,14 @@ def group_players(model: nn.Module, granularity: str = "layer") -> tuple[list[st
 class CopRA:
     """Draws and applies CopRA's per-player gates for a PEFT LoRA model.
 
-    Call `step(t)` once per optimizer step (before the first micro-batch of that step).
+    `schedule` is a GateSchedule, or total_steps with GateSchedule's other fields as keywords:
+    `CopRA(model, total_steps=T, initial_p=0.1)`. Call `step(t)` once per optimizer step (before the
+    first micro-batch of that step). An instance is called `gates` throughout copra.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        total_steps: int,
-        initial_p: float = 0.0,
-        final_p: float = 1.0,
-        ramp_fraction: float = 0.75,
-        granularity: str = "layer",
-        seed: int = 0,
-        ramp: str = "linear",
-    ):
-        validate(total_steps, initial_p, final_p, ramp_fraction, ramp)
-        self.total_steps = total_steps
-        self.initial_p, self.final_p, self.ramp_fraction, self.ramp = initial_p, final_p, ramp_fraction, ramp
+    def __init__(self, model: nn.Module, schedule: GateSchedule | int | None = None, *, granularity: str = "layer",
+                 seed: int = 0, **schedule_fields):
+        self.schedule = GateSchedule.of(schedule, **schedule_fields)
         self.granularity = granularity
         self.players, self._groups = group_players(model, granularity)
         self.seed = seed
@@ -104,6 +95,10 @@ class CopRA:
             for module in modules:
                 self._handles.append(module.register_forward_pre_hook(partial(self._before_forward, index)))
                 self._handles.append(module.register_forward_hook(self._after_forward, always_call=True))
+
+    @property
+    def total_steps(self) -> int:
+        return self.schedule.total_steps
 
     def modules_of(self, index: int) -> list[LoraLayer]:
         """The LoRA modules that player `index` switches."""
@@ -117,7 +112,7 @@ class CopRA:
     # -- schedule and sampling -------------------------------------------------------------
     def probability(self, step: int) -> float:
         """p(step) under this controller's schedule."""
-        return keep_probability(step, self.total_steps, self.initial_p, self.final_p, self.ramp_fraction, self.ramp)
+        return self.schedule.keep_probability(step)
 
     def draw(self, p: float) -> list[bool]:
         """delta_l ~ Bernoulli(p) for every player, conditioned on at least one being active.
@@ -215,10 +210,9 @@ class CopRA:
         switch_adapters_on(module)  # a no-op unless the pre-hook switched this module off
 
     def __repr__(self) -> str:
-        return (
-            f"CopRA(players={len(self.players)}, granularity={self.granularity!r}, total_steps={self.total_steps}, "
-            f"p: {self.initial_p}->{self.final_p} over {self.ramp_fraction:.0%} ({self.ramp}))"
-        )
+        s = self.schedule
+        return (f"CopRA(players={len(self.players)}, granularity={self.granularity!r}, total_steps={s.total_steps}, "
+                f"p: {s.initial_p}->{s.final_p} over {s.ramp_fraction:.0%} ({s.ramp}))")
 
 
-__all__ = ["CopRA", "GRANULARITIES", "RAMPS", "group_players", "lora_modules", "player_of"]
+__all__ = ["CopRA", "GRANULARITIES", "GateSchedule", "RAMPS", "group_players", "lora_modules", "player_of"]

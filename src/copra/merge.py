@@ -117,7 +117,7 @@ def check_weights(weights: Sequence[float] | None, n: int) -> list[float]:
     return out
 
 
-def _wsum(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+def _weighted_sum(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     # float64 accumulation on CPU, then back to the first tensor's dtype and device.
     acc = sum(w * t.detach().to("cpu", torch.float64) for w, t in zip(weights, tensors))
     return acc.to(tensors[0].device, tensors[0].dtype)
@@ -130,7 +130,7 @@ def fusion(adapters: Sequence[Adapter], weights: Sequence[float] | None = None) 
     """
     check_compatible(adapters)
     w = check_weights(weights, len(adapters))
-    return {key: _wsum([a[key] for a in adapters], w) for key in adapters[0]}
+    return {key: _weighted_sum([a[key] for a in adapters], w) for key in adapters[0]}
 
 
 def mixture(adapters: Sequence[Adapter], weights: Sequence[float] | None = None) -> Adapter:
@@ -151,7 +151,7 @@ def mixture(adapters: Sequence[Adapter], weights: Sequence[float] | None = None)
         elif key in a_keys:  # A_i [r, in, ...] -> [n*r, in, ...]
             out[key] = torch.cat([a[key].detach() for a in adapters], 0)
         else:
-            out[key] = _wsum([a[key] for a in adapters], w)
+            out[key] = _weighted_sum([a[key] for a in adapters], w)
     return out
 
 

@@ -25,6 +25,7 @@ training is plain LoRA. Here the end points and the ramp's length are parameters
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 from copra.errors import UserError
@@ -66,7 +67,46 @@ def validate(total_steps: int, initial_p: float, final_p: float, ramp_fraction: 
     if not (isinstance(ramp_fraction, (int, float)) and 0.0 < ramp_fraction <= 1.0):
         raise UserError(f"ramp_fraction must be in (0, 1], got {ramp_fraction!r}")
     if ramp not in RAMPS:
-        raise UserError(f"unknown ramp {ramp!r}; choose one of {sorted(RAMPS)}")
+        raise UserError(f"ramp must be one of {sorted(RAMPS)}, got {ramp!r}")
+
+
+@dataclass(frozen=True)
+class GateSchedule:
+    """p(t) of one run, validated once: the gate controller, the Trainer callback and a run's
+    TrainConfig (`TrainConfig.gate_schedule()`) all pass this one value instead of five arguments.
+    Who the players are (granularity) and which draw they get (seed) belong to the controller."""
+
+    total_steps: int  #: optimizer steps T
+    initial_p: float = 0.0  #: keep probability at step 0
+    final_p: float = 1.0  #: keep probability once the ramp is over
+    ramp_fraction: float = 0.75  #: fraction of T over which p ramps (paper: 3/4)
+    ramp: str = "linear"  #: ramp shape, a key of RAMPS
+
+    def __post_init__(self) -> None:
+        validate(self.total_steps, self.initial_p, self.final_p, self.ramp_fraction, self.ramp)
+
+    def keep_probability(self, step: int) -> float:
+        """p(step): the probability that each player is active at optimizer step `step` (0-based)."""
+        if step < 0:
+            raise UserError(f"step must be >= 0, got {step!r}")
+        ramp_steps = math.ceil(self.ramp_fraction * self.total_steps)
+        progress = min(step / ramp_steps, 1.0)
+        return self.initial_p + (self.final_p - self.initial_p) * RAMPS[self.ramp](progress)
+
+    @classmethod
+    def of(cls, schedule: "GateSchedule | int | None" = None, **fields) -> "GateSchedule":
+        """`schedule` itself, or the schedule of `total_steps` (`schedule`, or the keyword) and `fields`.
+
+        How `CopRA(model, total_steps=T, initial_p=...)` keeps its keyword arguments."""
+        if isinstance(schedule, GateSchedule):
+            if fields:
+                raise TypeError(f"give a GateSchedule or its fields ({', '.join(fields)}), not both")
+            return schedule
+        if schedule is not None:
+            if "total_steps" in fields:
+                raise TypeError("total_steps given twice")
+            fields["total_steps"] = schedule
+        return cls(**fields)
 
 
 def keep_probability(
@@ -77,16 +117,8 @@ def keep_probability(
     ramp_fraction: float = 0.75,
     ramp: str = "linear",
 ) -> float:
-    """p(step): the probability that each LoRA player is active at optimizer step `step` (0-based).
-
-    With the defaults this is the paper's min(4t / 3T, 1).
-    """
-    validate(total_steps, initial_p, final_p, ramp_fraction, ramp)
-    if step < 0:
-        raise UserError(f"step must be >= 0, got {step!r}")
-    ramp_steps = math.ceil(ramp_fraction * total_steps)
-    progress = min(step / ramp_steps, 1.0)
-    return initial_p + (final_p - initial_p) * RAMPS[ramp](progress)
+    """p(step) of `GateSchedule(total_steps, initial_p, ...)`; with the defaults the paper's min(4t / 3T, 1)."""
+    return GateSchedule(total_steps, initial_p, final_p, ramp_fraction, ramp).keep_probability(step)
 
 
 def exponential(step: int, total_steps: int, **kwargs) -> float:

@@ -34,11 +34,12 @@ from pathlib import Path
 from typing import Any
 
 from copra.adapters import write_json
-from copra.config import TrainConfig, build_dataclass
+from copra.config import TrainConfig
 from copra.errors import UserError
 from copra.experiments import EXPERIMENTS
 from copra.experiments.runs import check_executor, check_jobs, run_name, shared_runs, store_config
 from copra.locks import folder_lock
+from copra.settings import build_dataclass, dataclass_defaults
 
 SUITE_VERSION = 1
 TEXT_TASKS = ["bbc_news", "news_outlets", "drug_reviews", "parl_party", "health_tweets"]
@@ -205,14 +206,6 @@ def _selected(folder: Path) -> dict[str, float]:
         return {}
 
 
-def _defaults(config: Any) -> dict:
-    """The config class's field defaults, as JSON stores them."""
-    found = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-             for f in dataclasses.fields(config)
-             if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
-    return json.loads(json.dumps(found))
-
-
 def first_difference(old: dict, new: dict, defaults: dict) -> str | None:
     """The first key where two stored settings differ, or None. Run-time keys (`HOW`) never count, and a
     key one side lacks reads as its default: a field added after a folder was made, left at its
@@ -235,7 +228,7 @@ def _finished(step: Step, config: Any, folder: Path) -> bool:
     except (OSError, ValueError):
         return False
     wanted = json.loads(json.dumps(dataclasses.asdict(config)))
-    return first_difference(saved.get("config", {}), wanted, _defaults(config)) is None
+    return first_difference(saved.get("config", {}), wanted, dataclass_defaults(type(config))) is None
 
 
 def _manifest(suite: str, steps: list[tuple[Step, Any]]) -> dict:
@@ -319,7 +312,7 @@ def reproduce(suite: str, output_dir: str | Path, sets: dict[str, Any] | None = 
 def _reproduce(out: Path, suite: str, steps: list[tuple[Step, Any]], jobs: int, progress: bool, log,
                executor: str, ray_address: str | None) -> dict:
     manifest = _manifest(suite, steps)
-    check_folder(out, manifest, {step.name: _defaults(config) for step, config in steps})
+    check_folder(out, manifest, {step.name: dataclass_defaults(type(config)) for step, config in steps})
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "suite.json", manifest)
     if suite == "converged":

@@ -1,0 +1,44 @@
+"""copra.settings: the one reader of YAML + --set for every config dataclass."""
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from copra.config import TrainConfig, load_config, make_config
+from copra.errors import UserError
+from copra.settings import build_dataclass, check_known, dataclass_defaults, load_dataclass, read_values
+
+
+@dataclass
+class _Example:
+    name: str  # required: no default to report
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    ratio: float = 0.5
+    pair: tuple = (1, 2)
+
+
+def test_values_from_yaml_then_sets(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("ratio: 0.25\nseeds: [3]\nname: a\n")
+    assert read_values(path, ["ratio=0.5", "name=b"]) == {"ratio": 0.5, "seeds": [3], "name": "b"}
+    assert read_values(None, None) == {}
+    loaded = load_dataclass(_Example, path, ["seeds=4,5", "ratio=5e-1"])  # YAML reads 5e-1 as a string
+    assert loaded == _Example(name="a", seeds=[4, 5], ratio=0.5)
+    assert load_config(None, ["steps=7", "method=lora"]) == make_config(
+        {"steps": 7, "method": "lora"})
+
+
+def test_one_unknown_key_check_for_every_config():
+    with pytest.raises(UserError, match="unknown config key 'ratios'; known keys: name, pair, ratio, seeds"):
+        check_known({"ratio": 1.0, "ratios": 2.0}, _Example)
+    with pytest.raises(UserError, match="unknown config key 'ratios'"):
+        build_dataclass(_Example, {"name": "a", "ratios": 2.0})
+    with pytest.raises(UserError, match="unknown config key 'stepz'; known keys: .*steps"):
+        make_config({"stepz": 3})
+    with pytest.raises(UserError, match="seeds\\[1\\] must be an integer"):
+        build_dataclass(_Example, {"name": "a", "seeds": [1, "x"]})
+
+
+def test_dataclass_defaults_as_json_stores_them():
+    assert dataclass_defaults(_Example) == {"seeds": [0, 1], "ratio": 0.5, "pair": [1, 2]}
+    assert dataclass_defaults(TrainConfig) == TrainConfig.defaults() == TrainConfig().to_dict()
