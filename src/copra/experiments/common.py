@@ -194,13 +194,13 @@ def zoom_bars(axes, heights: Iterable[float]) -> None:
 
 
 def write_outputs(out: Path, name: str, summary: dict, plot, render) -> dict:
-    """An experiment's three outputs side by side: `name`.json (atomic), `name`.png, `name`.md."""
-    from copra.adapters import write_json
+    """An experiment's three outputs side by side: `name`.json and `name`.md (atomic), `name`.png."""
+    from copra.atomic import write_json, write_text
 
     out = Path(out)
     summary.setdefault("experiment", name)  # lets `copra report` find every experiment's summary
     summary.setdefault("precision", run_precision(summary.get("config") or {}))
     write_json(out / f"{name}.json", summary)
     plot(summary, out / f"{name}.png")
-    (out / f"{name}.md").write_text(render(summary), encoding="utf-8")
+    write_text(out / f"{name}.md", render(summary))
     return summary
