@@ -12,7 +12,8 @@ from copra.adapters import load_adapter, read_metadata
 from copra.errors import UserError
 from copra.evaluation import accuracy, state_accuracy
 from copra.experiments import landscape, multitask
-from copra.merge import align_many, fusion, module_pairs
+from copra.align import align_many
+from copra.merge import fusion, module_pairs
 from copra.adapter_ops import merge_folders
 from copra.cli import main
 from copra.training import build_run

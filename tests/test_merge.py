@@ -11,8 +11,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from copra.errors import UserError
-from copra.merge import (MERGERS, align, align_many, bound, check_compatible, check_weights, delta_weights,
-                         fusion, mixture, mixture_config, module_pairs)
+from copra.align import align, align_many, bound
+from copra.merge import (MERGERS, check_compatible, check_weights, delta_weights, fusion, mixture, mixture_config,
+                         module_pairs)
 
 P = "base_model.model.l"
 

@@ -111,7 +111,6 @@ def test_read_only_output_folder_is_one_line(tiny_text_model, tmp_path, capsys, 
 @pytest.mark.parametrize("code", ["EACCES", "EPERM", "EDQUOT", "EROFS", "ENOSPC"])
 def test_atomic_writers_turn_resource_errors_into_one_line_and_leave_nothing(tmp_path, monkeypatch, code):
     import errno
-    import tempfile
 
     import torch
 
@@ -119,12 +118,17 @@ def test_atomic_writers_turn_resource_errors_into_one_line_and_leave_nothing(tmp
     from copra.errors import ResourceError
 
     number = getattr(errno, code)
+    real_open, real_mkdir = os.open, os.mkdir
 
-    def refuse(*args, **kwargs):
-        raise OSError(number, os.strerror(number))
+    def refuse(real):  # creating the temporary file or folder fails; tmp_path itself exists
+        def call(path, *args, **kwargs):
+            if ".tmp-" in os.fsdecode(path):
+                raise OSError(number, os.strerror(number))
+            return real(path, *args, **kwargs)
+        return call
 
-    monkeypatch.setattr(tempfile, "mkdtemp", refuse)
-    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(os, "open", refuse(real_open))
+    monkeypatch.setattr(os, "mkdir", refuse(real_mkdir))
     state = {"m.lora_A.weight": torch.ones(2, 3), "m.lora_B.weight": torch.ones(3, 2)}
     with pytest.raises(ResourceError, match=rf"^cannot write {tmp_path / 'adapter'}: .* \({code}\); "):
         save_adapter(state, {"peft_type": "LORA", "r": 2, "target_modules": ["m"]}, tmp_path / "adapter")

@@ -1,126 +1,32 @@
 """Adapters on disk, in PEFT's own format: `adapter_config.json` + `adapter_model.safetensors`.
 
 Whatever copra writes, `PeftModel.from_pretrained(base, folder)` loads unchanged. Folders are
-written atomically (a temporary sibling folder, then a rename), so a crash never leaves a
-half-written adapter where a finished one is expected. Weights are only ever read with safetensors.
+written atomically (`copra.atomic`: a temporary sibling folder, then a rename), so a crash never
+leaves a half-written adapter where a finished one is expected. Weights are only ever read with
+safetensors, and every folder read is validated first (one UserError line naming what is wrong).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from copra.errors import UserError, resource_error
-from copra.locks import check_owned
+from copra.atomic import atomic_folder, fsync_dir, write_json
+from copra.errors import UserError
+
+__all__ = ["CONFIG_FILE", "METADATA_FILE", "WEIGHTS_FILE", "atomic_folder", "check_finite", "check_lora_state",
+           "finite_or_none", "fsync_dir", "load_adapter", "read_metadata", "read_safetensors", "save_adapter",
+           "save_peft_model", "write_json"]  # atomic_folder, fsync_dir, write_json: copra.atomic's, kept here
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 METADATA_FILE = "copra.json"
-
-
-def fsync_dir(folder: str | Path) -> None:
-    """fsync a folder, so renames and new entries in it survive a crash (no-op where unsupported)."""
-    try:
-        fd = os.open(str(folder), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _make_parent(target: Path) -> None:
-    check_owned(target)  # a locked run folder deleted under us is an error, not silently re-created
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise _resource(error, target.parent, "cannot create the folder") from None
-    if not os.access(target.parent, os.W_OK):
-        raise UserError(f"cannot write to {target.parent}: permission denied")
-
-
-def _resource(error: Exception, target: Path, action: str = "cannot write") -> Exception:
-    """A resource failure (disk full, permission, read-only, folder gone) as one UserError line naming `target`."""
-    return resource_error(error, target, action) or error
-
-
-@contextmanager
-def atomic_folder(target: str | Path) -> Iterator[Path]:
-    """Yield a temporary folder beside `target`; on success it replaces `target` in one rename.
-
-    Files are fsynced before the rename and the parent folder after it. A process killed at any
-    point leaves `target` as it was (or, when replacing, briefly absent with the old copy in a hidden
-    `.<name>.old-*` sibling) and never a partial folder under the name `target`. A full disk, a
-    permission or read-only error, or the folder vanishing becomes one ResourceError naming `target`,
-    with the temporary folder removed and `target` as it was.
-    """
-    target = Path(target)
-    _make_parent(target)
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    except OSError as error:
-        raise _resource(error, target) from None
-    try:
-        try:
-            yield tmp
-            _commit(tmp, target)
-        except (OSError, SafetensorError) as error:
-            raise _resource(error, target) from None
-        check_owned(target, replaced=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _commit(tmp: Path, target: Path) -> None:
-    """fsync the files of `tmp`, then rename it to `target` (replacing an older `target`)."""
-    for path in tmp.iterdir():  # fsync files so the rename never exposes empty ones
-        with open(path, "rb") as handle:
-            os.fsync(handle.fileno())
-    fsync_dir(tmp)
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
-    fsync_dir(target.parent)
-
-
-def write_json(path: str | Path, data: Any) -> None:
-    """Write JSON atomically (temporary file in the same folder, fsync, rename); ResourceError naming `path`."""
-    path = Path(path)
-    body = json.dumps(data, indent=2, sort_keys=False, default=str) + "\n"  # fails before writing
-    _make_parent(path)
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(body)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except OSError as error:
-        raise _resource(error, path) from None
-    finally:
-        if tmp is not None:  # gone after the rename; a leftover after a failure
-            Path(tmp).unlink(missing_ok=True)
-    check_owned(path)
 
 
 def save_peft_model(peft_model, folder: str | Path, metadata: dict | None = None) -> Path:

@@ -6,7 +6,7 @@
         state.json            format, step, run config, optimizer param_groups, python and numpy RNG
                               states, progress (losses, step times, masks, early checkpoint)
 
-Crash safety. A checkpoint folder is written by `adapters.atomic_folder` under a new name (temporary
+Crash safety. A checkpoint folder is written by `atomic.atomic_folder` under a new name (temporary
 sibling, files fsynced, one rename), so a folder named `step-N` is always complete; only after that
 rename are older checkpoints renamed away and deleted. A process killed at any point leaves either the
 previous checkpoint or the new one (plus hidden leftovers, which `remove_leftovers` clears), never a
@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from copra.adapters import atomic_folder, check_finite, fsync_dir, read_safetensors
+from copra.adapters import check_finite, read_safetensors
+from copra.atomic import atomic_folder, fsync_dir
 from copra.errors import UserError
 
 FORMAT = "copra-checkpoint-1"

@@ -26,6 +26,17 @@ METHODS = ("lora", "copra")
 BACKBONES = ("text", "clip")
 
 
+def check_lrs(lrs: dict, methods: typing.Iterable[str]) -> None:
+    """UserError unless `lrs` maps some of `methods` to positive numbers (each method's own peak lr)."""
+    if not isinstance(lrs, dict):
+        raise UserError(f"lrs must map methods to learning rates, got {lrs!r}")
+    for method, lr in lrs.items():
+        if method not in methods:
+            raise UserError(f"lrs: {method!r} is not one of the methods {list(methods)}")
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+            raise UserError(f"lrs[{method!r}] must be a positive number, got {lr!r}")
+
+
 @dataclass
 class TrainConfig:
     """One training run: LoRA or CopRA on one task with one seed."""

@@ -33,7 +33,7 @@ import torch
 
 from copra.errors import UserError
 from copra.evaluation import FewShotData, prepare_data, state_accuracy
-from copra.experiments.federated import Adapter, FederatedConfig, split_clients
+from copra.federated import Adapter, FederatedConfig, initial_state, split_clients
 from copra.merge import fusion
 from copra.training import build_run, train
 
@@ -196,8 +196,6 @@ def run_flower_simulation(config: FederatedConfig, method: str | None = None, se
     evaluator, _ = build_run(config.client_config(method, seed, 0, 0), data)
     initial = None
     if config.shared_init:
-        from copra.experiments.federated import initial_state
-
         initial = initial_state(config, method, seed, data)
     cpus = min(config.clients, os.cpu_count() or 1)
     backend_config = backend_config or {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},

@@ -8,7 +8,7 @@ come out merge well ("linear mode connectivity"). Two ways to merge adapters 1 a
     Mixture  dW_m =  a B1 A1 + (1-a) B2 A2                exact average of the updates, rank 2r
 
 Fusion only equals mixture when the factors agree; since B A = (B P)(P^-1 A) for any invertible P,
-`align` (in copra.align, re-exported here) first picks P for the second adapter to shrink the bound
+`copra.align.align` first picks P for the second adapter to shrink the bound
 ||dW_f - dW_m||_2 <= a(1-a)(||B1 - B2 P||_2 + ||A1 - P^-1 A2||_2), then fusion averages.
 
 An adapter is a state dict keyed as PEFT saves it (get_peft_model_state_dict, adapter_model.safetensors):
@@ -20,7 +20,6 @@ the caller loads the adapters and writes the result (with `mixture_config` for a
 
 from __future__ import annotations
 
-import importlib
 import math
 from typing import Sequence
 
@@ -186,12 +185,5 @@ def delta_weights(adapter: Adapter) -> dict[str, torch.Tensor]:
 MERGERS = {"fusion": fusion, "mixture": mixture}
 
 
-def __getattr__(name):
-    # align/bound live in copra.align (which imports this module); re-export them lazily.
-    if name in ("align", "align_many", "bound"):
-        return getattr(importlib.import_module("copra.align"), name)
-    raise AttributeError(f"module 'copra.merge' has no attribute {name!r}")
-
-
-__all__ = ["Adapter", "MERGERS", "align", "align_many", "bound", "check_compatible", "check_weights",
-           "delta_weights", "fusion", "mixture", "mixture_config", "module_pairs"]
+__all__ = ["Adapter", "MERGERS", "check_compatible", "check_weights", "delta_weights", "fusion", "mixture",
+           "mixture_config", "module_pairs"]

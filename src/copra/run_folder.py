@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from copra.adapters import load_adapter, save_peft_model, write_json
+from copra.adapters import load_adapter, save_peft_model
+from copra.atomic import write_json
 from copra.checkpoint import (CHECKPOINTS_DIR, STATE_FILE, Checkpoint, latest_checkpoint, load_checkpoint,
                               load_optimizer_state, optimizer_state, remove_checkpoints, remove_leftovers,
                               rng_state, save_checkpoint, set_rng_state)

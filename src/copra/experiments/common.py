@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from copra.adapters import load_adapter, read_metadata
-from copra.config import TrainConfig
+from copra.config import TrainConfig, check_lrs  # noqa: F401  (check_lrs: re-exported for the experiments)
 from copra.errors import UserError
 from copra.evaluation import FewShotData, length_order, load_adapter_state
 
@@ -54,17 +54,6 @@ def check_unique(name: str, values: list, allowed: Iterable | None = None, minim
         bad = [v for v in values if v not in allowed]
         if bad:
             raise UserError(f"{name}: unknown {bad[0]!r}; choose from {allowed}")
-
-
-def check_lrs(lrs: dict, methods: Iterable[str]) -> None:
-    """UserError unless `lrs` maps some of `methods` to positive numbers (each method's own peak lr)."""
-    if not isinstance(lrs, dict):
-        raise UserError(f"lrs must map methods to learning rates, got {lrs!r}")
-    for method, lr in lrs.items():
-        if method not in methods:
-            raise UserError(f"lrs: {method!r} is not one of the methods {list(methods)}")
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-            raise UserError(f"lrs[{method!r}] must be a positive number, got {lr!r}")
 
 
 def lora_fields(adapter_config: dict, where: str) -> dict[str, Any]:
@@ -205,13 +194,13 @@ def zoom_bars(axes, heights: Iterable[float]) -> None:
 
 
 def write_outputs(out: Path, name: str, summary: dict, plot, render) -> dict:
-    """An experiment's three outputs side by side: `name`.json (atomic), `name`.png, `name`.md."""
-    from copra.adapters import write_json
+    """An experiment's three outputs side by side: `name`.json and `name`.md (atomic), `name`.png."""
+    from copra.atomic import write_json, write_text
 
     out = Path(out)
     summary.setdefault("experiment", name)  # lets `copra report` find every experiment's summary
     summary.setdefault("precision", run_precision(summary.get("config") or {}))
     write_json(out / f"{name}.json", summary)
     plot(summary, out / f"{name}.png")
-    (out / f"{name}.md").write_text(render(summary), encoding="utf-8")
+    write_text(out / f"{name}.md", render(summary))
     return summary

@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from copra.adapters import write_json
+from copra.atomic import write_json, write_text
 from copra.config import TrainConfig, make_config
 from copra.errors import UserError
 from copra.evaluation import accuracy, prepare_data
@@ -109,7 +109,7 @@ def run(config: DemoConfig) -> dict:
         summary["sections"][section] = {"seconds": time.perf_counter() - tick}
     summary["wall_seconds"] = time.perf_counter() - started
     write_json(out / "demo.json", summary)
-    (out / "report.md").write_text(render(summary, markdown), encoding="utf-8")
+    write_text(out / "report.md", render(summary, markdown))
     return summary
 
 

@@ -17,7 +17,8 @@ Protocol, per method and run seed s (methods share data, split and client seeds,
   * each client model and the merged model are evaluated on the run's fixed evaluation subset.
 `rounds=1` is the paper's one-shot setting. In multi-round mode each round is a full local run:
 the cosine LR, AdamW state and (CopRA) the keep-probability ramp restart every round.
-Everything runs in one process here; `copra.flower` runs the same protocol on Flower.
+Everything runs in one process here; `copra.flower` runs the same protocol on Flower. The config, split,
+client seeds and shared init live in `copra.federated` (re-exported here).
 """
 
 from __future__ import annotations
@@ -33,103 +34,23 @@ import numpy as np
 import torch
 
 from copra.adapters import save_peft_model
-from copra.config import TrainConfig, make_config
-from copra.errors import UserError
-from copra.experiments.common import check_lrs, mean_std, write_outputs, zoom_bars
-from copra.evaluation import FewShotData, adapter_state, load_adapter_state, prepare_data, state_accuracy
+from copra.experiments.common import mean_std, write_outputs, zoom_bars
+from copra.evaluation import FewShotData, load_adapter_state, prepare_data, state_accuracy
+from copra.federated import (MAX_CLIENTS, MAX_ROUNDS, RANK_CHANGING, Adapter, FederatedConfig, client_seed,
+                             initial_state, split_clients)
 from copra.merge import fusion
 from copra.peft_merge import lora_scaling, merge_states, rescaled, setting_options
 from copra.training import build_run, train
 
-Adapter = dict[str, torch.Tensor]
-RANK_CHANGING = ("mixture", "cat")  # merges whose rank differs from the clients': no next round from them
-MAX_CLIENTS = MAX_ROUNDS = 100  # client_seed packs round and client into two decimal digits each
-
-
-def split_clients(data: FewShotData, clients: int, seed: int) -> list[FewShotData]:
-    """Split the training set at random into `clients` disjoint parts (sizes differ by at most one).
-
-    Every part keeps the full evaluation set, prompts and class names. Indices keep their original
-    order inside a part; `seed` alone decides the split.
-    """
-    n = len(data.train_x)
-    if isinstance(clients, bool) or not isinstance(clients, int) or not 1 <= clients <= n:
-        raise UserError(f"clients must be an integer from 1 to the number of training examples ({n}), got {clients!r}")
-    order = np.random.default_rng(seed).permutation(n)
-    parts = [sorted(int(i) for i in part) for part in np.array_split(order, clients)]
-    return [dataclasses.replace(data, train_x=tuple(data.train_x[i] for i in part),
-                                train_y=tuple(data.train_y[i] for i in part)) for part in parts]
-
-
-def client_seed(seed: int, round_index: int, client: int) -> int:
-    """TrainConfig seed of `client` in round `round_index` (0-based) of the run with seed `seed`."""
-    return seed * 10_000 + round_index * 100 + client
+__all__ = ["MAX_CLIENTS", "MAX_ROUNDS", "RANK_CHANGING", "Adapter", "FederatedConfig", "FederatedRun", "aggregate",
+           "client_seed", "initial_state", "plot", "render", "run", "save_merged", "simulate", "size_weights",
+           "split_clients", "summarize", "table"]
 
 
 def size_weights(parts: list[FewShotData]) -> list[float]:
     """FedAvg weights: each client's share n_i / N of the training examples."""
     total = sum(len(p.train_x) for p in parts)
     return [len(p.train_x) / total for p in parts]
-
-
-@dataclass
-class FederatedConfig:
-    """Federated LoRA vs CopRA: who trains what, for how long, and where results go."""
-
-    task: str = "bbc_news"  #: task name (as TrainConfig.task)
-    methods: list[str] = field(default_factory=lambda: ["lora", "copra"])  #: methods compared (paired)
-    clients: int = 5  #: clients K; the few-shot sample is split into K random parts (paper: 5)
-    rounds: int = 1  #: communication rounds; 1 = one-shot merging, the paper's setting
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  #: run seeds: few-shot sample, split, client seeds
-    shots: int = 16  #: examples per class in the whole federation, before the split
-    steps: int = 30  #: optimizer steps per client per round
-    batch_size: int = 16  #: examples per step
-    lr: float = 5e-3  #: peak learning rate, same for every method (unless `lrs` names it)
-    lrs: dict[str, float] = field(default_factory=dict)  #: peak lr per method (e.g. from lr_select); others use lr
-    eval_examples: int | None = 240  #: fixed evaluation subset (None: the whole test split)
-    model: str = "embedded:minilm"  #: backbone, as TrainConfig.model
-    shared_init: bool = False  #: round 0 starts every client from one LoRA init (classic FedAvg), not its own
-    merge_method: str = "fusion"  #: server aggregation: fusion (FedAvg of A and B) or a rank-keeping PEFT method (ties, dare_ties, svd, ...)
-    merge_density: float = 0.5  #: density of TIES / DARE / magnitude merges (unused by the other methods)
-    train_overrides: dict[str, Any] = field(default_factory=dict)  #: other TrainConfig fields for every client
-    output_dir: str = "results/federated"  #: where federated.json/.md/.png and merged adapters go
-    progress: bool = True  #: progress bars
-
-    def __post_init__(self) -> None:
-        if not self.methods or not self.seeds:
-            raise UserError("a federated run needs at least one method and one seed")
-        for name, values in (("methods", self.methods), ("seeds", self.seeds)):
-            if len(set(values)) != len(values):
-                raise UserError(f"{name} has duplicates: {values!r}")
-        for name, limit in (("clients", MAX_CLIENTS), ("rounds", MAX_ROUNDS)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
-                raise UserError(f"{name} must be an integer from 1 to {limit}, got {value!r}")
-        setting_options(self.merge_method, self.merge_density)
-        if self.merge_method in RANK_CHANGING:
-            raise UserError(f"merge_method {self.merge_method!r} changes the rank; the next round trains from the "
-                            "merged adapter, so federated learning needs a rank-keeping method")
-        if not isinstance(self.train_overrides, dict):
-            raise UserError(f"train_overrides must be a mapping, got {self.train_overrides!r}")
-        check_lrs(self.lrs, self.methods)
-        owned = sorted(set(self.train_overrides) & (set(self._shared()) | {"method", "seed", "output_dir"}))
-        if owned:
-            raise UserError(f"train_overrides sets {owned[0]!r}; set it on the federated config instead")
-        for method in self.methods:  # TrainConfig validates the rest (method names, shots, lr, ...)
-            self.client_config(method, self.seeds[0], 0, 0)
-
-    def _shared(self) -> dict[str, Any]:
-        return dict(task=self.task, shots=self.shots, steps=self.steps, batch_size=self.batch_size, lr=self.lr,
-                    eval_examples=self.eval_examples, model=self.model, progress=self.progress)
-
-    def client_config(self, method: str, seed: int, round_index: int, client: int) -> TrainConfig:
-        """The TrainConfig of one client's local training in one round."""
-        return make_config({**self.train_overrides, **self._shared(), "method": method, "lr": self.lrs.get(method, self.lr),
-                            "seed": client_seed(seed, round_index, client)})
-
-    def data_config(self, seed: int) -> TrainConfig:
-        """The config whose seed draws the run's few-shot sample (before the split)."""
-        return make_config({**self.train_overrides, **self._shared(), "method": self.methods[0], "seed": seed})
 
 
 @dataclass
@@ -181,12 +102,6 @@ def aggregate(config: FederatedConfig, evaluator: torch.nn.Module, states: list[
     merged, merged_config = merge_states(config.merge_method, states, [client] * len(states), weights,
                                          **setting_options(config.merge_method, config.merge_density))
     return rescaled(merged, lora_scaling(merged_config) / lora_scaling(client))
-
-
-def initial_state(config: FederatedConfig, method: str, seed: int, data: FewShotData) -> Adapter:
-    """The shared round-0 LoRA init (`shared_init`): client 0's fresh init."""
-    classifier, _ = build_run(config.client_config(method, seed, 0, 0), data)
-    return adapter_state(classifier)
 
 
 def summarize(runs: dict[str, list[dict]], rounds: int) -> dict[str, dict]:

@@ -70,11 +70,11 @@ def train_task(config: TrainConfig, output_dir: str) -> str:
     import ray
     import torch
 
-    from copra.experiments.runs import _state_of
+    from copra.experiments.run_state import run_state
     from copra.training import train
 
     torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
-    resume = bool(_state_of(config, output_dir))  # decided here, so a retried task resumes too
+    resume = bool(run_state(config, output_dir))  # decided here, so a retried task resumes too
     train(config.replace(progress=False), output_dir=output_dir, resume=resume)
     return output_dir
 

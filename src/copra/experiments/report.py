@@ -22,11 +22,11 @@ import json
 import mimetypes
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from copra.atomic import write_bytes, write_text
 from copra.errors import UserError, resource_error
 from copra.experiments import convergence, crossover
 from copra.experiments.verdicts import OTHER, RULES, SECTIONS, Section, judge, overall
@@ -312,22 +312,6 @@ def _build(root: Path, out: Path, entries: list[Entry]) -> tuple[str, str, dict[
     return document(entries, root, out, None, figures), page, {name: f[3] for name, f in figures.items()}
 
 
-def _write_text(path: Path, text: str | bytes) -> None:
-    """Atomically, as `copra.adapters.write_json`: a temporary file beside `path`, fsync, rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            if hasattr(os, "fchmod"):
-                os.fchmod(handle.fileno(), 0o644)  # a report is for reading (mkstemp makes it 0600)
-            handle.write(text.encode("utf-8") if isinstance(text, str) else text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_report(results_dir: str | Path, output: str | Path | None = None) -> tuple[Path, ...]:
     """Write paper_report.md and paper_report.html (and the crossover PNG) into `output` (default: `results_dir`)."""
     out = Path(output) if output is not None else Path(results_dir)
@@ -337,9 +321,9 @@ def write_report(results_dir: str | Path, output: str | Path | None = None) -> t
         try:
             out.mkdir(parents=True, exist_ok=True)
             for name, image in figures.items():  # before the Markdown that links them
-                _write_text(out / name, image)
+                write_bytes(out / name, image)
             for path, text in zip(paths, (markdown_text, page)):
-                _write_text(path, text)
+                write_text(path, text)
         except OSError as error:
             raise resource_error(error, out, "cannot write the report into") or \
                 UserError(f"cannot write the report into {out}: {error.strerror or error}") from None

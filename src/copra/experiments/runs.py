@@ -31,8 +31,8 @@ from typing import Sequence
 
 from copra.config import TrainConfig
 from copra.errors import UserError
-from copra.locks import FolderInUse, folder_lock
-from copra.training import RunResult, resume_point, train
+from copra.experiments.run_state import run_state
+from copra.training import RunResult, train
 
 
 EXECUTORS = ("local", "ray")  # local: this process or `jobs` spawned processes; ray: one Ray task per run
@@ -73,32 +73,10 @@ def store_config(config: TrainConfig) -> TrainConfig:
     return config.replace(save_early=config.method == "copra")
 
 
-def _state_of(config: TrainConfig, output_dir: str | Path) -> RunResult | bool:
-    """The finished run in `output_dir`, else whether a checkpoint of this same run lets training resume.
-
-    Files of another run (another config, a corrupt record) count as nothing: training starts over
-    there and clears them.
-    """
-    out = Path(output_dir)
-    if not out.is_dir():
-        return False
-    try:
-        with folder_lock(out):  # resume_point clears leftovers: not while another process trains there
-            point = resume_point(out, config)
-    except FolderInUse:
-        raise
-    except UserError:
-        return False
-    if isinstance(point, RunResult):
-        point.adapter_dir = str(out / "adapter")  # where it is now, even if the results folder moved
-        point.early_dir = str(out / "early") if point.early_dir else None
-        return point
-    return point is not None
-
 
 def finished(config: TrainConfig, output_dir: str | Path) -> RunResult | None:
     """The recorded result of this exact run in `output_dir`, with its adapter state, or None."""
-    state = _state_of(config, output_dir)
+    state = run_state(config, output_dir)
     return state if isinstance(state, RunResult) else None
 
 
@@ -138,7 +116,7 @@ def run_all(runs: Sequence[tuple[TrainConfig, str | Path]], jobs: int = 1, execu
     check_jobs(jobs)
     check_executor(executor, ray_address)
     runs = _placed(runs)
-    states = [_state_of(c, d) for c, d in runs]
+    states = [run_state(c, d) for c, d in runs]
     results: list[RunResult | None] = [s if isinstance(s, RunResult) else None for s in states]
     pending: dict[str, int] = {}  # one training per folder: a run asked for twice trains once
     for i, result in enumerate(results):

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from copra.adapters import write_json
+from copra.atomic import write_json
 from copra.config import TrainConfig
 from copra.errors import UserError
 from copra.experiments import EXPERIMENTS

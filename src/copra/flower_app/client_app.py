@@ -18,7 +18,7 @@ from flwr.clientapp import ClientApp  # noqa: E402
 
 from copra.errors import UserError  # noqa: E402
 from copra.evaluation import prepare_data  # noqa: E402
-from copra.experiments.federated import split_clients  # noqa: E402
+from copra.federated import split_clients  # noqa: E402
 from copra.flower import train_reply  # noqa: E402
 from copra.flower_app.settings import from_run_config  # noqa: E402
 

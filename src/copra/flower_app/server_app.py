@@ -24,9 +24,10 @@ _require_flwr()
 from flwr.app import ArrayRecord, Context, MetricRecord  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 
-from copra.adapters import save_peft_model, write_json  # noqa: E402
+from copra.adapters import save_peft_model  # noqa: E402
+from copra.atomic import write_json  # noqa: E402
 from copra.evaluation import adapter_state, load_adapter_state, prepare_data, state_accuracy  # noqa: E402
-from copra.experiments.federated import initial_state, split_clients  # noqa: E402
+from copra.federated import initial_state, split_clients  # noqa: E402
 from copra.flower import from_record, to_record  # noqa: E402
 from copra.flower_app.settings import DeploySettings, from_run_config  # noqa: E402
 from copra.flower_app.strategy import DeploymentFusion  # noqa: E402

@@ -16,7 +16,7 @@ from typing import Any
 
 from copra.config import parse_sets
 from copra.errors import UserError
-from copra.experiments.federated import FederatedConfig
+from copra.federated import FederatedConfig
 
 
 @dataclass(frozen=True)
