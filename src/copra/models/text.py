@@ -85,6 +85,12 @@ class PromptClassifier(PromptScoring, nn.Module):
         self.prefix_cache = FrozenPrefixCache(self.encoder, gates)
         return True
 
+    def prefix_sharing(self, gates):
+        """The coalition evaluator's fast path for this encoder (copra.models.coalition_runner), or None."""
+        from copra.models.coalition_runner import prefix_sharing
+
+        return prefix_sharing(self, gates)
+
     def token_ids(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text, cut at max_length; a text seen before is not tokenised again."""
         if self._token_key != (id(self.tokenizer), self.max_length):  # another tokenizer or length: start afresh
