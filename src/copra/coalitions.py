@@ -95,12 +95,11 @@ class CoalitionEvaluator:
     def _naive_loss(self) -> float:
         classifier = self.classifier
         with evaluating(classifier):
-            device = next(classifier.parameters()).device
             prompts = classifier.class_embeddings()  # [C, H]
             total = 0.0
             for rows, inputs in self._eval_batches():
-                logits = classifier.logits_of(classifier.embed(**{k: v.to(device) for k, v in inputs.items()}), prompts)
-                total += float(F.cross_entropy(logits, self.labels[rows].to(device), reduction="sum"))
+                logits = classifier.logits(inputs, prompts)
+                total += float(F.cross_entropy(logits, self.labels[rows].to(logits.device), reduction="sum"))
             return total / len(self.data.eval_x)
 
     # -- the prefix-sharing path ---------------------------------------------------------------------

@@ -157,15 +157,11 @@ def server_app(config: FederatedConfig, data: FewShotData, classifier: torch.nn.
     `classifier` and scored by `copra.evaluation.state_accuracy`, the one scoring path.
     """
     _require_flwr()
-    from flwr.app import ArrayRecord, Context, MetricRecord
+    from flwr.app import ArrayRecord, Context
     from flwr.serverapp import Grid, ServerApp
 
     app = ServerApp()
-
-    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        if server_round == 0 or not len(arrays):
-            return None
-        return MetricRecord({"accuracy": state_accuracy(classifier, from_record(arrays), data)})
+    evaluate = merged_accuracy(classifier, data)
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
@@ -176,6 +172,22 @@ def server_app(config: FederatedConfig, data: FewShotData, classifier: torch.nn.
                                        num_rounds=config.rounds, evaluate_fn=evaluate)
 
     return app
+
+
+def merged_accuracy(classifier: torch.nn.Module, data: FewShotData):
+    """The server's evaluate_fn: (round, merged ArrayRecord) -> MetricRecord with `accuracy` (None in round 0).
+
+    The merged adapter is loaded into `classifier` and scored by `copra.evaluation.state_accuracy`.
+    """
+    _require_flwr()
+    from flwr.app import ArrayRecord, MetricRecord
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round == 0 or not len(arrays):
+            return None
+        return MetricRecord({"accuracy": state_accuracy(classifier, from_record(arrays), data)})
+
+    return evaluate
 
 
 def run_flower_simulation(config: FederatedConfig, method: str | None = None, seed: int | None = None,

@@ -27,8 +27,15 @@ class PromptScoring:
     def scores(self, inputs: dict[str, Any], classes: torch.Tensor | None = None) -> torch.Tensor:
         """Cosines [B, C] of a collated batch (`inputs_for`) with the class prompts (`classes`: [C, H], or
         embedded now); the argmax is the predicted class."""
+        return self.scores_of(self._embed_batch(inputs), classes)
+
+    def logits(self, inputs: dict[str, Any], classes: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, C] of a collated batch, as `forward` computes them (for a loss)."""
+        return self.logits_of(self._embed_batch(inputs), classes)
+
+    def _embed_batch(self, inputs: dict[str, Any]) -> torch.Tensor:
         device = next(self.parameters()).device
-        return self.scores_of(self.embed(**{k: v.to(device) for k, v in inputs.items()}), classes)
+        return self.embed(**{k: v.to(device) for k, v in inputs.items()})
 
     def scores_of(self, embedded: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
         """Cosines [B, C] of unit-norm embeddings [B, H] with the class prompts."""
