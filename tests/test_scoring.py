@@ -142,3 +142,18 @@ def test_few_shot_preparation_lives_in_data_and_is_re_exported(tiny_text_model):
         assert getattr(evaluation, name) is getattr(fewshot, name)
     data = evaluation.prepare_data(tiny_run_config(tiny_text_model, eval_examples=12))
     assert isinstance(data, FewShotData) and len(data.eval_x) == len(data.eval_y) == 12
+
+
+def test_validation_split_of_a_user_file_task():
+    """prepare_validation loads the task as prepare_data does (it once asked the built-in registry for file:...)."""
+    pytest.importorskip("datasets")
+    from pathlib import Path
+
+    from copra.config import make_config
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "reviews.csv"
+    config = make_config(dict(task=f"file:{example}", text_column="review", label_column="topic", shots=2))
+    data = evaluation.prepare_validation(config, 6)
+    assert len(data.eval_x) == 6 and sorted(set(data.eval_y)) == [0, 1, 2]
+    assert not set(data.eval_x) & set(data.train_x)
+    assert data.train_x == evaluation.prepare_data(config).train_x

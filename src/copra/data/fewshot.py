@@ -126,14 +126,7 @@ class FewShotData:
 
 def prepare_data(config: TrainConfig) -> FewShotData:
     """Load the task and draw the run's few-shot sample (seeded) and the fixed evaluation subset."""
-    if config.backbone == "clip":
-        from copra.data.coop import load_coop_task
-
-        task = load_coop_task(config.data_root, config.task)
-    else:
-        from copra.data.user_files import text_task
-
-        task = text_task(config.task, config.test_file, config.text_column, config.label_column, config.prompt)
+    task = _load(config)
     counts = [0] * task.num_classes
     for y in task.train_labels:
         counts[y] += 1
@@ -172,14 +165,14 @@ def prepare_validation(config: TrainConfig, examples: int = 200) -> FewShotData:
 
 
 def _load(config: TrainConfig):
-    """The task's splits (text tasks are cached by `load_task`)."""
+    """The task a run names: CoOp images for CLIP, else a built-in text task or the user's file."""
     if config.backbone == "clip":
         from copra.data.coop import load_coop_task
 
         return load_coop_task(config.data_root, config.task)
-    from copra.data.text_tasks import load_task
+    from copra.data.user_files import text_task
 
-    return load_task(config.task)
+    return text_task(config.task, config.test_file, config.text_column, config.label_column, config.prompt)
 
 
 def _examples(task, split: str) -> Sequence[Any]:
