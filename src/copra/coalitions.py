@@ -123,39 +123,36 @@ class CoalitionEvaluator:
         with evaluating(classifier):
             batches = self._eval_batches()
             device = next(classifier.parameters()).device
-            prompts: list[torch.Tensor | None] = [None] * len(masks)  # [C, H] per coalition
-
-            def keep_prompts(embedded: torch.Tensor, rows: np.ndarray) -> None:
-                for r in rows.tolist():
-                    prompts[r] = embedded
-
-            self.sharing.class_embeddings(masks, keep_prompts)
-            predicted = torch.empty((len(masks), len(self.labels)), dtype=torch.long)  # accuracy
+            prompts = self._class_embeddings(masks)
+            accurate = self.metric == "accuracy"
+            predicted = torch.empty((len(masks) if accurate else 0, len(self.labels)), dtype=torch.long)
             loss = np.zeros(len(masks))  # neg_loss: summed cross-entropy per coalition
             for examples, inputs in batches:
                 labels = self.labels[examples].to(device)
 
                 def score(texts: torch.Tensor, rows: np.ndarray) -> None:
                     for r in rows.tolist():
-                        if self.metric == "accuracy":
+                        if accurate:
                             predicted[r, examples] = classifier.scores_of(texts, prompts[r]).argmax(-1).cpu()
                         else:
                             logits = classifier.logits_of(texts, prompts[r])
                             loss[r] += float(F.cross_entropy(logits, labels, reduction="sum"))
 
                 self.sharing.embeddings(inputs, masks, score)
-            if self.metric == "accuracy":
+            if accurate:
                 return np.array([fraction_correct(row, self.labels) for row in predicted])
             return -loss / len(self.data.eval_x)
 
+    def _class_embeddings(self, masks: np.ndarray) -> list[torch.Tensor]:
+        """The class-prompt embeddings [C, H] under each coalition (the prompts are few: one pass)."""
+        prompts: list[torch.Tensor | None] = [None] * len(masks)
 
-def __getattr__(name: str):
-    # the model glue moved to copra.models.coalition_runner; the old name still imports from here
-    if name == "reuse_base_outputs":
-        from copra.models.coalition_runner import reuse_base_outputs
+        def keep(embedded: torch.Tensor, rows: np.ndarray) -> None:
+            for r in rows.tolist():
+                prompts[r] = embedded
 
-        return reuse_base_outputs
-    raise AttributeError(f"module 'copra.coalitions' has no attribute {name!r}")
+        self.sharing.class_embeddings(masks, keep)
+        return prompts
 
 
 @dataclass
@@ -184,6 +181,15 @@ def shapley_for_model(classifier: nn.Module, gates: CopRA, data: FewShotData, me
     else:
         result = ESTIMATORS[method](game, n, samples, seed, **options)
     return ModelShapleyResult(**vars(result), players=list(gates.players), metric=metric)
+
+
+def __getattr__(name: str):
+    # the model glue moved to copra.models.coalition_runner; the old name still imports from here
+    if name == "reuse_base_outputs":
+        from copra.models.coalition_runner import reuse_base_outputs
+
+        return reuse_base_outputs
+    raise AttributeError(f"module 'copra.coalitions' has no attribute {name!r}")
 
 
 __all__ = ["METRICS", "CoalitionEvaluator", "ModelShapleyResult", "shapley_for_model"]
