@@ -14,6 +14,7 @@ from copra.errors import UserError
 from copra.evaluation import FewShotData, accuracy
 from copra.gates import CopRA, lora_modules
 from copra.models.layer_runner import LayerRunner
+from copra.models.scoring import PromptScoring
 from copra.models.text import PromptClassifier
 from copra.training import build_run
 
@@ -96,7 +97,7 @@ def test_ends_and_duplicate_masks(run):
             base = evaluator.naive_values(np.array([[True] * 3]))[0]
         assert v[0] == pytest.approx(base, abs=1e-6) and v[1] == pytest.approx(everything_on, abs=1e-6)
         if metric == "accuracy":  # plain LoRA, no mask set at all
-            assert v[1] == pytest.approx(accuracy(classifier, data.eval_x, data.eval_y), abs=1e-7)
+            assert v[1] == accuracy(classifier, data.eval_x, data.eval_y)  # one scoring path: exactly
         else:
             assert v[0] != pytest.approx(v[1], abs=1e-4)  # the adapters matter
 
@@ -127,12 +128,12 @@ def test_shapley_for_model_exact_efficiency(run):
     assert sampled.values.sum() == pytest.approx(sampled.v_full - sampled.v_empty, abs=1e-9)
 
 
-class Delegating(torch.nn.Module):
-    """Not a PromptClassifier: the evaluator must take the one-forward-per-coalition path."""
+class Delegating(PromptScoring, torch.nn.Module):
+    """Not a PromptClassifier (no `prefix_sharing`): the evaluator must take the one-forward-per-coalition path."""
 
     def __init__(self, inner):
         super().__init__()
-        self.inner, self.scale = inner, inner.scale
+        self.inner, self.scale, self.prompts = inner, inner.scale, inner.prompts
 
     def embed(self, **inputs):
         return self.inner.embed(**inputs)

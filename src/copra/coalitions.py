@@ -3,21 +3,18 @@
 CopRA (Zhuang et al., 2024, Sec. 2.2-3) makes every LoRA layer a player of a cooperative game: v(C)
 is the quality of the model with only the adapters of the players in C switched on. Here v(C) is the
 accuracy (or minus the mean cross-entropy, `metric="neg_loss"`) on the run's fixed evaluation set,
-with the players switched through CopRA's gate controller (`gates.active(mask)`).
+with the players switched through CopRA's gate controller (`gates.active(mask)`), scored by the one
+scoring path (`copra.evaluation`, the classifier's `scores_of` / `logits_of`): v(all on) is exactly
+`copra.evaluation.accuracy` of the full model.
 
 Why a dedicated evaluator: Shapley estimates need up to 2^n coalitions, and one full forward per
-coalition repeats most of the work. Coalitions that agree on the gates of the first k blocks have
-identical hidden states after block k, so `CoalitionEvaluator.values` walks the prefix trie of the
-requested masks depth-first, running every block once per distinct prefix (models.layer_runner).
-For all 2^n coalitions that is 2^(l+1) runs of block l, 2^(n+1) - 2 in all instead of n 2^n; and
-sibling branches, which feed one hidden state to a block under different gates, compute the frozen
-projections that read it (BERT's query/key/value, where LoRA sits) once (`reuse_base_outputs`). The
-class prompts go through the same trie in a first pass (they are few), then the evaluation texts in
-chunks of `batch_size`, with correct counts / loss sums accumulated per coalition, so memory stays
-that of n + 1 hidden states of one chunk. Players may be whole blocks (granularity "layer") or single
-modules; each must sit inside one block of a single-tower BERT-like PromptClassifier. Anything else
-(e.g. CLIP's two towers) falls back to `naive_values`: one full forward per coalition, which is also
-the reference the fast path is tested against. `shapley_for_model` wires either into copra.shapley,
+coalition repeats most of the work. This module is model-agnostic: when the classifier offers
+`prefix_sharing(gates)` (the text encoder does: `copra.models.coalition_runner`), that model part
+hands back the embeddings of a batch under every coalition, computing each shared block prefix once;
+the class prompts go through it in a first pass (they are few), then the evaluation set in the
+batches `evaluation.eval_batches` forms, with predictions / loss sums kept per coalition. Without it
+(e.g. CLIP's two towers) `naive_values` runs one full forward per coalition, which is also the
+reference the fast path is tested against. `shapley_for_model` wires either into copra.shapley,
 whose `Game` caches v so no coalition is evaluated twice.
 """
 
@@ -29,14 +26,11 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from copra.compat import memoized_forward
 from copra.errors import UserError
-from copra.evaluation import FewShotData, accuracy, length_order
-from copra.gates import CopRA, lora_modules, player_of
-from copra.precision import autocast_of
+from copra.evaluation import Batch, FewShotData, accuracy, eval_batches, evaluating, fraction_correct
+from copra.gates import CopRA
 from copra.shapley import ESTIMATORS, Game, ShapleyResult
 
 METRICS = ("accuracy", "neg_loss")
@@ -57,39 +51,19 @@ class CoalitionEvaluator:
         self.metric, self.batch_size = metric, batch_size
         self.players = list(gates.players)
         self.labels = torch.tensor(list(data.eval_y), dtype=torch.long)
-        self.runner, self.block_players = self._layout()
-        self._chunks: list[tuple[dict[str, torch.Tensor], torch.Tensor]] | None = None
-        self._prompts: dict[str, torch.Tensor] | None = None
+        make = getattr(classifier, "prefix_sharing", None)
+        self.sharing = make(gates) if callable(make) else None  # the model part of the fast path, or None
+        self._batches: list[Batch] | None = None
 
     @property
     def fast(self) -> bool:
         """True when coalitions share block prefixes; False: one full forward per coalition."""
-        return self.runner is not None
+        return self.sharing is not None
 
-    def _layout(self):
-        """(runner, players of each block) for a single-tower BERT-like PromptClassifier, else (None, None)."""
-        from copra.models.layer_runner import LayerRunner
-        from copra.models.text import PromptClassifier
-
-        if not isinstance(self.classifier, PromptClassifier):
-            return None, None
-        try:
-            runner = LayerRunner(self.classifier.encoder)
-        except UserError:
-            return None, None
-        block_of_player: dict[str, int] = {}
-        self.block_modules: list[list[LoraLayer]] = [[] for _ in range(runner.num_layers)]
-        for name, module in lora_modules(self.classifier.encoder):
-            player, block = player_of(name, self.gates.granularity), runner.block_of(module)
-            if block is None or block_of_player.setdefault(player, block) != block:
-                return None, None  # a LoRA module outside the blocks, or a player spanning two blocks
-            self.block_modules[block].append(module)
-        if sorted(block_of_player) != sorted(self.players):
-            return None, None
-        blocks: list[list[int]] = [[] for _ in range(runner.num_layers)]
-        for index, player in enumerate(self.players):
-            blocks[block_of_player[player]].append(index)
-        return runner, blocks
+    @property
+    def block_players(self) -> list[list[int]] | None:
+        """Per block of the encoder, the indices of the players inside it (None without the fast path)."""
+        return self.sharing.block_players if self.sharing is not None else None
 
     # -- public API ------------------------------------------------------------------------------
     def value(self, mask: Sequence[bool]) -> float:
@@ -109,9 +83,9 @@ class CoalitionEvaluator:
         out = np.empty(len(masks))
         for row, mask in enumerate(masks.tolist()):
             with self.gates.active(mask):
-                if self.metric == "accuracy":  # count / N exactly (accuracy() rounds it to float32)
-                    share = accuracy(self.classifier, self.data.eval_x, self.data.eval_y, self.batch_size)
-                    out[row] = round(share * len(self.labels)) / len(self.labels)
+                if self.metric == "accuracy":
+                    out[row] = accuracy(self.classifier, self.data.eval_x, self.data.eval_y, self.batch_size,
+                                        self._eval_batches())
                 else:
                     out[row] = -self._naive_loss()
         return out
@@ -119,21 +93,14 @@ class CoalitionEvaluator:
     # -- the reference path ------------------------------------------------------------------------
     @torch.inference_mode()
     def _naive_loss(self) -> float:
-        classifier, was_training = self.classifier, self.classifier.training
-        classifier.eval()
-        try:
-            device = next(classifier.parameters()).device
+        classifier = self.classifier
+        with evaluating(classifier):
             prompts = classifier.class_embeddings()  # [C, H]
             total = 0.0
-            for start in range(0, len(self.data.eval_x), self.batch_size):
-                inputs = classifier.inputs_for(list(self.data.eval_x[start : start + self.batch_size]))
-                texts = classifier.embed(**{k: v.to(device) for k, v in inputs.items()})
-                logits = classifier.scale * texts @ prompts.T
-                labels = self.labels[start : start + self.batch_size].to(device)
-                total += float(F.cross_entropy(logits, labels, reduction="sum"))
+            for rows, inputs in self._eval_batches():
+                logits = classifier.logits(inputs, prompts)
+                total += float(F.cross_entropy(logits, self.labels[rows].to(logits.device), reduction="sum"))
             return total / len(self.data.eval_x)
-        finally:
-            classifier.train(was_training)
 
     # -- the prefix-sharing path ---------------------------------------------------------------------
     def _check(self, masks: np.ndarray) -> np.ndarray:
@@ -142,94 +109,50 @@ class CoalitionEvaluator:
             raise UserError(f"coalition masks must have shape [m, {len(self.players)}], got {list(masks.shape)}")
         return masks
 
-    def _inputs(self) -> tuple[dict[str, torch.Tensor], list[tuple[dict[str, torch.Tensor], torch.Tensor]]]:
-        """Tokenized prompts and evaluation chunks (formed by input length and padded per chunk, as
-        `copra.evaluation.predict` does)."""
-        if self._chunks is None:
-            classifier = self.classifier
-            if not getattr(classifier, "prompts", None):
-                classifier.set_prompts(list(self.data.prompts))
-            self._prompts = classifier.tokenize(list(classifier.prompts))
-            order = length_order(classifier, self.data.eval_x)
-            chunks = [order[s : s + self.batch_size] for s in range(0, len(order), self.batch_size)]
-            self._chunks = [(classifier.inputs_for([self.data.eval_x[i] for i in rows]), self.labels[rows])
-                            for rows in chunks]
-        return self._prompts, self._chunks
+    def _eval_batches(self) -> list[Batch]:
+        """The evaluation set as `copra.evaluation.eval_batches`, collated once for every coalition."""
+        if self._batches is None:
+            if not getattr(self.classifier, "prompts", None):
+                self.classifier.set_prompts(list(self.data.prompts))
+            self._batches = list(eval_batches(self.classifier, self.data.eval_x, self.batch_size))
+        return self._batches
 
-    @torch.no_grad()  # not inference_mode: reuse_base_outputs guards its memo by version counters,
-    def _fast_values(self, masks: np.ndarray) -> np.ndarray:  # which inference tensors do not keep
-        from copra.models.text import mean_pool
-
-        classifier, was_training = self.classifier, self.classifier.training
-        classifier.eval()
-        try:
-            prompt_inputs, chunks = self._inputs()
+    @torch.no_grad()  # not inference_mode: the model part memoizes by version counters (coalition_runner)
+    def _fast_values(self, masks: np.ndarray) -> np.ndarray:
+        classifier = self.classifier
+        with evaluating(classifier):
+            batches = self._eval_batches()
             device = next(classifier.parameters()).device
-            rows = np.arange(len(masks))
-            prompts: list[torch.Tensor | None] = [None] * len(masks)  # [C, H] per coalition
+            prompts = self._class_embeddings(masks)
+            accurate = self.metric == "accuracy"
+            predicted = torch.empty((len(masks) if accurate else 0, len(self.labels)), dtype=torch.long)
+            loss = np.zeros(len(masks))  # neg_loss: summed cross-entropy per coalition
+            for examples, inputs in batches:
+                labels = self.labels[examples].to(device)
 
-            def keep_prompts(hidden: torch.Tensor, attention: torch.Tensor, leaf_rows: np.ndarray) -> None:
-                embedded = F.normalize(mean_pool(hidden.float(), attention), dim=-1)
-                for r in leaf_rows.tolist():
-                    prompts[r] = embedded
-
-            self._walk(prompt_inputs, device, masks, rows, keep_prompts)
-            score = np.zeros(len(masks))
-            for inputs, labels in chunks:
-                labels = labels.to(device)
-
-                def add_chunk(hidden: torch.Tensor, attention: torch.Tensor, leaf_rows: np.ndarray) -> None:
-                    texts = F.normalize(mean_pool(hidden.float(), attention), dim=-1)  # [B, H]
-                    for r in leaf_rows.tolist():
-                        if self.metric == "accuracy":
-                            score[r] += int(((texts @ prompts[r].T).argmax(-1) == labels).sum())
+                def score(texts: torch.Tensor, rows: np.ndarray) -> None:
+                    for r in rows.tolist():
+                        if accurate:
+                            predicted[r, examples] = classifier.scores_of(texts, prompts[r]).argmax(-1).cpu()
                         else:
-                            logits = classifier.scale * texts @ prompts[r].T
-                            score[r] -= float(F.cross_entropy(logits, labels, reduction="sum"))
+                            logits = classifier.logits_of(texts, prompts[r])
+                            loss[r] += float(F.cross_entropy(logits, labels, reduction="sum"))
 
-                self._walk(inputs, device, masks, rows, add_chunk)
-            return score / len(self.data.eval_x)
-        finally:
-            classifier.train(was_training)
+                self.sharing.embeddings(inputs, masks, score)
+            if accurate:
+                return np.array([fraction_correct(row, self.labels) for row in predicted])
+            return -loss / len(self.data.eval_x)
 
-    def _walk(self, inputs: dict[str, torch.Tensor], device: torch.device, masks: np.ndarray, rows: np.ndarray,
-              leaf) -> None:
-        """Depth-first over the prefix trie of masks[rows]; leaf(last hidden, attention mask, rows) per coalition."""
-        attention = inputs["attention_mask"].to(device)
-        with autocast_of(self.classifier, device):  # blocks in the classifier's precision, scores in fp32
-            hidden, layer_mask = self.runner.start(inputs["input_ids"].to(device), attention)
-        self._descend(hidden, layer_mask, attention, masks, rows, 0, leaf)
+    def _class_embeddings(self, masks: np.ndarray) -> list[torch.Tensor]:
+        """The class-prompt embeddings [C, H] under each coalition (the prompts are few: one pass)."""
+        prompts: list[torch.Tensor | None] = [None] * len(masks)
 
-    def _descend(self, hidden, layer_mask, attention, masks, rows, depth, leaf) -> None:
-        if depth == self.runner.num_layers:
-            leaf(hidden, attention, rows)
-            return
-        columns = self.block_players[depth]
-        if columns:
-            _, group = np.unique(masks[rows][:, columns], axis=0, return_inverse=True)
-            branches = [rows[group.reshape(-1) == g] for g in range(int(group.max()) + 1)]
-        else:
-            branches = [rows]  # no adapter in this block: one branch for every coalition
-        outs: list[torch.Tensor | None] = []
-        with reuse_base_outputs(self.block_modules[depth] if len(branches) > 1 else []):
-            for branch in branches:
-                with self.gates.active(masks[branch[0]].tolist()), autocast_of(self.classifier, hidden.device):
-                    outs.append(self.runner.run(hidden, layer_mask, depth, depth + 1))
-        for index, branch in enumerate(branches):
-            out, outs[index] = outs[index], None
-            self._descend(out, layer_mask, attention, masks, branch, depth + 1, leaf)
+        def keep(embedded: torch.Tensor, rows: np.ndarray) -> None:
+            for r in rows.tolist():
+                prompts[r] = embedded
 
-
-def reuse_base_outputs(modules: Sequence[LoraLayer]):
-    """Inside, the frozen base layer of each LoRA module returns its last output again when it is
-    called again on the very same, unmodified input tensor (copra.compat.memoized_forward).
-
-    Sibling branches of the trie feed one hidden state to a block under different gates; the base
-    projections that read it directly (BERT's query/key/value) are then computed once, not once per
-    branch. Nested tuner layers run as they are.
-    """
-    bases = [getattr(m, "base_layer", None) for m in modules]
-    return memoized_forward([b for b in bases if b is not None and not isinstance(b, LoraLayer)])
+        self.sharing.class_embeddings(masks, keep)
+        return prompts
 
 
 @dataclass
@@ -258,6 +181,15 @@ def shapley_for_model(classifier: nn.Module, gates: CopRA, data: FewShotData, me
     else:
         result = ESTIMATORS[method](game, n, samples, seed, **options)
     return ModelShapleyResult(**vars(result), players=list(gates.players), metric=metric)
+
+
+def __getattr__(name: str):
+    # the model glue moved to copra.models.coalition_runner; the old name still imports from here
+    if name == "reuse_base_outputs":
+        from copra.models.coalition_runner import reuse_base_outputs
+
+        return reuse_base_outputs
+    raise AttributeError(f"module 'copra.coalitions' has no attribute {name!r}")
 
 
 __all__ = ["METRICS", "CoalitionEvaluator", "ModelShapleyResult", "shapley_for_model"]

@@ -1,117 +1,37 @@
-"""Few-shot data for one run, and accuracy of a prompt classifier on a fixed evaluation set."""
+"""The one scoring path: predictions and accuracy of a prompt classifier, and adapter state I/O.
+
+Every caller scores through here: training's final and early accuracy, the experiments'
+`common.Evaluator`, the coalition evaluator (`copra.coalitions`) and Flower's server. The classifier
+gives the class scores of a batch (`scores`, `copra.models.scoring`); `predict` takes their argmax
+over batches formed in input-length order; `fraction_correct` turns predictions into a number.
+Accuracy is the exact count / N in float64: the copies this replaced averaged in float64 (here) and
+float32 (the experiments); float64 is the exact one and kept every number the demo prints.
+
+Few-shot data preparation lives in `copra.data.fewshot` (re-exported here: `FewShotData`,
+`prepare_data`, `prepare_validation`).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Any, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
 
-from copra.config import TrainConfig
+from copra.data.fewshot import FewShotData, prepare_data, prepare_validation
 from copra.errors import UserError
 
-
-@dataclass(frozen=True)
-class FewShotData:
-    """What a run trains and evaluates on: k shots per class and a fixed evaluation subset."""
-
-    task: str
-    class_names: tuple[str, ...]
-    prompts: tuple[str, ...]
-    train_x: tuple[Any, ...]  # texts, or image paths for CLIP
-    train_y: tuple[int, ...]
-    eval_x: tuple[Any, ...]
-    eval_y: tuple[int, ...]
+Batch = tuple[list[int], dict[str, torch.Tensor]]  # (rows of the evaluation set, collated inputs)
 
 
-def prepare_data(config: TrainConfig) -> FewShotData:
-    """Load the task and draw the run's few-shot sample (seeded) and the fixed evaluation subset."""
-    from copra.data.fewshot import eval_indices, few_shot_indices
-
-    if config.backbone == "clip":
-        from copra.data.coop import load_coop_task
-
-        task = load_coop_task(config.data_root, config.task)
-    else:
-        from copra.data.user_files import text_task
-
-        task = text_task(config.task, config.test_file, config.text_column, config.label_column, config.prompt)
-    counts = [0] * task.num_classes
-    for y in task.train_labels:
-        counts[y] += 1
-    for c, n in enumerate(counts):
-        if n < config.shots:
-            raise UserError(f"task {task.name!r}: class {task.class_names[c]!r} has only {n} training examples, "
-                            f"fewer than shots={config.shots}")
-    train = few_shot_indices(task.train_labels, config.shots, config.seed, task.num_classes)
-    held_out = eval_indices(task.test_labels, config.eval_examples)
-    return FewShotData(
-        task=task.name,
-        class_names=tuple(task.class_names),
-        prompts=tuple(task.prompts()),
-        train_x=tuple(_examples(task, "train")[i] for i in train),
-        train_y=tuple(task.train_labels[i] for i in train),
-        eval_x=tuple(_examples(task, "test")[i] for i in held_out),
-        eval_y=tuple(task.test_labels[i] for i in held_out),
-    )
-
-
-def prepare_validation(config: TrainConfig, examples: int = 200) -> FewShotData:
-    """The run's few-shot sample (as `prepare_data`) with a validation set in place of the evaluation set.
-
-    The validation set is carved from the task's *training* pool: class-balanced, at most `examples`,
-    never the run's few-shot sample, and never an example that also appears in the test split (a
-    pool may hold duplicates), so choosing hyperparameters on it cannot see the test split.
-    """
-    from copra.data.fewshot import validation_indices
-
-    data = prepare_data(config)
-    task = _load(config)
-    pool, labels = _examples(task, "train"), task.train_labels
-    trained = set(data.train_x)
-    test = set(_examples(task, "test"))
-    exclude = [i for i, x in enumerate(pool) if x in trained or x in test]
-    chosen = validation_indices(labels, exclude, examples, seed=config.seed)
-    return replace(data, eval_x=tuple(pool[i] for i in chosen), eval_y=tuple(labels[i] for i in chosen))
-
-
-def _load(config: TrainConfig):
-    """The task's splits (text tasks are cached by `load_task`)."""
-    if config.backbone == "clip":
-        from copra.data.coop import load_coop_task
-
-        return load_coop_task(config.data_root, config.task)
-    from copra.data.text_tasks import load_task
-
-    return load_task(config.task)
-
-
-def _examples(task, split: str) -> Sequence[Any]:
-    # text tasks name them *_texts, image tasks *_images
-    return getattr(task, f"{split}_texts", None) or getattr(task, f"{split}_images")
-
-
-def predict(classifier: nn.Module, examples: Sequence[Any], batch_size: int = 64) -> torch.Tensor:
-    """Predicted class ids for `examples`, in eval mode (every adapter on unless a mask is set).
-
-    Runs under `torch.inference_mode` in the classifier's precision; batches are formed in order of
-    input length (`length_order`), so each is padded only to a similar length.
-    """
+@contextmanager
+def evaluating(classifier: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode inside (dropout off; every adapter on unless a gate mask is set), the old mode after."""
     was_training = classifier.training
     classifier.eval()
     try:
-        with torch.inference_mode():
-            device = next(classifier.parameters()).device
-            class_embeddings = classifier.class_embeddings()  # [C, H], once for all batches
-            order = length_order(classifier, examples)
-            predicted = torch.empty(len(examples), dtype=torch.long)
-            for start in range(0, len(examples), batch_size):
-                rows = order[start : start + batch_size]
-                inputs = classifier.inputs_for([examples[i] for i in rows])
-                embedded = classifier.embed(**{k: v.to(device) for k, v in inputs.items()})  # [B, H]
-                predicted[rows] = (embedded @ class_embeddings.T).argmax(-1).cpu()
-            return predicted
+        yield classifier
     finally:
         classifier.train(was_training)
 
@@ -124,10 +44,43 @@ def length_order(classifier: nn.Module, examples: Sequence[Any]) -> list[int]:
     return sorted(range(len(examples)), key=lambda i: length(examples[i]))
 
 
-def accuracy(classifier: nn.Module, examples: Sequence[Any], labels: Sequence[int], batch_size: int = 64) -> float:
-    """Fraction of `examples` classified correctly (0..1)."""
-    predicted = predict(classifier, examples, batch_size)
-    return float((predicted == torch.tensor(list(labels))).double().mean())
+def eval_batches(classifier: nn.Module, examples: Sequence[Any], batch_size: int = 64) -> Iterator[Batch]:
+    """(rows, inputs) of `batch_size` examples in `length_order`, collated one batch at a time.
+
+    Each batch is padded only to a similar length; a caller that scores one set many times may keep
+    the list (`experiments.common.Evaluator`).
+    """
+    order = length_order(classifier, examples)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        yield rows, classifier.inputs_for([examples[i] for i in rows])
+
+
+def predict(classifier: nn.Module, examples: Sequence[Any], batch_size: int = 64,
+            batches: Iterable[Batch] | None = None) -> torch.Tensor:
+    """Predicted class ids for `examples`: argmax of `classifier.scores`, in eval mode.
+
+    Runs under `torch.inference_mode` in the classifier's precision; the class prompts are embedded
+    once for all batches. `batches` (default `eval_batches`) must cover every row once.
+    """
+    with evaluating(classifier), torch.inference_mode():
+        classes = classifier.class_embeddings()  # [C, H], once for all batches
+        predicted = torch.empty(len(examples), dtype=torch.long)
+        for rows, inputs in eval_batches(classifier, examples, batch_size) if batches is None else batches:
+            predicted[rows] = classifier.scores(inputs, classes).argmax(-1).cpu()
+        return predicted
+
+
+def fraction_correct(predicted: torch.Tensor, labels: Sequence[int] | torch.Tensor) -> float:
+    """Share of predictions equal to their label (0..1): the exact count / N, in float64."""
+    labels = labels if isinstance(labels, torch.Tensor) else torch.tensor(list(labels))
+    return float((predicted == labels).double().mean())
+
+
+def accuracy(classifier: nn.Module, examples: Sequence[Any], labels: Sequence[int], batch_size: int = 64,
+             batches: Iterable[Batch] | None = None) -> float:
+    """Fraction of `examples` classified correctly (0..1); NaN for an empty set."""
+    return fraction_correct(predict(classifier, examples, batch_size, batches), labels)
 
 
 def load_adapter_state(classifier: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -156,3 +109,7 @@ def state_accuracy(classifier: nn.Module, state: dict[str, torch.Tensor], data: 
     """Accuracy of `classifier` with `state` loaded, on data's fixed evaluation subset."""
     load_adapter_state(classifier, state)
     return accuracy(classifier, data.eval_x, data.eval_y)
+
+
+__all__ = ["Batch", "FewShotData", "accuracy", "adapter_state", "eval_batches", "evaluating", "fraction_correct",
+           "length_order", "load_adapter_state", "predict", "prepare_data", "prepare_validation", "state_accuracy"]

@@ -149,22 +149,19 @@ def fusion_strategy_class() -> type:
     return FusionFedAvg
 
 
-def server_app(config: FederatedConfig, data: FewShotData, evaluator: torch.nn.Module, box: dict,
+def server_app(config: FederatedConfig, data: FewShotData, classifier: torch.nn.Module, box: dict,
                initial: Adapter | None = None):
     """A Flower ServerApp running `config.rounds` rounds of FusionFedAvg; results go into `box`.
 
-    Merged adapters are evaluated centrally (every client shares the evaluation set) on `evaluator`.
+    Merged adapters are evaluated centrally (every client shares the evaluation set): loaded into
+    `classifier` and scored by `copra.evaluation.state_accuracy`, the one scoring path.
     """
     _require_flwr()
-    from flwr.app import ArrayRecord, Context, MetricRecord
+    from flwr.app import ArrayRecord, Context
     from flwr.serverapp import Grid, ServerApp
 
     app = ServerApp()
-
-    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        if server_round == 0 or not len(arrays):
-            return None
-        return MetricRecord({"accuracy": state_accuracy(evaluator, from_record(arrays), data)})
+    evaluate = merged_accuracy(classifier, data)
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
@@ -175,6 +172,22 @@ def server_app(config: FederatedConfig, data: FewShotData, evaluator: torch.nn.M
                                        num_rounds=config.rounds, evaluate_fn=evaluate)
 
     return app
+
+
+def merged_accuracy(classifier: torch.nn.Module, data: FewShotData):
+    """The server's evaluate_fn: (round, merged ArrayRecord) -> MetricRecord with `accuracy` (None in round 0).
+
+    The merged adapter is loaded into `classifier` and scored by `copra.evaluation.state_accuracy`.
+    """
+    _require_flwr()
+    from flwr.app import ArrayRecord, MetricRecord
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round == 0 or not len(arrays):
+            return None
+        return MetricRecord({"accuracy": state_accuracy(classifier, from_record(arrays), data)})
+
+    return evaluate
 
 
 def run_flower_simulation(config: FederatedConfig, method: str | None = None, seed: int | None = None,
@@ -193,7 +206,7 @@ def run_flower_simulation(config: FederatedConfig, method: str | None = None, se
     seed = config.seeds[0] if seed is None else seed
     data = data or prepare_data(config.data_config(seed))
     partitions = split_clients(data, config.clients, seed)
-    evaluator, _ = build_run(config.client_config(method, seed, 0, 0), data)
+    classifier, _ = build_run(config.client_config(method, seed, 0, 0), data)  # scores the merged adapters
     initial = None
     if config.shared_init:
         initial = initial_state(config, method, seed, data)
@@ -204,7 +217,7 @@ def run_flower_simulation(config: FederatedConfig, method: str | None = None, se
     started_ray = not ray.is_initialized()
     start = time.perf_counter()
     try:
-        run_simulation(server_app=server_app(config, data, evaluator, box, initial),
+        run_simulation(server_app=server_app(config, data, classifier, box, initial),
                        client_app=client_app(config, method, seed, partitions),
                        num_supernodes=config.clients, backend_config=backend_config)
     finally:

@@ -1,19 +1,24 @@
-"""Seeded few-shot training subsets and fixed, class-balanced evaluation subsets.
+"""Seeded few-shot training subsets, fixed class-balanced evaluation subsets, and a run's data.
 
 Why: CopRA runs are compared across seeds and methods, so the k-shot training set must be a pure
 function of (labels, shots, seed) -- different seeds give different draws, the same seed gives the
 same draw on every machine -- while the evaluation subset must *not* move with the run seed, or
-differences between runs would mix up model variance with test-set variance. Both functions work
-on label lists only and return indices into them; ``random.Random`` with an explicit seed keeps
-them independent of global random state.
+differences between runs would mix up model variance with test-set variance. The index functions
+work on label lists only and return indices into them; ``random.Random`` with an explicit seed keeps
+them independent of global random state. `prepare_data` / `prepare_validation` apply them to a
+configured task and return the run's `FewShotData` (re-exported by `copra.evaluation`).
 """
 
 from __future__ import annotations
 
 import random
-from typing import Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Sequence
 
 from copra.errors import UserError
+
+if TYPE_CHECKING:  # annotations only: copra.data stays free of torch
+    from copra.config import TrainConfig
 
 
 def _class_members(labels: Sequence[int], num_classes: int | None) -> list[list[int]]:
@@ -104,3 +109,72 @@ def validation_indices(labels: Sequence[int], exclude: Sequence[int], max_exampl
     if not chosen:
         raise UserError("no training examples are left for a validation split")
     return sorted(chosen)
+
+
+@dataclass(frozen=True)
+class FewShotData:
+    """What a run trains and evaluates on: k shots per class and a fixed evaluation subset."""
+
+    task: str
+    class_names: tuple[str, ...]
+    prompts: tuple[str, ...]
+    train_x: tuple[Any, ...]  # texts, or image paths for CLIP
+    train_y: tuple[int, ...]
+    eval_x: tuple[Any, ...]
+    eval_y: tuple[int, ...]
+
+
+def prepare_data(config: TrainConfig) -> FewShotData:
+    """Load the task and draw the run's few-shot sample (seeded) and the fixed evaluation subset."""
+    task = _load(config)
+    counts = [0] * task.num_classes
+    for y in task.train_labels:
+        counts[y] += 1
+    for c, n in enumerate(counts):
+        if n < config.shots:
+            raise UserError(f"task {task.name!r}: class {task.class_names[c]!r} has only {n} training examples, "
+                            f"fewer than shots={config.shots}")
+    train = few_shot_indices(task.train_labels, config.shots, config.seed, task.num_classes)
+    held_out = eval_indices(task.test_labels, config.eval_examples)
+    return FewShotData(
+        task=task.name,
+        class_names=tuple(task.class_names),
+        prompts=tuple(task.prompts()),
+        train_x=tuple(_examples(task, "train")[i] for i in train),
+        train_y=tuple(task.train_labels[i] for i in train),
+        eval_x=tuple(_examples(task, "test")[i] for i in held_out),
+        eval_y=tuple(task.test_labels[i] for i in held_out),
+    )
+
+
+def prepare_validation(config: TrainConfig, examples: int = 200) -> FewShotData:
+    """The run's few-shot sample (as `prepare_data`) with a validation set in place of the evaluation set.
+
+    The validation set is carved from the task's *training* pool: class-balanced, at most `examples`,
+    never the run's few-shot sample, and never an example that also appears in the test split (a
+    pool may hold duplicates), so choosing hyperparameters on it cannot see the test split.
+    """
+    data = prepare_data(config)
+    task = _load(config)
+    pool, labels = _examples(task, "train"), task.train_labels
+    trained = set(data.train_x)
+    test = set(_examples(task, "test"))
+    exclude = [i for i, x in enumerate(pool) if x in trained or x in test]
+    chosen = validation_indices(labels, exclude, examples, seed=config.seed)
+    return replace(data, eval_x=tuple(pool[i] for i in chosen), eval_y=tuple(labels[i] for i in chosen))
+
+
+def _load(config: TrainConfig):
+    """The task a run names: CoOp images for CLIP, else a built-in text task or the user's file."""
+    if config.backbone == "clip":
+        from copra.data.coop import load_coop_task
+
+        return load_coop_task(config.data_root, config.task)
+    from copra.data.user_files import text_task
+
+    return text_task(config.task, config.test_file, config.text_column, config.label_column, config.prompt)
+
+
+def _examples(task, split: str) -> Sequence[Any]:
+    # text tasks name them *_texts, image tasks *_images
+    return getattr(task, f"{split}_texts", None) or getattr(task, f"{split}_images")

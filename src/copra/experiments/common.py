@@ -21,10 +21,10 @@ from torch import nn
 from copra.adapters import load_adapter, read_metadata
 from copra.config import TrainConfig, check_lrs  # noqa: F401  (check_lrs: re-exported for the experiments)
 from copra.errors import UserError
-from copra.evaluation import FewShotData, length_order, load_adapter_state
+from copra.evaluation import Batch, FewShotData, accuracy, eval_batches, load_adapter_state
 
 Adapter = dict[str, torch.Tensor]
-BATCH = 64  # evaluation batch size, as copra.evaluation.predict
+BATCH = 64  # evaluation batch size, copra.evaluation's default
 MAX_CACHED_IMAGES = 512  # image evaluation sets up to this size keep their decoded inputs in memory
 RESERVED = ("task", "method", "seed", "output_dir", "progress", "train_file", "test_file")  # set by the experiment
 
@@ -119,8 +119,8 @@ class Evaluator:
             self.builds += 1
         return self._classifiers[key]
 
-    def _batches(self, classifier: nn.Module, data: FewShotData) -> list[tuple[list[int], dict[str, torch.Tensor]]]:
-        """The evaluation inputs as (rows, collated batch), formed in input-length order and collated once.
+    def _batches(self, classifier: nn.Module, data: FewShotData) -> list[Batch]:
+        """The evaluation inputs as `copra.evaluation.eval_batches`, collated once per data set.
 
         Tokenizing or decoding images dominated tiny-model runs. Every classifier here shares the base
         model's tokenizer/processor and max_length, so the cache is per data set. Large image sets are
@@ -129,9 +129,7 @@ class Evaluator:
         key = id(data)
         if key in self._inputs:
             return self._inputs[key][1]
-        order = length_order(classifier, data.eval_x)
-        batches = [(order[i:i + BATCH], classifier.inputs_for([data.eval_x[r] for r in order[i:i + BATCH]]))
-                   for i in range(0, len(order), BATCH)]
+        batches = list(eval_batches(classifier, data.eval_x, BATCH))
         if self.base.backbone == "text" or len(data.eval_x) <= MAX_CACHED_IMAGES:
             self._inputs[key] = (data, batches)  # keeps `data` alive so its id is not reused
         return batches
@@ -139,22 +137,14 @@ class Evaluator:
     def accuracy(self, state: Adapter, adapter_config: dict, data: FewShotData) -> float:
         """Accuracy on `data`'s evaluation subset with `state` loaded (prompts switched if needed).
 
-        Same batches (64, by input length) and arithmetic as `copra.evaluation.predict`, inputs collated once.
+        `copra.evaluation.accuracy` itself (the one scoring path), with the inputs collated once.
         """
         classifier = self.classifier(adapter_config)
         if classifier.prompts != list(data.prompts):
             classifier.set_prompts(list(data.prompts))
         with torch.no_grad():
             load_adapter_state(classifier, state)
-        classifier.eval()
-        device = next(classifier.parameters()).device
-        with torch.inference_mode():
-            classes = classifier.class_embeddings()  # [C, H]
-            predicted = torch.empty(len(data.eval_x), dtype=torch.long)
-            for rows, batch in self._batches(classifier, data):
-                embedded = classifier.embed(**{k: v.to(device) for k, v in batch.items()})
-                predicted[rows] = (embedded @ classes.T).argmax(-1).cpu()
-        value = float((predicted == torch.tensor(list(data.eval_y))).float().mean())
+        value = accuracy(classifier, data.eval_x, data.eval_y, BATCH, self._batches(classifier, data))
         if not math.isfinite(value):
             raise UserError(f"accuracy on {data.task} is not finite (empty evaluation set?)")
         return value

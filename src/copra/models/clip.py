@@ -30,6 +30,7 @@ from torch import nn
 
 from copra.compat import checkpoint_file
 from copra.errors import UserError
+from copra.models.scoring import PromptScoring
 from copra.precision import autocast_of
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -120,7 +121,7 @@ def _features(output) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
-class ClipClassifier(nn.Module):
+class ClipClassifier(PromptScoring, nn.Module):
     """CLIP as a few-shot classifier: logits = scale * cos(image, class prompt), both towers LoRA-adapted.
 
     `encoder` is a PeftModel around a transformers `CLIPModel` (LoRA layers are injected in place, so
@@ -178,8 +179,8 @@ class ClipClassifier(nn.Module):
         return F.normalize(features.float(), dim=-1)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        images = self.embed(pixel_values)  # [B, D]
-        return self.scale * images @ self.class_embeddings().T  # [B, C]
+        """Logits [B, C] (training's cross-entropy reads them; `scores` gives the cosines)."""
+        return self.logits_of(self.embed(pixel_values))
 
     def preprocess(self, image: ImageLike, train: bool = False) -> torch.Tensor:
         """One image as a [3, S, S] tensor: CLIP-LoRA's augmentation if `train`, else CLIP's eval transform."""

