@@ -14,7 +14,7 @@ import pytest
 
 from copra.cli import main
 from copra.errors import UserError
-from copra.experiments import report, verdicts
+from copra.experiments import crossover, report, verdicts
 
 LORA, COPRA = 0.80, 0.84  # the better method gets the higher number (or the lower step time)
 NOISE = [0.0, 0.01, -0.01, 0.005]  # per seed, shared by both methods (what pairing removes)
@@ -321,3 +321,31 @@ def test_cli_writes_into_output_folder(tmp_path, png, capsys):
     markdown = (tmp_path / "out" / "paper_report.md").read_text()
     assert "paper_report.md" in capsys.readouterr().out
     assert "![client vs merged accuracy](../results/federated/federated.png)" in markdown
+
+
+def test_schedule_variants_are_judged_against_their_lora_counterparts(tmp_path, png):
+    """The converged suite's `schedules` sweep: each CopRA variant against the LoRA trained with the same lr
+    schedule; the crossover figure stays the `crossover` sweep's, not a best-of pick among variants."""
+    variants = {"LoRA": {"method": "lora"}, "CopRA": {"method": "copra"},
+                "LoRA, lr held 3/4": {"method": "lora", "lr_schedule": "hold_then_cosine"},
+                "CopRA, lr held through the ramp": {"method": "copra", "lr_schedule": "hold_then_cosine"},
+                "CopRA, ramp 1/2": {"method": "copra", "ramp_fraction": 0.5}}
+    gains = {"LoRA": 0.0, "CopRA": 0.0, "LoRA, lr held 3/4": 0.0, "CopRA, lr held through the ramp": 0.05,
+             "CopRA, ramp 1/2": -0.05}
+    rows = [{"variant": v, "label": "default", "values": {}, "merged_mean": 0.7 + g,
+             "merged": [0.7 + g + 0.001 * k for k in range(6)], "single": [0.8 + 0.002 * k for k in range(4)]}
+            for v, g in gains.items()]
+    summary = {"experiment": "sweep", "name": "schedules", "task": "bbc_news", "axes": [],
+               "config": {"seeds": [0, 1, 2, 3], "variants": variants, "grid": {}}, "points": rows}
+    checks = {claim: (status, detail) for claim, status, detail in verdicts.judge("sweep", summary)}
+    held = checks["CopRA, lr held through the ramp merges better than LoRA, lr held 3/4 (fused disjoint seed pairs)"]
+    assert held[0] == verdicts.HELD and "+5.0" in held[1]
+    assert checks["CopRA, ramp 1/2 merges better than LoRA (fused disjoint seed pairs)"][0] == verdicts.REVERSED
+    assert checks["CopRA merges better than LoRA (fused disjoint seed pairs)"][0] == verdicts.NO_DIFFERENCE
+    assert len(checks) == 6  # three CopRA variants x (merged, single)
+    best_copra = crossover_sweep()
+    best_copra["points"].append(dict(best_copra["points"][1], variant="CopRA, best on test", merged_mean=0.99))
+    assert crossover.curves(best_copra)["names"] == ("CopRA", "LoRA")  # the named variant, not the best-scoring
+    other = dict(crossover_sweep(), name="schedules")
+    assert list(crossover.figures([(tmp_path / "a.json", other), (tmp_path / "b.json", crossover_sweep())]).values())[0][0] \
+        == tmp_path / "b.json"

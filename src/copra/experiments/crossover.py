@@ -2,8 +2,9 @@
 
 It answers "from what training length does CopRA pay, if at all?". Read from sweeps run with
 `curve_every` (the converged suite's `crossover` step): their snapshots give, at each step, the
-accuracy of every seed's adapter and of every fused seed pair. At each step the CopRA setting with
-the best final merged accuracy is compared with the best LoRA setting through `copra.stats.compare`:
+accuracy of every seed's adapter and of every fused seed pair. At each step the variant named
+"CopRA" is compared with the one named "LoRA" (where a sweep has no such names, the CopRA setting
+with the best final merged accuracy with the best LoRA setting) through `copra.stats.compare`:
 merged accuracy over disjoint seed pairs, single accuracy over seeds. A snapshot at step t is the
 adapter t steps into a run of the sweep's full length (its lr schedule and CopRA ramp scaled to
 that length), not a run that was t steps long.
@@ -22,8 +23,10 @@ CONFIDENCE = 0.95
 
 
 def _best(rows: list[dict], prefix: str) -> dict | None:
+    """The variant named exactly `prefix` (no choice made on test scores), else the best one starting with it."""
     mine = [r for r in rows if str(r.get("variant", "")).startswith(prefix) and isinstance(r.get("curve"), dict)]
-    return max(mine, key=lambda r: r.get("merged_mean", 0.0)) if mine else None
+    exact = [r for r in mine if r.get("variant") == prefix]
+    return exact[0] if exact else max(mine, key=lambda r: r.get("merged_mean", 0.0)) if mine else None
 
 
 def curves(summary: dict) -> dict | None:
@@ -100,7 +103,10 @@ def png(data: dict) -> bytes:
 
 
 def figures(sweeps: list[tuple[Path, dict]]) -> dict[str, tuple[Path, dict, dict, bytes]]:
-    """{report file name: (summary path, summary, CopRA − LoRA per step, PNG)} for sweeps with per-seed curves."""
+    """{report file name: (summary path, summary, CopRA − LoRA per step, PNG)} for sweeps with per-seed curves
+    (only the sweep named "crossover" where there is one: the converged suite's other curve sweeps share its runs)."""
+    named = [(path, summary) for path, summary in sweeps if summary.get("name") == "crossover"]
+    sweeps = named or sweeps
     found = [(path, summary, data) for path, summary in sweeps if (data := curves(summary))]
     return {f"paper_report_crossover{'' if n == 0 else f'-{n}'}.png": (path, summary, data, png(data))
             for n, (path, summary, data) in enumerate(found)}

@@ -172,8 +172,41 @@ def _curves(s: dict) -> list[Check]:
     return [(claim, combine([x.verdict for x in data["merged"]]), f"{data['names'][0]} vs {data['names'][1]}: {numbers}")]
 
 
+COPRA_ONLY = ("method", "ramp_fraction", "ramp", "initial_p", "final_p", "granularity")  # LoRA ignores these
+
+
+def _counterpart(variant: str, variants: dict) -> str | None:
+    """The LoRA variant trained like `variant` (same lr, lr schedule, ...), else the one named "LoRA"."""
+    mine = {k: v for k, v in (variants.get(variant) or {}).items() if k not in COPRA_ONLY}
+    same = [name for name, v in variants.items() if (v or {}).get("method") == "lora"
+            and {k: x for k, x in v.items() if k not in COPRA_ONLY} == mine]
+    return same[0] if same else ("LoRA" if "LoRA" in variants else None)
+
+
+def _variant_pairs(s: dict) -> list[Check]:
+    """Sweeps with several CopRA variants (the converged suite's `schedules`): each against its LoRA
+    counterpart at the end of training, merged accuracy over disjoint seed pairs and single accuracy."""
+    rows = {r.get("variant"): r for r in s.get("points") or [] if isinstance(r, dict)}
+    variants = _dig(s, "config", "variants") or {}
+    seeds = len(_dig(s, "config", "seeds") or [])
+    checks = []
+    for name, overrides in variants.items():
+        lora = _counterpart(name, variants) if (overrides or {}).get("method") == "copra" else None
+        if lora is None or name not in rows or lora not in rows:
+            continue
+        checks.append(_paired(f"{name} merges better than {lora} (fused disjoint seed pairs)",
+                              _pair_scores(rows[name].get("merged") or [], seeds),
+                              _pair_scores(rows[lora].get("merged") or [], seeds), names=(name, lora)))
+        checks.append(_paired(f"{name} is as accurate as {lora} before merging (single adapters)",
+                              rows[name].get("single"), rows[lora].get("single"), names=(name, lora)))
+    return checks or [("CopRA variants against their LoRA counterparts", UNMEASURED, "no CopRA/LoRA pair of variants")]
+
+
 def _sweep(s: dict) -> list[Check]:
     rows = [r for r in s.get("points") or [] if isinstance(r, dict)]
+    if sum(1 for v in (_dig(s, "config", "variants") or {}).values() if (v or {}).get("method") == "copra") > 1 \
+            and not _dig(s, "config", "grid"):
+        return _variant_pairs(s)
     if any("curve" in r for r in rows):
         return _curves(s)
     names = {r.get("variant") for r in rows}
