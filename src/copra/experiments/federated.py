@@ -35,7 +35,7 @@ import torch
 from copra.adapters import save_peft_model
 from copra.config import TrainConfig, make_config
 from copra.errors import UserError
-from copra.experiments.common import check_lrs, mean_std, write_outputs, zoom_bars
+from copra.experiments.common import check_lrs, mean_std, save_figure, write_outputs, zoom_bars
 from copra.evaluation import FewShotData, adapter_state, load_adapter_state, prepare_data, state_accuracy
 from copra.merge import fusion
 from copra.peft_merge import lora_scaling, merge_states, rescaled, setting_options
@@ -261,14 +261,17 @@ def render(summary: dict) -> str:
 
 
 def plot(summary: dict, path: Path) -> Path:
-    """Bars: client vs merged accuracy per method (error bars: std over seeds); multi-round: merged by round."""
-    import matplotlib
+    """`draw(summary)` as a PNG at `path`."""
+    return save_figure(draw(summary), path, dpi=120)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def draw(summary: dict):
+    """Bars: client vs merged accuracy per method (error bars: std over seeds); multi-round: merged by round."""
+    from matplotlib.figure import Figure
 
     s, rounds = summary["summary"], summary["config"]["rounds"]
-    fig, axes = plt.subplots(1, 2 if rounds > 1 else 1, figsize=(9 if rounds > 1 else 5, 3.6), squeeze=False)
+    figure = Figure(figsize=(9 if rounds > 1 else 5, 3.6), layout="tight")
+    axes = figure.subplots(1, 2 if rounds > 1 else 1, squeeze=False)
     ax, x = axes[0][0], np.arange(len(s))
     for offset, key, label in ((-0.2, "client", "clients (mean)"), (0.2, "merged", f"merged ({summary['config'].get('merge_method', 'fusion')})")):
         ax.bar(x + offset, [100 * v[f"{key}_mean"] for v in s.values()], 0.4, label=label,
@@ -288,8 +291,4 @@ def plot(summary: dict, path: Path) -> Path:
         ax.set_ylabel("merged accuracy (%)")
         ax.set_xticks(range(1, rounds + 1))
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return figure

@@ -222,6 +222,12 @@ def best(summary: dict, variant: str, key: str = "merged_mean") -> dict | None:
 
 # ----------------------------------------------------------------------------- outputs
 def plot(summary: dict, path: str | Path) -> Path:
+    """`draw(summary)` as a PNG at `path`."""
+    return save_figure(draw(summary), path, dpi=110)
+
+
+def draw(summary: dict):
+    """The sweep's figure (a matplotlib Figure, not yet saved; tests read the plotted data from it)."""
     from matplotlib.figure import Figure
 
     axes_keys, variants = summary["axes"], list(dict.fromkeys(r["variant"] for r in summary["points"]))
@@ -241,7 +247,7 @@ def plot(summary: dict, path: str | Path) -> Path:
             _curves(summary, ax[-1])
     figure.suptitle(f"{summary['name']}: single vs merged (alpha={summary['config']['alpha']}) accuracy, "
                     f"{summary['task']}")
-    return save_figure(figure, path, dpi=110)
+    return figure
 
 
 def _lines(summary: dict, ax, variants: list[str]) -> None:
