@@ -83,8 +83,8 @@ def _cmd_experiment(args) -> int:
 def with_output(config, args):
     """`config` with `-o/--output` as its output_dir; UserError if `--set output_dir=` names another folder.
 
-    The path goes in as given (never parsed as YAML like a --set value), after the config's own
-    validation, and is validated again by the dataclass.
+    The path goes in as given, not parsed as YAML like a --set value (`-o 2024` stays a folder name);
+    `dataclasses.replace` runs the config's own checks on it again.
     """
     from copra.config import parse_sets
 
@@ -209,10 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML file overriding the defaults")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config key")
     p.add_argument("-o", "--output", help="run folder (the config's output_dir; default runs/default)")
-    again = p.add_mutually_exclusive_group()
-    again.add_argument("--resume", action="store_true",
+    existing_run = p.add_mutually_exclusive_group()  # what to do with a run already in the folder
+    existing_run.add_argument("--resume", action="store_true",
                        help="continue the run in output_dir from its last checkpoint (same config; from step 0 if none)")
-    again.add_argument("--force", action="store_true", help="start over even if output_dir already holds a run")
+    existing_run.add_argument("--force", action="store_true", help="start over even if output_dir already holds a run")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("demo", help="the main job: LoRA vs CopRA on the embedded default")

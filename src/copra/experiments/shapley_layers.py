@@ -87,8 +87,8 @@ def run(config: ShapleyConfig) -> dict:
     data = prepare_data(config.run_config(config.methods[0], config.seeds[0]))  # fails early on a bad task
     out = Path(config.output_dir)
     plan = [(config.run_config(m, s), out / "runs" / m / f"seed{s}") for m in config.methods for s in config.seeds]
-    done = iter(run_all(plan, config.jobs, config.executor, config.ray_address))
-    adapters = {m: [next(done).adapter_dir for _ in config.seeds] for m in config.methods}
+    results = iter(run_all(plan, config.jobs, config.executor, config.ray_address))
+    adapters = {m: [next(results).adapter_dir for _ in config.seeds] for m in config.methods}
     return run_from_adapters(adapters, config, data)
 
 
