@@ -211,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="run folder (the config's output_dir; default runs/default)")
     existing_run = p.add_mutually_exclusive_group()  # what to do with a run already in the folder
     existing_run.add_argument("--resume", action="store_true",
-                       help="continue the run in output_dir from its last checkpoint (same config; from step 0 if none)")
+                              help="continue the run in output_dir from its last checkpoint (same config; from step 0 if none)")
     existing_run.add_argument("--force", action="store_true", help="start over even if output_dir already holds a run")
     p.set_defaults(func=_cmd_train)
 
