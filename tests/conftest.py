@@ -119,3 +119,18 @@ def train_lora_and_copra(model_path: str, out, **overrides):
         train(config.replace(method=method), data=data, output_dir=out / method)
         adapters[method] = [str(out / method / "adapter")]
     return data, adapters
+
+
+def bar_heights(axes) -> list[list[float]]:
+    """The heights of each `bar` call's bars on `axes` (a matplotlib Axes), in drawing order."""
+    from matplotlib.container import BarContainer
+
+    return [[bar.get_height() for bar in c] for c in axes.containers if isinstance(c, BarContainer)]
+
+
+def errorbar_data(axes) -> list[tuple[list[float], list[float]]]:
+    """(x, y) of each `errorbar` call's line on `axes`, in drawing order (bars' error bars excluded)."""
+    from matplotlib.container import ErrorbarContainer
+
+    return [(list(c.lines[0].get_xdata()), list(c.lines[0].get_ydata()))
+            for c in axes.containers if isinstance(c, ErrorbarContainer) and c.lines[0] is not None]

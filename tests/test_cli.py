@@ -1,5 +1,9 @@
 """The CLI in-process: bad input gives one clear line, exit code 2, and nothing written."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from copra.cli import main
@@ -92,7 +96,45 @@ def test_train_from_yaml_with_override(capsys, tmp_path, tiny_text_model):
     assert (out / "result.json").exists()
 
 
+def test_train_takes_output_flag_over_the_yaml_and_refuses_a_different_set(capsys, tmp_path, tiny_text_model):
+    config, out, elsewhere = tmp_path / "run.yaml", tmp_path / "out", tmp_path / "elsewhere"
+    config.write_text(f"model: {tiny_text_model}\nshots: 2\nsteps: 2\nbatch_size: 4\neval_examples: 12\n"
+                      f"max_length: 16\nprogress: false\noutput_dir: {elsewhere}\n")
+    for command in (["train", "--config", str(config)], ["sweep"]):  # two different folders: one line, nothing written
+        code, stdout, err = _run(capsys, *command, "-o", str(out), "--set", f"output_dir={elsewhere}")
+        assert code == 2 and "name different folders" in err and err.count("\n") == 1 and not stdout, err
+    assert not out.exists() and not elsewhere.exists()
+    code, stdout, _ = _run(capsys, "train", "--config", str(config), "-o", str(out), "--set", f"output_dir={out}/")
+    assert code == 0 and stdout.rstrip().endswith(str(out / "adapter"))  # the same folder twice is fine
+    assert (out / "result.json").exists() and not elsewhere.exists()  # -o wins over the YAML's output_dir
+
+
 def test_demo_rejects_unknown_task_before_writing(capsys, tmp_path):
     out = tmp_path / "results"
     code, _, err = _run(capsys, "demo", "-o", str(out), "--tasks", "bbc_news,nope", "-q")
     assert code == 2 and "'nope'" in err and not out.exists()
+
+
+def _copra_process(*argv, **options) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join(sys.path))
+    return subprocess.run([sys.executable, "-m", "copra", *argv], env=env, text=True, timeout=300, **options)
+
+
+@pytest.mark.slow
+def test_python_dash_m_copra_is_the_copra_command(capsys):
+    listed = _copra_process("tasks", "bbc_news", "drug_reviews", capture_output=True)
+    assert listed.returncode == 0 and listed.stdout == _run(capsys, "tasks", "bbc_news", "drug_reviews")[1]
+    refused = _copra_process("train", "--bogus", capture_output=True)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "--bogus" in refused.stderr
+
+
+@pytest.mark.slow
+def test_a_closed_pipe_ends_quietly():
+    """`copra tasks | head -2`, made deterministic: the reader has left before copra writes a byte."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        finished = _copra_process("tasks", stdout=write_end, stderr=subprocess.PIPE)
+    finally:
+        os.close(write_end)
+    assert finished.returncode == 141 and finished.stderr == ""  # 128 + SIGPIPE, no traceback

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from conftest import tiny_run_config
+from conftest import bar_heights, tiny_run_config
 from copra.errors import UserError
 from copra.evaluation import FewShotData, adapter_state, prepare_data
 from copra.experiments.federated import FederatedConfig, client_seed, run, simulate, split_clients
@@ -128,10 +128,17 @@ def test_peft_merge_method_aggregates_in_the_clients_scaling(tiny_text_model, tm
 
 
 def test_two_round_run_plots_merged_accuracy_by_round(tiny_text_model, tmp_path):
+    from copra.experiments.federated import draw
+
     summary = run(fed_config(tiny_text_model, tmp_path, clients=2, rounds=2, shared_init=True))
     for method in ("lora", "copra"):
         assert len(summary["summary"][method]["merged_by_round"]) == 2
-    assert (tmp_path / "fed" / "federated.png").stat().st_size > 0
+    saved = json.loads((tmp_path / "fed" / "federated.json").read_text())["summary"]
+    bars, by_round = draw(summary).axes  # the PNG's figure
+    assert bar_heights(bars) == [[pytest.approx(100 * saved[m][f"{kind}_mean"]) for m in ("lora", "copra")]
+                                 for kind in ("client", "merged")]
+    assert [(list(line.get_xdata()), list(line.get_ydata())) for line in by_round.lines] == [
+        ([1, 2], [pytest.approx(100 * a) for a in saved[m]["merged_by_round"]]) for m in ("lora", "copra")]
     assert "Merged accuracy by round" in (tmp_path / "fed" / "federated.md").read_text()
 
 

@@ -354,7 +354,8 @@ def test_malformed_arguments_are_refused(capsys, tmp_path, kind, data):
         (folder / "file").write_text("x")
         out = folder / "file" / "out"
         argv = data.draw(st.sampled_from([["merge", str(a), str(b), "-o", str(out)],
-                                          ["prune", str(a), "--sparsity", "0.5", "-o", str(out)]]))
+                                          ["prune", str(a), "--sparsity", "0.5", "-o", str(out)],
+                                          ["train", "--set", "steps=1", "-o", str(out)]]))
     elif kind == "unknown option":
         argv = ["prune", str(a), "--sparsity", "0.5", "-o", str(out), "--" + data.draw(st.text(alphabet="xyz", min_size=1, max_size=5))]
     else:

@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from conftest import tiny_run_config, train_lora_and_copra
+from conftest import bar_heights, errorbar_data, tiny_run_config, train_lora_and_copra
 from copra.errors import UserError
 from copra.evaluation import prepare_data
-from copra.experiments.pruning import PruningConfig, run_from_adapters
+from copra.experiments.pruning import PruningConfig, draw, run_from_adapters
 from copra.training import train
 
 
@@ -28,8 +28,14 @@ def test_pruning_experiment_tables_and_plot(tiny_text_model, tmp_path):
         assert set(results["unstructured"][method]) == {"0.0", "0.5", "0.9"}
         # sparsity 0 changes nothing: equals the unpruned ("all") accuracy
         assert results["unstructured"][method]["0.0"]["mean"] == rows["all"]["mean"]
-    assert (tmp_path / "out" / "pruning.png").stat().st_size > 1000
-    assert json.loads((tmp_path / "out" / "pruning.json").read_text())["task"] == "bbc_news"
+    saved = json.loads((tmp_path / "out" / "pruning.json").read_text())
+    assert saved["task"] == "bbc_news"
+    left, right = draw(saved).axes  # the PNG's figure, drawn from the saved summary
+    schemes = [s for s in saved["config"]["schemes"] if s in saved["structured"]["lora"]]
+    assert bar_heights(left) == [[pytest.approx(100 * saved["structured"][m][s]["mean"]) for s in schemes]
+                                 for m in ("lora", "copra", "early_copra")]
+    assert errorbar_data(right) == [([0.0, 0.5, 0.9], [pytest.approx(100 * saved["unstructured"][m][k]["mean"])
+                                                        for k in ("0.0", "0.5", "0.9")]) for m in ("lora", "copra", "early_copra")]
     assert "| every_other |" in (tmp_path / "out" / "pruning.md").read_text()
 
 
@@ -42,6 +48,7 @@ def test_pruning_config_refuses_bad_values(bad):
 
 def test_shapley_experiment_on_trained_adapters(tiny_text_model, tmp_path):
     from copra.experiments.shapley_layers import ShapleyConfig, run_from_adapters
+    from copra.experiments.shapley_layers import draw as draw_shapley
 
     data, adapters = train_lora_and_copra(tiny_text_model, tmp_path)
     shapley = ShapleyConfig(seeds=[0], samples=16, eval_examples=20, model=tiny_text_model,
@@ -54,5 +61,6 @@ def test_shapley_experiment_on_trained_adapters(tiny_text_model, tmp_path):
         # 16 samples pay for all 2^3 coalitions: the estimator returns the exact values, nothing to compare
         assert run["method"] == "exact" and "exact" not in run and row["max_abs_error"] is None
         assert sum(run["values"]) == pytest.approx(run["v_full"] - run["v_empty"], abs=1e-9)  # efficiency
-    assert (tmp_path / "out" / "shapley.png").stat().st_size > 1000
+    (axes,) = draw_shapley(json.loads((tmp_path / "out" / "shapley.json").read_text())).axes
+    assert bar_heights(axes) == [pytest.approx(summary["methods"][m]["mean"]) for m in ("lora", "copra")]
     assert "| layer |" in (tmp_path / "out" / "shapley.md").read_text()

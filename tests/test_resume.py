@@ -57,40 +57,61 @@ def _writing(out: Path) -> bool:
         return False
 
 
+# `copra train` that stops itself (SIGSTOP) inside the write of checkpoint step-N, after the tensors
+# went into the temporary folder and before state.json and the rename: the test's hook for a kill that
+# always lands mid-write. It lives here, not in copra, so an ordinary run pays nothing for it.
+STOP_INSIDE_WRITE = """
+import os, signal, sys
+from pathlib import Path
+import copra.checkpoint as checkpoint
+from copra.cli import main
+
+stop_at, real_save = "." + checkpoint.checkpoint_name(int(sys.argv.pop(1))) + ".tmp-", checkpoint.save_file
+
+def save_then_stop(tensors, path, *args, **kwargs):
+    real_save(tensors, path, *args, **kwargs)
+    if Path(path).parent.name.startswith(stop_at):
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+checkpoint.save_file = save_then_stop
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 @pytest.mark.slow
 def test_sigkill_at_random_points_then_resume_is_bit_identical(tiny_text_model, tmp_path):
-    """Kill a real `copra train` process with SIGKILL (before its first checkpoint, mid-step and maybe
+    """Kill a real `copra train` process with SIGKILL (before its first checkpoint, mid-step and
     mid-checkpoint-write), resume until it finishes, compare with an uninterrupted run."""
     steps = 40
     reference = tmp_path / "reference"
     train(_config(tiny_text_model, reference, steps), output_dir=reference)
 
     out = tmp_path / "killed"
-    command = [sys.executable, "-m", "copra.cli", "train", "--resume", *_sets(tiny_text_model, out, steps)]
+    arguments = ["train", "--resume", *_sets(tiny_text_model, out, steps)]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     rng = random.Random(6)
-    # a random moment before training starts, then somewhere inside a random step, then (when the
-    # timing allows) while a checkpoint's temporary folder is being written
+    # a random moment before training starts, then somewhere inside a random step, then inside the
+    # write of a random checkpoint (the process stops itself there: no timing involved)
     plan = [("startup", None), ("mid-step", rng.randrange(2, steps // 2)), ("mid-write", rng.randrange(steps // 2, steps - 4))]
     deadline = time.monotonic() + 240
     kills = []
     for kind, target in plan + [("finish", None)]:
-        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        hook = ["-c", STOP_INSIDE_WRITE, str(target)] if kind == "mid-write" else ["-m", "copra"]
+        process = subprocess.Popen([sys.executable, *hook, *arguments], env=env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
         if kind == "finish":
             stdout, stderr = process.communicate(timeout=max(10.0, deadline - time.monotonic()))
             assert process.returncode == 0, stderr
             break
         if kind == "startup":
             time.sleep(rng.uniform(0.2, 1.5))
-        else:
+        elif kind == "mid-step":
             while _newest_step(out) < target and process.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.002)
-            if kind == "mid-step":
-                time.sleep(rng.uniform(0.0, 0.05))
-            else:
-                give_up = time.monotonic() + 2.0
-                while not _writing(out) and process.poll() is None and time.monotonic() < give_up:
-                    pass
+            time.sleep(rng.uniform(0.0, 0.05))
+        else:  # until the process has stopped itself inside the write (or ended: a failure below)
+            event = os.waitid(os.P_PID, process.pid, os.WSTOPPED | os.WEXITED | os.WNOWAIT)
+            assert event.si_code == os.CLD_STOPPED, f"the run never stopped in the write of step {target}"
         assert process.poll() is None, f"the run ended before the {kind} kill: {process.communicate()[1]}"
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=30)
@@ -101,7 +122,8 @@ def test_sigkill_at_random_points_then_resume_is_bit_identical(tiny_text_model, 
             load_checkpoint(newest)  # whatever the moment of the kill, the newest checkpoint is complete
         kills.append((kind, _newest_step(out), torn))
     print("kills (kind, newest checkpoint after the kill, torn write left behind):", kills)
-    assert len(kills) == 3 and kills[-1][1] > 0  # the later kills happened mid-training
+    assert len(kills) == 3 and kills[1][1] > 0  # the later kills happened mid-training
+    assert kills[2] == ("mid-write", plan[2][1] - 1, True)  # step-N was torn; step-(N-1) is the newest
     _assert_same_adapter(reference, out)
     early_a = load_file(str(reference / "early" / "adapter_model.safetensors"))
     early_b = load_file(str(out / "early" / "adapter_model.safetensors"))

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import train_lora_and_copra
 from copra.errors import UserError
-from copra.experiments.shapley_layers import ShapleyConfig, block_label, module_grid, run_from_adapters
+from copra.experiments.shapley_layers import ShapleyConfig, block_label, draw, module_grid, run_from_adapters
 
 
 def test_module_grid_places_each_player_in_its_block_and_projection():
@@ -41,6 +41,9 @@ def test_module_level_shapley_experiment(tiny_text_model, tmp_path):
     text = (tmp_path / "out" / "shapley.md").read_text()
     assert "| block | query | key | value |" in text and "Per-module" in text
     assert (tmp_path / "out" / "shapley.png").is_file()
+    heat_maps = [ax for ax in draw(summary).axes if ax.images]  # one per method (the colour bar has none)
+    for ax, method in zip(heat_maps, ("lora", "copra"), strict=True):  # rows: blocks, columns: q, k, v
+        np.testing.assert_allclose(ax.images[0].get_array(), np.reshape(summary["methods"][method]["mean"], (3, 3)))
 
 
 def test_unknown_granularity_is_refused():

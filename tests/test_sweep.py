@@ -83,7 +83,16 @@ def test_two_axis_grid_and_baseline_variants_plot(tiny_text_model, tmp_path):
                                output_dir=str(tmp_path), **{k: v for k, v in FAST.items() if k != "steps"})
     summary = sweep.run(config)
     assert len(summary["points"]) == 8 and summary["axes"] == ["steps", "lr"]
-    assert (tmp_path / "grid.png").stat().st_size > 1000
+    saved = json.loads((tmp_path / "grid.json").read_text())
+    figure = sweep.draw(saved)  # the PNG's figure, drawn from the saved summary
+    variants = list(config.variants)
+    assert [ax.get_title() for ax in figure.axes] == [f"{v}: {kind}" for kind in ("single", "merged") for v in variants]
+    for ax, (kind, variant) in zip(figure.axes, [(k, v) for k in ("single", "merged") for v in variants]):
+        cells = {(r["values"]["steps"], r["values"]["lr"]): 100 * r[f"{kind}_mean"] for r in saved["points"]
+                 if r["variant"] == variant}
+        expected = [[cells[steps, lr] for lr in (0.01, 0.3)] for steps in (2, 4)]  # rows: steps, columns: lr
+        np.testing.assert_allclose(ax.images[0].get_array(), expected)
+    assert (tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_schedule_variant_set_is_valid():

@@ -30,9 +30,13 @@ METADATA_FILE = "copra.json"
 
 
 def save_peft_model(peft_model, folder: str | Path, metadata: dict | None = None) -> Path:
-    """`peft_model.save_pretrained` into `folder` atomically, with copra's metadata beside it."""
+    """`peft_model.save_pretrained` into `folder` atomically, with copra's metadata beside it.
+
+    save_embedding_layers=False: copra never resizes the base's embeddings, and PEFT's "auto" would ask
+    the hub about `base_model_name_or_path` (a hub id now, see `models.text.hub_name`) on every save.
+    """
     with atomic_folder(folder) as tmp:
-        peft_model.save_pretrained(str(tmp), safe_serialization=True)
+        peft_model.save_pretrained(str(tmp), safe_serialization=True, save_embedding_layers=False)
         if metadata is not None:
             write_json(tmp / METADATA_FILE, metadata)
     return Path(folder)

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -21,7 +22,7 @@ def _cmd_train(args) -> int:
     from copra.locks import folder_lock
     from copra.training import check_fresh_output, check_writable, train
 
-    config = load_config(args.config, args.set)
+    config = with_output(load_config(args.config, args.set), args)
     check_writable(Path(config.output_dir))  # names a file in the way or a read-only folder, before the lock
     with folder_lock(config.output_dir):  # checked and written by one process only
         if not (args.resume or args.force):
@@ -67,16 +68,32 @@ def _cmd_experiment(args) -> int:
     from copra.experiments import EXPERIMENTS
 
     config_class, run, render = EXPERIMENTS[args.command]()
-    sets = list(args.set) + ([f"output_dir={args.output}"] if args.output else [])
+    sets = list(args.set)
     if args.executor is not None or args.ray_address is not None:
         if "executor" not in getattr(config_class, "__dataclass_fields__", {}):
             raise UserError(f"{args.command} runs in this process; --executor and --ray-address do not apply")
         sets += [f"executor={args.executor or 'ray'}"] + ([f"ray_address={args.ray_address}"] if args.ray_address else [])
-    config = load_dataclass(config_class, args.config, sets)
+    config = with_output(load_dataclass(config_class, args.config, sets), args)
     summary = run(config)
     print(render(summary))
     print(f"results in {config.output_dir}")
     return 0
+
+
+def with_output(config, args):
+    """`config` with `-o/--output` as its output_dir; UserError if `--set output_dir=` names another folder.
+
+    The path goes in as given, not parsed as YAML like a --set value (`-o 2024` stays a folder name);
+    `dataclasses.replace` runs the config's own checks on it again.
+    """
+    from copra.config import parse_sets
+
+    if args.output is None:
+        return config
+    given = parse_sets(args.set).get("output_dir")
+    if given is not None and Path(str(given)) != Path(args.output):
+        raise UserError(f"-o {args.output} and --set output_dir={given} name different folders; give one of them")
+    return dataclasses.replace(config, output_dir=args.output)
 
 
 def _numbers(text: str | None) -> list[float] | None:
@@ -191,10 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train one LoRA or CopRA adapter")
     p.add_argument("--config", help="YAML file overriding the defaults")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config key")
-    again = p.add_mutually_exclusive_group()
-    again.add_argument("--resume", action="store_true",
-                       help="continue the run in output_dir from its last checkpoint (same config; from step 0 if none)")
-    again.add_argument("--force", action="store_true", help="start over even if output_dir already holds a run")
+    p.add_argument("-o", "--output", help="run folder (the config's output_dir; default runs/default)")
+    existing_run = p.add_mutually_exclusive_group()  # what to do with a run already in the folder
+    existing_run.add_argument("--resume", action="store_true",
+                              help="continue the run in output_dir from its last checkpoint (same config; from step 0 if none)")
+    existing_run.add_argument("--force", action="store_true", help="start over even if output_dir already holds a run")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("demo", help="the main job: LoRA vs CopRA on the embedded default")
@@ -250,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=f"the {name} experiment (see copra.experiments.{name})")
         p.add_argument("--config", help="YAML file overriding the experiment's defaults")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one key")
-        p.add_argument("-o", "--output", help="results folder")
+        p.add_argument("-o", "--output", help="results folder (the config's output_dir)")
         _executor_arguments(p)
         p.set_defaults(func=_cmd_experiment)
 
@@ -285,7 +303,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet_known_warnings()
     try:
         args = build_parser().parse_args(argv)
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # here, so a closed pipe is seen inside the try, not at interpreter exit
+        return code
+    except BrokenPipeError:  # `copra tasks | head -2`: the reader left; end quietly, as a SIGPIPE'd tool would
+        return _pipe_closed()
     except UserError as error:
         print(f"copra: error: {one_line(str(error))}", file=sys.stderr)
         return 2
@@ -299,6 +321,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("copra: interrupted", file=sys.stderr)
         return 130
+
+
+def _pipe_closed() -> int:
+    """Exit status 141 (128 + SIGPIPE) after pointing stdout at /dev/null (Python docs, "Note on SIGPIPE").
+
+    The redirect keeps the interpreter's final flush of the unwritable buffer from printing a second error.
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a file descriptor (captured in-process)
+        pass
+    return 128 + 13
 
 
 def one_line(message: str) -> str:

@@ -102,7 +102,9 @@ def adapter_state(classifier: nn.Module) -> dict[str, torch.Tensor]:
     """A detached copy of the classifier's adapter state dict, keyed as PEFT saves it."""
     from peft import get_peft_model_state_dict
 
-    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(classifier.encoder).items()}
+    # save_embedding_layers=False: "auto" would ask the hub about base_model_name_or_path (see adapters.save_peft_model)
+    state = get_peft_model_state_dict(classifier.encoder, save_embedding_layers=False)
+    return {k: v.detach().clone() for k, v in state.items()}
 
 
 def state_accuracy(classifier: nn.Module, state: dict[str, torch.Tensor], data: FewShotData) -> float:

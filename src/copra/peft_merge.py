@@ -207,7 +207,8 @@ def peft_merge(states: Sequence[Adapter], configs: Sequence[dict], method: str,
 
     weights = check_weights(weights, len(states))
     model = merged_model(states, configs, method, weights, density, majority_sign_method, svd_rank, seed)
-    state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model, adapter_name=MERGED).items()}
+    state = get_peft_model_state_dict(model, adapter_name=MERGED, save_embedding_layers=False)  # never asks the hub
+    state = {k: v.detach().clone() for k, v in state.items()}
     config = model.peft_config[MERGED].to_dict()
     config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
     config["peft_type"] = str(getattr(config["peft_type"], "value", config["peft_type"]))

@@ -84,14 +84,14 @@ def run(config: DemoConfig) -> dict:
     folders = {(t, m, s): out / "runs" / t / m / f"seed{s}" for t, m, s in keys}
     # every run at once, so `jobs` > 1 trains across tasks and methods; finished runs are reused
     plan = [(config.run_config(*key), folders[key]) for key in keys]
-    done = dict(zip(keys, run_all(plan, config.jobs, config.executor, config.ray_address)))
+    results = dict(zip(keys, run_all(plan, config.jobs, config.executor, config.ray_address)))
     for task in config.tasks:
         classifier, data = build_run(config.run_config(task, config.methods[0], config.seeds[0]))
         row = {"zero_shot": accuracy(classifier, data.eval_x, data.eval_y), "classes": len(data.class_names),
                "train_examples": len(data.train_x), "eval_examples": len(data.eval_x), "runs": {}}
         del classifier
         for method in config.methods:
-            runs = [done[task, method, seed] for seed in config.seeds]
+            runs = [results[task, method, seed] for seed in config.seeds]
             accs = [r.accuracy for r in runs]
             row["runs"][method] = {
                 "accuracy": accs, "mean": mean_std(accs)[0], "std": mean_std(accs)[1],

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from copra.adapters import save_peft_model
-from copra.experiments.common import mean_std, write_outputs, zoom_bars
+from copra.experiments.common import mean_std, save_figure, write_outputs, zoom_bars
 from copra.evaluation import FewShotData, load_adapter_state, prepare_data, state_accuracy
 from copra.federated import (MAX_CLIENTS, MAX_ROUNDS, RANK_CHANGING, Adapter, FederatedConfig, client_seed,
                              initial_state, split_clients)
@@ -176,14 +176,17 @@ def render(summary: dict) -> str:
 
 
 def plot(summary: dict, path: Path) -> Path:
-    """Bars: client vs merged accuracy per method (error bars: std over seeds); multi-round: merged by round."""
-    import matplotlib
+    """`draw(summary)` as a PNG at `path`."""
+    return save_figure(draw(summary), path, dpi=120)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def draw(summary: dict):
+    """Bars: client vs merged accuracy per method (error bars: std over seeds); multi-round: merged by round."""
+    from matplotlib.figure import Figure
 
     s, rounds = summary["summary"], summary["config"]["rounds"]
-    fig, axes = plt.subplots(1, 2 if rounds > 1 else 1, figsize=(9 if rounds > 1 else 5, 3.6), squeeze=False)
+    figure = Figure(figsize=(9 if rounds > 1 else 5, 3.6), layout="tight")
+    axes = figure.subplots(1, 2 if rounds > 1 else 1, squeeze=False)
     ax, x = axes[0][0], np.arange(len(s))
     for offset, key, label in ((-0.2, "client", "clients (mean)"), (0.2, "merged", f"merged ({summary['config'].get('merge_method', 'fusion')})")):
         ax.bar(x + offset, [100 * v[f"{key}_mean"] for v in s.values()], 0.4, label=label,
@@ -203,8 +206,4 @@ def plot(summary: dict, path: Path) -> Path:
         ax.set_ylabel("merged accuracy (%)")
         ax.set_xticks(range(1, rounds + 1))
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return figure

@@ -107,8 +107,8 @@ def run(config: LandscapeConfig) -> dict:
     data = prepare_data(config.run_config(config.methods[0], config.seeds[0]))  # fails early on a bad task
     keys = [(m, s) for m in config.methods for s in config.seeds]
     plan = [(config.run_config(m, s), out / "runs" / m / f"seed{s}") for m, s in keys]
-    done = run_all(plan, config.jobs, config.executor, config.ray_address)
-    folders = {key: result.adapter_dir for key, result in zip(keys, done)}
+    results = run_all(plan, config.jobs, config.executor, config.ray_address)
+    folders = {key: result.adapter_dir for key, result in zip(keys, results)}
     pairs = {m: [(folders[m, a], folders[m, b]) for a, b in config.pairs()] for m in config.methods}
     return run_from_adapters(pairs, config, data)
 

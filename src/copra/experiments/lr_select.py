@@ -69,8 +69,8 @@ def validation_score(config: TrainConfig, examples: int, folder: Path) -> float:
     from copra.experiments.runs import finished
     from copra.training import train
 
-    done = finished(config, folder)  # a finished run of this config (its folder names the split size)
-    return done.accuracy if done is not None else \
+    reused = finished(config, folder)  # a finished run of this config (its folder names the split size)
+    return reused.accuracy if reused is not None else \
         train(config, data=prepare_validation(config, examples), output_dir=folder).accuracy
 
 

@@ -145,7 +145,12 @@ def run_from_adapters(adapters: dict[str, list[str]], data: FewShotData, config:
     return results
 
 
-def plot(results: dict, path: Path) -> None:
+def plot(results: dict, path: Path) -> Path:
+    """`draw(results)` as a PNG at `path`."""
+    return save_figure(draw(results), path, dpi=110)
+
+
+def draw(results: dict):
     """Fig. 4: bars per structured scheme (left), accuracy vs sparsity (right); one colour per method."""
     from matplotlib.figure import Figure
 
@@ -178,7 +183,7 @@ def plot(results: dict, path: Path) -> None:
     right.set_ylabel("accuracy (%)")
     right.set_title("unstructured (magnitude) pruning")
     right.legend()
-    save_figure(figure, path, dpi=110)
+    return figure
 
 
 def render(results: dict) -> str:

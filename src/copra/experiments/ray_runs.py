@@ -93,9 +93,9 @@ def run_on_ray(runs: Sequence[tuple[TrainConfig, str | Path]], missing: Sequence
         bar = tqdm(total=len(pending), desc="ray runs", leave=False, disable=not runs[missing[0]][0].progress)
         try:
             while pending:
-                done, _ = ray.wait(list(pending), num_returns=1)
-                pending.pop(done[0])
-                _get(ray, done[0])
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                pending.pop(ready[0])
+                _get(ray, ready[0])
                 bar.update(1)
         finally:
             for ref in pending:

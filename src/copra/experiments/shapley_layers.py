@@ -87,8 +87,8 @@ def run(config: ShapleyConfig) -> dict:
     data = prepare_data(config.run_config(config.methods[0], config.seeds[0]))  # fails early on a bad task
     out = Path(config.output_dir)
     plan = [(config.run_config(m, s), out / "runs" / m / f"seed{s}") for m in config.methods for s in config.seeds]
-    done = iter(run_all(plan, config.jobs, config.executor, config.ray_address))
-    adapters = {m: [next(done).adapter_dir for _ in config.seeds] for m in config.methods}
+    results = iter(run_all(plan, config.jobs, config.executor, config.ray_address))
+    adapters = {m: [next(results).adapter_dir for _ in config.seeds] for m in config.methods}
     return run_from_adapters(adapters, config, data)
 
 
@@ -150,9 +150,14 @@ def module_grid(players: list[str], values: list[float]) -> tuple[list[str], lis
 
 
 def plot(summary: dict, path: Path) -> Path:
+    """`draw(summary)` as a PNG at `path`."""
+    return save_figure(draw(summary), path, dpi=110)
+
+
+def draw(summary: dict):
     """Fig. 2: a bar per layer, one colour per method, error bars over seeds (module players: heat maps)."""
     if summary["config"].get("granularity") == "module":
-        return plot_heatmap(summary, path)
+        return draw_heatmap(summary)
     figure, axes = new_axes(8, 4)
     methods = list(summary["methods"])
     width = 0.8 / len(methods)
@@ -167,7 +172,7 @@ def plot(summary: dict, path: Path) -> Path:
     axes.axhline(0, color="black", linewidth=0.8)
     axes.set_title(f"per-layer Shapley values on {summary['task']} ({summary['config']['estimator']})")
     axes.legend()
-    return save_figure(figure, path, dpi=110)
+    return figure
 
 
 def block_label(block: str) -> str:
@@ -176,6 +181,11 @@ def block_label(block: str) -> str:
 
 
 def plot_heatmap(summary: dict, path: Path) -> Path:
+    """`draw_heatmap(summary)` as a PNG at `path`."""
+    return save_figure(draw_heatmap(summary), path, dpi=110)
+
+
+def draw_heatmap(summary: dict):
     """One block x projection heat map per method, on one colour scale centred at 0."""
     from matplotlib.colors import TwoSlopeNorm
     from matplotlib.figure import Figure
@@ -197,7 +207,7 @@ def plot_heatmap(summary: dict, path: Path) -> Path:
     axes[0].set_ylabel("block")
     figure.colorbar(image, ax=list(axes), label=f"Shapley value ({summary['config']['metric']})")
     figure.suptitle(f"per-module Shapley values on {summary['task']} ({summary['config']['estimator']})")
-    return save_figure(figure, path, dpi=110)
+    return figure
 
 
 def render(summary: dict) -> str:

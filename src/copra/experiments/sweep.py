@@ -159,20 +159,20 @@ def run(config: SweepConfig) -> dict:
     states = []
     for variant in config.variants:
         for index, point in enumerate(points):
-            done = [results[variant, index, s] for s in config.seeds]
-            loaded = [load_adapter(r.adapter_dir) for r in done]
+            seed_runs = [results[variant, index, s] for s in config.seeds]
+            loaded = [load_adapter(r.adapter_dir) for r in seed_runs]
             merged = [evaluator.accuracy(fusion([loaded[i][0], loaded[j][0]], [config.alpha, 1 - config.alpha]),
                                          loaded[i][1], data)
                       for i, j in itertools.combinations(range(len(loaded)), 2)]
-            single = [r.accuracy for r in done]
+            single = [r.accuracy for r in seed_runs]
             row = {"variant": variant, "values": point, "label": label(point),
                    "single": single, "merged": merged,
                    "single_mean": mean_std(single)[0], "single_std": mean_std(single)[1],
                    "merged_mean": mean_std(merged)[0], "merged_std": mean_std(merged)[1],
-                   "seconds_per_step": mean_std(r.seconds_per_step for r in done)[0],
-                   "step_seconds": [r.seconds_per_step for r in done]}
+                   "seconds_per_step": mean_std(r.seconds_per_step for r in seed_runs)[0],
+                   "step_seconds": [r.seconds_per_step for r in seed_runs]}
             if config.curve_every:
-                row["curve"] = curve(evaluator, data, config, runs_of(done), loaded, done[0].config["steps"])
+                row["curve"] = curve(evaluator, data, config, runs_of(seed_runs), loaded, seed_runs[0].config["steps"])
             if config.geometry:
                 from copra.experiments.geometry import pair_similarity
 
@@ -191,8 +191,9 @@ def run(config: SweepConfig) -> dict:
     return summary
 
 
-def runs_of(done: list) -> list[Path]:
-    return [Path(r.adapter_dir).parent for r in done]
+def runs_of(results: list) -> list[Path]:
+    """The run folders of finished runs (each adapter's parent)."""
+    return [Path(r.adapter_dir).parent for r in results]
 
 
 def curve(evaluator: Evaluator, data, config: SweepConfig, folders: list[Path], final: list, total_steps: int) -> dict:
@@ -222,6 +223,12 @@ def best(summary: dict, variant: str, key: str = "merged_mean") -> dict | None:
 
 # ----------------------------------------------------------------------------- outputs
 def plot(summary: dict, path: str | Path) -> Path:
+    """`draw(summary)` as a PNG at `path`."""
+    return save_figure(draw(summary), path, dpi=110)
+
+
+def draw(summary: dict):
+    """The sweep's figure (a matplotlib Figure, not yet saved; tests read the plotted data from it)."""
     from matplotlib.figure import Figure
 
     axes_keys, variants = summary["axes"], list(dict.fromkeys(r["variant"] for r in summary["points"]))
@@ -241,7 +248,7 @@ def plot(summary: dict, path: str | Path) -> Path:
             _curves(summary, ax[-1])
     figure.suptitle(f"{summary['name']}: single vs merged (alpha={summary['config']['alpha']}) accuracy, "
                     f"{summary['task']}")
-    return save_figure(figure, path, dpi=110)
+    return figure
 
 
 def _lines(summary: dict, ax, variants: list[str]) -> None:

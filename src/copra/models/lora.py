@@ -8,6 +8,7 @@ from torch import nn
 
 from copra.config import TrainConfig
 from copra.errors import UserError
+from copra.models.text import hub_name
 
 
 def lora_config(config: TrainConfig) -> LoraConfig:
@@ -42,6 +43,8 @@ def attach_lora(backbone: nn.Module, config: TrainConfig) -> PeftModel:
     if missing:
         raise UserError(f"target module {missing[0]!r} is not in the model {type(backbone).__name__}")
     model = get_peft_model(backbone, lora_config(config))
+    # PEFT records the local folder the backbone came from; saved adapters name a portable base instead
+    model.peft_config["default"].base_model_name_or_path = hub_name(config.model)
     swap_lora_dropout(model)
     return model
 
