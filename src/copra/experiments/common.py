@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -27,6 +28,30 @@ Adapter = dict[str, torch.Tensor]
 BATCH = 64  # evaluation batch size, copra.evaluation's default
 MAX_CACHED_IMAGES = 512  # image evaluation sets up to this size keep their decoded inputs in memory
 RESERVED = ("task", "method", "seed", "output_dir", "progress", "train_file", "test_file")  # set by the experiment
+
+
+@dataclass
+class TrainingBudget:
+    """The TrainConfig fields an experiment gives every run it trains (defaults: the demo's budget)."""
+
+    shots: int = 8  #: training examples per class
+    steps: int = 30  #: optimizer steps per run (unless a sweep varies it)
+    batch_size: int = 16  #: examples per step
+    lr: float = 5e-3  #: peak learning rate (unless `lrs` names the method or a sweep varies it)
+    eval_examples: int = 240  #: fixed evaluation subset
+    model: str = "embedded:minilm"  #: encoder (TrainConfig.model)
+    overrides: dict[str, Any] = field(default_factory=dict)  #: any other TrainConfig keys, for every run
+
+
+@dataclass
+class RunExecution:
+    """Where an experiment writes and how its training runs execute: never part of what it computes."""
+
+    output_dir: str = "results"  #: where adapters, JSON, PNG and Markdown go
+    progress: bool = True  #: progress bars
+    jobs: int = 1  #: training runs in parallel processes (finished runs in output_dir are reused)
+    executor: str = "local"  #: where training runs go: local (this process or `jobs` processes) or ray (one Ray task each)
+    ray_address: str | None = None  #: Ray cluster to join (else $COPRA_RAY_ADDRESS, else a private local Ray of `jobs` CPUs)
 
 
 def mean_std(values: Iterable[float]) -> tuple[float, float]:

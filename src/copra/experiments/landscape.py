@@ -35,8 +35,8 @@ from copra.align import align, bound
 from copra.config import METHODS, TrainConfig, make_config
 from copra.errors import UserError
 from copra.evaluation import FewShotData, prepare_data
-from copra.experiments.common import (Evaluator, barrier, check_lrs, check_overrides, check_unique, load_for_eval, mean_std,
-                                      new_axes, save_figure, write_outputs)
+from copra.experiments.common import (Evaluator, RunExecution, TrainingBudget, barrier, check_lrs, check_overrides,
+                                      check_unique, load_for_eval, mean_std, new_axes, save_figure, write_outputs)
 from copra.merge import check_compatible, delta_weights, fusion, mixture
 from copra.peft_merge import MERGE_METHODS, merge_states, setting_options
 from copra.experiments.runs import run_all
@@ -45,7 +45,7 @@ ALPHAS = [round(i / 10, 1) for i in range(11)]
 
 
 @dataclass
-class LandscapeConfig:
+class LandscapeConfig(TrainingBudget, RunExecution):
     """Settings of the merging landscape (paper Fig. 3): which adapters, which merges, which alphas."""
 
     task: str = "bbc_news"  #: task whose same-task adapters are merged
@@ -56,19 +56,8 @@ class LandscapeConfig:
     merge_density: float = 0.5  #: density of TIES / DARE / magnitude merges (unused by the other methods)
     align: bool = True  #: also fuse after LoRA Align (curves "lora+align/fusion", "copra+align/fusion")
     align_steps: int = 200  #: Adam steps of LoRA Align per module
-    shots: int = 8  #: training examples per class
-    steps: int = 30  #: optimizer steps per run
-    batch_size: int = 16  #: examples per step
-    lr: float = 5e-3  #: peak learning rate, same for both methods
     lrs: dict[str, float] = field(default_factory=dict)  #: peak lr per method (e.g. from lr_select); others use lr
-    eval_examples: int = 240  #: fixed evaluation subset
-    model: str = "embedded:minilm"  #: encoder (TrainConfig.model)
-    overrides: dict[str, Any] = field(default_factory=dict)  #: any other TrainConfig keys (e.g. max_length, rank)
     output_dir: str = "results/landscape"  #: where adapters, JSON, PNG and Markdown go
-    progress: bool = True  #: progress bars
-    jobs: int = 1  #: training runs in parallel processes (finished runs in output_dir are reused)
-    executor: str = "local"  #: where training runs go: local (this process or `jobs` processes) or ray (one Ray task each)
-    ray_address: str | None = None  #: Ray cluster to join (else $COPRA_RAY_ADDRESS, else a private local Ray of `jobs` CPUs)
 
     def __post_init__(self) -> None:
         check_unique("methods", self.methods, METHODS)

@@ -28,8 +28,9 @@ from copra.align import align_many
 from copra.config import METHODS, TrainConfig, make_config
 from copra.errors import UserError
 from copra.evaluation import FewShotData, prepare_data
-from copra.experiments.common import (Evaluator, check_lrs, check_overrides, check_unique, load_for_eval, mean_std, new_axes,
-                                      save_figure, write_outputs, zero_b, zoom_bars)
+from copra.experiments.common import (Evaluator, RunExecution, TrainingBudget, check_lrs, check_overrides,
+                                      check_unique, load_for_eval, mean_std, new_axes, save_figure, write_outputs,
+                                      zero_b, zoom_bars)
 from copra.merge import check_compatible
 from copra.peft_merge import merge_states, setting_options
 from copra.experiments.runs import run_all
@@ -39,7 +40,7 @@ MANY_TASKS = 5  # above this, the figure is the per-task layout of the paper's F
 
 
 @dataclass
-class MultitaskConfig:
+class MultitaskConfig(TrainingBudget, RunExecution):
     """Settings of the multi-task merge (paper Table 1, MTL): tasks, methods, seeds, training budget."""
 
     tasks: list[str] = field(default_factory=lambda: ["bbc_news", "news_outlets"])  #: tasks fused ("mtl15": all 15)
@@ -49,19 +50,8 @@ class MultitaskConfig:
     merge_method: str = "fusion"  #: how task adapters are merged: fusion, mixture or a PEFT method (ties, dare_ties, ...)
     merge_density: float = 0.5  #: density of TIES / DARE / magnitude merges (unused by the other methods)
     align_steps: int = 200  #: Adam steps of LoRA Align per module
-    shots: int = 8  #: training examples per class
-    steps: int = 30  #: optimizer steps per run
-    batch_size: int = 16  #: examples per step
-    lr: float = 5e-3  #: peak learning rate, same for both methods
     lrs: dict[str, float] = field(default_factory=dict)  #: peak lr per method (e.g. from lr_select); others use lr
-    eval_examples: int = 240  #: fixed evaluation subset per task
-    model: str = "embedded:minilm"  #: encoder (TrainConfig.model), shared by all tasks
-    overrides: dict[str, Any] = field(default_factory=dict)  #: any other TrainConfig keys (e.g. max_length, rank)
     output_dir: str = "results/multitask"  #: where adapters, JSON, PNG and Markdown go
-    progress: bool = True  #: progress bars
-    jobs: int = 1  #: training runs in parallel processes (finished runs in output_dir are reused)
-    executor: str = "local"  #: where training runs go: local (this process or `jobs` processes) or ray (one Ray task each)
-    ray_address: str | None = None  #: Ray cluster to join (else $COPRA_RAY_ADDRESS, else a private local Ray of `jobs` CPUs)
 
     def __post_init__(self) -> None:
         self.tasks = expand_tasks(self.tasks)

@@ -21,8 +21,8 @@ from typing import Any
 from copra.config import make_config
 from copra.errors import UserError
 from copra.evaluation import FewShotData, prepare_data
-from copra.experiments.common import (Evaluator, check_lrs, check_overrides, check_unique, load_for_eval, mean_std,
-                                      save_figure, write_outputs, zoom_bars)
+from copra.experiments.common import (Evaluator, RunExecution, TrainingBudget, check_lrs, check_overrides,
+                                      check_unique, load_for_eval, mean_std, save_figure, write_outputs, zoom_bars)
 from copra.prune import STRUCTURED, magnitude, projections, structured
 
 METHODS = ("lora", "copra", "early_copra")
@@ -30,30 +30,19 @@ SCHEMES = STRUCTURED + ("shapley",)
 
 
 @dataclass
-class PruningConfig:
+class PruningConfig(TrainingBudget, RunExecution):
     """Which adapters to prune and how."""
 
     task: str = "bbc_news"  #: task the adapters are trained and evaluated on
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  #: one adapter per seed and method
-    shots: int = 8  #: examples per class
-    steps: int = 30  #: optimizer steps per run
-    batch_size: int = 16  #: examples per step
-    lr: float = 5e-3  #: peak learning rate
     lrs: dict[str, float] = field(default_factory=dict)  #: peak lr per method (lora, copra) (e.g. from lr_select); others use lr
-    eval_examples: int = 240  #: fixed evaluation subset
     schemes: list[str] = field(default_factory=lambda: list(STRUCTURED))  #: structured schemes ("all" = unpruned; add "shapley" for keep-K by Shapley)
     keep: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])  #: shapley scheme: numbers of layers kept
     random_subsets: int = 5  #: shapley scheme: random K-subsets compared per K
     validation_examples: int = 240  #: shapley scheme: held-out training examples the values are estimated on
     shapley_samples: int = 64  #: shapley scheme: multilinear samples (exact values when that budget covers 2^n)
     sparsities: list[float] = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(10)])  #: unstructured
-    model: str = "embedded:minilm"  #: encoder the adapters belong to
-    overrides: dict[str, Any] = field(default_factory=dict)  #: any other TrainConfig keys (e.g. max_length)
     output_dir: str = "results/pruning"  #: where JSON, PNG and Markdown go
-    progress: bool = True  #: progress bars
-    jobs: int = 1  #: training runs in parallel processes (finished runs in output_dir are reused)
-    executor: str = "local"  #: where training runs go: local (this process or `jobs` processes) or ray (one Ray task each)
-    ray_address: str | None = None  #: Ray cluster to join (else $COPRA_RAY_ADDRESS, else a private local Ray of `jobs` CPUs)
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.schemes if s not in SCHEMES]

@@ -24,8 +24,8 @@ import numpy as np
 from copra.config import METHODS, make_config
 from copra.errors import UserError
 from copra.evaluation import FewShotData, prepare_data
-from copra.experiments.common import (Evaluator, check_lrs, check_overrides, check_unique, load_for_eval, new_axes, save_figure,
-                                      write_outputs)
+from copra.experiments.common import (Evaluator, RunExecution, TrainingBudget, check_lrs, check_overrides,
+                                      check_unique, load_for_eval, new_axes, save_figure, write_outputs)
 from copra.gates import GRANULARITIES, player_of
 from copra.prune import projection_of
 from copra.shapley import ESTIMATORS, affordable
@@ -34,7 +34,7 @@ LABELS = {"lora": "LoRA", "copra": "CopRA", "early_copra": "Early CopRA"}
 
 
 @dataclass
-class ShapleyConfig:
+class ShapleyConfig(TrainingBudget, RunExecution):
     """Which adapters, which estimator, how many samples."""
 
     task: str = "bbc_news"  #: task the adapters were trained and are evaluated on
@@ -45,19 +45,8 @@ class ShapleyConfig:
     compare_exact: bool = True  #: also compute exact values (when n <= 16) and report the estimator's max abs error
     granularity: str = "layer"  #: players: one per transformer block ("layer") or per LoRA module ("module")
     metric: str = "accuracy"  #: v(C): accuracy or neg_loss
-    shots: int = 8  #: training examples per class
-    steps: int = 30  #: optimizer steps per run
-    batch_size: int = 16  #: examples per step
-    lr: float = 5e-3  #: peak learning rate
     lrs: dict[str, float] = field(default_factory=dict)  #: peak lr per method (e.g. from lr_select); others use lr
-    eval_examples: int = 240  #: fixed evaluation subset
-    model: str = "embedded:minilm"  #: encoder (TrainConfig.model)
-    overrides: dict[str, Any] = field(default_factory=dict)  #: any other TrainConfig keys
     output_dir: str = "results/shapley"  #: where JSON, PNG and Markdown go
-    progress: bool = True  #: progress bars
-    jobs: int = 1  #: training runs in parallel processes (finished runs in output_dir are reused)
-    executor: str = "local"  #: where training runs go: local (this process or `jobs` processes) or ray (one Ray task each)
-    ray_address: str | None = None  #: Ray cluster to join (else $COPRA_RAY_ADDRESS, else a private local Ray of `jobs` CPUs)
 
     def __post_init__(self) -> None:
         check_unique("methods", self.methods, METHODS)

@@ -29,7 +29,8 @@ from copra.adapters import load_adapter
 from copra.config import TrainConfig, make_config
 from copra.errors import UserError
 from copra.evaluation import prepare_data
-from copra.experiments.common import Evaluator, check_unique, mean_std, save_figure, write_outputs
+from copra.experiments.common import (Evaluator, RunExecution, TrainingBudget, check_unique, mean_std, save_figure,
+                                      write_outputs)
 from copra.experiments.runs import run_all
 from copra.merge import fusion
 from copra.training import SNAPSHOTS_DIR
@@ -57,7 +58,7 @@ VARIANT_SETS = {"paper": PAPER_VARIANTS, "schedules": SCHEDULE_VARIANTS, "dora":
 
 
 @dataclass
-class SweepConfig:
+class SweepConfig(TrainingBudget, RunExecution):
     """One sweep: named variants x a grid of up to two TrainConfig keys x seeds."""
 
     name: str = "sweep_lr"  #: output file stem, so several sweeps share a results folder
@@ -68,18 +69,7 @@ class SweepConfig:
     alpha: float = 0.5  #: fusion coefficient of the merged accuracy
     geometry: bool = False  #: also t-SNE and seed-to-seed cosine / L2 of the adapters (Fig. 5a)
     curve_every: int = 0  #: also single and merged accuracy every this many steps (Fig. 6c; 0: off)
-    shots: int = 8  #: training examples per class
-    steps: int = 30  #: optimizer steps per run (unless swept)
-    batch_size: int = 16  #: examples per step
-    lr: float = 5e-3  #: peak learning rate (unless swept)
-    eval_examples: int = 240  #: fixed evaluation subset
-    model: str = "embedded:minilm"  #: encoder (TrainConfig.model)
-    overrides: dict[str, Any] = field(default_factory=dict)  #: any other TrainConfig keys, for every run
     output_dir: str = "results/sweep"  #: where adapters, JSON, PNG and Markdown go
-    progress: bool = True  #: progress bars
-    jobs: int = 1  #: training runs in parallel processes (finished runs in output_dir are reused)
-    executor: str = "local"  #: where training runs go: local (this process or `jobs` processes) or ray (one Ray task each)
-    ray_address: str | None = None  #: Ray cluster to join (else $COPRA_RAY_ADDRESS, else a private local Ray of `jobs` CPUs)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.replace("_", "").replace("-", "").isalnum():

@@ -8,7 +8,7 @@ from torch import nn
 
 from copra.config import TrainConfig
 from copra.errors import UserError
-from copra.models.text import hub_name
+from copra.models.base_model import hub_name
 
 
 def lora_config(config: TrainConfig) -> LoraConfig:

