@@ -149,9 +149,9 @@ def fusion_strategy_class() -> type:
     return FusionFedAvg
 
 
-def server_app(config: FederatedConfig, data: FewShotData, classifier: torch.nn.Module, box: dict,
+def server_app(config: FederatedConfig, data: FewShotData, classifier: torch.nn.Module, outcome: dict,
                initial: Adapter | None = None):
-    """A Flower ServerApp running `config.rounds` rounds of FusionFedAvg; results go into `box`.
+    """A Flower ServerApp running `config.rounds` rounds of FusionFedAvg; results go into `outcome`.
 
     Merged adapters are evaluated centrally (every client shares the evaluation set): loaded into
     `classifier` and scored by `copra.evaluation.state_accuracy`, the one scoring path.
@@ -167,8 +167,8 @@ def server_app(config: FederatedConfig, data: FewShotData, classifier: torch.nn.
     def main(grid: Grid, context: Context) -> None:
         strategy = fusion_strategy_class()(fraction_evaluate=0.0, min_train_nodes=config.clients,
                                            min_available_nodes=config.clients)
-        box["strategy"] = strategy
-        box["result"] = strategy.start(grid=grid, initial_arrays=to_record(initial) if initial else ArrayRecord(),
+        outcome["strategy"] = strategy
+        outcome["result"] = strategy.start(grid=grid, initial_arrays=to_record(initial) if initial else ArrayRecord(),
                                        num_rounds=config.rounds, evaluate_fn=evaluate)
 
     return app
@@ -213,24 +213,24 @@ def run_flower_simulation(config: FederatedConfig, method: str | None = None, se
     cpus = min(config.clients, os.cpu_count() or 1)
     backend_config = backend_config or {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                                         "init_args": {"num_cpus": cpus, "include_dashboard": False}}
-    box: dict = {}
+    outcome: dict = {}
     started_ray = not ray.is_initialized()
     start = time.perf_counter()
     try:
-        run_simulation(server_app=server_app(config, data, classifier, box, initial),
+        run_simulation(server_app=server_app(config, data, classifier, outcome, initial),
                        client_app=client_app(config, method, seed, partitions),
                        num_supernodes=config.clients, backend_config=backend_config)
     finally:
         if started_ray and ray.is_initialized():
             ray.shutdown()
-    if "result" not in box:
+    if "result" not in outcome:
         raise RuntimeError("the Flower simulation ended without a result (see Flower's log above)")
-    history = box["strategy"].history
+    history = outcome["strategy"].history
     failed = [h for h in history if h["failures"] or len(h.get("clients", [])) != config.clients]
     if failed:
         raise RuntimeError(f"round {failed[0]['round']}: {len(failed[0]['failures'])} client(s) failed: "
                            f"{failed[0]['failures'][:1]}")
-    result = box["result"]
+    result = outcome["result"]
     rounds = [{"round": h["round"], "clients": h["clients"], "client_sizes": h["client_sizes"],
                "client_accuracy": h["client_accuracy"],
                "merged_accuracy": float(result.evaluate_metrics_serverapp[h["round"]]["accuracy"])} for h in history]

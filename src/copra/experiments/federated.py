@@ -66,29 +66,29 @@ class FederatedRun:
 
 
 def simulate(config: FederatedConfig, method: str, seed: int, data: FewShotData | None = None,
-             evaluator: torch.nn.Module | None = None) -> FederatedRun:
+             classifier: torch.nn.Module | None = None) -> FederatedRun:
     """Run the federated protocol for one method and seed in this process."""
     data = data or prepare_data(config.data_config(seed))
     parts = split_clients(data, config.clients, seed)
     weights = size_weights(parts)
-    if evaluator is None:
-        evaluator, _ = build_run(config.client_config(method, seed, 0, 0), data)
+    if classifier is None:
+        classifier, _ = build_run(config.client_config(method, seed, 0, 0), data)
     start_state = initial_state(config, method, seed, data) if config.shared_init else None
     run = FederatedRun(method, seed, [len(p.train_x) for p in parts])
     for r in range(config.rounds):
         results = [train(config.client_config(method, seed, r, i), data=part, initial_state=start_state)
                    for i, part in enumerate(parts)]
         run.client_states = [res.state for res in results]
-        start_state = run.merged_state = aggregate(config, evaluator, run.client_states, weights)
+        start_state = run.merged_state = aggregate(config, classifier, run.client_states, weights)
         accs = [res.accuracy for res in results]
         run.rounds.append({"round": r + 1, "client_accuracy": accs, "client_mean": statistics.fmean(accs),
-                           "merged_accuracy": state_accuracy(evaluator, run.merged_state, data),
+                           "merged_accuracy": state_accuracy(classifier, run.merged_state, data),
                            "client_converged": [res.converged for res in results],  # the plateau test per client
                            "client_final_loss": [res.final_loss for res in results]})
     return run
 
 
-def aggregate(config: FederatedConfig, evaluator: torch.nn.Module, states: list[Adapter],
+def aggregate(config: FederatedConfig, classifier: torch.nn.Module, states: list[Adapter],
               weights: list[float]) -> Adapter:
     """The server's merge of the client adapters, in the clients' own LoRA scaling (so round r+1 starts from it).
 
@@ -98,7 +98,7 @@ def aggregate(config: FederatedConfig, evaluator: torch.nn.Module, states: list[
     if config.merge_method == "fusion":
         return fusion(states, weights)
     client = {k: (sorted(v) if isinstance(v, set) else v)
-              for k, v in evaluator.encoder.peft_config["default"].to_dict().items()}
+              for k, v in classifier.encoder.peft_config["default"].to_dict().items()}
     merged, merged_config = merge_states(config.merge_method, states, [client] * len(states), weights,
                                          **setting_options(config.merge_method, config.merge_density))
     return rescaled(merged, lora_scaling(merged_config) / lora_scaling(client))
@@ -124,14 +124,14 @@ def run(config: FederatedConfig) -> dict:
     datas = {seed: prepare_data(config.data_config(seed)) for seed in config.seeds}  # fail before any training
     for seed, data in datas.items():
         split_clients(data, config.clients, seed)
-    evaluator, _ = build_run(config.client_config(config.methods[0], config.seeds[0], 0, 0), datas[config.seeds[0]])
+    classifier, _ = build_run(config.client_config(config.methods[0], config.seeds[0], 0, 0), datas[config.seeds[0]])
     summary: dict[str, Any] = {"config": dataclasses.asdict(config), "task": datas[config.seeds[0]].task,
                                "eval_examples": len(datas[config.seeds[0]].eval_x), "runs": {}}
     for method in config.methods:
         summary["runs"][method] = []
         for seed in config.seeds:
-            fed = simulate(config, method, seed, datas[seed], evaluator)
-            folder = save_merged(evaluator, fed, out / "adapters" / method / f"seed{seed}", config)
+            fed = simulate(config, method, seed, datas[seed], classifier)
+            folder = save_merged(classifier, fed, out / "adapters" / method / f"seed{seed}", config)
             summary["runs"][method].append({"seed": seed, "client_sizes": fed.client_sizes, "rounds": fed.rounds,
                                             "adapter_dir": str(folder)})
     summary["summary"] = summarize(summary["runs"], config.rounds)
@@ -140,13 +140,13 @@ def run(config: FederatedConfig) -> dict:
     return summary
 
 
-def save_merged(evaluator: torch.nn.Module, fed: FederatedRun, folder: Path, config: FederatedConfig) -> Path:
+def save_merged(classifier: torch.nn.Module, fed: FederatedRun, folder: Path, config: FederatedConfig) -> Path:
     """Write the final merged adapter as a PEFT folder (PEFT's own save_pretrained, so from_pretrained loads it)."""
-    load_adapter_state(evaluator, fed.merged_state)
+    load_adapter_state(classifier, fed.merged_state)
     meta = {"method": fed.method, "task": config.task, "seed": fed.seed, "federated": True, "merge": config.merge_method,
             "clients": config.clients, "rounds": config.rounds, "client_sizes": fed.client_sizes,
             "accuracy": fed.rounds[-1]["merged_accuracy"], "config": dataclasses.asdict(config)}
-    return save_peft_model(evaluator.encoder, folder, meta)
+    return save_peft_model(classifier.encoder, folder, meta)
 
 
 def table(summary: dict) -> str:
