@@ -107,6 +107,11 @@ def test_train_takes_output_flag_over_the_yaml_and_refuses_a_different_set(capsy
     code, stdout, _ = _run(capsys, "train", "--config", str(config), "-o", str(out), "--set", f"output_dir={out}/")
     assert code == 0 and stdout.rstrip().endswith(str(out / "adapter"))  # the same folder twice is fine
     assert (out / "result.json").exists() and not elsewhere.exists()  # -o wins over the YAML's output_dir
+    config.write_text(config.read_text().replace("progress: false", "progress: true"))
+    code, _, err = _run(capsys, "train", "--config", str(config), "-o", str(tmp_path / "quiet"), "-q")
+    assert code == 0 and "it/s" not in err and (tmp_path / "quiet" / "result.json").exists()  # -q: no progress bar
+    code, _, err = _run(capsys, "train", "--config", str(config), "-o", str(tmp_path / "loud"))
+    assert code == 0 and "it/s" in err  # the bar -q removes
 
 
 def test_demo_rejects_unknown_task_before_writing(capsys, tmp_path):

@@ -23,6 +23,8 @@ def _cmd_train(args) -> int:
     from copra.training import check_fresh_output, check_writable, train
 
     config = with_output(load_config(args.config, args.set), args)
+    if args.quiet:
+        config = config.replace(progress=False)
     check_writable(Path(config.output_dir))  # names a file in the way or a read-only folder, before the lock
     with folder_lock(config.output_dir):  # checked and written by one process only
         if not (args.resume or args.force):
@@ -209,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML file overriding the defaults")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config key")
     p.add_argument("-o", "--output", help="run folder (the config's output_dir; default runs/default)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar (as --set progress=false)")
     existing_run = p.add_mutually_exclusive_group()  # what to do with a run already in the folder
     existing_run.add_argument("--resume", action="store_true",
                               help="continue the run in output_dir from its last checkpoint (same config; from step 0 if none)")
