@@ -177,3 +177,11 @@ def test_the_converged_suite_plans_each_shared_run_once():
     assert plan["landscape"] == 2 * 300  # only seed 5 is new
     assert plan["pruning"] == plan["shapley"] == plan["crossover"] == 0
     assert plan["schedules"] == 3 * 6 * 300  # three new variants; LoRA and CopRA are the crossover's runs
+
+
+def test_mtl15_in_the_converged_suite():
+    """`--set tasks=mtl15`: the multitask step merges all 15 tasks, single-task steps train the first (bbc_news)."""
+    steps = {s.name: c for s, c in suite.resolve("converged", {"tasks": "mtl15"})}
+    assert len(steps["multitask"].tasks) == 15 and steps["landscape"].task == steps["multitask"].tasks[0] == "bbc_news"
+    steps = {s.name: c for s, c in suite.resolve("converged", {"tasks": ["news_outlets", "bbc_news"]})}
+    assert steps["pruning"].task == "news_outlets" and steps["multitask"].tasks == ["news_outlets", "bbc_news"]

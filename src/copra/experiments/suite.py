@@ -37,6 +37,7 @@ from copra.atomic import write_json
 from copra.config import TrainConfig
 from copra.errors import UserError
 from copra.experiments import EXPERIMENTS
+from copra.experiments.multitask import expand_tasks
 from copra.experiments.runs import check_executor, check_jobs, run_name, shared_runs, store_config
 from copra.locks import folder_lock
 from copra.settings import build_dataclass, dataclass_defaults
@@ -171,7 +172,7 @@ def resolve(suite: str, sets: dict[str, Any]) -> list[tuple[Step, Any]]:
             overrides.update(preset="clip-lora", backbone="clip")
         for key, value in sets.items():
             if key == "tasks" and "task" in names and "tasks" not in names:
-                values["task"] = value[0] if isinstance(value, list) else str(value).split(",")[0]
+                values["task"] = expand_tasks(value)[0]  # "mtl15": its first task, bbc_news
                 used.add(key)
             elif key in names and key not in ("output_dir", overrides_key):
                 values[key] = value
