@@ -93,7 +93,7 @@ def test_clip_suite_steps_run_on_tiny_clip(monkeypatch, tmp_path):
 
 def test_converged_suite_resolves_with_the_issue_protocol():
     steps = {s.name: (s, c) for s, c in suite.resolve("converged", {})}
-    assert list(steps) == ["lr_select", "federated", "multitask", "landscape", "pruning", "shapley", "crossover",
+    assert list(steps) == ["lr_select", "federated", "crossover", "multitask", "landscape", "pruning", "shapley",
                            "schedules"]
     assert all(c.shots == 16 for _, c in steps.values()) and steps["federated"][1].clients == 5
     assert steps["federated"][1].seeds == [0, 1, 2, 3, 4] and len(steps["landscape"][1].seeds) == 6
@@ -104,8 +104,8 @@ def test_converged_suite_resolves_with_the_issue_protocol():
 def test_selected_lrs_reach_every_method():
     from copra.experiments import timing
 
-    (_, landscape), (_, sweep) = [(s, c) for s, c in suite.resolve("converged", {}) if s.name in ("landscape",
-                                                                                                   "crossover")]
+    steps = {s.name: c for s, c in suite.resolve("converged", {})}
+    landscape, sweep = steps["landscape"], steps["crossover"]
     suite.use_selected_lr(landscape, {"lora": 1e-3, "copra": 5e-3})
     suite.use_selected_lr(sweep, {"lora": 1e-3, "copra": 5e-3})
     assert landscape.run_config("copra", 0).lr == 5e-3 and landscape.run_config("lora", 0).lr == 1e-3
@@ -173,9 +173,9 @@ def test_a_folder_made_before_a_field_existed_still_matches(tmp_path):
 def test_the_converged_suite_plans_each_shared_run_once():
     """Runs the landscape, pruning, Shapley, crossover and schedules steps share are counted (and trained) once."""
     plan = {name: sum(steps for _, steps in runs) for name, runs in suite._shared_plan(suite.resolve("converged", {})).items()}
-    assert plan["multitask"] == 5 * 2 * 2 * 300  # seeds x tasks x methods: the first to plan bbc_news seeds 0-4
-    assert plan["landscape"] == 2 * 300  # only seed 5 is new
-    assert plan["pruning"] == plan["shapley"] == plan["crossover"] == 0
+    assert plan["crossover"] == 6 * 2 * 300  # seeds x methods: the first step to plan the bbc_news runs
+    assert plan["multitask"] == 5 * 2 * 300  # only news_outlets is new
+    assert plan["landscape"] == plan["pruning"] == plan["shapley"] == 0
     assert plan["schedules"] == 3 * 6 * 300  # three new variants; LoRA and CopRA are the crossover's runs
 
 

@@ -115,7 +115,8 @@ def converged_suite() -> list[Step]:
     """Issue 12: each method's own lr, then converged runs at 16 shots and five seeds (see the module doc).
 
     Every bbc_news run keeps snapshots and the suite trains inside `runs.shared_runs`, so the
-    multitask, landscape, pruning, Shapley, crossover and schedules steps share one set of runs.
+    crossover, multitask, landscape, pruning, Shapley and schedules steps share one set of runs. The
+    crossover (the report's first figure) comes right after FL: its runs are the ones the later steps reuse.
     """
     fused = {"LoRA": {"method": "lora"}, "CopRA": {"method": "copra"}}
     snapshots = {"snapshot_every": SNAPSHOT_EVERY}
@@ -124,6 +125,9 @@ def converged_suite() -> list[Step]:
              "protocol: each method's lr on a validation split"),
         Step("federated", "federated", dict(CONVERGED, clients=5, seeds=FIVE_SEEDS, steps=CONVERGED_STEPS // 3),
              "Table 1 (FL)", selected_lr=True),  # a client holds a fifth of the data: 100 steps = 100 epochs of it
+        Step("crossover", "sweep", dict(CONVERGED, name="crossover", grid={}, seeds=PAIR_SEEDS, variants=fused,
+                                        curve_every=SNAPSHOT_EVERY), "crossover: CopRA − LoRA over training",
+             selected_lr=True),
         Step("multitask", "multitask", dict(CONVERGED, tasks=["bbc_news", "news_outlets"], seeds=FIVE_SEEDS,
                                             overrides=snapshots), "Table 1 (MTL)", selected_lr=True),
         Step("landscape", "landscape", dict(CONVERGED, seeds=PAIR_SEEDS, overrides=snapshots), "Fig. 3",
@@ -133,9 +137,6 @@ def converged_suite() -> list[Step]:
              selected_lr=True),
         Step("shapley", "shapley", dict(CONVERGED, seeds=FIVE_SEEDS, estimator="exact", compare_exact=False,
                                         overrides=snapshots), "Fig. 2", selected_lr=True),
-        Step("crossover", "sweep", dict(CONVERGED, name="crossover", grid={}, seeds=PAIR_SEEDS, variants=fused,
-                                        curve_every=SNAPSHOT_EVERY), "crossover: CopRA − LoRA over training",
-             selected_lr=True),
         Step("schedules", "sweep", dict(CONVERGED, name="schedules", grid={}, seeds=PAIR_SEEDS,
                                         variants=SCHEDULE_VARIANTS, curve_every=SNAPSHOT_EVERY),
              "open in the paper: the lr schedule around the ramp, and the ramp's length", selected_lr=True),
