@@ -90,6 +90,26 @@ def _worker_init(threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
+    _exit_with_parent()
+
+
+def _exit_with_parent(poll_seconds: float = 1.0) -> None:
+    """End this worker soon after the process that started it dies (even by SIGKILL).
+
+    Why: a killed suite left its workers training on; the suite started again then met their folder
+    locks. A worker ended mid-run loses nothing: its run resumes from the last checkpoint.
+    """
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_seconds)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="copra-exit-with-parent", daemon=True).start()
 
 
 def _train_in_worker(config: TrainConfig, output_dir: str, resume: bool) -> str:
