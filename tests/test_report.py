@@ -346,6 +346,7 @@ def test_schedule_variants_are_judged_against_their_lora_counterparts(tmp_path, 
     best_copra = crossover_sweep()
     best_copra["points"].append(dict(best_copra["points"][1], variant="CopRA, best on test", merged_mean=0.99))
     assert crossover.curves(best_copra)["names"] == ("CopRA", "LoRA")  # the named variant, not the best-scoring
-    other = dict(crossover_sweep(), name="schedules")
-    assert list(crossover.figures([(tmp_path / "a.json", other), (tmp_path / "b.json", crossover_sweep())]).values())[0][0] \
-        == tmp_path / "b.json"
+    other, long = dict(crossover_sweep(), name="schedules"), dict(crossover_sweep(), name="crossover_long")
+    found = crossover.figures([(tmp_path / "a.json", other), (tmp_path / "b.json", crossover_sweep()),
+                               (tmp_path / "c.json", long)])
+    assert [path for path, *_ in found.values()] == [tmp_path / "b.json", tmp_path / "c.json"]

@@ -94,7 +94,8 @@ def test_clip_suite_steps_run_on_tiny_clip(monkeypatch, tmp_path):
 def test_converged_suite_resolves_with_the_issue_protocol():
     steps = {s.name: (s, c) for s, c in suite.resolve("converged", {})}
     assert list(steps) == ["lr_select", "federated", "crossover", "multitask", "landscape", "pruning", "shapley",
-                           "schedules"]
+                           "schedules", "crossover_long"]
+    assert steps["crossover_long"][1].steps == 1000 and steps["crossover_long"][1].curve_every == 100
     assert all(c.shots == 16 for _, c in steps.values()) and steps["federated"][1].clients == 5
     assert steps["federated"][1].seeds == [0, 1, 2, 3, 4] and len(steps["landscape"][1].seeds) == 6
     assert all(s.selected_lr for name, (s, _) in steps.items() if name != "lr_select")
@@ -177,6 +178,7 @@ def test_the_converged_suite_plans_each_shared_run_once():
     assert plan["multitask"] == 5 * 2 * 300  # only news_outlets is new
     assert plan["landscape"] == plan["pruning"] == plan["shapley"] == 0
     assert plan["schedules"] == 3 * 6 * 300  # three new variants; LoRA and CopRA are the crossover's runs
+    assert plan["crossover_long"] == 6 * 2 * 1000  # runs of another length: nothing to share
 
 
 def test_mtl15_in_the_converged_suite():

@@ -104,8 +104,8 @@ def png(data: dict) -> bytes:
 
 def figures(sweeps: list[tuple[Path, dict]]) -> dict[str, tuple[Path, dict, dict, bytes]]:
     """{report file name: (summary path, summary, CopRA − LoRA per step, PNG)} for sweeps with per-seed curves
-    (only the sweep named "crossover" where there is one: the converged suite's other curve sweeps share its runs)."""
-    named = [(path, summary) for path, summary in sweeps if summary.get("name") == "crossover"]
+    (only sweeps named "crossover..." where there are any: the converged suite's other curve sweeps share their runs)."""
+    named = [(path, summary) for path, summary in sweeps if str(summary.get("name", "")).startswith("crossover")]
     sweeps = named or sweeps
     found = [(path, summary, data) for path, summary in sweeps if (data := curves(summary))]
     return {f"paper_report_crossover{'' if n == 0 else f'-{n}'}.png": (path, summary, data, png(data))
