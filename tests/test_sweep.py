@@ -148,17 +148,17 @@ def test_run_all_continues_a_killed_run_from_its_checkpoint(tiny_text_model, tmp
     config = sweep.SweepConfig(model=tiny_text_model, grid={}, seeds=[0, 1], output_dir="unused", **FAST)
     run_config = config.run_config("CopRA", {}, 0).replace(checkpoint_every=1, steps=6)
     whole = train(run_config, output_dir=tmp_path / "whole")
-    real_lr = training.cosine_lr
+    real_lr = training.lr_at
 
     def dies_at_step_4(step, *args):
         if step == 4:
             raise KeyboardInterrupt
         return real_lr(step, *args)
 
-    monkeypatch.setattr(training, "cosine_lr", dies_at_step_4)
+    monkeypatch.setattr(training, "lr_at", dies_at_step_4)
     with pytest.raises(KeyboardInterrupt):
         train(run_config, output_dir=tmp_path / "killed")
-    monkeypatch.setattr(training, "cosine_lr", real_lr)
+    monkeypatch.setattr(training, "lr_at", real_lr)
     assert runs.finished(run_config, tmp_path / "killed") is None
     (resumed,) = runs.run_all([(run_config, tmp_path / "killed")])
     assert resumed.resumed_from == 4

@@ -60,15 +60,8 @@ def batches(num_examples: int, batch_size: int, seed: int):
             yield order[start : start + batch_size]
 
 
-def cosine_lr(step: int, total: int, peak: float, floor: float) -> float:
-    """Cosine decay from `peak` at step 0 to `floor` at the last step."""
-    return learning_rate(step, total, peak, floor)
-
-
 def lr_at(step: int, config: TrainConfig) -> float:
     """The run's lr at `step`: the paper's cosine, or `config.lr_schedule` (see `copra.schedule`)."""
-    if config.lr_schedule == "cosine":
-        return cosine_lr(step, config.steps, config.lr, config.min_lr)
     return learning_rate(step, config.steps, config.lr, config.min_lr, config.lr_schedule, config.ramp_fraction)
 
 

@@ -70,6 +70,11 @@ class PruningConfig(TrainingBudget, RunExecution):
                             batch_size=self.batch_size, lr=self.lr, eval_examples=self.eval_examples,
                             model=self.model, progress=self.progress)})
 
+    def run_config(self, method: str, seed: int):
+        """One trained run: CopRA's keep the Early CopRA checkpoint (pruned too), each method at its lr."""
+        return self.base_config().replace(method=method, seed=seed, save_early=method == "copra",
+                                          lr=self.lrs.get(method, self.lr))
+
 
 def evaluate_pruned(adapters: dict[str, list[str]], data: FewShotData, config: PruningConfig,
                     evaluator: Evaluator) -> dict:
@@ -105,8 +110,7 @@ def run(config: PruningConfig) -> dict:
     out = Path(config.output_dir)
     started = time.perf_counter()
     adapters: dict[str, list[str]] = {m: [] for m in METHODS}
-    plan = [(base.replace(method=method, seed=seed, save_early=method == "copra", lr=config.lrs.get(method, config.lr)),
-             out / "runs" / method / f"seed{seed}")
+    plan = [(config.run_config(method, seed), out / "runs" / method / f"seed{seed}")
             for seed in config.seeds for method in ("lora", "copra")]
     for result in run_all(plan, config.jobs, config.executor, config.ray_address):
         adapters[result.config["method"]].append(result.adapter_dir)

@@ -73,7 +73,6 @@ def store_config(config: TrainConfig) -> TrainConfig:
     return config.replace(save_early=config.method == "copra")
 
 
-
 def finished(config: TrainConfig, output_dir: str | Path) -> RunResult | None:
     """The recorded result of this exact run in `output_dir`, with its adapter state, or None."""
     state = run_state(config, output_dir)
@@ -147,18 +146,17 @@ def run_all(runs: Sequence[tuple[TrainConfig, str | Path]], jobs: int = 1, execu
         from copra.experiments.ray_runs import run_on_ray
 
         run_on_ray(runs, missing, ray_address, jobs)
-        return [r if r is not None else _reload(*runs[i]) for i, r in enumerate(results)]
-    if jobs == 1 or len(missing) <= 1:
+    elif jobs == 1 or len(missing) <= 1:
         for i in missing:
             results[i] = train(runs[i][0], output_dir=runs[i][1], resume=bool(states[i]))
-        return [r if r is not None else _reload(*runs[i]) for i, r in enumerate(results)]
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    with ProcessPoolExecutor(max_workers=min(jobs, len(missing)), mp_context=get_context("spawn"),
-                             initializer=_worker_init, initargs=(threads,)) as pool:
-        futures = {i: pool.submit(_train_in_worker, runs[i][0], str(runs[i][1]), bool(states[i])) for i in missing}
-        for i, future in futures.items():
-            future.result()  # re-raises a worker's error (a UserError stays one)
-            results[i] = _reload(*runs[i])
+    else:
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        with ProcessPoolExecutor(max_workers=min(jobs, len(missing)), mp_context=get_context("spawn"),
+                                 initializer=_worker_init, initargs=(threads,)) as pool:
+            futures = [pool.submit(_train_in_worker, runs[i][0], str(runs[i][1]), bool(states[i])) for i in missing]
+            for future in futures:
+                future.result()  # re-raises a worker's error (a UserError stays one)
+    # what other processes trained, and a run asked for twice, come back through its folder
     return [r if r is not None else _reload(*runs[i]) for i, r in enumerate(results)]
 
 

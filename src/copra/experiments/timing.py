@@ -22,16 +22,14 @@ PROBE_STEPS = 6  # optimizer steps of the probe (the first is dropped: warm-up)
 def planned_steps(experiment: str, config: Any) -> list[tuple[int, int]]:
     """(batch size, optimizer steps) of every training run a suite step plans (reused runs included)."""
     c = config
-    if experiment == "sweep":
-        runs = [c.run_config(v, p, s) for v in c.variants for p in c.points() for s in c.seeds]
-        return [(r.batch_size, r.steps) for r in runs]
+    configs = planned_configs(experiment, c)
+    if configs is not None:
+        return [(r.batch_size, r.steps) for r in configs]
     per_method = {
         "federated": lambda: len(c.seeds) * c.clients * c.rounds,
-        "multitask": lambda: len(c.seeds) * len(c.tasks),
         "lr_select": lambda: len(c.seeds) * len(c.lr_grid),
     }.get(experiment, lambda: len(c.seeds))()
-    methods = getattr(c, "methods", ["lora", "copra"])  # pruning trains LoRA and CopRA
-    return [(c.batch_size, c.steps)] * (per_method * len(methods))
+    return [(c.batch_size, c.steps)] * (per_method * len(getattr(c, "methods", ["lora", "copra"])))
 
 
 def planned_configs(experiment: str, config: Any) -> list | None:
@@ -45,8 +43,7 @@ def planned_configs(experiment: str, config: Any) -> list | None:
     if experiment in ("landscape", "shapley"):
         return [c.run_config(m, s) for m in methods for s in c.seeds]
     if experiment == "pruning":
-        base = c.base_config()
-        return [base.replace(method=m, seed=s, lr=c.lrs.get(m, c.lr)) for s in c.seeds for m in ("lora", "copra")]
+        return [c.run_config(m, s) for s in c.seeds for m in ("lora", "copra")]
     return None
 
 
