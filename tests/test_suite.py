@@ -7,7 +7,7 @@ import pytest
 
 from copra.cli import main
 from copra.errors import UserError
-from copra.experiments import runs, suite
+from copra.experiments import common, eval_cache, runs, suite
 from copra.experiments.suite import Step
 from copra.settings import dataclass_defaults
 
@@ -155,6 +155,16 @@ def test_converged_suite_picks_lrs_first_and_prints_its_time(monkeypatch, tmp_pa
     assert main(["reproduce", "--suite", "converged", "-o", str(out), "-q", "--set", f"model={tiny_text_model}"]
                 + SMALL) == 0
     assert "[pruning] done before, kept" in capsys.readouterr().err
+    # a pruning step killed after it had scored its adapters measures nothing again when it reruns
+    assert eval_cache.is_cache(out / "evaluations")
+    entries = sorted((out / "evaluations").glob("*.json"))
+    assert entries
+    (out / "pruning" / "pruning.json").unlink()
+    monkeypatch.setattr(common, "accuracy", lambda *a, **k: pytest.fail("measured again"))
+    assert main(["reproduce", "--suite", "converged", "-o", str(out), "-q", "--set", f"model={tiny_text_model}"]
+                + SMALL) == 0
+    assert json.loads((out / "pruning" / "pruning.json").read_text())["config"]["lrs"] == best
+    assert sorted((out / "evaluations").glob("*.json")) == entries
 
 
 def test_a_folder_made_before_a_field_existed_still_matches(tmp_path):

@@ -23,6 +23,7 @@ from copra.adapters import load_adapter, read_metadata
 from copra.config import TrainConfig, check_lrs  # noqa: F401  (check_lrs: re-exported for the experiments)
 from copra.errors import UserError
 from copra.evaluation import Batch, FewShotData, accuracy, eval_batches, load_adapter_state
+from copra.experiments import eval_cache
 
 Adapter = dict[str, torch.Tensor]
 BATCH = 64  # evaluation batch size, copra.evaluation's default
@@ -130,7 +131,9 @@ class Evaluator:
         self.base = base.replace(progress=False)
         self._classifiers: dict[tuple, nn.Module] = {}
         self._inputs: dict[int, tuple[FewShotData, list]] = {}
+        self._data_keys: dict[int, tuple[FewShotData, str | None]] = {}
         self.builds = 0  # number of classifiers built (tests check reuse)
+        self.measured = 0  # accuracies computed here, not read from an `eval_cache` (tests check reuse)
 
     def classifier(self, adapter_config: dict, where: str = "adapter") -> nn.Module:
         from copra.models import build_classifier
@@ -163,7 +166,15 @@ class Evaluator:
         """Accuracy on `data`'s evaluation subset with `state` loaded (prompts switched if needed).
 
         `copra.evaluation.accuracy` itself (the one scoring path), with the inputs collated once.
+        Inside `eval_cache.cached_evaluations` an accuracy measured before (same state, LoRA settings,
+        classifier settings and data) is read back instead of measured again.
         """
+        folder, entry = eval_cache.active_folder(), None
+        if folder is not None:
+            entry = self._cache_key(state, adapter_config, data)
+            cached = eval_cache.lookup(folder, entry) if entry is not None else None
+            if cached is not None:
+                return cached
         classifier = self.classifier(adapter_config)
         if classifier.prompts != list(data.prompts):
             classifier.set_prompts(list(data.prompts))
@@ -172,7 +183,23 @@ class Evaluator:
         value = accuracy(classifier, data.eval_x, data.eval_y, BATCH, self._batches(classifier, data))
         if not math.isfinite(value):
             raise UserError(f"accuracy on {data.task} is not finite (empty evaluation set?)")
+        self.measured += 1
+        if folder is not None and entry is not None:
+            eval_cache.record(folder, entry, value, {"task": data.task, "examples": len(data.eval_y)})
         return value
+
+    def _cache_key(self, state: Adapter, adapter_config: dict, data: FewShotData) -> str | None:
+        from copra.precision import default_device_type, resolve
+
+        if id(data) not in self._data_keys:  # keeps `data` alive so its id is not reused
+            self._data_keys[id(data)] = (data, eval_cache.data_digest(data.task, data.eval_x, data.eval_y, data.prompts))
+        data_hash = self._data_keys[id(data)][1]
+        if data_hash is None:
+            return None
+        lora = lora_fields(adapter_config, "adapter")
+        device_type = default_device_type()
+        return eval_cache.key(eval_cache.state_digest(state), lora, self.base, resolve(self.base.precision, device_type),
+                              device_type, data_hash)
 
 
 def run_precision(config: dict) -> str:

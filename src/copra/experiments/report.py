@@ -29,6 +29,7 @@ from typing import Callable
 from copra.atomic import write_bytes, write_text
 from copra.errors import UserError, resource_error
 from copra.experiments import convergence, crossover
+from copra.experiments.eval_cache import is_cache
 from copra.experiments.verdicts import OTHER, RULES, SECTIONS, Section, judge, overall
 from copra.locks import folder_lock
 
@@ -73,8 +74,8 @@ def find_summaries(results_dir: str | Path) -> list[Entry]:
     entries = []
     for path in sorted(root.rglob("*.json")):
         hidden = any(part.startswith(".") for part in path.relative_to(root).parts)
-        if hidden or (path.parent / "adapter_config.json").exists():
-            continue  # temporary files, PEFT adapter folders
+        if hidden or (path.parent / "adapter_config.json").exists() or is_cache(path.parent):
+            continue  # temporary files, PEFT adapter folders, the evaluation cache
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:

@@ -17,7 +17,9 @@ A suite is a list of steps, each one experiment with its settings, written to it
   `--set model=PATH --set data_root=PATH [--set tasks=dtd,eurosat]`.
 
 Resuming: a killed suite started again skips every step whose summary JSON (written last, atomically)
-records the same config, and inside a step reuses every finished training run (`runs.run_all`).
+records the same config, and inside a step reuses every finished training run (`runs.run_all`) and
+every accuracy already measured (`eval_cache`, in `evaluations/`: one small file per adapter state
+and evaluation set, so steps that score the same snapshots score them once).
 `suite.json` records the suite's name, version and resolved settings; a folder made with other
 settings is refused rather than mixed. `--jobs N` trains independent runs in N processes, `--executor ray`
 as Ray tasks (shared file system assumed).
@@ -37,6 +39,7 @@ from copra.atomic import write_json
 from copra.config import TrainConfig
 from copra.errors import UserError
 from copra.experiments import EXPERIMENTS
+from copra.experiments.eval_cache import cached_evaluations
 from copra.experiments.multitask import expand_tasks
 from copra.experiments.runs import check_executor, check_jobs, run_name, shared_runs, store_config
 from copra.locks import folder_lock
@@ -325,7 +328,7 @@ def _reproduce(out: Path, suite: str, steps: list[tuple[Step, Any]], jobs: int, 
         log(_expected_time(steps))
     timings: dict[str, float] = {}
     shared = shared_runs(out / "runs") if suite == "converged" else nullcontext()
-    with shared:
+    with shared, cached_evaluations(out / "evaluations"):  # a step started again reuses what it measured
         _run_steps(out, steps, jobs, progress, log, executor, ray_address, timings)
     from copra.experiments.report import write_report
 
