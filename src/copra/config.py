@@ -37,6 +37,17 @@ def check_lrs(lrs: dict, methods: typing.Iterable[str]) -> None:
             raise UserError(f"lrs[{method!r}] must be a positive number, got {lr!r}")
 
 
+class PerMethodLR:
+    """For experiment configs with `lr` and `lrs` (e.g. from lr_select): the peak lr a method trains with."""
+
+    lr: float
+    lrs: dict[str, float]
+
+    def lr_of(self, method: str) -> float:
+        """`lrs[method]` where lr_select (or the user) named it, else the shared `lr`."""
+        return self.lrs.get(method, self.lr)
+
+
 @dataclass
 class TrainConfig:
     """One training run: LoRA or CopRA on one task with one seed."""

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from copra.config import TrainConfig, check_lrs, make_config
+from copra.config import PerMethodLR, TrainConfig, check_lrs, make_config
 from copra.errors import UserError
 from copra.evaluation import FewShotData, adapter_state
 from copra.peft_merge import setting_options
@@ -47,7 +47,7 @@ def client_seed(seed: int, round_index: int, client: int) -> int:
 
 
 @dataclass
-class FederatedConfig:
+class FederatedConfig(PerMethodLR):
     """Federated LoRA vs CopRA: who trains what, for how long, and where results go."""
 
     task: str = "bbc_news"  #: task name (as TrainConfig.task)
@@ -98,7 +98,7 @@ class FederatedConfig:
 
     def client_config(self, method: str, seed: int, round_index: int, client: int) -> TrainConfig:
         """The TrainConfig of one client's local training in one round."""
-        return make_config({**self.train_overrides, **self._shared(), "method": method, "lr": self.lrs.get(method, self.lr),
+        return make_config({**self.train_overrides, **self._shared(), "method": method, "lr": self.lr_of(method),
                             "seed": client_seed(seed, round_index, client)})
 
     def data_config(self, seed: int) -> TrainConfig:

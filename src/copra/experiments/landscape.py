@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from copra.adapters import finite_or_none
 from copra.align import align, bound
-from copra.config import METHODS, TrainConfig, make_config
+from copra.config import METHODS, PerMethodLR, TrainConfig, make_config
 from copra.errors import UserError
 from copra.evaluation import FewShotData, prepare_data
 from copra.experiments.common import (Evaluator, RunExecution, TrainingBudget, barrier, check_lrs, check_overrides,
@@ -45,7 +45,7 @@ ALPHAS = [round(i / 10, 1) for i in range(11)]
 
 
 @dataclass
-class LandscapeConfig(TrainingBudget, RunExecution):
+class LandscapeConfig(TrainingBudget, RunExecution, PerMethodLR):
     """Settings of the merging landscape (paper Fig. 3): which adapters, which merges, which alphas."""
 
     task: str = "bbc_news"  #: task whose same-task adapters are merged
@@ -82,7 +82,7 @@ class LandscapeConfig(TrainingBudget, RunExecution):
 
     def run_config(self, method: str, seed: int) -> TrainConfig:
         return make_config({**self.overrides, **dict(task=self.task, method=method, seed=seed, shots=self.shots,
-                            steps=self.steps, batch_size=self.batch_size, lr=self.lrs.get(method, self.lr), model=self.model,
+                            steps=self.steps, batch_size=self.batch_size, lr=self.lr_of(method), model=self.model,
                             eval_examples=self.eval_examples, progress=self.progress)})
 
     def pairs(self) -> list[tuple[int, int]]:

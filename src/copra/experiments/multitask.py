@@ -25,7 +25,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from copra.align import align_many
-from copra.config import METHODS, TrainConfig, make_config
+from copra.config import METHODS, PerMethodLR, TrainConfig, make_config
 from copra.errors import UserError
 from copra.evaluation import FewShotData, prepare_data
 from copra.experiments.common import (Evaluator, RunExecution, TrainingBudget, check_lrs, check_overrides,
@@ -40,7 +40,7 @@ MANY_TASKS = 5  # above this, the figure is the per-task layout of the paper's F
 
 
 @dataclass
-class MultitaskConfig(TrainingBudget, RunExecution):
+class MultitaskConfig(TrainingBudget, RunExecution, PerMethodLR):
     """Settings of the multi-task merge (paper Table 1, MTL): tasks, methods, seeds, training budget."""
 
     tasks: list[str] = field(default_factory=lambda: ["bbc_news", "news_outlets"])  #: tasks fused ("mtl15": all 15)
@@ -71,7 +71,7 @@ class MultitaskConfig(TrainingBudget, RunExecution):
 
     def run_config(self, task: str, method: str, seed: int) -> TrainConfig:
         return make_config({**self.overrides, **dict(task=task, method=method, seed=seed, shots=self.shots,
-                            steps=self.steps, batch_size=self.batch_size, lr=self.lrs.get(method, self.lr), model=self.model,
+                            steps=self.steps, batch_size=self.batch_size, lr=self.lr_of(method), model=self.model,
                             eval_examples=self.eval_examples, progress=self.progress)})
 
 

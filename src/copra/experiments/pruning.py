@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from copra.config import make_config
+from copra.config import PerMethodLR, make_config
 from copra.errors import UserError
 from copra.evaluation import FewShotData, prepare_data
 from copra.experiments.common import (Evaluator, RunExecution, TrainingBudget, check_lrs, check_overrides,
@@ -30,7 +30,7 @@ SCHEMES = STRUCTURED + ("shapley",)
 
 
 @dataclass
-class PruningConfig(TrainingBudget, RunExecution):
+class PruningConfig(TrainingBudget, RunExecution, PerMethodLR):
     """Which adapters to prune and how."""
 
     task: str = "bbc_news"  #: task the adapters are trained and evaluated on
@@ -73,7 +73,7 @@ class PruningConfig(TrainingBudget, RunExecution):
     def run_config(self, method: str, seed: int):
         """One trained run: CopRA's keep the Early CopRA checkpoint (pruned too), each method at its lr."""
         return self.base_config().replace(method=method, seed=seed, save_early=method == "copra",
-                                          lr=self.lrs.get(method, self.lr))
+                                          lr=self.lr_of(method))
 
 
 def evaluate_pruned(adapters: dict[str, list[str]], data: FewShotData, config: PruningConfig,

@@ -64,13 +64,17 @@ def _placed(runs: Sequence[tuple[TrainConfig, str | Path]]) -> list[tuple[TrainC
     store = _STORE.get()
     if store is None:
         return list(runs)
-    placed = [store_config(c) for c, _ in runs]
-    return [(c, store / run_name(c)) for c in placed]
+    return [(store_config(c), store / store_name(c)) for c, _ in runs]
 
 
 def store_config(config: TrainConfig) -> TrainConfig:
     """The config a run trains with in a shared store: every CopRA run keeps its early checkpoint."""
     return config.replace(save_early=config.method == "copra")
+
+
+def store_name(config: TrainConfig) -> str:
+    """The folder name `config`'s run has inside `shared_runs` (where it trains as `store_config`)."""
+    return run_name(store_config(config))
 
 
 def finished(config: TrainConfig, output_dir: str | Path) -> RunResult | None:

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from copra.config import METHODS, make_config
+from copra.config import METHODS, PerMethodLR, make_config
 from copra.errors import UserError
 from copra.evaluation import FewShotData, prepare_data
 from copra.experiments.common import (Evaluator, RunExecution, TrainingBudget, check_lrs, check_overrides,
@@ -34,7 +34,7 @@ LABELS = {"lora": "LoRA", "copra": "CopRA", "early_copra": "Early CopRA"}
 
 
 @dataclass
-class ShapleyConfig(TrainingBudget, RunExecution):
+class ShapleyConfig(TrainingBudget, RunExecution, PerMethodLR):
     """Which adapters, which estimator, how many samples."""
 
     task: str = "bbc_news"  #: task the adapters were trained and are evaluated on
@@ -65,7 +65,7 @@ class ShapleyConfig(TrainingBudget, RunExecution):
 
     def run_config(self, method: str, seed: int):
         return make_config({**self.overrides, **dict(task=self.task, method=method, seed=seed, shots=self.shots,
-                            steps=self.steps, batch_size=self.batch_size, lr=self.lrs.get(method, self.lr), model=self.model,
+                            steps=self.steps, batch_size=self.batch_size, lr=self.lr_of(method), model=self.model,
                             eval_examples=self.eval_examples, progress=self.progress)})
 
 

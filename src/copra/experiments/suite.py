@@ -41,7 +41,7 @@ from copra.errors import UserError
 from copra.experiments import EXPERIMENTS
 from copra.experiments.eval_cache import cached_evaluations
 from copra.experiments.multitask import expand_tasks
-from copra.experiments.runs import check_executor, check_jobs, run_name, shared_runs, store_config
+from copra.experiments.runs import check_executor, check_jobs, shared_runs, store_name
 from copra.locks import folder_lock
 from copra.settings import build_dataclass, dataclass_defaults
 
@@ -271,7 +271,7 @@ def check_folder(out: Path, manifest: dict, defaults: dict[str, dict] | None = N
 
 def _shared_plan(steps: list[tuple[Step, Any]]) -> dict[str, list[tuple[int, int]]]:
     """(batch, optimizer steps) each suite step will train inside `runs.shared_runs`: a run an earlier
-    step already planned (the same `runs.run_name`) is not counted again."""
+    step already planned (the same `runs.store_name`) is not counted again."""
     from copra.experiments import timing
 
     seen: set[str] = set()
@@ -283,7 +283,7 @@ def _shared_plan(steps: list[tuple[Step, Any]]) -> dict[str, list[tuple[int, int
             continue
         plan[step.name] = []
         for run in configs:
-            name = run_name(store_config(run))
+            name = store_name(run)
             if name not in seen:
                 seen.add(name)
                 plan[step.name].append((run.batch_size, run.steps))
