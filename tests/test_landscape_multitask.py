@@ -182,6 +182,31 @@ def test_multitask_table_and_merged_accuracy_on_each_task(model, tmp_path):
         multitask.MultitaskConfig(model=model, tasks=["bbc_news"])
 
 
+def test_multitask_snapshot_curve_merges_every_snapshot(model, tmp_path):
+    """Issue 12's crossover for MTL: each seed's task adapters at step t merged and scored, t = each snapshot."""
+    from copra.experiments import crossover
+    from copra.training import SNAPSHOTS_DIR
+
+    config = multitask.MultitaskConfig(model=model, tasks=["bbc_news", "news_outlets"], seeds=[0, 1],
+                                       output_dir=str(tmp_path / "mtl"), snapshot_curve=True,
+                                       **{**FAST, "overrides": {**FAST.get("overrides", {}), "snapshot_every": 2}})
+    summary = multitask.run(config)
+    curve = summary["curve"]
+    assert curve["steps"] == [2, 4, config.steps] and set(curve["merged"]) == {"lora", "copra"}
+    run = summary["methods"]["copra"]["runs"][1]
+    assert curve["merged"]["copra"][-1][1] == pytest.approx(sum(run["merged"].values()) / 2)  # the end: the table's
+    at_2 = {t: load_adapter(Path(run["adapters"][t]).parent / SNAPSHOTS_DIR / "step-2")[0] for t in config.tasks}
+    classifier, data = build_run(config.run_config("news_outlets", "copra", 1))
+    on_outlets = state_accuracy(classifier, fusion([at_2[t] for t in config.tasks]), data)
+    classifier, data = build_run(config.run_config("bbc_news", "copra", 1))
+    on_bbc = state_accuracy(classifier, fusion([at_2[t] for t in config.tasks]), data)
+    assert curve["merged"]["copra"][0][1] == pytest.approx((on_bbc + on_outlets) / 2)
+    data = crossover.curves(json.loads((tmp_path / "mtl" / "multitask.json").read_text()))
+    assert data["steps"] == [2, 4, config.steps] and len(data["merged"]) == 3 and not data["single"]
+    with pytest.raises(UserError, match="snapshot_every"):
+        multitask.MultitaskConfig(model=model, snapshot_curve=True)
+
+
 # ---- merge_folders (`copra merge`) ------------------------------------------------------------
 
 def expected_model(model_path, states, weights, adapter_config, rule):

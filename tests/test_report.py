@@ -350,3 +350,23 @@ def test_schedule_variants_are_judged_against_their_lora_counterparts(tmp_path, 
     found = crossover.figures([(tmp_path / "a.json", other), (tmp_path / "b.json", crossover_sweep()),
                                (tmp_path / "c.json", long)])
     assert [path for path, *_ in found.values()] == [tmp_path / "b.json", tmp_path / "c.json"]
+
+
+def test_crossover_adds_pruned_and_multitask_curves(tmp_path):
+    summary = crossover_sweep()
+    for row, gain in zip(summary["points"], (0.0, 0.03)):  # CopRA's pruned adapters 3 points ahead at every step
+        row["curve"]["pruned"] = {"every_other": [[0.6 + gain + 0.01 * k for k in range(4)] for _ in range(3)]}
+    data = crossover.curves(summary)
+    assert [c.verdict for c in data["pruned"]["every_other"]] == ["held"] * 3
+    assert "pruned (every_other): CopRA − LoRA, 95% CI" in crossover.table(data).splitlines()[0]
+    assert "Pruned (every_other): CopRA shown higher at steps 50, 100, 300." in crossover.summary_line(data)
+    mtl = {"experiment": "multitask", "tasks": ["bbc_news", "news_outlets"],
+           "curve": {"steps": [50, 300], "merged": {"lora": [[0.7, 0.7, 0.72], [0.8, 0.81, 0.8]],
+                                                      "copra": [[0.6, 0.61, 0.6], [0.8, 0.81, 0.8]]}}}
+    found = crossover.figures([(tmp_path / "s.json", summary), (tmp_path / "m.json", mtl)])
+    assert [path.name for path, *_ in found.values()] == ["s.json", "m.json"]
+    (_, _, multi, image), = [v for v in found.values() if v[0].name == "m.json"]
+    assert [c.verdict for c in multi["merged"]] == ["reversed", "no difference shown"] and image[:4] == b"\x89PNG"
+    lines = crossover.sections(found, tmp_path, None)
+    assert any(line.startswith("*multitask on bbc_news, news_outlets, from m.json.") for line in lines)
+    assert "| 50 | -10.3 [" in crossover.table(multi)

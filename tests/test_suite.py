@@ -93,9 +93,10 @@ def test_clip_suite_steps_run_on_tiny_clip(monkeypatch, tmp_path):
 
 def test_converged_suite_resolves_with_the_issue_protocol():
     steps = {s.name: (s, c) for s, c in suite.resolve("converged", {})}
-    assert list(steps) == ["lr_select", "federated", "crossover", "multitask", "landscape", "pruning", "shapley",
-                           "schedules", "crossover_long"]
+    assert list(steps) == ["lr_select", "federated", "crossover", "landscape", "pruning", "shapley", "crossover_long",
+                           "multitask", "schedules"]
     assert steps["crossover_long"][1].steps == 1000 and steps["crossover_long"][1].curve_every == 100
+    assert steps["crossover_long"][1].curve_prune == ["every_other"] and steps["multitask"][1].snapshot_curve
     assert all(c.shots == 16 for _, c in steps.values()) and steps["federated"][1].clients == 5
     assert steps["federated"][1].seeds == [0, 1, 2, 3, 4] and len(steps["landscape"][1].seeds) == 6
     assert all(s.selected_lr for name, (s, _) in steps.items() if name != "lr_select")
@@ -197,3 +198,15 @@ def test_mtl15_in_the_converged_suite():
     assert len(steps["multitask"].tasks) == 15 and steps["landscape"].task == steps["multitask"].tasks[0] == "bbc_news"
     steps = {s.name: c for s, c in suite.resolve("converged", {"tasks": ["news_outlets", "bbc_news"]})}
     assert steps["pruning"].task == "news_outlets" and steps["multitask"].tasks == ["news_outlets", "bbc_news"]
+
+
+def test_a_folder_accepts_settings_that_only_add_measurements(tmp_path):
+    """curve_prune / snapshot_curve add to a step's summary without changing its runs: the step runs again."""
+    saved = {"suite": "converged", "version": suite.SUITE_VERSION,
+             "settings": {"crossover_long": {"steps": 1000, "curve_every": 100}}}
+    (tmp_path / "suite.json").write_text(json.dumps(saved))
+    added = {**saved, "settings": {"crossover_long": {"steps": 1000, "curve_every": 100, "curve_prune": ["every_other"]}}}
+    suite.check_folder(tmp_path, added, {"crossover_long": {"curve_prune": []}})
+    with pytest.raises(UserError, match="curve_every"):
+        suite.check_folder(tmp_path, {**saved, "settings": {"crossover_long": {"steps": 1000, "curve_every": 50}}})
+    assert suite.first_difference({"curve_prune": []}, {"curve_prune": ["every_other"]}, {}) == "curve_prune"

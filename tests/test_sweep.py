@@ -163,3 +163,27 @@ def test_run_all_continues_a_killed_run_from_its_checkpoint(tiny_text_model, tmp
     (resumed,) = runs.run_all([(run_config, tmp_path / "killed")])
     assert resumed.resumed_from == 4
     assert all(torch.equal(resumed.state[k], whole.state[k]) for k in whole.state)
+
+
+def test_curve_prune_scores_each_snapshot_pruned(tiny_text_model, tmp_path):
+    """Issue 12's crossover for pruning: every snapshot (and the final adapter) pruned and scored."""
+    from copra.adapters import load_adapter
+    from copra.evaluation import prepare_data, state_accuracy
+    from copra.prune import structured
+    from copra.training import SNAPSHOTS_DIR, build_run
+
+    config = sweep.SweepConfig(name="pruned", model=tiny_text_model, grid={}, seeds=[0, 1], curve_every=2,
+                               curve_prune=["every_other"], output_dir=str(tmp_path), **FAST)
+    summary = sweep.run(config)
+    row = summary["points"][1]  # CopRA
+    pruned = row["curve"]["pruned"]["every_other"]
+    assert row["curve"]["steps"] == [2, 4] and [len(p) for p in pruned] == [2, 2]
+    folder = tmp_path / "runs" / "pruned" / "CopRA" / "default" / "seed1"
+    state, _ = load_adapter(folder / SNAPSHOTS_DIR / "step-2")
+    run_config = config.run_config("CopRA", {}, 1)
+    classifier, _ = build_run(run_config)
+    assert pruned[0][1] == pytest.approx(state_accuracy(classifier, structured(state, "every_other"), prepare_data(run_config)))
+    with pytest.raises(UserError, match="curve_prune needs curve_every"):
+        sweep.SweepConfig(curve_prune=["every_other"], **FAST)
+    with pytest.raises(UserError, match="curve_prune"):
+        sweep.SweepConfig(curve_every=2, curve_prune=["all"], **FAST)

@@ -24,6 +24,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from copra.adapters import load_adapter
 from copra.align import align_many
 from copra.config import METHODS, PerMethodLR, TrainConfig, make_config
 from copra.errors import UserError
@@ -34,6 +35,7 @@ from copra.experiments.common import (Evaluator, RunExecution, TrainingBudget, c
 from copra.merge import check_compatible
 from copra.peft_merge import merge_states, setting_options
 from copra.experiments.runs import run_all
+from copra.training import SNAPSHOTS_DIR
 
 LABELS = {"lora": "LoRA", "copra": "CopRA"}
 MANY_TASKS = 5  # above this, the figure is the per-task layout of the paper's Fig. 5c
@@ -50,6 +52,7 @@ class MultitaskConfig(TrainingBudget, RunExecution, PerMethodLR):
     merge_method: str = "fusion"  #: how task adapters are merged: fusion, mixture or a PEFT method (ties, dare_ties, ...)
     merge_density: float = 0.5  #: density of TIES / DARE / magnitude merges (unused by the other methods)
     align_steps: int = 200  #: Adam steps of LoRA Align per module
+    snapshot_curve: bool = False  #: also merge and score every snapshot the runs saved (overrides: snapshot_every), for the crossover figure
     lrs: dict[str, float] = field(default_factory=dict)  #: peak lr per method (e.g. from lr_select); others use lr
     output_dir: str = "results/multitask"  #: where adapters, JSON, PNG and Markdown go
 
@@ -66,6 +69,10 @@ class MultitaskConfig(TrainingBudget, RunExecution, PerMethodLR):
             raise UserError(f"align_steps must be a non-negative integer, got {self.align_steps!r}")
         setting_options(self.merge_method, self.merge_density)
         check_overrides(self.overrides)
+        if not isinstance(self.snapshot_curve, bool):
+            raise UserError(f"snapshot_curve must be true or false, got {self.snapshot_curve!r}")
+        if self.snapshot_curve and not self.overrides.get("snapshot_every"):
+            raise UserError("snapshot_curve needs runs that save snapshots: set overrides.snapshot_every")
         check_lrs(self.lrs, self.methods)
         self.run_config(self.tasks[0], self.methods[0], self.seeds[0])  # validates every TrainConfig field
 
@@ -131,11 +138,7 @@ def run_from_adapters(adapters: dict[str, list[dict[str, str]]], config: Multita
         runs = []
         for n, group in enumerate(groups):
             states = loaded[f"{method}/{n}"]
-            parts = [states[t][0] for t in tasks]
-            if config.align:
-                parts = [parts[0], *align_many(parts[0], parts[1:], steps=config.align_steps)]
-            merged, merged_config = merge_states(config.merge_method, parts, [states[t][1] for t in tasks],
-                                                 **setting_options(config.merge_method, config.merge_density))
+            merged, merged_config = merge_tasks(states, config)
             record = {"adapters": {t: str(group[t]) for t in tasks}, "original": {}, "merged": {}}
             for task in tasks:
                 state, adapter_config = states[task]
@@ -150,11 +153,49 @@ def run_from_adapters(adapters: dict[str, list[dict[str, str]]], config: Multita
                 sum(r[kind][t] for t in tasks) / len(tasks) for r in runs)))
         summary["methods"][method] = row
     bar.close()
+    if config.snapshot_curve:
+        summary["curve"] = snapshot_curve(summary, config, evaluator, data)
     summary["classifiers_built"] = evaluator.builds
     summary["wall_seconds"] = time.perf_counter() - started
     out = Path(config.output_dir)
     write_outputs(out, "multitask", summary, plot, render)
     return summary
+
+
+def merge_tasks(states: dict[str, tuple[dict, dict]], config: MultitaskConfig) -> tuple[dict, dict]:
+    """One seed's task adapters {task: (state, adapter_config)} merged as configured (aligned first if asked)."""
+    tasks = list(states)
+    parts = [states[t][0] for t in tasks]
+    if config.align:
+        parts = [parts[0], *align_many(parts[0], parts[1:], steps=config.align_steps)]
+    return merge_states(config.merge_method, parts, [states[t][1] for t in tasks],
+                        **setting_options(config.merge_method, config.merge_density))
+
+
+def snapshot_curve(summary: dict, config: MultitaskConfig, evaluator: Evaluator, data: dict[str, FewShotData]) -> dict:
+    """Merged accuracy (mean over tasks) per method and seed at every snapshot step all runs saved, and at the end.
+
+    {"steps": [...], "merged": {method: [step][seed]}}: CopRA − LoRA against training length for the
+    crossover figure. A snapshot at step t is the adapter t steps into a run of the full length.
+    """
+    tasks = summary["tasks"]
+    folders = {m: [{t: Path(r["adapters"][t]).parent for t in tasks} for r in row["runs"]]
+               for m, row in summary["methods"].items()}
+    saved = [{int(p.name.split("-")[1]) for p in (folder / SNAPSHOTS_DIR).glob("step-*")}
+             for groups in folders.values() for group in groups for folder in group.values()]
+    steps = sorted(set.intersection(*saved)) if saved else []
+    curve: dict[str, Any] = {"steps": [*steps, config.steps], "merged": {m: [] for m in folders}}
+    for step in steps:
+        for method, groups in folders.items():
+            row = []
+            for group in groups:
+                states = {t: load_adapter(group[t] / SNAPSHOTS_DIR / f"step-{step}") for t in tasks}
+                merged, merged_config = merge_tasks(states, config)
+                row.append(sum(evaluator.accuracy(merged, merged_config, data[t]) for t in tasks) / len(tasks))
+            curve["merged"][method].append(row)
+    for method, row in summary["methods"].items():  # the end of training: the adapters merged above
+        curve["merged"][method].append([sum(r["merged"][t] for t in tasks) / len(tasks) for r in row["runs"]])
+    return curve
 
 
 def plot(summary: dict, path: str | Path) -> Path:

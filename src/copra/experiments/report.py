@@ -307,7 +307,7 @@ def build_report(results_dir: str | Path, output_dir: str | Path | None = None) 
 
 
 def _build(root: Path, out: Path, entries: list[Entry]) -> tuple[str, str, dict[str, bytes]]:
-    figures = crossover.figures([(e.path, e.summary) for e in entries if e.name == "sweep"])
+    figures = crossover.figures([(e.path, e.summary) for e in entries if e.name in ("sweep", "multitask")])
     images: dict[str, str] = {}
     page = to_html(document(entries, root, out, images, figures), images, f"CopRA vs LoRA: {root}")
     return document(entries, root, out, None, figures), page, {name: f[3] for name, f in figures.items()}

@@ -121,6 +121,8 @@ def converged_suite() -> list[Step]:
     Every bbc_news run keeps snapshots and the suite trains inside `runs.shared_runs`, so the
     crossover, multitask, landscape, pruning, Shapley and schedules steps share one set of runs. The
     crossover (the report's first figure) comes right after FL: its runs are the ones the later steps reuse.
+    `crossover_long` (1000 steps, pruned snapshots too) comes before the multitask snapshot curve and the
+    schedule variants: it answers the central question, so a suite stopped early has it first.
     """
     fused = {"LoRA": {"method": "lora"}, "CopRA": {"method": "copra"}}
     snapshots = {"snapshot_every": SNAPSHOT_EVERY}
@@ -132,8 +134,6 @@ def converged_suite() -> list[Step]:
         Step("crossover", "sweep", dict(CONVERGED, name="crossover", grid={}, seeds=PAIR_SEEDS, variants=fused,
                                         curve_every=SNAPSHOT_EVERY), "crossover: CopRA − LoRA over training",
              selected_lr=True),
-        Step("multitask", "multitask", dict(CONVERGED, tasks=["bbc_news", "news_outlets"], seeds=FIVE_SEEDS,
-                                            overrides=snapshots), "Table 1 (MTL)", selected_lr=True),
         Step("landscape", "landscape", dict(CONVERGED, seeds=PAIR_SEEDS, overrides=snapshots), "Fig. 3",
              selected_lr=True),
         Step("pruning", "pruning", dict(CONVERGED, seeds=FIVE_SEEDS, overrides=snapshots,
@@ -141,17 +141,23 @@ def converged_suite() -> list[Step]:
              selected_lr=True),
         Step("shapley", "shapley", dict(CONVERGED, seeds=FIVE_SEEDS, estimator="exact", compare_exact=False,
                                         overrides=snapshots), "Fig. 2", selected_lr=True),
+        Step("crossover_long", "sweep", dict(CONVERGED, name="crossover_long", grid={}, seeds=PAIR_SEEDS, variants=fused,
+                                             steps=LONG_STEPS, curve_every=LONG_STEPS // 10, curve_prune=["every_other"]),
+             "crossover: the same question over runs of 1000 steps, pruned adapters too", selected_lr=True),
+        Step("multitask", "multitask", dict(CONVERGED, tasks=["bbc_news", "news_outlets"], seeds=FIVE_SEEDS,
+                                            overrides=snapshots, snapshot_curve=True), "Table 1 (MTL)",
+             selected_lr=True),
         Step("schedules", "sweep", dict(CONVERGED, name="schedules", grid={}, seeds=PAIR_SEEDS,
                                         variants=SCHEDULE_VARIANTS, curve_every=SNAPSHOT_EVERY),
              "open in the paper: the lr schedule around the ramp, and the ramp's length", selected_lr=True),
-        Step("crossover_long", "sweep", dict(CONVERGED, name="crossover_long", grid={}, seeds=PAIR_SEEDS, variants=fused,
-                                             steps=LONG_STEPS, curve_every=LONG_STEPS // 10),
-             "crossover: the same question over runs of 1000 steps", selected_lr=True),
     ]
 
 
 SUITES = {"full": full_suite, "clip": clip_suite, "converged": converged_suite}
 HOW = ("progress", "jobs", "executor", "ray_address")  # how runs execute, not what they compute: never compared
+# settings that only add measurements to a step's summary (its runs stay the same): a results folder accepts a
+# change of them, and the step runs again, reusing its runs and every accuracy already measured (`eval_cache`)
+ADDS_ONLY = ("curve_prune", "snapshot_curve")
 CLIP_SETTINGS = ("model", "data_root")  # what a clip suite cannot run without
 
 
@@ -215,13 +221,13 @@ def _selected(folder: Path) -> dict[str, float]:
         return {}
 
 
-def first_difference(old: dict, new: dict, defaults: dict) -> str | None:
-    """The first key where two stored settings differ, or None. Run-time keys (`HOW`) never count, and a
-    key one side lacks reads as its default: a field added after a folder was made, left at its
-    default, computes what the folder holds, so older results folders still resume."""
+def first_difference(old: dict, new: dict, defaults: dict, ignore: tuple[str, ...] = HOW) -> str | None:
+    """The first key where two stored settings differ, or None. Keys in `ignore` (run-time keys, `HOW`)
+    never count, and a key one side lacks reads as its default: a field added after a folder was made,
+    left at its default, computes what the folder holds, so older results folders still resume."""
     absent = object()
     for key in sorted(set(old) | set(new)):
-        if key not in HOW and old.get(key, defaults.get(key, absent)) != new.get(key, defaults.get(key, absent)):
+        if key not in ignore and old.get(key, defaults.get(key, absent)) != new.get(key, defaults.get(key, absent)):
             return key
     return None
 
@@ -263,7 +269,7 @@ def check_folder(out: Path, manifest: dict, defaults: dict[str, dict] | None = N
                             f"not {manifest['suite']!r} version {manifest['version']}; use another results folder")
     for name, settings in manifest["settings"].items():
         old = saved.get("settings", {}).get(name)
-        key = None if old is None else first_difference(old, settings, (defaults or {}).get(name, {}))
+        key = None if old is None else first_difference(old, settings, (defaults or {}).get(name, {}), HOW + ADDS_ONLY)
         if key is not None:
             raise UserError(f"{out}: step {name!r} was run with {key}={old.get(key)!r}, now {settings.get(key)!r}; "
                             "use another results folder (or delete that one) to run with new settings")

@@ -11,7 +11,8 @@ TrainConfig overrides, so one experiment covers the paper's comparisons and the 
   dropout, and stochastic depth for LoRA (every layer kept with a fixed p=0.5 all along);
 - CopRA on DoRA (`variants: dora`): LoRA, CopRA, DoRA and CopRA on DoRA side by side;
 - Fig. 5a (`geometry: true`): t-SNE of all adapters and seed-to-seed cosine / L2 per setting;
-- Fig. 6c (`curve_every: k`): single and merged accuracy every k steps (runs save snapshots).
+- Fig. 6c (`curve_every: k`): single and merged accuracy every k steps (runs save snapshots);
+  `curve_prune: [every_other]` also scores each snapshot structurally pruned (issue 12's crossover).
 
 Runs go through `runs.run_all`: finished ones are reused (a killed sweep resumes) and `jobs` > 1
 trains them in parallel processes.
@@ -33,6 +34,7 @@ from copra.experiments.common import (Evaluator, RunExecution, TrainingBudget, c
                                       write_outputs)
 from copra.experiments.runs import run_all
 from copra.merge import fusion
+from copra.prune import STRUCTURED, structured
 from copra.training import SNAPSHOTS_DIR
 
 RESERVED = ("task", "seed", "output_dir", "progress", "save_early")
@@ -69,6 +71,7 @@ class SweepConfig(TrainingBudget, RunExecution):
     alpha: float = 0.5  #: fusion coefficient of the merged accuracy
     geometry: bool = False  #: also t-SNE and seed-to-seed cosine / L2 of the adapters (Fig. 5a)
     curve_every: int = 0  #: also single and merged accuracy every this many steps (Fig. 6c; 0: off)
+    curve_prune: list[str] = field(default_factory=list)  #: structured pruning schemes (e.g. every_other) also scored along the curve
     output_dir: str = "results/sweep"  #: where adapters, JSON, PNG and Markdown go
 
     def __post_init__(self) -> None:
@@ -98,6 +101,10 @@ class SweepConfig(TrainingBudget, RunExecution):
         check_unique("seeds", self.seeds, minimum=2)
         if isinstance(self.curve_every, bool) or not isinstance(self.curve_every, int) or self.curve_every < 0:
             raise UserError(f"curve_every must be a non-negative integer, got {self.curve_every!r}")
+        if self.curve_prune:
+            check_unique("curve_prune", self.curve_prune, [s for s in STRUCTURED if s != "all"])
+            if not self.curve_every:
+                raise UserError("curve_prune needs curve_every (the snapshots it prunes)")
         if "snapshot_every" in self.grid or any("snapshot_every" in v for v in self.variants.values()):
             raise UserError("snapshot_every is set by the sweep's curve_every")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 <= self.alpha <= 1:
@@ -189,11 +196,15 @@ def runs_of(results: list) -> list[Path]:
 def curve(evaluator: Evaluator, data, config: SweepConfig, folders: list[Path], final: list, total_steps: int) -> dict:
     """Single and pairwise-merged accuracy at every snapshot step and at the end (paper Fig. 6c)."""
     steps = sorted(int(p.name.split("-")[1]) for p in (folders[0] / SNAPSHOTS_DIR).glob("step-*"))
-    out: dict[str, list] = {"steps": [], "single_mean": [], "merged_mean": [], "merged_std": [], "single": [],
-                            "merged": []}  # single: [step][seed]; merged: [step][seed pair], as combinations
+    out: dict[str, Any] = {"steps": [], "single_mean": [], "merged_mean": [], "merged_std": [], "single": [],
+                           "merged": []}  # single: [step][seed]; merged: [step][seed pair], as combinations
+    if config.curve_prune:
+        out["pruned"] = {scheme: [] for scheme in config.curve_prune}  # [step][seed], each adapter pruned
     for step in steps + [None]:
         loaded = final if step is None else [load_adapter(f / SNAPSHOTS_DIR / f"step-{step}") for f in folders]
         single = [evaluator.accuracy(state, cfg, data) for state, cfg in loaded]
+        for scheme in config.curve_prune:
+            out["pruned"][scheme].append([evaluator.accuracy(structured(state, scheme), cfg, data) for state, cfg in loaded])
         merged = [evaluator.accuracy(fusion([loaded[i][0], loaded[j][0]], [config.alpha, 1 - config.alpha]),
                                      loaded[i][1], data) for i, j in itertools.combinations(range(len(loaded)), 2)]
         out["steps"].append(total_steps if step is None else step)
