@@ -130,7 +130,10 @@ def main() -> None:
     if "fp32" in precisions:
         for prec in precisions:
             if prec != "fp32":
-                print(f"LoRA step {prec} / fp32: {mean[prec, 'lora'] / mean['fp32', 'lora']:.3f}")
+                peak_ratio = peaks["fp32"][0] / peaks[prec][0]
+                print(f"LoRA step {prec} / fp32: {mean[prec, 'lora'] / mean['fp32', 'lora']:.3f}  (this machine's GEMM "
+                      f"peaks: {prec} {1 / peak_ratio:.2f}x fp32, so a {prec} step as efficient as the fp32 one "
+                      f"would take {peak_ratio:.3f}x)")
     masks = results[precisions[0], "copra"].masks
     depth = statistics.fmean(depth_fraction(mask) for mask in masks)
     print(f"blocks from the lowest active one up, as a fraction of all (drawn masks): {depth:.3f}\n"
