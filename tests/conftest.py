@@ -77,6 +77,26 @@ def tiny_run_config(model_path: str, **overrides):
     return make_config(values | overrides)
 
 
+def run_with_random_b(model_path: str, eval_examples: int):
+    """(config, classifier, data): a tiny classifier whose LoRA B is random, so adapters change its scores."""
+    from copra.training import build_run
+
+    config = tiny_run_config(model_path, eval_examples=eval_examples)
+    classifier, data = build_run(config)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in classifier.encoder.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 2.0)
+    return config, classifier, data
+
+
+def lora_adapter_config(config) -> dict:
+    """The adapter_config.json fields of a run's LoRA (what `Evaluator.accuracy` reads)."""
+    return {"r": config.rank, "lora_alpha": config.lora_alpha, "target_modules": list(config.target_modules),
+            "use_rslora": config.use_rslora, "use_dora": config.use_dora}
+
+
 def interrupted_run(config, out, at_step: int, monkeypatch) -> None:
     """Train `config` into `out` until the checkpoint of `at_step` is written, then stop as if killed."""
     from copra import training

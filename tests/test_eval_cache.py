@@ -9,27 +9,18 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_run_config
+from conftest import lora_adapter_config, run_with_random_b
 from copra.config import TrainConfig
 from copra.evaluation import adapter_state
 from copra.experiments import eval_cache
 from copra.experiments.common import Evaluator
 from copra.experiments.report import find_summaries
-from copra.training import build_run
 
 
 @pytest.fixture(scope="module")
 def run(tiny_text_model):
-    config = tiny_run_config(tiny_text_model, eval_examples=20)
-    classifier, data = build_run(config)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, param in classifier.encoder.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, 2.0)
-    adapter_config = {"r": config.rank, "lora_alpha": config.lora_alpha, "target_modules": list(config.target_modules),
-                      "use_rslora": config.use_rslora, "use_dora": config.use_dora}
-    return config, adapter_state(classifier), adapter_config, data
+    config, classifier, data = run_with_random_b(tiny_text_model, eval_examples=20)
+    return config, adapter_state(classifier), lora_adapter_config(config), data
 
 
 def test_every_train_config_field_is_classified():

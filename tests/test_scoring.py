@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_run_config
+from conftest import lora_adapter_config, run_with_random_b, tiny_run_config
 from copra import evaluation
 from copra.coalitions import CoalitionEvaluator
 from copra.data import fewshot
@@ -30,19 +30,10 @@ ALL_MASKS = np.array(list(itertools.product([False, True], repeat=3)))
 @pytest.fixture(scope="module")
 def run(tiny_text_model):
     """A tiny classifier with random LoRA B, 30 evaluation examples (k/30 is not a float32 number)."""
-    config = tiny_run_config(tiny_text_model, eval_examples=30)
-    classifier, data = build_run(config)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, param in classifier.encoder.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, 2.0)
-    return config, classifier, data
+    return run_with_random_b(tiny_text_model, eval_examples=30)
 
 
-def adapter_config(config) -> dict:
-    return {"r": config.rank, "lora_alpha": config.lora_alpha, "target_modules": list(config.target_modules),
-            "use_rslora": config.use_rslora, "use_dora": config.use_dora}
+adapter_config = lora_adapter_config
 
 
 def test_accuracy_is_the_exact_count_over_n_in_float64(run):
