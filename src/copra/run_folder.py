@@ -166,7 +166,17 @@ def clear_run(out: Path) -> None:
 
 def save_snapshot(out: Path, encoder, config: TrainConfig, data, step: int) -> None:
     """The adapter as it is after `step` steps, all adapters on (learning curves, paper Fig. 6c)."""
-    save_peft_model(encoder, out / SNAPSHOTS_DIR / f"step-{step}", metadata(config, data, checkpoint="snapshot", at_step=step))
+    save_peft_model(encoder, snapshot_dir(out, step), metadata(config, data, checkpoint="snapshot", at_step=step))
+
+
+def snapshot_dir(out: Path, step: int) -> Path:
+    """The PEFT folder of the snapshot a run in `out` saved after `step` steps."""
+    return Path(out) / SNAPSHOTS_DIR / f"step-{step}"
+
+
+def snapshot_steps(out: Path) -> list[int]:
+    """The steps at which the run in `out` saved snapshots, in order (none: [])."""
+    return sorted(int(p.name.split("-")[1]) for p in (Path(out) / SNAPSHOTS_DIR).glob("step-*"))
 
 
 def save_finished(out: Path, encoder, meta: dict, result: RunResult) -> None:

@@ -35,7 +35,7 @@ from copra.experiments.common import (Evaluator, RunExecution, TrainingBudget, c
 from copra.merge import check_compatible
 from copra.peft_merge import merge_states, setting_options
 from copra.experiments.runs import run_all
-from copra.training import SNAPSHOTS_DIR
+from copra.run_folder import snapshot_dir, snapshot_steps
 
 LABELS = {"lora": "LoRA", "copra": "CopRA"}
 MANY_TASKS = 5  # above this, the figure is the per-task layout of the paper's Fig. 5c
@@ -181,15 +181,14 @@ def snapshot_curve(summary: dict, config: MultitaskConfig, evaluator: Evaluator,
     tasks = summary["tasks"]
     folders = {m: [{t: Path(r["adapters"][t]).parent for t in tasks} for r in row["runs"]]
                for m, row in summary["methods"].items()}
-    saved = [{int(p.name.split("-")[1]) for p in (folder / SNAPSHOTS_DIR).glob("step-*")}
-             for groups in folders.values() for group in groups for folder in group.values()]
+    saved = [set(snapshot_steps(folder)) for groups in folders.values() for group in groups for folder in group.values()]
     steps = sorted(set.intersection(*saved)) if saved else []
     curve: dict[str, Any] = {"steps": [*steps, config.steps], "merged": {m: [] for m in folders}}
     for step in steps:
         for method, groups in folders.items():
             row = []
             for group in groups:
-                states = {t: load_adapter(group[t] / SNAPSHOTS_DIR / f"step-{step}") for t in tasks}
+                states = {t: load_adapter(snapshot_dir(group[t], step)) for t in tasks}
                 merged, merged_config = merge_tasks(states, config)
                 row.append(sum(evaluator.accuracy(merged, merged_config, data[t]) for t in tasks) / len(tasks))
             curve["merged"][method].append(row)

@@ -35,7 +35,7 @@ from copra.experiments.common import (Evaluator, RunExecution, TrainingBudget, c
 from copra.experiments.runs import run_all
 from copra.merge import fusion
 from copra.prune import STRUCTURED, structured
-from copra.training import SNAPSHOTS_DIR
+from copra.run_folder import snapshot_dir, snapshot_steps
 
 RESERVED = ("task", "seed", "output_dir", "progress", "save_early")
 PAPER_VARIANTS = {"LoRA": {"method": "lora"}, "CopRA": {"method": "copra"}}
@@ -195,13 +195,13 @@ def runs_of(results: list) -> list[Path]:
 
 def curve(evaluator: Evaluator, data, config: SweepConfig, folders: list[Path], final: list, total_steps: int) -> dict:
     """Single and pairwise-merged accuracy at every snapshot step and at the end (paper Fig. 6c)."""
-    steps = sorted(int(p.name.split("-")[1]) for p in (folders[0] / SNAPSHOTS_DIR).glob("step-*"))
+    steps = snapshot_steps(folders[0])
     out: dict[str, Any] = {"steps": [], "single_mean": [], "merged_mean": [], "merged_std": [], "single": [],
                            "merged": []}  # single: [step][seed]; merged: [step][seed pair], as combinations
     if config.curve_prune:
         out["pruned"] = {scheme: [] for scheme in config.curve_prune}  # [step][seed], each adapter pruned
     for step in steps + [None]:
-        loaded = final if step is None else [load_adapter(f / SNAPSHOTS_DIR / f"step-{step}") for f in folders]
+        loaded = final if step is None else [load_adapter(snapshot_dir(f, step)) for f in folders]
         single = [evaluator.accuracy(state, cfg, data) for state, cfg in loaded]
         for scheme in config.curve_prune:
             out["pruned"][scheme].append([evaluator.accuracy(structured(state, scheme), cfg, data) for state, cfg in loaded])
