@@ -143,7 +143,7 @@ def test_converged_suite_picks_lrs_first_and_prints_its_time(monkeypatch, tmp_pa
     assert main(["reproduce", "--suite", "converged", "-o", str(out), "-q", "--set", f"model={tiny_text_model}"]
                 + SMALL) == 0
     err = capsys.readouterr().err
-    assert "timing probe:" in err and "expected training time" in err
+    assert "timing probe:" in err and "expected wall time" in err and "ms per evaluation example" in err
     assert err.index("timing probe:") < err.index("[lr_select] lr_select")  # printed before the first step
     best = json.loads((out / "lr_select" / "lr_select.json").read_text())["best"]
     pruning = json.loads((out / "pruning" / "pruning.json").read_text())
@@ -184,7 +184,7 @@ def test_a_folder_made_before_a_field_existed_still_matches(tmp_path):
 
 def test_the_converged_suite_plans_each_shared_run_once():
     """Runs the landscape, pruning, Shapley, crossover and schedules steps share are counted (and trained) once."""
-    plan = {name: sum(steps for _, steps in runs) for name, runs in suite._shared_plan(suite.resolve("converged", {})).items()}
+    plan = {name: sum(steps for _, steps in runs) for name, runs in suite._shared_plan(suite.resolve("converged", {}))[0].items()}
     assert plan["crossover"] == 6 * 2 * 300  # seeds x methods: the first step to plan the bbc_news runs
     assert plan["multitask"] == 5 * 2 * 300  # only news_outlets is new
     assert plan["landscape"] == plan["pruning"] == plan["shapley"] == 0
@@ -210,3 +210,57 @@ def test_a_folder_accepts_settings_that_only_add_measurements(tmp_path):
     with pytest.raises(UserError, match="curve_every"):
         suite.check_folder(tmp_path, {**saved, "settings": {"crossover_long": {"steps": 1000, "curve_every": 50}}})
     assert suite.first_difference({"curve_prune": []}, {"curve_prune": ["every_other"]}, {}) == "curve_prune"
+
+
+def test_the_probe_counts_every_evaluation_the_steps_make(monkeypatch, tmp_path, tiny_text_model):
+    """`timing.planned_evaluations` (plus each new run's own) is what every step scores, pass for pass."""
+    from contextlib import nullcontext
+
+    from copra import evaluation
+    from copra.experiments import timing
+
+    snapshots = {"snapshot_every": 2}  # runs of 3 steps keep step 2
+    fused = {"LoRA": {"method": "lora"}, "CopRA": {"method": "copra"}}
+
+    def tiny():
+        return [Step("lr_select", "lr_select", dict(lr_grid=[1e-3, 0.3], validation_examples=12), "lr"),
+                Step("federated", "federated", dict(clients=2, rounds=2), "FL", selected_lr=True),
+                Step("crossover", "sweep", dict(name="crossover", grid={}, variants=fused, seeds=[0, 1, 2], curve_every=2,
+                                                curve_prune=["every_other"]), "x", selected_lr=True),
+                Step("landscape", "landscape", dict(seeds=[0, 1, 2], alphas=[0.0, 0.5], overrides=snapshots), "Fig. 3",
+                     selected_lr=True),
+                Step("pruning", "pruning", dict(sparsities=[0.0, 0.5], schemes=["all", "every_other", "query", "output"]),
+                     "Fig. 4", selected_lr=True),
+                Step("shapley", "shapley", dict(estimator="exact", compare_exact=False, overrides=snapshots), "Fig. 2",
+                     selected_lr=True),
+                Step("multitask", "multitask", dict(tasks=["bbc_news", "news_outlets"], overrides=snapshots,
+                                                    snapshot_curve=True), "MTL", selected_lr=True)]
+
+    monkeypatch.setitem(suite.SUITES, "converged", tiny)
+    sets = {"model": tiny_text_model, "shots": 2, "steps": 3, "batch_size": 4, "eval_examples": 20, "max_length": 16}
+    steps = suite.resolve("converged", dict(sets))
+    seconds, model = timing.probe_evaluation(steps[-1][1].run_config("bbc_news", "lora", 0))
+    assert seconds > 0 and model.players["module"] > model.players["layer"] > 0 and "query" in model.projections
+    plan = suite._shared_plan(steps, model)[1]
+    scored: dict[str, list[int]] = {}
+    current = [None]
+    real_predict = evaluation.predict
+    monkeypatch.setattr(evaluation, "predict", lambda classifier, examples, *a, **k: scored.setdefault(
+        current[0], []).append(len(examples)) or real_predict(classifier, examples, *a, **k))
+    monkeypatch.setattr(suite, "cached_evaluations", lambda folder: nullcontext())  # count repeats as the plan does
+
+    def log(line):
+        if line.startswith("[") and "]" in line:
+            current[0] = line[1:line.index("]")]
+
+    out = tmp_path / "suite"
+    suite.reproduce("converged", out, dict(sets), progress=False, log=log)
+    for step, _ in steps:
+        sizes = [(len(evaluation.prepare_data(run).eval_x), count) for run, count in plan[step.name]]
+        if step.name == "shapley":  # the coalition evaluator scores without `predict`: count its coalitions
+            made = sum(r["evaluations"] for m in json.loads((out / "shapley" / "shapley.json").read_text())["methods"].values()
+                       for r in m["runs"])
+            assert made == sum(count for _, count in sizes) == 2 * 3 * 2 ** model.players["layer"], step.name
+            continue
+        assert len(scored.get(step.name, [])) == sum(count for _, count in sizes), step.name
+        assert sum(scored.get(step.name, [])) == sum(size * count for size, count in sizes), step.name

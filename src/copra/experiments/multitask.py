@@ -184,6 +184,8 @@ def snapshot_curve(summary: dict, config: MultitaskConfig, evaluator: Evaluator,
     saved = [set(snapshot_steps(folder)) for groups in folders.values() for group in groups for folder in group.values()]
     steps = sorted(set.intersection(*saved)) if saved else []
     curve: dict[str, Any] = {"steps": [*steps, config.steps], "merged": {m: [] for m in folders}}
+    bar = tqdm(total=len(steps) * sum(len(groups) for groups in folders.values()) * len(tasks), leave=False,
+               disable=not config.progress, desc="multitask snapshots")
     for step in steps:
         for method, groups in folders.items():
             row = []
@@ -191,7 +193,9 @@ def snapshot_curve(summary: dict, config: MultitaskConfig, evaluator: Evaluator,
                 states = {t: load_adapter(snapshot_dir(group[t], step)) for t in tasks}
                 merged, merged_config = merge_tasks(states, config)
                 row.append(sum(evaluator.accuracy(merged, merged_config, data[t]) for t in tasks) / len(tasks))
+                bar.update(len(tasks))
             curve["merged"][method].append(row)
+    bar.close()
     for method, row in summary["methods"].items():  # the end of training: the adapters merged above
         curve["merged"][method].append([sum(r["merged"][t] for t in tasks) / len(tasks) for r in row["runs"]])
     return curve

@@ -41,7 +41,7 @@ from copra.errors import UserError
 from copra.experiments import EXPERIMENTS
 from copra.experiments.eval_cache import cached_evaluations
 from copra.experiments.multitask import expand_tasks
-from copra.experiments.runs import check_executor, check_jobs, shared_runs, store_name
+from copra.experiments.runs import check_executor, check_jobs, shared_runs, store_config, store_name
 from copra.locks import folder_lock
 from copra.settings import build_dataclass, dataclass_defaults
 
@@ -275,14 +275,16 @@ def check_folder(out: Path, manifest: dict, defaults: dict[str, dict] | None = N
                             "use another results folder (or delete that one) to run with new settings")
 
 
-def _shared_plan(steps: list[tuple[Step, Any]]) -> dict[str, list[tuple[int, int]]]:
-    """(batch, optimizer steps) each suite step will train inside `runs.shared_runs`: a run an earlier
-    step already planned (the same `runs.store_name`) is not counted again."""
+def _shared_plan(steps: list[tuple[Step, Any]], model=None) -> tuple[dict[str, list[tuple[int, int]]], dict[str, list]]:
+    """What each suite step will train and score inside `runs.shared_runs`: ({step: [(batch, optimizer
+    steps)]}, {step: [(config of an evaluation set, passes)]}). A run an earlier step already planned
+    (the same `runs.store_name`) is counted once, with its own evaluations (`timing.run_passes`)."""
     from copra.experiments import timing
 
     seen: set[str] = set()
-    plan = {}
+    plan, passes = {}, {}
     for step, config in steps:
+        passes[step.name] = timing.planned_evaluations(step.experiment, config, model)
         configs = timing.planned_configs(step.experiment, config)
         if configs is None:
             plan[step.name] = timing.planned_steps(step.experiment, config)
@@ -293,21 +295,24 @@ def _shared_plan(steps: list[tuple[Step, Any]]) -> dict[str, list[tuple[int, int
             if name not in seen:
                 seen.add(name)
                 plan[step.name].append((run.batch_size, run.steps))
-    return plan
+                passes[step.name].append((run, timing.run_passes(store_config(run))))  # as the store trains it
+    return plan, passes
 
 
 def _expected_time(steps: list[tuple[Step, Any]]) -> str:
-    """The timing probe's estimate of the suite's training time (see `timing`), as one log line."""
+    """The timing probe's estimate of the suite's wall time, training and evaluation (see `timing`), as one log line."""
     from copra.experiments import timing
 
-    plan = _shared_plan(steps)
     probed = [c.run_config(c.methods[0], c.lr_grid[0], c.seeds[0]) for s, c in steps if s.experiment == "lr_select"]
     probed += [c.run_config(c.methods[0], c.seeds[0]) for s, c in steps if s.experiment in ("landscape", "shapley")]
     if not probed:
         return "timing probe: no step to probe"
     seconds_per_step = timing.probe(probed[0])
+    seconds_per_example, model = timing.probe_evaluation(probed[0])
+    plan, passes = _shared_plan(steps, model)
     return timing.describe(timing.estimate(plan, seconds_per_step, probed[0].batch_size), seconds_per_step,
-                           probed[0].batch_size)
+                           probed[0].batch_size, timing.evaluation_seconds(passes, seconds_per_example),
+                           seconds_per_example)
 
 
 def reproduce(suite: str, output_dir: str | Path, sets: dict[str, Any] | None = None, jobs: int = 1,
