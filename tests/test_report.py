@@ -282,6 +282,12 @@ def test_unknown_experiment_gets_a_generic_section(tmp_path, png):
     assert "# Novel" not in section and "seeds 7" in section and "not measured" in section
 
 
+def test_lr_select_is_a_protocol_step_not_an_unmeasured_claim():
+    checks = verdicts.judge("lr_select", {"experiment": "lr_select", "best": {"lora": 0.005, "copra": 0.001}})
+    assert checks == [(checks[0][0], verdicts.PROTOCOL, "picked: lora 0.005, copra 0.001")]
+    assert verdicts.overall(checks) == "protocol step"
+
+
 def test_legacy_and_unreadable_summaries(tmp_path):
     summary = summaries()["federated"]
     del summary["experiment"]  # written before summaries named their experiment

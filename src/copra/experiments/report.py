@@ -281,7 +281,7 @@ img { display: block; max-width: 100%; max-height: 560px; height: auto; margin: 
 .v { padding: 0 .45em; border-radius: 3px; font-weight: 600; white-space: nowrap; }
 .held { background: #d8f0d8; color: #14532d; } .reversed { background: #f9d7d7; color: #7f1d1d; }
 .partly-held, .partly-reversed, .mixed { background: #fcebc4; color: #6b4500; }
-.no-difference-shown, .not-measured { background: #e6e6e6; color: #444; }
+.no-difference-shown, .not-measured, .protocol-step { background: #e6e6e6; color: #444; }
 code { background: #f2f2f2; padding: 0 .2em; border-radius: 3px; }
 """
 

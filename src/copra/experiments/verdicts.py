@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 from copra.stats import HELD, NO_DIFFERENCE, REVERSED, Comparison, compare, disjoint_pairs
 
 UNMEASURED, PARTLY, PARTLY_REVERSED, MIXED = "not measured", "partly held", "partly reversed", "mixed"
+PROTOCOL = "protocol step"  # a step that makes no CopRA-vs-LoRA claim (lr_select picks the lrs the others use)
 NOT_HELD = REVERSED  # the former name of the opposite verdict
 CONFIDENCE = 0.95
 Check = tuple[str, str, str]  # (claim, status, the numbers that decide it)
@@ -237,6 +238,12 @@ def _sweep_place(s: dict) -> tuple[str, float]:
     return "Sweep", 6.5
 
 
+def _lr_select(summary: dict) -> list[Check]:
+    picked = ", ".join(f"{method} {lr:g}" for method, lr in summary["best"].items())
+    return [("no claim: each method's peak lr, picked on a validation split, for the later steps", PROTOCOL,
+             f"picked: {picked}")]
+
+
 def _render_demo(summary: dict) -> str:
     from copra.experiments.demo import render
 
@@ -259,6 +266,7 @@ class Section:
 SECTIONS: dict[str, Section] = {
     "demo": Section("Summary", "LoRA vs CopRA, single adapters", 0, "similar accuracy before merging (Table 1 "
                     "'origin': CopRA ≥ LoRA), with no extra training time", _demo, render=_render_demo),
+    "lr_select": Section("Protocol", "Learning rate per method", 0.5, "no claim (a protocol step)", _lr_select),
     "federated": Section("Table 1 (FL)", "Federated learning: clients vs merged", 1.0,
                          "clients as accurate as LoRA's, but CopRA aggregates better", _federated),
     "multitask": Section("Table 1 (MTL)", "Multi-task merging", 1.1,
