@@ -51,3 +51,29 @@ def test_a_worker_ends_soon_after_its_parent_is_killed(tmp_path):
     while _alive(worker) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not _alive(worker), "the worker outlived its killed parent"
+
+
+def _known_warnings_shown() -> int:
+    import warnings
+
+    from copra.compat import KNOWN_WARNINGS
+
+    with warnings.catch_warnings(record=True) as shown:
+        for message, category in KNOWN_WARNINGS:
+            warnings.warn(f"{message} and will be removed", category)
+    return len(shown)
+
+
+@pytest.mark.slow
+def test_workers_hide_the_known_warnings_as_the_cli_does():
+    """A spawned worker starts without the CLI's warning filters; its initializer installs them."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    from copra.experiments.runs import _worker_init
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as bare:
+        assert bare.submit(_known_warnings_shown).result() >= 1  # the check sees a warning when nothing hides it
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn"), initializer=_worker_init,
+                             initargs=(1,)) as pool:
+        assert pool.submit(_known_warnings_shown).result() == 0

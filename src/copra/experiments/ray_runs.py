@@ -70,9 +70,11 @@ def train_task(config: TrainConfig, output_dir: str) -> str:
     import ray
     import torch
 
+    from copra.compat import quiet_known_warnings
     from copra.experiments.run_state import run_state
     from copra.training import train
 
+    quiet_known_warnings()  # a Ray worker is a fresh process: the driver's warning filters do not reach it
     torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
     resume = bool(run_state(config, output_dir))  # decided here, so a retried task resumes too
     train(config.replace(progress=False), output_dir=output_dir, resume=resume)

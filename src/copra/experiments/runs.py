@@ -92,7 +92,10 @@ def check_jobs(jobs: int) -> None:
 def _worker_init(threads: int) -> None:
     import torch
 
+    from copra.compat import quiet_known_warnings
+
     torch.set_num_threads(threads)
+    quiet_known_warnings()  # a spawned process starts with no filters: the CLI's do not reach it
     _exit_with_parent()
 
 
