@@ -264,3 +264,25 @@ def test_the_probe_counts_every_evaluation_the_steps_make(monkeypatch, tmp_path,
             continue
         assert len(scored.get(step.name, [])) == sum(count for _, count in sizes), step.name
         assert sum(scored.get(step.name, [])) == sum(size * count for size, count in sizes), step.name
+
+
+def test_skip_leaves_steps_out_and_keeps_what_they_recorded(tmp_path, capsys):
+    steps = suite.resolve("converged", {})
+    kept = suite.skipped(steps, ["crossover_long", "schedules"], "converged")
+    assert [s.name for s, _ in kept] == ["lr_select", "federated", "crossover", "landscape", "pruning", "shapley",
+                                         "multitask"]
+    with pytest.raises(UserError, match="no such step; its steps are lr_select, federated"):
+        suite.skipped(steps, ["crossover_lng"], "converged")
+    with pytest.raises(UserError, match="skip lr_select: step 'federated' trains at the lrs it picks"):
+        suite.skipped(steps, ["lr_select"], "converged")
+    assert [s.name for s, _ in suite.skipped(steps, [s.name for s, _ in steps if s.name != "lr_select"],
+                                             "converged")] == ["lr_select"]
+    # a run that skips a step keeps that step's recorded settings in suite.json (checked when it runs again)
+    full = suite._manifest("converged", steps)
+    (tmp_path / "suite.json").write_text(json.dumps(full))
+    merged = suite._with_saved_steps(tmp_path, suite._manifest("converged", kept))
+    assert merged["settings"] == full["settings"]
+    # the CLI: a bad name is one line, exit 2, nothing written
+    out = tmp_path / "new"
+    assert main(["reproduce", "--suite", "converged", "-o", str(out), "--skip", "lr_select,nope"]) == 2
+    assert "--skip nope" in capsys.readouterr().err and not out.exists()

@@ -169,7 +169,7 @@ def _cmd_reproduce(args) -> int:
 
     result = reproduce(args.suite, args.output, parse_sets(args.set), jobs=args.jobs, progress=not args.quiet,
                        log=lambda line: print(line, file=sys.stderr), executor=args.executor or ("ray" if args.ray_address else "local"),
-                       ray_address=args.ray_address)
+                       ray_address=args.ray_address, skip=[n for part in args.skip for n in part.split(",") if n])
     print("report: " + " and ".join(str(p) for p in result["report"]))
     return 0
 
@@ -287,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="applied to every step that has the key (e.g. seeds=0,1 steps=20; clip: model=, data_root=)")
     p.add_argument("-o", "--output", default="results/reproduce", help="results folder (resumed if it exists)")
+    p.add_argument("--skip", action="append", default=[], metavar="STEP[,STEP]",
+                   help="leave these steps out (e.g. crossover_long,schedules: the converged suite in under 4 h on 2 cores)")
     p.add_argument("--jobs", type=int, default=1, help="training runs in parallel processes")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     _executor_arguments(p)

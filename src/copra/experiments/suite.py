@@ -252,6 +252,15 @@ def _manifest(suite: str, steps: list[tuple[Step, Any]]) -> dict:
     return json.loads(json.dumps({"suite": suite, "version": SUITE_VERSION, "settings": settings}))
 
 
+def _with_saved_steps(out: Path, manifest: dict) -> dict:
+    """The manifest plus the settings of steps this run skips that an earlier run recorded (checked when they run)."""
+    path = out / "suite.json"
+    if not path.exists():
+        return manifest
+    saved = json.loads(path.read_text(encoding="utf-8")).get("settings", {})  # check_folder has read it already
+    return {**manifest, "settings": {**saved, **manifest["settings"]}}
+
+
 def check_folder(out: Path, manifest: dict, defaults: dict[str, dict] | None = None) -> None:
     """Refuse a results folder made by another suite, version or settings (no mixing of results).
 
@@ -316,17 +325,35 @@ def _expected_time(steps: list[tuple[Step, Any]]) -> str:
 
 
 def reproduce(suite: str, output_dir: str | Path, sets: dict[str, Any] | None = None, jobs: int = 1,
-              progress: bool = True, log=print, executor: str = "local", ray_address: str | None = None) -> dict:
+              progress: bool = True, log=print, executor: str = "local", ray_address: str | None = None,
+              skip: list[str] | tuple[str, ...] = ()) -> dict:
     """Run (or resume) every step of `suite` into `output_dir`, then write the report there.
 
     `executor="ray"` trains every step's runs as Ray tasks (`ray_runs`), joining `ray_address`.
+    `skip` names steps to leave out (a shorter suite: e.g. the converged suite without `crossover_long`
+    and `schedules`); a folder keeps what skipped steps wrote before, and they can run later.
     """
     check_jobs(jobs)  # before anything is written
     check_executor(executor, ray_address)
     out = Path(output_dir)
-    steps = resolve(suite, dict(sets or {}))
+    steps = skipped(resolve(suite, dict(sets or {})), skip, suite)
     with folder_lock(out):  # the results folder; each step and each run folder inside has its own lock
         return _reproduce(out, suite, steps, jobs, progress, log, executor, ray_address)
+
+
+def skipped(steps: list[tuple[Step, Any]], skip: list[str] | tuple[str, ...], suite: str) -> list[tuple[Step, Any]]:
+    """`steps` without those named in `skip`; an unknown name, or lr_select while a kept step uses its lrs, is refused."""
+    names = [step.name for step, _ in steps]
+    unknown = [name for name in skip if name not in names]
+    if unknown:
+        raise UserError(f"--skip {unknown[0]}: the {suite!r} suite has no such step; its steps are {', '.join(names)}")
+    kept = [(step, config) for step, config in steps if step.name not in skip]
+    needs_lr = [step.name for step, _ in kept if step.selected_lr]
+    if any(step.experiment == "lr_select" and step.name in skip for step, _ in steps) and needs_lr:
+        raise UserError(f"--skip lr_select: step {needs_lr[0]!r} trains at the lrs it picks; skip that step too")
+    if not kept:
+        raise UserError(f"--skip leaves no step of the {suite!r} suite to run")
+    return kept
 
 
 def _reproduce(out: Path, suite: str, steps: list[tuple[Step, Any]], jobs: int, progress: bool, log,
@@ -334,7 +361,7 @@ def _reproduce(out: Path, suite: str, steps: list[tuple[Step, Any]], jobs: int, 
     manifest = _manifest(suite, steps)
     check_folder(out, manifest, {step.name: dataclass_defaults(type(config)) for step, config in steps})
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "suite.json", manifest)
+    write_json(out / "suite.json", _with_saved_steps(out, manifest))
     if suite == "converged":
         log(_expected_time(steps))
     timings: dict[str, float] = {}

@@ -144,7 +144,7 @@ def probe(config: TrainConfig, steps: int = PROBE_STEPS) -> float:
 
 def probe_evaluation(config: TrainConfig, examples: int = PROBE_EXAMPLES) -> tuple[float, ModelFacts]:
     """(seconds per evaluation example, the model's facts) of `config`'s classifier, as the experiments score."""
-    from copra.evaluation import accuracy, adapter_state
+    from copra.evaluation import accuracy, adapter_state, eval_batches
     from copra.experiments.common import BATCH
     from copra.gates import CopRA
     from copra.prune import projections
@@ -152,9 +152,10 @@ def probe_evaluation(config: TrainConfig, examples: int = PROBE_EXAMPLES) -> tup
 
     classifier, data = build_run(config.replace(progress=False))
     x, y = data.eval_x[:examples], data.eval_y[:examples]
+    batches = list(eval_batches(classifier, x, BATCH))  # collated once, as `common.Evaluator` keeps them
     accuracy(classifier, x[:BATCH], y[:BATCH], BATCH)  # warm-up: lazy initialisation, kernels
     tick = time.perf_counter()
-    accuracy(classifier, x, y, BATCH)
+    accuracy(classifier, x, y, BATCH, batches)
     seconds = (time.perf_counter() - tick) / max(1, len(x))
     players = {}
     for granularity in ("layer", "module"):
