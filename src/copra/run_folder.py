@@ -174,6 +174,12 @@ def snapshot_dir(out: Path, step: int) -> Path:
     return Path(out) / SNAPSHOTS_DIR / f"step-{step}"
 
 
+def snapshot_schedule(config: TrainConfig) -> range:
+    """The steps after which a run of `config` saves a snapshot: every snapshot_every, before the end."""
+    every = config.snapshot_every
+    return range(every, config.steps, every) if every else range(0)
+
+
 def snapshot_steps(out: Path) -> list[int]:
     """The steps at which the run in `out` saved snapshots, in order (none: [])."""
     return sorted(int(p.name.split("-")[1]) for p in (Path(out) / SNAPSHOTS_DIR).glob("step-*"))

@@ -35,7 +35,7 @@ from copra.precision import grad_scaler
 from copra.precision import resolve as resolve_precision
 from copra.run_folder import (RECORDED_BEFORE, RESULT_FILE, RESUME_IGNORED, SNAPSHOTS_DIR, RunResult,  # noqa: F401
                               check_fresh_output, check_writable, clear_run, kept_note, metadata, restore,
-                              resume_point, same_run, save_finished, save_snapshot)
+                              resume_point, same_run, save_finished, save_snapshot, snapshot_schedule)
 from copra.run_folder import save_training_checkpoint as _save_checkpoint  # a test hook: looked up at call time
 from copra.schedule import learning_rate
 from copra.stats import plateau
@@ -225,7 +225,7 @@ class _Loop:
         config, out = self.config, self.out
         if self.early_step is not None and steps_done == self.early_step:
             self.result.early_accuracy, self.result.early_dir = self._save_early()
-        if out is not None and config.snapshot_every and steps_done % config.snapshot_every == 0 and steps_done < config.steps:
+        if out is not None and steps_done in snapshot_schedule(config):
             save_snapshot(out, self.classifier.encoder, config, self.data, steps_done)
         if out is not None and config.checkpoint_every and steps_done % config.checkpoint_every == 0 and steps_done < config.steps:
             seconds = self.previous_seconds + time.perf_counter() - self.start_time

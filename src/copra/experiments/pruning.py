@@ -23,7 +23,7 @@ from copra.errors import UserError
 from copra.evaluation import FewShotData, prepare_data
 from copra.experiments.common import (Evaluator, RunExecution, TrainingBudget, check_lrs, check_overrides,
                                       check_unique, load_for_eval, mean_std, save_figure, write_outputs, zoom_bars)
-from copra.prune import STRUCTURED, magnitude, projections, structured
+from copra.prune import PROJECTIONS, STRUCTURED, magnitude, projections, structured
 
 METHODS = ("lora", "copra", "early_copra")
 SCHEMES = STRUCTURED + ("shapley",)
@@ -90,7 +90,7 @@ def evaluate_pruned(adapters: dict[str, list[str]], data: FewShotData, config: P
             for scheme in config.schemes:
                 if scheme == "shapley":
                     continue  # keep-K by Shapley value: see shapley_pruning.keep_by_shapley
-                if scheme in ("query", "key", "value", "output") and scheme not in present:
+                if scheme in PROJECTIONS and scheme not in present:
                     continue  # that projection has no adapter: nothing to keep
                 structured_acc[method][scheme].append(evaluator.accuracy(structured(state, scheme), adapter_config, data))
             for sparsity in config.sparsities:

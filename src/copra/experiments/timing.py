@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from copra.config import TrainConfig
+from copra.prune import PROJECTIONS
+from copra.run_folder import snapshot_schedule
 
 PROBE_STEPS = 6  # optimizer steps of the probe (the first is dropped: warm-up)
 PROBE_EXAMPLES = 256  # evaluation examples the probe times (after one warm-up batch)
@@ -68,8 +70,8 @@ def planned_configs(experiment: str, config: Any) -> list | None:
 
 
 def run_passes(run: TrainConfig) -> int:
-    """Evaluations a training run makes itself: the final adapter, and CopRA's early checkpoint if kept."""
-    return 1 + int(bool(run.save_early) and run.method == "copra")
+    """Evaluations a training run makes itself: the final adapter, and the early checkpoint if kept."""
+    return 1 + int(bool(run.save_early))
 
 
 def planned_evaluations(experiment: str, config: Any, model: ModelFacts | None = None) -> Passes:
@@ -94,11 +96,10 @@ def planned_evaluations(experiment: str, config: Any, model: ModelFacts | None =
     if experiment == "multitask":
         per_task = 1 + len(methods) * len(c.seeds) * 2  # zero-shot; each seed's own and merged adapter
         if c.snapshot_curve:
-            per_task += len(methods) * len(c.seeds) * len(snapshots(c.run_config(c.tasks[0], methods[0], c.seeds[0])))
+            per_task += len(methods) * len(c.seeds) * len(snapshot_schedule(c.run_config(c.tasks[0], methods[0], c.seeds[0])))
         return [(c.run_config(t, methods[0], c.seeds[0]), per_task) for t in c.tasks]
     if experiment == "pruning":
-        schemes = [s for s in c.schemes if s != "shapley" and (s not in ("query", "key", "value", "output")
-                                                                or s in model.projections)]
+        schemes = [s for s in c.schemes if s != "shapley" and (s not in PROJECTIONS or s in model.projections)]
         adapters = len(c.seeds) * (len(methods) + int("copra" in methods))  # + CopRA's early checkpoint
         return [(c.base_config(), adapters * (len(schemes) + len(c.sparsities)))]
     if experiment == "shapley":
@@ -123,14 +124,8 @@ def _sweep_passes(c: Any) -> Passes:
             first = first or run
             passes += pairs  # every seed pair fused
             if c.curve_every:  # at every snapshot and at the end: single, pruned and merged
-                passes += (len(snapshots(run)) + 1) * (n * (1 + len(c.curve_prune)) + pairs)
+                passes += (len(snapshot_schedule(run)) + 1) * (n * (1 + len(c.curve_prune)) + pairs)
     return [(first, passes)]
-
-
-def snapshots(run: TrainConfig) -> list[int]:
-    """The steps at which `run` keeps a snapshot (`training`: every snapshot_every steps before the end)."""
-    every = run.snapshot_every
-    return list(range(every, run.steps, every)) if every else []
 
 
 def probe(config: TrainConfig, steps: int = PROBE_STEPS) -> float:
