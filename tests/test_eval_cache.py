@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import lora_adapter_config, run_with_random_b
+from copra import precision
 from copra.config import TrainConfig
 from copra.evaluation import adapter_state
 from copra.experiments import eval_cache
@@ -62,12 +63,14 @@ def test_any_change_of_what_decides_the_number_misses(run, tmp_path):
         changed_state[name].view(-1)[0] += 1e-3
         fewer = dataclasses.replace(data, eval_x=data.eval_x[:-1], eval_y=data.eval_y[:-1])
         other_prompts = dataclasses.replace(data, prompts=tuple(f"{p}!" for p in data.prompts))
+        # the precision the run really uses ("auto" is fp32 on a CPU without native bf16)
+        other_precision = {"fp32": "bf16", "bf16": "fp32"}[precision.resolve(config.precision, "cpu")]
         cases = [
             (config, changed_state, adapter_config, data),
             (config, state, {**adapter_config, "lora_alpha": 2.0}, data),
             (config, state, adapter_config, fewer),
             (config, state, adapter_config, other_prompts),
-            (config.replace(precision="fp32" if config.precision != "fp32" else "bf16"), state, adapter_config, data),
+            (config.replace(precision=other_precision), state, adapter_config, data),
             (config.replace(logit_scale=config.logit_scale + 1), state, adapter_config, data),
         ]
         for base, s, a, d in cases:
