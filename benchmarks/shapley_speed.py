@@ -1,7 +1,7 @@
 """Coalitions per second of CopRA's prefix-sharing coalition evaluator vs one full forward per coalition.
 
 Exact Shapley values over the 6 layer players of the embedded all-MiniLM-L6-v2 need all 2^6 = 64
-coalitions. The naive loop (copra.evaluation.accuracy under `gates.active(mask)`) runs 6 blocks per
+coalitions. The naive loop (copra.models.evaluation.accuracy under `gates.active(mask)`) runs 6 blocks per
 coalition (384 block runs); the evaluator walks the prefix trie (2 + 4 + ... + 64 = 126 block runs),
 computes the frozen q/k/v projections once per pair of sibling branches, and shares the embeddings.
 Both evaluate the same masks and must agree. The LoRA B matrices are randomised (seeded) so that
@@ -18,12 +18,12 @@ import time
 import numpy as np
 import torch
 
-from copra.coalitions import CoalitionEvaluator, shapley_for_model
-from copra.compat import quiet_known_warnings
-from copra.config import make_config
-from copra.gates import CopRA
-from copra.shapley import Game
-from copra.training import build_run
+from copra.analysis.coalitions import CoalitionEvaluator, shapley_for_model
+from copra.utils.compat import quiet_known_warnings
+from copra.core.config import make_config
+from copra.core.gates import CopRA
+from copra.analysis.shapley import Game
+from copra.training.loop import build_run
 
 
 def all_masks(n: int) -> np.ndarray:

@@ -70,7 +70,7 @@ def tiny_text_model(tmp_path_factory):
 
 def tiny_run_config(model_path: str, **overrides):
     """A TrainConfig that trains the tiny encoder on a real task in about a second."""
-    from copra.config import make_config
+    from copra.core.config import make_config
 
     values = dict(model=model_path, task="bbc_news", shots=2, steps=4, batch_size=4, eval_examples=20,
                   max_length=16, progress=False)
@@ -79,7 +79,7 @@ def tiny_run_config(model_path: str, **overrides):
 
 def run_with_random_b(model_path: str, eval_examples: int):
     """(config, classifier, data): a tiny classifier whose LoRA B is random, so adapters change its scores."""
-    from copra.training import build_run
+    from copra.training.loop import build_run
 
     config = tiny_run_config(model_path, eval_examples=eval_examples)
     classifier, data = build_run(config)
@@ -99,7 +99,7 @@ def lora_adapter_config(config) -> dict:
 
 def interrupted_run(config, out, at_step: int, monkeypatch) -> None:
     """Train `config` into `out` until the checkpoint of `at_step` is written, then stop as if killed."""
-    from copra import training
+    from copra.training import loop as training
 
     real = training._save_checkpoint
 
@@ -129,8 +129,8 @@ def files_under(folder) -> list[str]:
 
 def train_lora_and_copra(model_path: str, out, **overrides):
     """A LoRA and a CopRA adapter of the tiny encoder, trained on the same data: (data, {method: [folder]})."""
-    from copra.evaluation import prepare_data
-    from copra.training import train
+    from copra.models.evaluation import prepare_data
+    from copra.training.loop import train
 
     config = tiny_run_config(model_path, **({"steps": 6, "lr": 0.3} | overrides))
     data = prepare_data(config)

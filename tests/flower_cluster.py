@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 
-from copra.flower_app.launch import flower_env, tool
+from copra.federated.app.launch import flower_env, tool
 
 
 def free_port() -> int:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from copra.training import make_accelerator, train
+from copra.training.loop import make_accelerator, train
 
 ARGS = ["--set", "steps=6", "--set", "shots=2", "--set", "batch_size=4", "--set", "eval_examples=20",
         "--set", "max_length=16", "--set", "progress=false", "--set", "method=copra", "--set", "lora_dropout=0.0",
@@ -32,7 +32,7 @@ def test_two_processes_train_the_same_adapter_as_one(tiny_text_model, tmp_path):
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("accuracy") == 2 and "-> None" in done.stdout  # rank 1 wrote nothing
-    from copra.config import make_config
+    from copra.core.config import make_config
 
     train(make_config({"model": tiny_text_model, "steps": 6, "shots": 2, "batch_size": 4, "eval_examples": 20,
                        "max_length": 16, "progress": False, "method": "copra", "lora_dropout": 0.0, "precision": "fp32"}),

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from conftest import tiny_run_config
-from copra.adapter_ops import merge_folders, prune_folder
-from copra.adapters import CONFIG_FILE, load_adapter, save_peft_model
+from copra.adapters.ops import merge_folders, prune_folder
+from copra.adapters.io import CONFIG_FILE, load_adapter, save_peft_model
 from copra.models.text import EMBEDDED_HUB_ID, embedded_model_path, hub_name
-from copra.training import build_run
+from copra.training.loop import build_run
 
 
 def _base_name(folder) -> str:
@@ -49,8 +49,8 @@ def test_embedded_adapter_names_the_hub_id_and_loads_offline_everywhere(tmp_path
     from peft import AutoPeftModel, PeftModel
     from transformers import AutoModel
 
-    from copra.evaluation import load_adapter_state, state_accuracy
-    from copra.training import train
+    from copra.models.evaluation import load_adapter_state, state_accuracy
+    from copra.training.loop import train
 
     config = tiny_run_config("embedded:minilm", steps=2, shots=1, eval_examples=10, lr=1e-2, precision="fp32")
     result = train(config, output_dir=tmp_path / "run")

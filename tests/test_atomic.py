@@ -1,4 +1,4 @@
-"""copra.atomic: outputs get the permissions a plain open() gives, and a crash mid-write leaves the old file."""
+"""copra.utils.atomic: outputs get the permissions a plain open() gives, and a crash mid-write leaves the old file."""
 
 import json
 import os
@@ -7,9 +7,9 @@ import stat
 import pytest
 import torch
 
-from copra.adapters import save_adapter
-from copra.atomic import atomic_folder, write_bytes, write_json
-from copra.experiments.common import write_outputs
+from copra.adapters.io import save_adapter
+from copra.utils.atomic import atomic_folder, write_bytes, write_json
+from copra.experiments.runner.common import write_outputs
 
 
 class Killed(BaseException):

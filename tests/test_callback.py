@@ -55,8 +55,8 @@ def test_callback_takes_a_gate_schedule_or_the_trainers_steps():
     import pytest
 
     from conftest import tiny_lora_bert
-    from copra.errors import UserError
-    from copra.schedule import GateSchedule
+    from copra.utils.errors import UserError
+    from copra.core.schedule import GateSchedule
 
     state = SimpleNamespace(max_steps=99)
     schedule = GateSchedule(12, initial_p=0.5)

@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 
 import copra
-from copra.config import make_config
+from copra.core.config import make_config
 from copra.data.coop import COOP_DATASETS, load_coop_task
-from copra.errors import UserError
-from copra.gates import lora_modules
+from copra.utils.errors import UserError
+from copra.core.gates import lora_modules
 
 CLASSES = ("dots", "lines", "zig_zag")
 MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.2, 0.5)
@@ -267,8 +267,8 @@ def test_train_end_to_end(config, clip_dir, tmp_path, monkeypatch):
 
     import copra.models
     from copra.models.clip import ClipClassifier
-    from copra.precision import cast_frozen
-    from copra.training import train
+    from copra.utils.precision import cast_frozen
+    from copra.training.loop import train
 
     built = []
     original = copra.models.build_classifier

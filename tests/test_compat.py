@@ -1,4 +1,4 @@
-"""copra.compat: every path that is picked at run time by library version is run here."""
+"""copra.utils.compat: every path that is picked at run time by library version is run here."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import tiny_bert, tiny_lora_bert
 
-from copra import compat
-from copra.gates import lora_modules
+from copra.utils import compat
+from copra.core.gates import lora_modules
 from copra.models.layer_runner import LayerRunner
 
 

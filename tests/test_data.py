@@ -10,7 +10,7 @@ import pytest
 
 from copra.data import TASKS, TextTask, eval_indices, few_shot_indices, load_task, task_names
 from copra.data import text_tasks
-from copra.errors import UserError
+from copra.utils.errors import UserError
 
 REQUIRED = {"bbc_news", "health_tweets", "news_outlets", "parl_party", "drug_reviews"}
 
@@ -181,8 +181,8 @@ def test_validation_indices_avoid_the_excluded_and_are_balanced():
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_validation_split_never_overlaps_the_test_split(seed, monkeypatch):
     """prepare_validation: from the training pool, never the run's few-shot sample nor a test example."""
-    from copra.config import make_config
-    from copra.evaluation import prepare_data, prepare_validation
+    from copra.core.config import make_config
+    from copra.models.evaluation import prepare_data, prepare_validation
 
     config = make_config(dict(task="bbc_news", shots=16, seed=seed, eval_examples=None))
     val, test = prepare_validation(config, 300), prepare_data(config)

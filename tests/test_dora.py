@@ -1,7 +1,7 @@
 """CopRA on PEFT's DoRA (LoraConfig(use_dora=True)): a gated-off DoRA module runs its base layer only.
 
 DoRA adds a learned magnitude vector per module (`lora_magnitude_vector`); gating goes through PEFT's
-public `enable_adapters` (copra.compat), which must cover it exactly as it covers A and B.
+public `enable_adapters` (copra.utils.compat), which must cover it exactly as it covers A and B.
 """
 
 from __future__ import annotations
@@ -46,15 +46,15 @@ def test_gated_off_dora_parameters_get_no_grad_and_do_not_move(tiny_inputs, gran
         assert (not torch.equal(param, before[name])) == (on in name), name
     # the switch left PEFT's state and the requires_grad flags as they were
     assert all(p.requires_grad for p in trainable.values())
-    assert all(not m.disable_adapters for _, m in __import__("copra").gates.lora_modules(model))
+    assert all(not m.disable_adapters for _, m in __import__("copra.core.gates", fromlist=["lora_modules"]).lora_modules(model))
 
 
 def test_use_dora_reaches_peft_and_trains_with_copra(tiny_text_model, tmp_path):
-    from copra.adapters import load_adapter
-    from copra.evaluation import prepare_data
-    from copra.experiments.common import Evaluator
+    from copra.adapters.io import load_adapter
+    from copra.models.evaluation import prepare_data
+    from copra.experiments.runner.common import Evaluator
     from copra.models.lora import lora_config
-    from copra.training import train
+    from copra.training.loop import train
 
     config = tiny_run_config(tiny_text_model, method="copra", use_dora=True, steps=3)
     assert lora_config(config).use_dora and not lora_config(config.replace(use_dora=False)).use_dora

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from conftest import lora_adapter_config, run_with_random_b
-from copra import precision
-from copra.config import TrainConfig
-from copra.evaluation import adapter_state
-from copra.experiments import eval_cache
-from copra.experiments.common import Evaluator
-from copra.experiments.report import find_summaries
+from copra.utils import precision
+from copra.core.config import TrainConfig
+from copra.models.evaluation import adapter_state
+from copra.experiments.runner import eval_cache
+from copra.experiments.runner.common import Evaluator
+from copra.report.assemble import find_summaries
 
 
 @pytest.fixture(scope="module")

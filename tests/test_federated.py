@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from conftest import bar_heights, tiny_run_config
-from copra.errors import UserError
-from copra.evaluation import FewShotData, adapter_state, prepare_data
+from copra.utils.errors import UserError
+from copra.models.evaluation import FewShotData, adapter_state, prepare_data
 from copra.experiments.federated import FederatedConfig, client_seed, run, simulate, split_clients
-from copra.training import build_run, train
+from copra.training.loop import build_run, train
 
 
 def fake_data(n: int = 10) -> FewShotData:
@@ -106,8 +106,8 @@ def test_merged_state_is_size_weighted_fusion_and_rounds_continue(tiny_text_mode
 
 
 def test_peft_merge_method_aggregates_in_the_clients_scaling(tiny_text_model, tmp_path):
-    from copra.merge import delta_weights
-    from copra.peft_merge import peft_merge
+    from copra.adapters.merge import delta_weights
+    from copra.adapters.peft_merge import peft_merge
 
     config = fed_config(tiny_text_model, tmp_path, clients=2, methods=["copra"], merge_method="dare_ties",
                         merge_density=0.8)
@@ -146,7 +146,7 @@ def test_two_round_run_plots_merged_accuracy_by_round(tiny_text_model, tmp_path)
 def test_flower_simulation_matches_in_process_fusion(tiny_text_model, tmp_path):
     pytest.importorskip("flwr")
     pytest.importorskip("ray")
-    from copra.flower import run_flower_simulation
+    from copra.federated.simulation import run_flower_simulation
 
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     config = fed_config(tiny_text_model, tmp_path, clients=2, rounds=1, methods=["copra"])

@@ -15,13 +15,13 @@ pytest.importorskip("flwr")
 from flwr.app import ConfigRecord, MetricRecord, RecordDict  # noqa: E402
 from flwr.common.config import flatten_dict, validate_config  # noqa: E402
 
-from copra.errors import UserError  # noqa: E402
-from copra.flower import FLOWER_ENV, to_record  # noqa: E402
-from copra.flower_app import APP_DIR, launch  # noqa: E402
-from copra.flower_app.client_app import node_partition  # noqa: E402
-from copra.flower_app.settings import DeploySettings, from_run_config  # noqa: E402
-from copra.flower_app.strategy import DeploymentFusion, RoundFailed  # noqa: E402
-from copra.merge import fusion  # noqa: E402
+from copra.utils.errors import UserError  # noqa: E402
+from copra.federated.simulation import FLOWER_ENV, to_record  # noqa: E402
+from copra.federated.app import APP_DIR, launch  # noqa: E402
+from copra.federated.app.client_app import node_partition  # noqa: E402
+from copra.federated.app.settings import DeploySettings, from_run_config  # noqa: E402
+from copra.federated.app.strategy import DeploymentFusion, RoundFailed  # noqa: E402
+from copra.adapters.merge import fusion  # noqa: E402
 
 
 def app_pyproject() -> dict:
@@ -33,7 +33,7 @@ def test_app_pyproject_is_valid_and_its_defaults_are_the_settings():
     assert validate_config(config)[0]
     assert from_run_config(flatten_dict(config["tool"]["flwr"]["app"]["config"])) == DeploySettings()
     components = config["tool"]["flwr"]["app"]["components"]
-    assert components == {"serverapp": "copra.flower_app.server_app:app", "clientapp": "copra.flower_app.client_app:app"}
+    assert components == {"serverapp": "copra.federated.app.server_app:app", "clientapp": "copra.federated.app.client_app:app"}
 
 
 @pytest.mark.parametrize("bad", [{"epochs": 3}, {"rounds": "2"}, {"round-timeout": 0.0}, {"node-wait-timeout": -1},

@@ -14,8 +14,8 @@ import torch
 
 pytest.importorskip("flwr")
 
-from copra.flower_app import APP_DIR, launch  # noqa: E402
-from copra.merge import fusion  # noqa: E402
+from copra.federated.app import APP_DIR, launch  # noqa: E402
+from copra.adapters.merge import fusion  # noqa: E402
 from flower_cluster import Cluster, free_port, read_history, write_run_config  # noqa: E402
 
 TINY_RUN = {"shots": 2, "steps": 4, "batch-size": 4, "eval-examples": 20, "train-sets": "max_length=16", "clients": 2,
@@ -58,9 +58,9 @@ def flwr_run(cluster, model: str, out, **values) -> None:
 
 def in_process_rounds(model: str, survivors_in_round_2: list[int]):
     """What the federation should produce, computed here: round 1 with both clients, round 2 with the survivors."""
-    from copra.evaluation import prepare_data
+    from copra.models.evaluation import prepare_data
     from copra.experiments.federated import FederatedConfig, split_clients
-    from copra.training import train
+    from copra.training.loop import train
 
     config = FederatedConfig(task="bbc_news", model=model, clients=2, rounds=2, seeds=[0], methods=["copra"], shots=2,
                              steps=4, batch_size=4, eval_examples=20, train_overrides={"max_length": 16}, progress=False)
@@ -77,7 +77,7 @@ def in_process_rounds(model: str, survivors_in_round_2: list[int]):
 
 @pytest.mark.slow
 def test_deployment_run_survives_a_supernode_killed_in_the_last_round(cluster, tiny_text_model, tmp_path):
-    from copra.adapters import load_adapter
+    from copra.adapters.io import load_adapter
 
     out = tmp_path / "out"
     start_federation(cluster)

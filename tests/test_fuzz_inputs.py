@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from copra.cli import main
-from copra.config import TrainConfig, load_config
-from copra.errors import UserError
+from copra.core.config import TrainConfig, load_config
+from copra.utils.errors import UserError
 
 SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -100,9 +100,9 @@ OUT_OF_RANGE = {
 
 
 def _choices(name: str) -> tuple:
-    from copra.config import BACKBONES, METHODS
-    from copra.gates import GRANULARITIES
-    from copra.schedule import RAMPS
+    from copra.core.config import BACKBONES, METHODS
+    from copra.core.gates import GRANULARITIES
+    from copra.core.schedule import RAMPS
 
     return {"method": METHODS, "backbone": BACKBONES, "ramp": tuple(RAMPS), "granularity": GRANULARITIES}[name]
 
@@ -338,7 +338,7 @@ def test_malformed_arguments_are_refused(capsys, tmp_path, kind, data):
         argv = ["prune", str(a), f"--sparsity={value}", "-o", str(out)]
     elif kind == "scheme":
         argv = ["prune", str(a), "--scheme", data.draw(st.text(min_size=1, max_size=12).filter(
-            lambda s: s not in __import__("copra.prune", fromlist=["STRUCTURED"]).STRUCTURED)), "-o", str(out)]
+            lambda s: s not in __import__("copra.adapters.prune", fromlist=["STRUCTURED"]).STRUCTURED)), "-o", str(out)]
     elif kind == "weights":
         weights = data.draw(st.one_of(st.text(alphabet="abc;:", min_size=1, max_size=6),
                                       st.lists(st.floats(min_value=-3, max_value=3), min_size=1, max_size=4).filter(lambda w: len(w) != 2)

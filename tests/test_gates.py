@@ -11,8 +11,8 @@ import torch
 
 from conftest import tiny_bert, tiny_lora_bert
 from copra import CopRA
-from copra.errors import UserError
-from copra.gates import player_of
+from copra.utils.errors import UserError
+from copra.core.gates import player_of
 
 
 def _hidden(model, inputs):
@@ -66,7 +66,7 @@ def test_model_without_lora_is_a_clear_error():
 
 
 def test_a_gate_schedule_or_its_fields_draw_the_same_gates():
-    from copra.schedule import GateSchedule
+    from copra.core.schedule import GateSchedule
 
     model = tiny_lora_bert(layers=3)
     schedule = GateSchedule(20, initial_p=0.3, ramp="sine")
@@ -116,7 +116,7 @@ def test_off_player_skips_lora_compute(tiny_inputs):
     _hidden(model, tiny_inputs)
     assert len(calls) == 6 and not any(".layer.1." in c for c in calls)
     # PEFT's own state is untouched outside the forward
-    assert all(m.active_adapters == ["default"] for _, m in __import__("copra").gates.lora_modules(model))
+    assert all(m.active_adapters == ["default"] for _, m in __import__("copra.core.gates", fromlist=["lora_modules"]).lora_modules(model))
 
 
 def test_gated_off_adapters_get_no_grad_and_do_not_move(tiny_inputs):

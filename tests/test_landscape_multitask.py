@@ -8,15 +8,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from copra.adapters import load_adapter, read_metadata
-from copra.errors import UserError
-from copra.evaluation import accuracy, state_accuracy
+from copra.adapters.io import load_adapter, read_metadata
+from copra.utils.errors import UserError
+from copra.models.evaluation import accuracy, state_accuracy
 from copra.experiments import landscape, multitask
-from copra.align import align_many
-from copra.merge import fusion, module_pairs
-from copra.adapter_ops import merge_folders
+from copra.adapters.align import align_many
+from copra.adapters.merge import fusion, module_pairs
+from copra.adapters.ops import merge_folders
 from copra.cli import main
-from copra.training import build_run
+from copra.training.loop import build_run
 
 # lr 0.3: large enough that the two seeds' adapters (and the curves between them) predict differently
 FAST = dict(shots=2, steps=6, lr=0.3, batch_size=4, eval_examples=20, overrides={"max_length": 16}, progress=False)
@@ -166,7 +166,7 @@ def test_multitask_table_and_merged_accuracy_on_each_task(model, tmp_path):
     with pytest.raises(UserError, match="needs one adapter folder for each"):
         multitask.run_from_adapters({"lora": [{"bbc_news": run["adapters"]["bbc_news"]}]}, config)
     # merge_method: the same adapters merged by PEFT's TIES, scored through PEFT's own merged config
-    from copra.peft_merge import peft_merge
+    from copra.adapters.peft_merge import peft_merge
 
     ties = multitask.MultitaskConfig(model=model, tasks=config.tasks, seeds=[0], merge_method="ties", merge_density=0.5,
                                      output_dir=str(tmp_path / "mtl-ties"), **FAST)
@@ -184,8 +184,8 @@ def test_multitask_table_and_merged_accuracy_on_each_task(model, tmp_path):
 
 def test_multitask_snapshot_curve_merges_every_snapshot(model, tmp_path):
     """Issue 12's crossover for MTL: each seed's task adapters at step t merged and scored, t = each snapshot."""
-    from copra.experiments import crossover
-    from copra.training import SNAPSHOTS_DIR
+    from copra.report import crossover
+    from copra.training.loop import SNAPSHOTS_DIR
 
     config = multitask.MultitaskConfig(model=model, tasks=["bbc_news", "news_outlets"], seeds=[0, 1],
                                        output_dir=str(tmp_path / "mtl"), snapshot_curve=True,
@@ -304,7 +304,7 @@ def test_merge_cli_runs_merge(folders, tmp_path):
 
 
 def test_prune_cli(folders, tmp_path):
-    from copra.prune import sparsity_of
+    from copra.adapters.prune import sparsity_of
 
     a, _ = folders["copra"]
     assert main(["prune", a, "--sparsity", "0.5", "-o", str(tmp_path / "p")]) == 0

@@ -1,4 +1,4 @@
-"""One owner per output folder (`copra.locks`): a second process is refused at once, naming the holder.
+"""One owner per output folder (`copra.utils.locks`): a second process is refused at once, naming the holder.
 
 The lock is a flock on `<parent>/.<name>.copra-lock`. `_foreign_lock` takes it through a separate
 open file description, which the kernel treats exactly like another process; the slow tests use real
@@ -20,8 +20,8 @@ import pytest
 from conftest import files_under, train_sets
 
 from copra.cli import main
-from copra.experiments import suite
-from copra.locks import FolderInUse, folder_lock, holder, lock_path
+from copra.report import suite
+from copra.utils.locks import FolderInUse, folder_lock, holder, lock_path
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 
@@ -76,7 +76,7 @@ def test_a_stale_lock_file_of_a_dead_process_is_taken_over(tmp_path):
 def test_every_writing_command_is_refused_while_another_process_holds_its_folder(tiny_text_model, tmp_path, capsys):
     """train, an experiment, sweep, reproduce, demo, merge, prune, report: exit 2, one line, nothing written."""
     from conftest import tiny_run_config
-    from copra.training import train
+    from copra.training.loop import train
 
     adapter = Path(train(tiny_run_config(tiny_text_model), output_dir=tmp_path / "a").adapter_dir)
     model = ["--set", f"model={tiny_text_model}"]
@@ -102,7 +102,7 @@ def test_every_writing_command_is_refused_while_another_process_holds_its_folder
 
 def test_a_locked_run_folder_inside_a_suite_is_refused_before_training(tiny_text_model, tmp_path):
     from conftest import tiny_run_config
-    from copra.experiments.runs import run_all
+    from copra.experiments.runner.runs import run_all
 
     plan = [(tiny_run_config(tiny_text_model, seed=s), tmp_path / "runs" / f"seed{s}") for s in (0, 1)]
     (tmp_path / "runs" / "seed1").mkdir(parents=True)
@@ -144,7 +144,7 @@ def test_four_concurrent_trains_into_one_folder_exactly_one_wins_and_its_adapter
     assert result["config"]["seed"] == seed and json.loads((out / "adapter" / "copra.json").read_text())["seed"] == seed
     assert f"seed {seed}: accuracy {100 * result['accuracy']:.2f}%" in stdout  # the metrics it printed are the ones on disk
     from conftest import tiny_run_config
-    from copra.training import train
+    from copra.training.loop import train
 
     again = train(tiny_run_config(tiny_text_model, task="parl_party", steps=30, seed=seed, method="copra",
                                   eval_examples=12, checkpoint_every=1), output_dir=tmp_path / "again")
@@ -174,7 +174,7 @@ def test_a_second_reproduce_on_one_results_folder_is_refused(tiny_text_model, tm
 
 @pytest.mark.slow
 def test_a_run_sigkilled_while_holding_the_lock_resumes_without_clean_up(tiny_text_model, tmp_path):
-    from copra.checkpoint import latest_checkpoint
+    from copra.training.checkpoint import latest_checkpoint
 
     out = tmp_path / "run"
     sets = train_sets(tiny_text_model, out, steps=40)

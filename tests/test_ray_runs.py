@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from copra.errors import UserError
-from copra.experiments import runs, sweep
-from copra.training import train
+from copra.utils.errors import UserError
+from copra.experiments.runner import runs
+from copra.experiments import sweep
+from copra.training.loop import train
 
 FAST = dict(shots=2, steps=4, batch_size=4, eval_examples=20, overrides={"max_length": 16}, progress=False)
 TESTS = str(Path(__file__).parent)
@@ -29,7 +30,7 @@ def kill_after_checkpoint():
     """Ray worker setup hook: SIGKILL this worker right after it writes checkpoint $COPRA_TEST_KILL_AT, once."""
     import signal
 
-    from copra import training
+    from copra.training import loop as training
 
     at_step, marker = int(os.environ["COPRA_TEST_KILL_AT"]), Path(os.environ["COPRA_TEST_KILL_MARKER"])
     real = training._save_checkpoint
@@ -69,7 +70,7 @@ def test_two_worker_ray_gives_the_local_summaries_and_adapters(tiny_text_model, 
         assert a["single"] == b["single"] and a["merged"] == b["merged"] and len(a["single"]) == 2
     folders = sorted(p.relative_to(tmp_path / "local") for p in (tmp_path / "local").rglob("adapter"))
     assert len(folders) == 8
-    from copra.adapters import load_adapter
+    from copra.adapters.io import load_adapter
 
     for rel in folders:
         (sa, _), (sb, _) = load_adapter(tmp_path / "local" / rel), load_adapter(tmp_path / "ray" / rel)
@@ -97,7 +98,7 @@ def test_a_killed_ray_task_resumes_its_run_from_the_checkpoint(tiny_text_model, 
 
 
 def test_ray_address_comes_from_the_setting_then_the_environment(monkeypatch):
-    from copra.experiments.ray_runs import resolve_address
+    from copra.experiments.runner.ray_tasks import resolve_address
 
     monkeypatch.delenv("COPRA_RAY_ADDRESS", raising=False)
     assert resolve_address(None) is None  # a private local Ray

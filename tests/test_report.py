@@ -13,8 +13,8 @@ import shutil
 import pytest
 
 from copra.cli import main
-from copra.errors import UserError
-from copra.experiments import crossover, report, verdicts
+from copra.utils.errors import UserError
+from copra.report import crossover, assemble as report, verdicts
 
 LORA, COPRA = 0.80, 0.84  # the better method gets the higher number (or the lower step time)
 NOISE = [0.0, 0.01, -0.01, 0.005]  # per seed, shared by both methods (what pairing removes)

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from conftest import files_under, train_sets
 
-from copra import locks
+from copra.utils import locks
 from copra.cli import main
-from copra.locks import lock_path
+from copra.utils.locks import lock_path
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 
@@ -52,8 +52,8 @@ def _full_disk_after(nbytes: int, fail_at_call: int, kind: str = "oserror"):
 @pytest.mark.parametrize("kind", ["oserror", "safetensors"])
 def test_disk_full_mid_checkpoint_is_one_line_and_keeps_the_previous_checkpoint(tiny_text_model, tmp_path, capsys,
                                                                                    monkeypatch, kind):
-    from copra import checkpoint
-    from copra.checkpoint import load_checkpoint
+    from copra.training import checkpoint
+    from copra.training.checkpoint import load_checkpoint
 
     out = tmp_path / "run"
     sets = train_sets(tiny_text_model, out, steps=6, checkpoint_every=2)
@@ -93,7 +93,7 @@ def _read_only(monkeypatch, folder: Path):
 
 def test_read_only_output_folder_is_one_line(tiny_text_model, tmp_path, capsys, monkeypatch):
     from conftest import tiny_run_config
-    from copra.training import train
+    from copra.training.loop import train
 
     adapter = train(tiny_run_config(tiny_text_model), output_dir=tmp_path / "a").adapter_dir
     readonly = tmp_path / "ro"  # the output folder itself is read-only (its parent is not)
@@ -114,8 +114,8 @@ def test_atomic_writers_turn_resource_errors_into_one_line_and_leave_nothing(tmp
 
     import torch
 
-    from copra.adapters import save_adapter, write_json
-    from copra.errors import ResourceError
+    from copra.adapters.io import save_adapter, write_json
+    from copra.utils.errors import ResourceError
 
     number = getattr(errno, code)
     real_open, real_mkdir = os.open, os.mkdir
@@ -141,7 +141,7 @@ def test_other_os_errors_keep_their_traceback_and_ctrl_c_releases_the_lock(tiny_
     import errno
 
     from conftest import interrupted_run, tiny_run_config
-    from copra.errors import resource_error
+    from copra.utils.errors import resource_error
 
     assert resource_error(OSError(errno.EBADF, "Bad file descriptor")) is None  # a bug, not the machine
     assert resource_error(ValueError("no os error here")) is None
@@ -153,7 +153,7 @@ def test_other_os_errors_keep_their_traceback_and_ctrl_c_releases_the_lock(tiny_
 def test_folder_deleted_under_a_running_job_stops_it_with_one_line(tiny_text_model, tmp_path, capsys, monkeypatch):
     import shutil
 
-    from copra import training
+    from copra.training import loop as training
 
     out = tmp_path / "run"
     real = training._save_checkpoint
@@ -173,7 +173,7 @@ def test_folder_deleted_under_a_running_job_stops_it_with_one_line(tiny_text_mod
 def test_out_of_memory_in_training_is_one_line_with_the_batch_size(tiny_text_model, tmp_path, capsys, monkeypatch):
     import torch
 
-    from copra import training
+    from copra.training import loop as training
 
     calls, real = [], training.F.cross_entropy
 

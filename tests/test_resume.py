@@ -17,11 +17,11 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import interrupted_run, tiny_run_config
-from copra import training
-from copra.checkpoint import CHECKPOINTS_DIR, latest_checkpoint, load_checkpoint
+from copra.training import loop as training
+from copra.training.checkpoint import CHECKPOINTS_DIR, latest_checkpoint, load_checkpoint
 from copra.cli import main
-from copra.errors import UserError
-from copra.training import TrainingDiverged, train
+from copra.utils.errors import UserError
+from copra.training.loop import TrainingDiverged, train
 
 WEIGHTS = Path("adapter") / "adapter_model.safetensors"
 
@@ -63,7 +63,7 @@ def _writing(out: Path) -> bool:
 STOP_INSIDE_WRITE = """
 import os, signal, sys
 from pathlib import Path
-import copra.checkpoint as checkpoint
+import copra.training.checkpoint as checkpoint
 from copra.cli import main
 
 stop_at, real_save = "." + checkpoint.checkpoint_name(int(sys.argv.pop(1))) + ".tmp-", checkpoint.save_file
@@ -230,7 +230,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_text_model, tmp_
 
 def test_a_run_recorded_before_a_field_existed_is_reused_only_when_it_computed_the_same(tiny_text_model, tmp_path):
     """A missing key reads as what older runs used: the default (use_dora), or fp32 for precision."""
-    from copra.training import same_run
+    from copra.training.loop import same_run
 
     config = tiny_run_config(tiny_text_model, precision="fp32")
     stored = {k: v for k, v in config.to_dict().items() if k not in ("use_dora", "precision")}

@@ -13,7 +13,7 @@ PARENT = textwrap.dedent("""
     import sys, time
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
-    from copra.experiments.runs import _worker_init
+    from copra.experiments.runner.runs import _worker_init
 
     def main():
         pool = ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn"), initializer=_worker_init,
@@ -56,7 +56,7 @@ def test_a_worker_ends_soon_after_its_parent_is_killed(tmp_path):
 def _known_warnings_shown() -> int:
     import warnings
 
-    from copra.compat import KNOWN_WARNINGS
+    from copra.utils.compat import KNOWN_WARNINGS
 
     with warnings.catch_warnings(record=True) as shown:
         for message, category in KNOWN_WARNINGS:
@@ -70,7 +70,7 @@ def test_workers_hide_the_known_warnings_as_the_cli_does():
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
-    from copra.experiments.runs import _worker_init
+    from copra.experiments.runner.runs import _worker_init
 
     with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as bare:
         assert bare.submit(_known_warnings_shown).result() >= 1  # the check sees a warning when nothing hides it

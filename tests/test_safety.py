@@ -16,10 +16,10 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import interrupted_run, tiny_run_config
-from copra.adapters import load_adapter
-from copra.checkpoint import CHECKPOINTS_DIR, STATE_FILE, TENSORS_FILE, load_checkpoint
+from copra.adapters.io import load_adapter
+from copra.training.checkpoint import CHECKPOINTS_DIR, STATE_FILE, TENSORS_FILE, load_checkpoint
 from copra.cli import main
-from copra.errors import UserError
+from copra.utils.errors import UserError
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "copra"
 

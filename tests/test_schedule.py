@@ -2,9 +2,9 @@ import math
 
 import pytest
 
-from copra.config import TrainConfig
-from copra.errors import UserError
-from copra.schedule import ascii_plot, exponential, keep_probability, sine
+from copra.core.config import TrainConfig
+from copra.utils.errors import UserError
+from copra.core.schedule import ascii_plot, exponential, keep_probability, sine
 
 
 def test_paper_schedule_values():
@@ -63,7 +63,7 @@ def test_ascii_plot_rises():
 
 
 def test_lr_schedules_hold_the_peak_through_the_ramp_or_decay_from_the_start():
-    from copra.schedule import learning_rate
+    from copra.core.schedule import learning_rate
 
     cosine = [learning_rate(t, 100, 1.0, 0.0) for t in range(100)]
     held = [learning_rate(t, 100, 1.0, 0.0, "hold_then_cosine", 0.75) for t in range(100)]
@@ -80,7 +80,7 @@ def test_lr_schedules_hold_the_peak_through_the_ramp_or_decay_from_the_start():
 def test_gate_schedule_is_the_one_p_of_t():
     import dataclasses
 
-    from copra.schedule import GateSchedule
+    from copra.core.schedule import GateSchedule
 
     schedule = GateSchedule(40, initial_p=0.1, final_p=0.9, ramp_fraction=0.5, ramp="sine")
     assert [schedule.keep_probability(t) for t in range(40)] == [
@@ -102,14 +102,14 @@ def test_gate_schedule_is_the_one_p_of_t():
 
 @pytest.mark.parametrize("fields", [dict(total_steps=0), dict(initial_p=1.5), dict(ramp_fraction=0.0), dict(ramp="cubic")])
 def test_gate_schedule_refuses_bad_fields(fields):
-    from copra.schedule import GateSchedule
+    from copra.core.schedule import GateSchedule
 
     with pytest.raises(UserError):
         GateSchedule(**({"total_steps": 10} | fields))
 
 
 def test_train_config_keeps_flat_schedule_fields():
-    from copra.schedule import GateSchedule
+    from copra.core.schedule import GateSchedule
 
     config = TrainConfig(steps=30, initial_p=0.2, ramp_fraction=0.5, ramp="exponential")
     assert config.gate_schedule() == GateSchedule(30, 0.2, 1.0, 0.5, "exponential")

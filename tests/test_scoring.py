@@ -1,6 +1,6 @@
 """One scoring path: evaluation, the experiments' Evaluator, the coalition evaluator and Flower agree exactly.
 
-Each caller is checked two ways: its number equals `copra.evaluation.accuracy` bit for bit, and a
+Each caller is checked two ways: its number equals `copra.models.evaluation.accuracy` bit for bit, and a
 classifier whose `scores_of` / `logits_of` is replaced changes every caller's number as predicted
 (so none of them computes scores on its own).
 """
@@ -15,14 +15,14 @@ import pytest
 import torch
 
 from conftest import lora_adapter_config, run_with_random_b, tiny_run_config
-from copra import evaluation
-from copra.coalitions import CoalitionEvaluator
+from copra.models import evaluation
+from copra.analysis.coalitions import CoalitionEvaluator
 from copra.data import fewshot
-from copra.evaluation import FewShotData, accuracy, adapter_state, fraction_correct, predict, state_accuracy
-from copra.experiments.common import Evaluator
-from copra.gates import CopRA
+from copra.models.evaluation import FewShotData, accuracy, adapter_state, fraction_correct, predict, state_accuracy
+from copra.experiments.runner.common import Evaluator
+from copra.core.gates import CopRA
 from copra.models.scoring import PromptScoring
-from copra.training import build_run
+from copra.training.loop import build_run
 
 ALL_MASKS = np.array(list(itertools.product([False, True], repeat=3)))
 
@@ -118,7 +118,7 @@ def test_every_caller_scores_through_the_classifier(run, monkeypatch):
 
 def test_flower_server_scores_merged_adapters_with_state_accuracy(run):
     pytest.importorskip("flwr")
-    from copra.flower import merged_accuracy, to_record
+    from copra.federated.simulation import merged_accuracy, to_record
 
     _, classifier, data = run
     state = adapter_state(classifier)
@@ -140,7 +140,7 @@ def test_validation_split_of_a_user_file_task():
     pytest.importorskip("datasets")
     from pathlib import Path
 
-    from copra.config import make_config
+    from copra.core.config import make_config
 
     example = Path(__file__).resolve().parents[1] / "examples" / "reviews.csv"
     config = make_config(dict(task=f"file:{example}", text_column="review", label_column="topic", shots=2))

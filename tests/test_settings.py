@@ -1,12 +1,12 @@
-"""copra.settings: the one reader of YAML + --set for every config dataclass."""
+"""copra.utils.settings: the one reader of YAML + --set for every config dataclass."""
 
 from dataclasses import dataclass, field
 
 import pytest
 
-from copra.config import TrainConfig, load_config, make_config
-from copra.errors import UserError
-from copra.settings import build_dataclass, check_known, dataclass_defaults, load_dataclass, read_values
+from copra.core.config import TrainConfig, load_config, make_config
+from copra.utils.errors import UserError
+from copra.utils.settings import build_dataclass, check_known, dataclass_defaults, load_dataclass, read_values
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""copra.shapley on toy games whose Shapley values are known in closed form or by brute force."""
+"""copra.analysis.shapley on toy games whose Shapley values are known in closed form or by brute force."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import math
 import numpy as np
 import pytest
 
-from copra.errors import UserError
-from copra.shapley import ESTIMATORS, Game, ShapleyResult, exact, multilinear, permutation
+from copra.utils.errors import UserError
+from copra.analysis.shapley import ESTIMATORS, Game, ShapleyResult, exact, multilinear, permutation
 
 W = np.array([0.5, -1.0, 2.0, 0.25, 1.5])
 
@@ -212,7 +212,7 @@ def test_zero_one_game_gets_a_nonzero_stderr_for_every_player(name):
 
 
 def test_variance_floor_is_zero_only_when_every_marginal_is_the_same():
-    from copra.shapley import variance_floor
+    from copra.analysis.shapley import variance_floor
 
     same = np.full((3, 2), 0.5)
     assert variance_floor(same, 3, gap=0.0) == 0.0

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import train_lora_and_copra
-from copra.errors import UserError
+from copra.utils.errors import UserError
 from copra.experiments.shapley_layers import ShapleyConfig, block_label, draw, module_grid, run_from_adapters
 
 

@@ -1,4 +1,4 @@
-"""Shapley-guided pruning: pure choices (copra.prune), `copra prune --keep-by-shapley`, the experiment's scheme."""
+"""Shapley-guided pruning: pure choices (copra.adapters.prune), `copra prune --keep-by-shapley`, the experiment's scheme."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 
 from conftest import tiny_run_config
 from copra.cli import main
-from copra.errors import UserError
-from copra.prune import KEEP_SCHEMES, fixed_subset, keep_players, layer_ids, players_of, top_k
+from copra.utils.errors import UserError
+from copra.adapters.prune import KEEP_SCHEMES, fixed_subset, keep_players, layer_ids, players_of, top_k
 from test_prune import BERT, bert, clip, zeroed_blocks
 
 BLOCKS = [f"encoder.layer.{i}" for i in range(6)]
@@ -64,7 +64,7 @@ def test_keep_players_zeroes_exactly_the_other_players():
 @pytest.fixture(scope="module")
 def trained(tiny_text_model, tmp_path_factory):
     """A tiny CopRA adapter (3 blocks) and its run config."""
-    from copra.training import train
+    from copra.training.loop import train
 
     config = tiny_run_config(tiny_text_model, method="copra", steps=6, lr=0.3)
     out = tmp_path_factory.mktemp("trained")
@@ -79,7 +79,7 @@ def _run(capsys, *argv):
 
 
 def _nonzero_blocks(folder):
-    from copra.adapters import load_adapter
+    from copra.adapters.io import load_adapter
 
     state, _ = load_adapter(folder)
     return sorted({k.split(".")[4] for k, v in state.items() if ".lora_" in k and bool(v.abs().sum() > 0)})
@@ -143,7 +143,7 @@ def test_prune_auto_estimates_values_on_a_validation_split(capsys, tmp_path, tra
 
 
 def test_validation_split_is_disjoint_from_training_and_test(trained):
-    from copra.evaluation import prepare_data, prepare_validation
+    from copra.models.evaluation import prepare_data, prepare_validation
 
     config, _ = trained
     data, validation = prepare_data(config), prepare_validation(config, 40)
@@ -156,9 +156,9 @@ def test_validation_split_is_disjoint_from_training_and_test(trained):
 
 # -- the pruning experiment's `shapley` scheme ----------------------------------------------------------
 def test_pruning_experiment_keep_by_shapley(tmp_path, trained, tiny_text_model):
-    from copra.adapters import load_adapter
-    from copra.evaluation import prepare_data
-    from copra.experiments.common import Evaluator
+    from copra.adapters.io import load_adapter
+    from copra.models.evaluation import prepare_data
+    from copra.experiments.runner.common import Evaluator
     from copra.experiments.pruning import PruningConfig, run_from_adapters
 
     config, adapter = trained

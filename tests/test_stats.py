@@ -1,4 +1,4 @@
-"""copra.stats: the t quantile against printed tables, paired intervals by hand, the three verdicts."""
+"""copra.analysis.stats: the t quantile against printed tables, paired intervals by hand, the three verdicts."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from copra.stats import (HELD, NO_DIFFERENCE, REVERSED, compare, disjoint_pairs, incomplete_beta, plateau, t_cdf,
+from copra.analysis.stats import (HELD, NO_DIFFERENCE, REVERSED, compare, disjoint_pairs, incomplete_beta, plateau, t_cdf,
                          t_quantile)
 
 # Student's t, two-sided 95% / 90% / 99% critical values (any statistics textbook's table, 3 decimals)

@@ -6,10 +6,11 @@ from pathlib import Path
 import pytest
 
 from copra.cli import main
-from copra.errors import UserError
-from copra.experiments import common, eval_cache, runs, suite
-from copra.experiments.suite import Step
-from copra.settings import dataclass_defaults
+from copra.utils.errors import UserError
+from copra.experiments.runner import common, eval_cache, runs
+from copra.report import suite
+from copra.report.suite import Step
+from copra.utils.settings import dataclass_defaults
 
 SMALL = ["--set", "shots=2", "--set", "steps=3", "--set", "batch_size=4", "--set", "eval_examples=20",
          "--set", "max_length=16", "--set", "seeds=0,1"]
@@ -104,7 +105,7 @@ def test_converged_suite_resolves_with_the_issue_protocol():
 
 
 def test_selected_lrs_reach_every_method():
-    from copra.experiments import timing
+    from copra.report import timing
 
     steps = {s.name: c for s, c in suite.resolve("converged", {})}
     landscape, sweep = steps["landscape"], steps["crossover"]
@@ -216,8 +217,8 @@ def test_the_probe_counts_every_evaluation_the_steps_make(monkeypatch, tmp_path,
     """`timing.planned_evaluations` (plus each new run's own) is what every step scores, pass for pass."""
     from contextlib import nullcontext
 
-    from copra import evaluation
-    from copra.experiments import timing
+    from copra.models import evaluation
+    from copra.report import timing
 
     snapshots = {"snapshot_every": 2}  # runs of 3 steps keep step 2
     fused = {"LoRA": {"method": "lora"}, "CopRA": {"method": "copra"}}

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from copra.errors import UserError
-from copra.experiments import runs, sweep
+from copra.utils.errors import UserError
+from copra.experiments.runner import runs
+from copra.experiments import sweep
 from copra.experiments.geometry import flatten, pair_similarity, tsne
-from copra.training import train
+from copra.training.loop import train
 
 FAST = dict(shots=2, steps=4, batch_size=4, eval_examples=20, overrides={"max_length": 16}, progress=False)
 
@@ -47,10 +48,10 @@ def test_sweep_has_every_variant_and_point_with_single_and_pairwise_merged(lr_sw
 
 def test_merged_accuracy_is_the_fused_pair_evaluated(lr_sweep, tiny_text_model):
     """Recompute one merged number from the saved adapters with the library's own pieces."""
-    from copra.adapters import load_adapter
-    from copra.evaluation import prepare_data, state_accuracy
-    from copra.merge import fusion
-    from copra.training import build_run
+    from copra.adapters.io import load_adapter
+    from copra.models.evaluation import prepare_data, state_accuracy
+    from copra.adapters.merge import fusion
+    from copra.training.loop import build_run
 
     config, summary = lr_sweep
     row = summary["points"][3]  # CopRA, lr 0.3
@@ -143,7 +144,7 @@ def test_parallel_runs_match_sequential(tiny_text_model, tmp_path):
 
 
 def test_run_all_continues_a_killed_run_from_its_checkpoint(tiny_text_model, tmp_path, monkeypatch):
-    import copra.training as training
+    import copra.training.loop as training
 
     config = sweep.SweepConfig(model=tiny_text_model, grid={}, seeds=[0, 1], output_dir="unused", **FAST)
     run_config = config.run_config("CopRA", {}, 0).replace(checkpoint_every=1, steps=6)
@@ -167,10 +168,10 @@ def test_run_all_continues_a_killed_run_from_its_checkpoint(tiny_text_model, tmp
 
 def test_curve_prune_scores_each_snapshot_pruned(tiny_text_model, tmp_path):
     """Issue 12's crossover for pruning: every snapshot (and the final adapter) pruned and scored."""
-    from copra.adapters import load_adapter
-    from copra.evaluation import prepare_data, state_accuracy
-    from copra.prune import structured
-    from copra.training import SNAPSHOTS_DIR, build_run
+    from copra.adapters.io import load_adapter
+    from copra.models.evaluation import prepare_data, state_accuracy
+    from copra.adapters.prune import structured
+    from copra.training.loop import SNAPSHOTS_DIR, build_run
 
     config = sweep.SweepConfig(name="pruned", model=tiny_text_model, grid={}, seeds=[0, 1], curve_every=2,
                                curve_prune=["every_other"], output_dir=str(tmp_path), **FAST)

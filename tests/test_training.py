@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_run_config
-from copra.evaluation import accuracy, adapter_state, load_adapter_state, state_accuracy
-from copra.training import build_run, train
+from copra.models.evaluation import accuracy, adapter_state, load_adapter_state, state_accuracy
+from copra.training.loop import build_run, train
 
 
 def test_tiny_copra_run_writes_peft_adapter_and_metadata(tiny_text_model, tmp_path):
@@ -52,7 +52,7 @@ def test_same_seed_same_adapter_and_lora_vs_copra_differ(tiny_text_model):
 @pytest.mark.real_model
 def test_real_minilm_trains_and_beats_nothing_learned(tmp_path):
     """The pretrained embedded encoder: zero-shot is far above chance and a short CopRA run keeps it sane."""
-    from copra.config import make_config
+    from copra.core.config import make_config
 
     config = make_config(dict(task="bbc_news", method="copra", shots=4, steps=6, batch_size=8, eval_examples=60,
                               progress=False))
@@ -62,7 +62,7 @@ def test_real_minilm_trains_and_beats_nothing_learned(tmp_path):
     before = adapter_state(classifier)
     result = train(config, data=data, output_dir=tmp_path / "run")
     assert result.accuracy > 0.5
-    from copra.adapters import load_adapter
+    from copra.adapters.io import load_adapter
 
     state, adapter_config = load_adapter(tmp_path / "run" / "adapter")
     assert adapter_config["r"] == 2 and adapter_config["use_rslora"] is True
@@ -71,7 +71,8 @@ def test_real_minilm_trains_and_beats_nothing_learned(tmp_path):
 
 
 def test_result_json_records_the_plateau_test(tiny_text_model, tmp_path, monkeypatch):
-    from copra import stats, training
+    from copra.analysis import stats
+    from copra.training import loop as training
 
     result = train(tiny_run_config(tiny_text_model, method="copra", steps=10), output_dir=tmp_path / "flat")
     saved = json.loads((tmp_path / "flat" / "result.json").read_text())
@@ -89,7 +90,7 @@ def test_result_json_records_the_plateau_test(tiny_text_model, tmp_path, monkeyp
 
 def test_the_lr_schedule_reaches_the_optimizer(monkeypatch, tiny_text_model):
     """hold_then_cosine trains at the peak lr until the ramp ends, then decays (TrainConfig.lr_schedule)."""
-    from copra import training
+    from copra.training import loop as training
 
     seen = []
     real_step = torch.optim.AdamW.step

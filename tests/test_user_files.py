@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from copra.config import make_config
+from copra.core.config import make_config
 from copra.data.user_files import load_file_task, text_task
-from copra.errors import UserError
+from copra.utils.errors import UserError
 
 pytest.importorskip("datasets", reason="reading data files needs Hugging Face datasets (pip install datasets)")
 
@@ -131,7 +131,7 @@ def test_config_train_file_and_its_rules(tmp_path):
 
 
 def test_too_few_examples_for_the_shots(tmp_path):
-    from copra.evaluation import prepare_data
+    from copra.models.evaluation import prepare_data
 
     config = make_config(dict(task=f"file:{write(tmp_path / 'd.csv')}", shots=5))
     with pytest.raises(UserError, match="class 'cats' has only 4 training examples, fewer than shots=5"):

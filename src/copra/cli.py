@@ -12,15 +12,15 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from copra.compat import quiet_known_warnings
-from copra.errors import UserError, resource_error
-from copra.precision import PRECISIONS
+from copra.utils.compat import quiet_known_warnings
+from copra.utils.errors import UserError, resource_error
+from copra.utils.precision import PRECISIONS
 
 
 def _cmd_train(args) -> int:
-    from copra.config import load_config
-    from copra.locks import folder_lock
-    from copra.training import check_fresh_output, check_writable, train
+    from copra.core.config import load_config
+    from copra.utils.locks import folder_lock
+    from copra.training.loop import check_fresh_output, check_writable, train
 
     config = with_output(load_config(args.config, args.set), args)
     if args.quiet:
@@ -66,7 +66,7 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_experiment(args) -> int:
-    from copra.config import load_dataclass
+    from copra.core.config import load_dataclass
     from copra.experiments import EXPERIMENTS
 
     config_class, run, render = EXPERIMENTS[args.command]()
@@ -88,7 +88,7 @@ def with_output(config, args):
     The path goes in as given, not parsed as YAML like a --set value (`-o 2024` stays a folder name);
     `dataclasses.replace` runs the config's own checks on it again.
     """
-    from copra.config import parse_sets
+    from copra.core.config import parse_sets
 
     if args.output is None:
         return config
@@ -108,7 +108,7 @@ def _numbers(text: str | None) -> list[float] | None:
 
 
 def _cmd_merge(args) -> int:
-    from copra.adapter_ops import merge_folders
+    from copra.adapters.ops import merge_folders
 
     out = merge_folders(args.adapters, args.method, _numbers(args.weights), args.align, output=args.output,
                         align_steps=args.align_steps, overwrite=args.force, density=args.density,
@@ -118,7 +118,7 @@ def _cmd_merge(args) -> int:
 
 
 def _cmd_prune(args) -> int:
-    from copra.adapter_ops import prune_folder
+    from copra.adapters.ops import prune_folder
 
     values = _keep_values(args)
     out = prune_folder(args.adapter, output=args.output, scheme=args.scheme, sparsity=args.sparsity,
@@ -145,10 +145,10 @@ def _keep_values(args):
         return args.keep_by_shapley
     if args.task is None:
         raise UserError("--keep-by-shapley auto needs --task T (values are estimated on its validation split)")
-    from copra.adapter_ops import check_output
-    from copra.adapters import load_adapter
+    from copra.adapters.ops import check_output
+    from copra.adapters.io import load_adapter
     from copra.experiments.shapley_pruning import auto_values
-    from copra.prune import check_k, players_of
+    from copra.adapters.prune import check_k, players_of
 
     check_output(Path(args.adapter), Path(args.output), args.force)  # before the minutes of estimation
     check_k(args.keep, len(players_of(load_adapter(args.adapter)[0], args.granularity)))
@@ -156,7 +156,7 @@ def _keep_values(args):
 
 
 def _cmd_report(args) -> int:
-    from copra.experiments.report import write_report
+    from copra.report.assemble import write_report
 
     paths = write_report(args.results, args.output)
     print("report: " + " and ".join(str(p) for p in paths))
@@ -164,8 +164,8 @@ def _cmd_report(args) -> int:
 
 
 def _cmd_reproduce(args) -> int:
-    from copra.config import parse_sets
-    from copra.experiments.suite import reproduce
+    from copra.core.config import parse_sets
+    from copra.report.suite import reproduce
 
     result = reproduce(args.suite, args.output, parse_sets(args.set), jobs=args.jobs, progress=not args.quiet,
                        log=lambda line: print(line, file=sys.stderr), executor=args.executor or ("ray" if args.ray_address else "local"),
@@ -230,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto (bf16 where the CPU/GPU has it, else fp32), fp32, bf16 or fp16 (CUDA)")
     p.set_defaults(func=_cmd_demo)
 
-    from copra.peft_merge import MERGE_METHODS
+    from copra.adapters.peft_merge import MERGE_METHODS
 
     p = sub.add_parser("merge", help="merge LoRA adapter folders (fusion, mixture or PEFT's methods) into one PEFT folder")
     p.add_argument("adapters", nargs="+", help="PEFT adapter folders (two or more)")

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from copra.data.task import PromptTask
-from copra.errors import UserError
+from copra.utils.errors import UserError
 
 CLIP_LORA_TEMPLATE = "a photo of a {}."
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")

@@ -6,7 +6,7 @@ same draw on every machine -- while the evaluation subset must *not* move with t
 differences between runs would mix up model variance with test-set variance. The index functions
 work on label lists only and return indices into them; ``random.Random`` with an explicit seed keeps
 them independent of global random state. `prepare_data` / `prepare_validation` apply them to a
-configured task and return the run's `FewShotData` (re-exported by `copra.evaluation`).
+configured task and return the run's `FewShotData` (re-exported by `copra.models.evaluation`).
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import random
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Sequence
 
-from copra.errors import UserError
+from copra.utils.errors import UserError
 
 if TYPE_CHECKING:  # annotations only: copra.data stays free of torch
-    from copra.config import TrainConfig
+    from copra.core.config import TrainConfig
 
 
 def _class_members(labels: Sequence[int], num_classes: int | None) -> list[list[int]]:

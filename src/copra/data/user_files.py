@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from copra.data.sources import TextTask, build_presplit, build_split
-from copra.errors import UserError
+from copra.utils.errors import UserError
 
 FILE_PREFIX = "file:"
 DEFAULT_PROMPT = "This text is about {}."

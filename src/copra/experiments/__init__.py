@@ -2,7 +2,7 @@
 
 `EXPERIMENTS` maps the CLI name to a loader returning (config class, run, render), imported lazily
 so `copra --help` stays fast. The `run` it returns holds the lock of `config.output_dir`
-(`copra.locks`) for the whole experiment: the CLI and the suite both go through it.
+(`copra.utils.locks`) for the whole experiment: the CLI and the suite both go through it.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def locked(run: Callable) -> Callable:
     """`run(config)` holding the lock of `config.output_dir` (FolderInUse if another process has it)."""
     @functools.wraps(run)
     def run_locked(config, *args, **kwargs):
-        from copra.locks import folder_lock
+        from copra.utils.locks import folder_lock
 
         with folder_lock(config.output_dir):
             return run(config, *args, **kwargs)

@@ -5,7 +5,7 @@ Paper: Zhuang et al., "CopRA: A Progressive LoRA Training Strategy" (2024), Sec.
 client that trains its sub-model using different seeds. The server then merges the five trained
 sub-models." The clients' own accuracies are similar for LoRA and CopRA, but the merged model is much
 better for CopRA (dtd: 54.37 vs 64.07), because CopRA's random layer gating makes independently
-trained adapters linearly mode-connected, so averaging their factors (`copra.merge.fusion`) works.
+trained adapters linearly mode-connected, so averaging their factors (`copra.adapters.merge.fusion`) works.
 
 Protocol, per method and run seed s (methods share data, split and client seeds, so they are paired):
   * the few-shot sample of seed s (`shots` per class) is split at random into `clients` parts;
@@ -17,8 +17,8 @@ Protocol, per method and run seed s (methods share data, split and client seeds,
   * each client model and the merged model are evaluated on the run's fixed evaluation subset.
 `rounds=1` is the paper's one-shot setting. In multi-round mode each round is a full local run:
 the cosine LR, AdamW state and (CopRA) the keep-probability ramp restart every round.
-Everything runs in one process here; `copra.flower` runs the same protocol on Flower. The config, split,
-client seeds and shared init live in `copra.federated` (re-exported here).
+Everything runs in one process here; `copra.federated.simulation` runs the same protocol on Flower. The config, split,
+client seeds and shared init live in `copra.federated.protocol` (re-exported here).
 """
 
 from __future__ import annotations
@@ -33,14 +33,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from copra.adapters import save_peft_model
-from copra.experiments.common import mean_std, save_figure, write_outputs, zoom_bars
-from copra.evaluation import FewShotData, load_adapter_state, prepare_data, state_accuracy
-from copra.federated import (MAX_CLIENTS, MAX_ROUNDS, RANK_CHANGING, Adapter, FederatedConfig, client_seed,
+from copra.adapters.io import save_peft_model
+from copra.experiments.runner.common import mean_std, save_figure, write_outputs, zoom_bars
+from copra.models.evaluation import FewShotData, load_adapter_state, prepare_data, state_accuracy
+from copra.federated.protocol import (MAX_CLIENTS, MAX_ROUNDS, RANK_CHANGING, Adapter, FederatedConfig, client_seed,
                              initial_state, split_clients)
-from copra.merge import fusion
-from copra.peft_merge import lora_scaling, merge_states, rescaled, setting_options
-from copra.training import build_run, train
+from copra.adapters.merge import fusion
+from copra.adapters.peft_merge import lora_scaling, merge_states, rescaled, setting_options
+from copra.training.loop import build_run, train
 
 __all__ = ["MAX_CLIENTS", "MAX_ROUNDS", "RANK_CHANGING", "Adapter", "FederatedConfig", "FederatedRun", "aggregate",
            "client_seed", "initial_state", "plot", "render", "run", "save_merged", "simulate", "size_weights",

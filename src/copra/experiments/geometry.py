@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from copra.errors import UserError
+from copra.utils.errors import UserError
 
 Adapter = dict[str, torch.Tensor]
 

@@ -11,12 +11,12 @@ accuracy dip plain LoRA shows in the middle -- and LoRA Align (LA) re-factors ad
 between fusion and mixture. alpha = 1 is adapter 1 (the first seed of a pair), alpha = 0 adapter 2.
 
 Evaluation: one classifier per LoRA shape, reused for every point (`common.Evaluator`). A mixture is
-an exact rank-2r adapter (`copra.merge.mixture`), which a rank-r model cannot hold, so it is evaluated
+an exact rank-2r adapter (`copra.adapters.merge.mixture`), which a rank-r model cannot hold, so it is evaluated
 in a second classifier built from `mixture_config` (r -> 2r, lora_alpha -> 2 alpha, or sqrt(2) alpha
 with rsLoRA, so the scaling is unchanged). That is exactly the model PEFT builds when it loads the
 saved mixture folder, and it reuses the library's own `mixture`. PEFT's combination types (ties,
 dare_ties, svd, ...) are further `mergers`, computed by PEFT's `add_weighted_adapter` through
-`copra.peft_merge.merge_states` and evaluated with the config PEFT gives the merged adapter.
+`copra.adapters.peft_merge.merge_states` and evaluated with the config PEFT gives the merged adapter.
 """
 
 from __future__ import annotations
@@ -30,16 +30,16 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from copra.adapters import finite_or_none
-from copra.align import align, bound
-from copra.config import METHODS, PerMethodLR, TrainConfig, make_config
-from copra.errors import UserError
-from copra.evaluation import FewShotData, prepare_data
-from copra.experiments.common import (Evaluator, RunExecution, TrainingBudget, barrier, check_lrs, check_overrides,
+from copra.adapters.io import finite_or_none
+from copra.adapters.align import align, bound
+from copra.core.config import METHODS, PerMethodLR, TrainConfig, make_config
+from copra.utils.errors import UserError
+from copra.models.evaluation import FewShotData, prepare_data
+from copra.experiments.runner.common import (Evaluator, RunExecution, TrainingBudget, barrier, check_lrs, check_overrides,
                                       check_unique, load_for_eval, mean_std, new_axes, save_figure, write_outputs)
-from copra.merge import check_compatible, delta_weights, fusion, mixture
-from copra.peft_merge import MERGE_METHODS, merge_states, setting_options
-from copra.experiments.runs import run_all
+from copra.adapters.merge import check_compatible, delta_weights, fusion, mixture
+from copra.adapters.peft_merge import MERGE_METHODS, merge_states, setting_options
+from copra.experiments.runner.runs import run_all
 
 ALPHAS = [round(i / 10, 1) for i in range(11)]
 

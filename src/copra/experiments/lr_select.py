@@ -19,9 +19,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from copra.config import METHODS, TrainConfig, make_config
-from copra.errors import UserError
-from copra.experiments.common import check_overrides, check_unique, new_axes, save_figure, write_outputs
+from copra.core.config import METHODS, TrainConfig, make_config
+from copra.utils.errors import UserError
+from copra.experiments.runner.common import check_overrides, check_unique, new_axes, save_figure, write_outputs
 
 
 @dataclass
@@ -65,9 +65,9 @@ def best_lr(scores: dict[float, list[float]]) -> float:
 
 def validation_score(config: TrainConfig, examples: int, folder: Path) -> float:
     """Validation accuracy of one run (trained, or reused when `folder` holds it finished)."""
-    from copra.evaluation import prepare_validation
-    from copra.experiments.runs import finished
-    from copra.training import train
+    from copra.models.evaluation import prepare_validation
+    from copra.experiments.runner.runs import finished
+    from copra.training.loop import train
 
     reused = finished(config, folder)  # a finished run of this config (its folder names the split size)
     return reused.accuracy if reused is not None else \

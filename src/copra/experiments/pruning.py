@@ -18,12 +18,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from copra.config import PerMethodLR, make_config
-from copra.errors import UserError
-from copra.evaluation import FewShotData, prepare_data
-from copra.experiments.common import (Evaluator, RunExecution, TrainingBudget, check_lrs, check_overrides,
+from copra.core.config import PerMethodLR, make_config
+from copra.utils.errors import UserError
+from copra.models.evaluation import FewShotData, prepare_data
+from copra.experiments.runner.common import (Evaluator, RunExecution, TrainingBudget, check_lrs, check_overrides,
                                       check_unique, load_for_eval, mean_std, save_figure, write_outputs, zoom_bars)
-from copra.prune import PROJECTIONS, STRUCTURED, magnitude, projections, structured
+from copra.adapters.prune import PROJECTIONS, STRUCTURED, magnitude, projections, structured
 
 METHODS = ("lora", "copra", "early_copra")
 SCHEMES = STRUCTURED + ("shapley",)
@@ -103,7 +103,7 @@ def evaluate_pruned(adapters: dict[str, list[str]], data: FewShotData, config: P
 
 def run(config: PruningConfig) -> dict:
     """Train LoRA and CopRA (keeping CopRA's early checkpoint), prune, evaluate, write results."""
-    from copra.experiments.runs import run_all
+    from copra.experiments.runner.runs import run_all
 
     base = config.base_config()
     data = prepare_data(base)  # validates the task before anything is written

@@ -21,14 +21,14 @@ from typing import Any
 
 import numpy as np
 
-from copra.config import METHODS, PerMethodLR, make_config
-from copra.errors import UserError
-from copra.evaluation import FewShotData, prepare_data
-from copra.experiments.common import (Evaluator, RunExecution, TrainingBudget, check_lrs, check_overrides,
+from copra.core.config import METHODS, PerMethodLR, make_config
+from copra.utils.errors import UserError
+from copra.models.evaluation import FewShotData, prepare_data
+from copra.experiments.runner.common import (Evaluator, RunExecution, TrainingBudget, check_lrs, check_overrides,
                                       check_unique, load_for_eval, new_axes, save_figure, write_outputs)
-from copra.gates import GRANULARITIES, player_of
-from copra.prune import projection_of
-from copra.shapley import ESTIMATORS, affordable
+from copra.core.gates import GRANULARITIES, player_of
+from copra.adapters.prune import projection_of
+from copra.analysis.shapley import ESTIMATORS, affordable
 
 LABELS = {"lora": "LoRA", "copra": "CopRA", "early_copra": "Early CopRA"}
 
@@ -71,7 +71,7 @@ class ShapleyConfig(TrainingBudget, RunExecution, PerMethodLR):
 
 def run(config: ShapleyConfig) -> dict:
     """Train one adapter per (method, seed), then estimate per-layer Shapley values of each."""
-    from copra.experiments.runs import run_all
+    from copra.experiments.runner.runs import run_all
 
     data = prepare_data(config.run_config(config.methods[0], config.seeds[0]))  # fails early on a bad task
     out = Path(config.output_dir)
@@ -83,9 +83,9 @@ def run(config: ShapleyConfig) -> dict:
 
 def run_from_adapters(adapters: dict[str, list[str]], config: ShapleyConfig, data: FewShotData | None = None) -> dict:
     """Shapley values of given adapter folders {method: [folder, ...]}; writes JSON, PNG, Markdown."""
-    from copra.coalitions import shapley_for_model
-    from copra.evaluation import load_adapter_state
-    from copra.gates import CopRA
+    from copra.analysis.coalitions import shapley_for_model
+    from copra.models.evaluation import load_adapter_state
+    from copra.core.gates import CopRA
 
     started = time.perf_counter()
     data = data or prepare_data(config.run_config(config.methods[0], config.seeds[0]))

@@ -4,7 +4,7 @@ The paper computes per-layer Shapley values only to describe adapters. Acting on
 or latency allow only K of the adapter's layers, keep the K whose values are highest. The values are
 estimated on a validation split carved from the training pool (held-out training examples, never
 the test split), and the choice is compared on the test split with the fixed schemes at the same K
-(every other, low, middle, high, generalised to any K by `copra.prune.fixed_subset`) and with random
+(every other, low, middle, high, generalised to any K by `copra.adapters.prune.fixed_subset`) and with random
 K-subsets. Does CopRA's fairer credit make the choice safer? The table answers per method.
 
 Kept subsets are evaluated through the gates (`CoalitionEvaluator`, all subsets of one adapter in one
@@ -21,11 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from copra.config import TrainConfig, make_config
-from copra.errors import UserError
-from copra.evaluation import FewShotData, prepare_validation
-from copra.experiments.common import Evaluator, load_for_eval, mean_std
-from copra.prune import KEEP_SCHEMES, check_k, fixed_subset, top_k
+from copra.core.config import TrainConfig, make_config
+from copra.utils.errors import UserError
+from copra.models.evaluation import FewShotData, prepare_validation
+from copra.experiments.runner.common import Evaluator, load_for_eval, mean_std
+from copra.adapters.prune import KEEP_SCHEMES, check_k, fixed_subset, top_k
 
 
 def adapter_values(folder: str | Path, base: TrainConfig, evaluator: Evaluator, *, granularity: str = "layer",
@@ -34,9 +34,9 @@ def adapter_values(folder: str | Path, base: TrainConfig, evaluator: Evaluator, 
 
     The caller removes the gates (`gates.remove()`) when done with the classifier.
     """
-    from copra.coalitions import shapley_for_model
-    from copra.evaluation import load_adapter_state
-    from copra.gates import CopRA
+    from copra.analysis.coalitions import shapley_for_model
+    from copra.models.evaluation import load_adapter_state
+    from copra.core.gates import CopRA
 
     state, adapter_config = load_for_eval(folder, task=base.task)
     validation = validation or prepare_validation(base, base.eval_examples)
@@ -58,8 +58,8 @@ def auto_values(folder: str | Path, task: str, granularity: str = "layer", sampl
     The run's settings (model, shots, seed, ...) come from the adapter's copra.json when it has one,
     so the split leaves out exactly the examples the adapter was trained on.
     """
-    from copra.adapters import read_metadata
-    from copra.config import TrainConfig
+    from copra.adapters.io import read_metadata
+    from copra.core.config import TrainConfig
 
     try:
         meta = read_metadata(folder)
@@ -87,7 +87,7 @@ def random_subsets(n: int, k: int, count: int, seed: int) -> list[list[int]]:
 def keep_k_run(folder: str, seed: int, test: FewShotData, base: TrainConfig, evaluator: Evaluator, keep: list[int],
                subsets: int, samples: int, examples: int) -> dict[str, Any]:
     """One adapter: values on its validation split, then test accuracy of every kept subset for every K."""
-    from copra.coalitions import CoalitionEvaluator
+    from copra.analysis.coalitions import CoalitionEvaluator
 
     run_config = base.replace(seed=seed)
     classifier, gates, values = adapter_values(folder, run_config, evaluator, samples=samples,
@@ -123,7 +123,7 @@ def keep_k_run(folder: str, seed: int, test: FewShotData, base: TrainConfig, eva
 def keep_by_shapley(adapters: dict[str, list[str]], test: FewShotData, base: TrainConfig, evaluator: Evaluator,
                     keep: list[int], subsets: int, samples: int, examples: int) -> dict[str, Any]:
     """Every method's adapters through `keep_k_run`, with per-K means over adapters (and the best fixed scheme)."""
-    from copra.adapters import read_metadata
+    from copra.adapters.io import read_metadata
 
     out: dict[str, Any] = {"keep": list(keep), "random_subsets": subsets, "validation_examples": examples,
                            "methods": {}}

@@ -26,16 +26,16 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from copra.adapters import load_adapter
-from copra.config import TrainConfig, make_config
-from copra.errors import UserError
-from copra.evaluation import prepare_data
-from copra.experiments.common import (Evaluator, RunExecution, TrainingBudget, check_unique, mean_std, save_figure,
+from copra.adapters.io import load_adapter
+from copra.core.config import TrainConfig, make_config
+from copra.utils.errors import UserError
+from copra.models.evaluation import prepare_data
+from copra.experiments.runner.common import (Evaluator, RunExecution, TrainingBudget, check_unique, mean_std, save_figure,
                                       write_outputs)
-from copra.experiments.runs import run_all
-from copra.merge import fusion
-from copra.prune import STRUCTURED, structured
-from copra.run_folder import snapshot_dir, snapshot_steps
+from copra.experiments.runner.runs import run_all
+from copra.adapters.merge import fusion
+from copra.adapters.prune import STRUCTURED, structured
+from copra.training.run_folder import snapshot_dir, snapshot_steps
 
 RESERVED = ("task", "seed", "output_dir", "progress", "save_early")
 PAPER_VARIANTS = {"LoRA": {"method": "lora"}, "CopRA": {"method": "copra"}}
@@ -273,7 +273,7 @@ def _lines(summary: dict, ax, variants: list[str]) -> None:
 
 
 def _bars(summary: dict, ax, variants: list[str]) -> None:
-    from copra.experiments.common import zoom_bars
+    from copra.experiments.runner.common import zoom_bars
 
     rows = {r["variant"]: r for r in summary["points"]}
     xs = range(len(variants))

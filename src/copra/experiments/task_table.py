@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 from tqdm.auto import tqdm
 
-from copra.errors import UserError
+from copra.utils.errors import UserError
 
 
 def task_rows(names: Sequence[str], zero_shot: bool = False, eval_examples: int | None = 500,
@@ -37,10 +37,10 @@ def task_rows(names: Sequence[str], zero_shot: bool = False, eval_examples: int 
 
 
 def _add_zero_shot(rows: list[dict[str, Any]], settings: dict[str, Any], progress: bool) -> None:
-    from copra.config import make_config
-    from copra.evaluation import accuracy, prepare_data
+    from copra.core.config import make_config
+    from copra.models.evaluation import accuracy, prepare_data
     from copra.models import build_classifier
-    from copra.training import seed_everything
+    from copra.training.loop import seed_everything
 
     if not rows:
         return

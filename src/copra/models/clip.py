@@ -28,10 +28,10 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import nn
 
-from copra.compat import checkpoint_file
-from copra.errors import UserError
+from copra.utils.compat import checkpoint_file
+from copra.utils.errors import UserError
 from copra.models.scoring import PromptScoring
-from copra.precision import autocast_of
+from copra.utils.precision import autocast_of
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -140,7 +140,7 @@ class ClipClassifier(PromptScoring, nn.Module):
         self.max_length = max_length
         self.prompts: list[str] = []
         self._prompt_inputs: dict[str, torch.Tensor] | None = None
-        self.precision = "fp32"  # set by copra.models.build_classifier (copra.precision)
+        self.precision = "fp32"  # set by copra.models.build_classifier (copra.utils.precision)
 
     @property
     def clip(self) -> nn.Module:
@@ -166,7 +166,7 @@ class ClipClassifier(PromptScoring, nn.Module):
             raise UserError("call set_prompts(task.prompts()) before classifying")
         device = self._device()
         inputs = {k: v.to(device) for k, v in self._prompt_inputs.items()}
-        with autocast_of(self, device):  # the classifier's precision (copra.precision); features in fp32
+        with autocast_of(self, device):  # the classifier's precision (copra.utils.precision); features in fp32
             features = _features(self.clip.get_text_features(**inputs))
         return F.normalize(features.float(), dim=-1)
 

@@ -10,7 +10,7 @@ states of one batch.
 
 Players may be whole blocks (granularity "layer") or single modules; each must sit inside one block
 of a single-tower BERT-like `PromptClassifier` (`PromptClassifier.prefix_sharing(gates)` builds one).
-`copra.coalitions` knows none of this: it asks the classifier for a `prefix_sharing` and scores the
+`copra.analysis.coalitions` knows none of this: it asks the classifier for a `prefix_sharing` and scores the
 embeddings it hands back, or runs one full forward per coalition when there is none (CLIP).
 """
 
@@ -23,12 +23,12 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from copra.compat import memoized_forward
-from copra.errors import UserError
-from copra.gates import CopRA, lora_modules, player_of
+from copra.utils.compat import memoized_forward
+from copra.utils.errors import UserError
+from copra.core.gates import CopRA, lora_modules, player_of
 from copra.models.layer_runner import LayerRunner
 from copra.models.scoring import sentence_embedding
-from copra.precision import autocast_of
+from copra.utils.precision import autocast_of
 
 Leaf = Callable[[torch.Tensor, np.ndarray], None]  # (unit-norm embeddings [B, H], the coalitions' rows)
 
@@ -103,7 +103,7 @@ def prefix_sharing(classifier: nn.Module, gates: CopRA) -> PrefixSharing | None:
 
 def reuse_base_outputs(modules: Sequence[LoraLayer]):
     """Inside, the frozen base layer of each LoRA module returns its last output again when it is
-    called again on the very same, unmodified input tensor (copra.compat.memoized_forward).
+    called again on the very same, unmodified input tensor (copra.utils.compat.memoized_forward).
 
     Sibling branches of the trie feed one hidden state to a block under different gates; the base
     projections that read it directly (BERT's query/key/value) are then computed once, not once per

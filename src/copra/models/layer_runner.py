@@ -4,13 +4,13 @@ CopRA (Zhuang et al., 2024, Sec. 2.2) scores a coalition C of LoRA layers by the
 adapters in C switched on, and estimating per-layer Shapley values needs many such coalitions. Two
 coalitions that agree on the gates of the first k blocks compute identical hidden states up to
 block k, so running the encoder one block at a time lets a coalition evaluator compute each shared
-prefix once (copra.coalitions) and lets training cache the hidden states of a frozen prefix.
+prefix once (copra.analysis.coalitions) and lets training cache the hidden states of a frozen prefix.
 
 `LayerRunner(encoder)` accepts a transformers model with `.embeddings` and `.encoder.layer` (an
 nn.ModuleList of blocks called as `block(hidden, attention_mask=...)`), e.g. BertModel, RobertaModel or
 an all-MiniLM checkpoint, optionally wrapped in a PeftModel. The attention mask is built by
 transformers' public API (`masking_utils.create_bidirectional_mask`, else the legacy
-`get_extended_attention_mask`; see copra.compat), so it has the form that the configured attention
+`get_extended_attention_mask`; see copra.utils.compat), so it has the form that the configured attention
 implementation (eager, sdpa, ...) expects, and blocks are called with keywords. LoRA modules inside a block are ordinary submodules, so
 CopRA's gate hooks apply as in a full forward. The runner adds no grad mode of its own.
 """
@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from copra.compat import attention_mask_builder
-from copra.errors import UserError
+from copra.utils.compat import attention_mask_builder
+from copra.utils.errors import UserError
 
 
 def unwrap(encoder: nn.Module) -> nn.Module:

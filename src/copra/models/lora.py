@@ -6,8 +6,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
-from copra.config import TrainConfig
-from copra.errors import UserError
+from copra.core.config import TrainConfig
+from copra.utils.errors import UserError
 from copra.models.base_model import hub_name
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from copra.gates import CopRA
+from copra.core.gates import CopRA
 from copra.models.layer_runner import LayerRunner
 
 

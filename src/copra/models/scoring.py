@@ -3,7 +3,7 @@
 Both classify an example by the cosine between its unit-norm embedding and each class prompt's
 (CLIP-LoRA's rule). Training reads `forward` (logits = scale * cosine, for the cross-entropy);
 evaluation, the coalition evaluator and Flower read `scores` (the cosines; their argmax is the
-prediction) through `copra.evaluation`. The arithmetic of each is written once, here:
+prediction) through `copra.models.evaluation`. The arithmetic of each is written once, here:
 
     scores = embedded @ classes.T            [B, C]
     logits = scale * embedded @ classes.T    (scale * embedded first, as training always computed it)

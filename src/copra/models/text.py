@@ -18,11 +18,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from copra.errors import UserError
+from copra.utils.errors import UserError
 from copra.models.base_model import (EMBEDDED_HUB_ID, EMBEDDED_MODEL, EMBEDDED_PACKAGE,  # noqa: F401 (re-exported)
                                      embedded_model_path, hub_name, resolve_model_path)
 from copra.models.scoring import PromptScoring, mean_pool, sentence_embedding  # noqa: F401 (re-exported)
-from copra.precision import autocast_of
+from copra.utils.precision import autocast_of
 
 class PromptClassifier(PromptScoring, nn.Module):
     """Head-free text classifier: cosine between text and class-prompt embeddings of one encoder.
@@ -40,7 +40,7 @@ class PromptClassifier(PromptScoring, nn.Module):
         self.prompts: list[str] = []
         self._prompt_inputs: dict[str, torch.Tensor] | None = None
         self.prefix_cache = None  # a FrozenPrefixCache while CopRA trains (see enable_prefix_cache)
-        self.precision = "fp32"  # "bf16"/"fp16": frozen weights cast, forwards under autocast (copra.precision)
+        self.precision = "fp32"  # "bf16"/"fp16": frozen weights cast, forwards under autocast (copra.utils.precision)
         self._token_ids: dict[str, list[int]] = {}  # each text is tokenised once per classifier (= per run)
         self._token_key: tuple | None = None  # (tokenizer, max_length) the cached ids were made with
 
@@ -136,7 +136,7 @@ def build_text_classifier(config) -> PromptClassifier:
 
     from copra.models.loading import quiet_loading
     from copra.models.lora import attach_lora
-    from copra.precision import attention_implementation, resolve
+    from copra.utils.precision import attention_implementation, resolve
 
     path = resolve_model_path(config.model)
     try:

@@ -1,0 +1,155 @@
+"""FusionFedAvg with a failure policy for real machines: every wait has a deadline, every failure a record.
+
+Flower's own FedAvg waits for `min_available_nodes` without a time limit (`sample_nodes` loops on
+`sleep(1)`), so a node that dies before a round starts stalls the run forever. Here:
+
+  * a round waits at most `node_wait_timeout` for `min_available_nodes` connected nodes, then goes
+    on with the connected ones if there are at least `min_train_nodes`, else the run stops;
+  * the server pulls replies until all came, or `round_timeout` passed, or `straggler_timeout` passed
+    since enough clients answered (a dead node then costs seconds, not Flower's 35-60 s heartbeat
+    patience); a node that sent nothing by then, or replied with an error, is recorded as failed;
+  * a round is merged (copra's `fusion`, weights n_i / N over the clients that answered) when at
+    least ceil(min_reply_fraction * clients) clients answered, else the run stops (`RoundFailed`).
+"""
+
+from __future__ import annotations
+
+import time
+
+from copra.federated.simulation import _require_flwr, fusion_strategy_class
+
+_require_flwr()
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict  # noqa: E402
+from flwr.serverapp import Grid  # noqa: E402
+
+from copra.federated.app.settings import DeploySettings  # noqa: E402
+
+
+class RoundFailed(RuntimeError):
+    """Too few nodes connected or answered for a round to count; the run stops (history says why)."""
+
+
+class DeploymentFusion(fusion_strategy_class()):
+    """FusionFedAvg with deadlines and a per-round record of who was asked, who answered, who failed."""
+
+    def __init__(self, settings: DeploySettings) -> None:
+        self.settings = settings
+        self.min_train = settings.min_train_nodes or settings.needed_replies
+        super().__init__(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=self.min_train,
+                         min_available_nodes=settings.wanted_nodes)
+        self.sent: dict[int, list[int]] = {}  # round -> node ids asked
+        self.asked: dict[int, dict[str, int]] = {}  # round -> {message id: node id}
+        self.closed: dict[int, str] = {}  # round -> why the reply wait ended
+        self.partition_of: dict[int, int] = {}  # node id -> partition id, learnt from replies
+        self.round_started: dict[int, float] = {}
+        self.stopped: dict | None = None  # the round record that stopped the run
+
+    def wait_for_nodes(self, grid: Grid) -> list[int]:
+        """Connected node ids once `min_available_nodes` are there, or what is there at the deadline."""
+        deadline = time.monotonic() + self.settings.node_wait_timeout
+        while len(nodes := sorted(grid.get_node_ids())) < self.settings.wanted_nodes and time.monotonic() < deadline:
+            time.sleep(1.0)
+        if len(nodes) < self.min_train:
+            self.stopped = {"round": len(self.sent) + 1, "connected": nodes}
+            raise RoundFailed(f"{len(nodes)} node(s) connected after {self.settings.node_wait_timeout:g} s, "
+                              f"min-train-nodes is {self.min_train}")
+        return nodes
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        self.round_started[server_round] = time.monotonic()
+        nodes = self.wait_for_nodes(grid)
+        self.sent[server_round] = nodes
+        config["server-round"] = server_round
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return [Message(content=record, message_type=MessageType.TRAIN, dst_node_id=node) for node in nodes]
+
+    def start(self, grid: Grid, *args, **kwargs):
+        """Flower's round loop, with this strategy's reply wait (`gather`) instead of the grid's."""
+        return super().start(_RoundGrid(grid, self), *args, **kwargs)
+
+    def gather(self, grid: Grid, messages: list[Message]) -> list[Message]:
+        """Push the round's messages; pull replies until all came, round-timeout passed, or straggler-timeout
+        passed since enough clients answered."""
+        if not messages:
+            return []
+        server_round = max(self.sent)
+        ids = list(grid.push_messages(messages))
+        self.asked[server_round] = dict(zip(ids, (m.metadata.dst_node_id for m in messages)))
+        waiting, replies, quorum_at = set(ids), [], None
+        start = time.monotonic()
+        self.closed[server_round] = "all nodes replied"
+        while waiting:
+            got = list(grid.pull_messages(waiting))
+            replies += got
+            waiting -= {m.metadata.reply_to_message_id for m in got}
+            now = time.monotonic()
+            if quorum_at is None and sum(not m.has_error() for m in replies) >= self.settings.needed_replies:
+                quorum_at = now
+            if waiting and now - start >= self.settings.round_timeout:
+                self.closed[server_round] = f"round-timeout {self.settings.round_timeout:g} s"
+                break
+            if waiting and quorum_at is not None and now - quorum_at >= self.settings.straggler_timeout:
+                self.closed[server_round] = f"straggler-timeout {self.settings.straggler_timeout:g} s"
+                break
+            if waiting:
+                time.sleep(0.5)
+        return replies
+
+    def aggregate_train(self, server_round: int, replies) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        answered, failed = self.sort_replies(server_round, replies)
+        record = {"round": server_round, "sent_to": self.sent[server_round], "answered": answered, "failed": failed}
+        if len(answered) < self.settings.needed_replies:
+            self.stopped = record
+            raise RoundFailed(f"round {server_round}: {len(answered)} of {self.settings.clients} clients answered, "
+                              f"{self.settings.needed_replies} needed (min-reply-fraction "
+                              f"{self.settings.min_reply_fraction:g}); failed: {failed}")
+        arrays, metrics = super().aggregate_train(server_round, [m for m in replies if not m.has_error()])
+        self.history[-1].pop("failures", None)  # FusionFedAvg saw only the good replies; "failed" says it all
+        self.history[-1].update(record)  # beside the clients and states FusionFedAvg appended
+        self.history[-1]["seconds"] = time.monotonic() - self.round_started[server_round]
+        return arrays, metrics
+
+    def sort_replies(self, server_round: int, replies: list[Message]) -> tuple[list[dict], list[dict]]:
+        """Who answered (partition, examples, accuracy) and who failed (error reason or no reply)."""
+        answered, failed, seen = [], [], set()
+        # the SuperLink's own error replies (e.g. a node's heartbeat stopped) come from node 0: find the
+        # node from the message they answer
+        to_node = self.asked.get(server_round, {})
+        for msg in replies:
+            node = int(to_node.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id))
+            seen.add(node)
+            if msg.has_error():
+                failed.append(self._failure(node, f"error reply: {msg.error.reason}"))
+                continue
+            partition = int(msg.content["client"]["partition-id"])
+            if partition in {a["partition_id"] for a in answered}:
+                raise RoundFailed(f"round {server_round}: two nodes answered for partition-id {partition}")
+            self.partition_of[node] = partition
+            metrics = msg.content["metrics"]
+            answered.append({"node_id": node, "partition_id": partition,
+                             "num_examples": int(metrics[self.weighted_by_key]), "accuracy": float(metrics["accuracy"])})
+        for node in self.sent[server_round]:
+            if node not in seen:
+                failed.append(self._failure(node, f"no reply when the round closed ({self.closed.get(server_round)})"))
+        for node in sorted(set(self.partition_of) - set(self.sent[server_round]) - seen):
+            failed.append(self._failure(node, "answered before, not connected when the round started"))
+        answered.sort(key=lambda a: a["partition_id"])
+        return answered, failed
+
+    def _failure(self, node: int, reason: str) -> dict:
+        return {"node_id": node, "partition_id": self.partition_of.get(node), "reason": reason}
+
+
+class _RoundGrid:
+    """Flower's grid as `Strategy.start` sees it, with the strategy's bounded reply wait."""
+
+    def __init__(self, grid: Grid, strategy: DeploymentFusion) -> None:
+        self._grid, self._strategy = grid, strategy
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages, *, timeout: float | None = None) -> list[Message]:
+        return self._strategy.gather(self._grid, list(messages))

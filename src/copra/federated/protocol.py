@@ -1,0 +1,112 @@
+"""The federated protocol both runners share: the config, the client split, the client seeds, the round-0 init.
+
+Paper: Zhuang et al., "CopRA" (2024), Sec. 3.1, Table 1 (left): the few-shot sample is split at
+random over the clients, each trains with its own seed, the server merges. `copra.experiments.federated`
+runs the protocol in one process and `copra.federated.simulation` on Flower; both take these definitions from
+here (training layer), so the Flower runner never imports an experiment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from copra.core.config import PerMethodLR, TrainConfig, check_lrs, make_config
+from copra.utils.errors import UserError
+from copra.models.evaluation import FewShotData, adapter_state
+from copra.adapters.peft_merge import setting_options
+from copra.training.loop import build_run
+
+Adapter = dict[str, torch.Tensor]
+RANK_CHANGING = ("mixture", "cat")  # merges whose rank differs from the clients': no next round from them
+MAX_CLIENTS = MAX_ROUNDS = 100  # client_seed packs round and client into two decimal digits each
+
+
+def split_clients(data: FewShotData, clients: int, seed: int) -> list[FewShotData]:
+    """Split the training set at random into `clients` disjoint parts (sizes differ by at most one).
+
+    Every part keeps the full evaluation set, prompts and class names. Indices keep their original
+    order inside a part; `seed` alone decides the split.
+    """
+    n = len(data.train_x)
+    if isinstance(clients, bool) or not isinstance(clients, int) or not 1 <= clients <= n:
+        raise UserError(f"clients must be an integer from 1 to the number of training examples ({n}), got {clients!r}")
+    order = np.random.default_rng(seed).permutation(n)
+    parts = [sorted(int(i) for i in part) for part in np.array_split(order, clients)]
+    return [dataclasses.replace(data, train_x=tuple(data.train_x[i] for i in part),
+                                train_y=tuple(data.train_y[i] for i in part)) for part in parts]
+
+
+def client_seed(seed: int, round_index: int, client: int) -> int:
+    """TrainConfig seed of `client` in round `round_index` (0-based) of the run with seed `seed`."""
+    return seed * 10_000 + round_index * 100 + client
+
+
+@dataclass
+class FederatedConfig(PerMethodLR):
+    """Federated LoRA vs CopRA: who trains what, for how long, and where results go."""
+
+    task: str = "bbc_news"  #: task name (as TrainConfig.task)
+    methods: list[str] = field(default_factory=lambda: ["lora", "copra"])  #: methods compared (paired)
+    clients: int = 5  #: clients K; the few-shot sample is split into K random parts (paper: 5)
+    rounds: int = 1  #: communication rounds; 1 = one-shot merging, the paper's setting
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  #: run seeds: few-shot sample, split, client seeds
+    shots: int = 16  #: examples per class in the whole federation, before the split
+    steps: int = 30  #: optimizer steps per client per round
+    batch_size: int = 16  #: examples per step
+    lr: float = 5e-3  #: peak learning rate, same for every method (unless `lrs` names it)
+    lrs: dict[str, float] = field(default_factory=dict)  #: peak lr per method (e.g. from lr_select); others use lr
+    eval_examples: int | None = 240  #: fixed evaluation subset (None: the whole test split)
+    model: str = "embedded:minilm"  #: backbone, as TrainConfig.model
+    shared_init: bool = False  #: round 0 starts every client from one LoRA init (classic FedAvg), not its own
+    merge_method: str = "fusion"  #: server aggregation: fusion (FedAvg of A and B) or a rank-keeping PEFT method (ties, dare_ties, svd, ...)
+    merge_density: float = 0.5  #: density of TIES / DARE / magnitude merges (unused by the other methods)
+    train_overrides: dict[str, Any] = field(default_factory=dict)  #: other TrainConfig fields for every client
+    output_dir: str = "results/federated"  #: where federated.json/.md/.png and merged adapters go
+    progress: bool = True  #: progress bars
+
+    def __post_init__(self) -> None:
+        if not self.methods or not self.seeds:
+            raise UserError("a federated run needs at least one method and one seed")
+        for name, values in (("methods", self.methods), ("seeds", self.seeds)):
+            if len(set(values)) != len(values):
+                raise UserError(f"{name} has duplicates: {values!r}")
+        for name, limit in (("clients", MAX_CLIENTS), ("rounds", MAX_ROUNDS)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+                raise UserError(f"{name} must be an integer from 1 to {limit}, got {value!r}")
+        setting_options(self.merge_method, self.merge_density)
+        if self.merge_method in RANK_CHANGING:
+            raise UserError(f"merge_method {self.merge_method!r} changes the rank; the next round trains from the "
+                            "merged adapter, so federated learning needs a rank-keeping method")
+        if not isinstance(self.train_overrides, dict):
+            raise UserError(f"train_overrides must be a mapping, got {self.train_overrides!r}")
+        check_lrs(self.lrs, self.methods)
+        owned = sorted(set(self.train_overrides) & (set(self._shared()) | {"method", "seed", "output_dir"}))
+        if owned:
+            raise UserError(f"train_overrides sets {owned[0]!r}; set it on the federated config instead")
+        for method in self.methods:  # TrainConfig validates the rest (method names, shots, lr, ...)
+            self.client_config(method, self.seeds[0], 0, 0)
+
+    def _shared(self) -> dict[str, Any]:
+        return dict(task=self.task, shots=self.shots, steps=self.steps, batch_size=self.batch_size, lr=self.lr,
+                    eval_examples=self.eval_examples, model=self.model, progress=self.progress)
+
+    def client_config(self, method: str, seed: int, round_index: int, client: int) -> TrainConfig:
+        """The TrainConfig of one client's local training in one round."""
+        return make_config({**self.train_overrides, **self._shared(), "method": method, "lr": self.lr_of(method),
+                            "seed": client_seed(seed, round_index, client)})
+
+    def data_config(self, seed: int) -> TrainConfig:
+        """The config whose seed draws the run's few-shot sample (before the split)."""
+        return make_config({**self.train_overrides, **self._shared(), "method": self.methods[0], "seed": seed})
+
+
+def initial_state(config: FederatedConfig, method: str, seed: int, data: FewShotData) -> Adapter:
+    """The shared round-0 LoRA init (`shared_init`): client 0's fresh init."""
+    classifier, _ = build_run(config.client_config(method, seed, 0, 0), data)
+    return adapter_state(classifier)
