@@ -19,11 +19,11 @@ import numpy as np
 import torch
 
 from copra.analysis.coalitions import CoalitionEvaluator, shapley_for_model
-from copra.utils.compat import quiet_known_warnings
+from copra.analysis.shapley import Game
 from copra.core.config import make_config
 from copra.core.gates import CopRA
-from copra.analysis.shapley import Game
 from copra.training.loop import build_run
+from copra.utils.compat import quiet_known_warnings
 
 
 def all_masks(n: int) -> np.ndarray:

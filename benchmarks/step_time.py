@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from copra.utils.compat import quiet_known_warnings
 from copra.core.config import make_config
-from copra.utils.precision import DTYPES, resolve
 from copra.training.loop import batches, build_run, train
+from copra.utils.compat import quiet_known_warnings
+from copra.utils.precision import DTYPES, resolve
 
 HIDDEN, FFN = 384, 1536  # all-MiniLM-L6-v2
 # (in, out, uses per block): query, key, value, attention output; FFN up; FFN down

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from copra.adapters.io import save_adapter
-from copra.utils.atomic import atomic_folder, write_bytes, write_json
 from copra.experiments.runner.common import write_outputs
+from copra.utils.atomic import atomic_folder, write_bytes, write_json
 
 
 class Killed(BaseException):

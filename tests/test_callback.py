@@ -3,8 +3,9 @@
 import torch
 from torch import nn
 
-from conftest import tiny_lora_bert
 from copra import CopRACallback
+
+from conftest import tiny_lora_bert
 
 
 class _Regressor(nn.Module):
@@ -54,9 +55,10 @@ def test_callback_takes_a_gate_schedule_or_the_trainers_steps():
 
     import pytest
 
-    from conftest import tiny_lora_bert
-    from copra.utils.errors import UserError
     from copra.core.schedule import GateSchedule
+    from copra.utils.errors import UserError
+
+    from conftest import tiny_lora_bert
 
     state = SimpleNamespace(max_steps=99)
     schedule = GateSchedule(12, initial_p=0.5)

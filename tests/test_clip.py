@@ -13,9 +13,9 @@ from PIL import Image
 
 import copra
 from copra.core.config import make_config
+from copra.core.gates import lora_modules
 from copra.data.coop import COOP_DATASETS, load_coop_task
 from copra.utils.errors import UserError
-from copra.core.gates import lora_modules
 
 CLASSES = ("dots", "lines", "zig_zag")
 MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.2, 0.5)
@@ -267,8 +267,8 @@ def test_train_end_to_end(config, clip_dir, tmp_path, monkeypatch):
 
     import copra.models
     from copra.models.clip import ClipClassifier
-    from copra.utils.precision import cast_frozen
     from copra.training.loop import train
+    from copra.utils.precision import cast_frozen
 
     built = []
     original = copra.models.build_classifier

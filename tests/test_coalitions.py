@@ -8,15 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_bert, tiny_lora_bert, tiny_run_config
 from copra.analysis.coalitions import CoalitionEvaluator, ModelShapleyResult, shapley_for_model
-from copra.utils.errors import UserError
-from copra.models.evaluation import FewShotData, accuracy
 from copra.core.gates import CopRA, lora_modules
+from copra.models.evaluation import FewShotData, accuracy
 from copra.models.layer_runner import LayerRunner
 from copra.models.scoring import PromptScoring
 from copra.models.text import PromptClassifier
 from copra.training.loop import build_run
+from copra.utils.errors import UserError
+
+from conftest import tiny_bert, tiny_lora_bert, tiny_run_config
 
 ALL_MASKS = np.array(list(itertools.product([False, True], repeat=3)))  # the 2^3 coalitions of 3 layers
 

@@ -7,11 +7,12 @@ import warnings
 
 import pytest
 import torch
-from conftest import tiny_bert, tiny_lora_bert
 
-from copra.utils import compat
 from copra.core.gates import lora_modules
 from copra.models.layer_runner import LayerRunner
+from copra.utils import compat
+
+from conftest import tiny_bert, tiny_lora_bert
 
 
 def padded_batch():

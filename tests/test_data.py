@@ -8,8 +8,7 @@ from collections import Counter
 
 import pytest
 
-from copra.data import TASKS, TextTask, eval_indices, few_shot_indices, load_task, task_names
-from copra.data import text_tasks
+from copra.data import TASKS, TextTask, eval_indices, few_shot_indices, load_task, task_names, text_tasks
 from copra.utils.errors import UserError
 
 REQUIRED = {"bbc_news", "health_tweets", "news_outlets", "parl_party", "drug_reviews"}

@@ -9,8 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import tiny_lora_bert, tiny_run_config
 from copra import CopRA
+
+from conftest import tiny_lora_bert, tiny_run_config
 
 
 def tiny_dora_bert(layers: int = 3, seed: int = 0):
@@ -51,8 +52,8 @@ def test_gated_off_dora_parameters_get_no_grad_and_do_not_move(tiny_inputs, gran
 
 def test_use_dora_reaches_peft_and_trains_with_copra(tiny_text_model, tmp_path):
     from copra.adapters.io import load_adapter
-    from copra.models.evaluation import prepare_data
     from copra.experiments.runner.common import Evaluator
+    from copra.models.evaluation import prepare_data
     from copra.models.lora import lora_config
     from copra.training.loop import train
 

@@ -9,13 +9,14 @@ import json
 import pytest
 import torch
 
-from conftest import lora_adapter_config, run_with_random_b
-from copra.utils import precision
 from copra.core.config import TrainConfig
-from copra.models.evaluation import adapter_state
 from copra.experiments.runner import eval_cache
 from copra.experiments.runner.common import Evaluator
+from copra.models.evaluation import adapter_state
 from copra.report.assemble import find_summaries
+from copra.utils import precision
+
+from conftest import lora_adapter_config, run_with_random_b
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,7 @@ def test_a_second_evaluator_reads_back_what_the_first_measured(run, tmp_path):
         assert again.accuracy(state, adapter_config, data) == value
     assert (first.measured, again.measured) == (1, 0)
     assert again.builds == 0  # not even a classifier was built
-    entries = [p for p in (tmp_path / "cache").glob("*.json")]
+    entries = list((tmp_path / "cache").glob("*.json"))
     assert len(entries) == 1 and json.loads(entries[0].read_text())["accuracy"] == value
     assert eval_cache.is_cache(tmp_path / "cache")
 

@@ -8,11 +8,12 @@ import os
 import pytest
 import torch
 
-from conftest import bar_heights, tiny_run_config
-from copra.utils.errors import UserError
-from copra.models.evaluation import FewShotData, adapter_state, prepare_data
 from copra.experiments.federated import FederatedConfig, client_seed, run, simulate, split_clients
+from copra.models.evaluation import FewShotData, adapter_state, prepare_data
 from copra.training.loop import build_run, train
+from copra.utils.errors import UserError
+
+from conftest import bar_heights, tiny_run_config
 
 
 def fake_data(n: int = 10) -> FewShotData:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import subprocess
 import time
-import tomllib
 from types import SimpleNamespace
 
 import pytest
+import tomllib
 import torch
 
 pytest.importorskip("flwr")
@@ -15,13 +15,13 @@ pytest.importorskip("flwr")
 from flwr.app import ConfigRecord, MetricRecord, RecordDict  # noqa: E402
 from flwr.common.config import flatten_dict, validate_config  # noqa: E402
 
-from copra.utils.errors import UserError  # noqa: E402
-from copra.federated.simulation import FLOWER_ENV, to_record  # noqa: E402
+from copra.adapters.merge import fusion  # noqa: E402
 from copra.federated.app import APP_DIR, launch  # noqa: E402
 from copra.federated.app.client_app import node_partition  # noqa: E402
 from copra.federated.app.settings import DeploySettings, from_run_config  # noqa: E402
 from copra.federated.app.strategy import DeploymentFusion, RoundFailed  # noqa: E402
-from copra.adapters.merge import fusion  # noqa: E402
+from copra.federated.simulation import FLOWER_ENV, to_record  # noqa: E402
+from copra.utils.errors import UserError  # noqa: E402
 
 
 def app_pyproject() -> dict:

@@ -14,8 +14,9 @@ import torch
 
 pytest.importorskip("flwr")
 
-from copra.federated.app import APP_DIR, launch  # noqa: E402
 from copra.adapters.merge import fusion  # noqa: E402
+from copra.federated.app import APP_DIR, launch  # noqa: E402
+
 from flower_cluster import Cluster, free_port, read_history, write_run_config  # noqa: E402
 
 TINY_RUN = {"shots": 2, "steps": 4, "batch-size": 4, "eval-examples": 20, "train-sets": "max_length=16", "clients": 2,
@@ -58,8 +59,8 @@ def flwr_run(cluster, model: str, out, **values) -> None:
 
 def in_process_rounds(model: str, survivors_in_round_2: list[int]):
     """What the federation should produce, computed here: round 1 with both clients, round 2 with the survivors."""
-    from copra.models.evaluation import prepare_data
     from copra.experiments.federated import FederatedConfig, split_clients
+    from copra.models.evaluation import prepare_data
     from copra.training.loop import train
 
     config = FederatedConfig(task="bbc_news", model=model, clients=2, rounds=2, seeds=[0], methods=["copra"], shots=2,

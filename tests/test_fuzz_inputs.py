@@ -37,7 +37,7 @@ def _assert_refused(capsys, argv: list[str], out: Path) -> str:
     assert captured.err.startswith("copra: error: ") and captured.err.count("\n") == 1, captured.err
     assert "Traceback" not in captured.err + captured.out
     assert not out.exists(), f"partial output {out}"
-    assert not [p for p in out.parent.glob(f".{out.name}.*")], "temporary output left behind"
+    assert not list(out.parent.glob(f".{out.name}.*")), "temporary output left behind"
     return captured.err
 
 

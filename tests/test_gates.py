@@ -9,10 +9,11 @@ import math
 import pytest
 import torch
 
-from conftest import tiny_bert, tiny_lora_bert
 from copra import CopRA
-from copra.utils.errors import UserError
 from copra.core.gates import player_of
+from copra.utils.errors import UserError
+
+from conftest import tiny_bert, tiny_lora_bert
 
 
 def _hidden(model, inputs):

@@ -8,15 +8,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from copra.adapters.io import load_adapter, read_metadata
-from copra.utils.errors import UserError
-from copra.models.evaluation import accuracy, state_accuracy
-from copra.experiments import landscape, multitask
 from copra.adapters.align import align_many
+from copra.adapters.io import load_adapter, read_metadata
 from copra.adapters.merge import fusion, module_pairs
 from copra.adapters.ops import merge_folders
 from copra.cli import main
+from copra.experiments import landscape, multitask
+from copra.models.evaluation import accuracy, state_accuracy
 from copra.training.loop import build_run
+from copra.utils.errors import UserError
 
 # lr 0.3: large enough that the two seeds' adapters (and the curves between them) predict differently
 FAST = dict(shots=2, steps=6, lr=0.3, batch_size=4, eval_examples=20, overrides={"max_length": 16}, progress=False)

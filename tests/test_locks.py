@@ -17,11 +17,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import files_under, train_sets
 
 from copra.cli import main
 from copra.report import suite
 from copra.utils.locks import FolderInUse, folder_lock, holder, lock_path
+
+from conftest import files_under, train_sets
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 
@@ -75,8 +76,9 @@ def test_a_stale_lock_file_of_a_dead_process_is_taken_over(tmp_path):
 
 def test_every_writing_command_is_refused_while_another_process_holds_its_folder(tiny_text_model, tmp_path, capsys):
     """train, an experiment, sweep, reproduce, demo, merge, prune, report: exit 2, one line, nothing written."""
-    from conftest import tiny_run_config
     from copra.training.loop import train
+
+    from conftest import tiny_run_config
 
     adapter = Path(train(tiny_run_config(tiny_text_model), output_dir=tmp_path / "a").adapter_dir)
     model = ["--set", f"model={tiny_text_model}"]
@@ -101,8 +103,9 @@ def test_every_writing_command_is_refused_while_another_process_holds_its_folder
 
 
 def test_a_locked_run_folder_inside_a_suite_is_refused_before_training(tiny_text_model, tmp_path):
-    from conftest import tiny_run_config
     from copra.experiments.runner.runs import run_all
+
+    from conftest import tiny_run_config
 
     plan = [(tiny_run_config(tiny_text_model, seed=s), tmp_path / "runs" / f"seed{s}") for s in (0, 1)]
     (tmp_path / "runs" / "seed1").mkdir(parents=True)
@@ -143,8 +146,9 @@ def test_four_concurrent_trains_into_one_folder_exactly_one_wins_and_its_adapter
     result = json.loads((out / "result.json").read_text())
     assert result["config"]["seed"] == seed and json.loads((out / "adapter" / "copra.json").read_text())["seed"] == seed
     assert f"seed {seed}: accuracy {100 * result['accuracy']:.2f}%" in stdout  # the metrics it printed are the ones on disk
-    from conftest import tiny_run_config
     from copra.training.loop import train
+
+    from conftest import tiny_run_config
 
     again = train(tiny_run_config(tiny_text_model, task="parl_party", steps=30, seed=seed, method="copra",
                                   eval_examples=12, checkpoint_every=1), output_dir=tmp_path / "again")

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from copra.utils.errors import UserError
 from copra.experiments import lr_select
+from copra.utils.errors import UserError
 
 
 def test_best_lr_takes_the_best_mean_and_the_smaller_lr_on_ties():

@@ -10,10 +10,18 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from safetensors.torch import save_file
 from torch import nn
 
-from copra.utils.errors import UserError
 from copra.adapters.align import align, align_many, bound
-from copra.adapters.merge import (MERGERS, check_compatible, check_weights, delta_weights, fusion, mixture, mixture_config,
-                         module_pairs)
+from copra.adapters.merge import (
+    MERGERS,
+    check_compatible,
+    check_weights,
+    delta_weights,
+    fusion,
+    mixture,
+    mixture_config,
+    module_pairs,
+)
+from copra.utils.errors import UserError
 
 P = "base_model.model.l"
 

@@ -7,11 +7,12 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from conftest import tiny_bert
-from copra.adapters.ops import merge_folders
-from copra.cli import main
-from copra.adapters.peft_merge import DENSITY_METHODS, PEFT_METHODS, SIGN_METHODS, merge_states, peft_merge, skeleton
 from copra.adapters.io import load_adapter
+from copra.adapters.ops import merge_folders
+from copra.adapters.peft_merge import DENSITY_METHODS, PEFT_METHODS, SIGN_METHODS, merge_states, peft_merge, skeleton
+from copra.cli import main
+
+from conftest import tiny_bert
 
 TARGETS = ["query", "value"]  # model order = the skeleton's natural order, so DARE's draws line up
 

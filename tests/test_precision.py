@@ -6,14 +6,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import interrupted_run, tiny_run_config
-from copra.utils import precision
 from copra.core.config import make_config
-from copra.utils.errors import UserError
-from copra.models.evaluation import predict
 from copra.core.gates import CopRA
+from copra.models.evaluation import predict
 from copra.models.lora import BitsDropout, swap_lora_dropout
 from copra.training.loop import build_run, train
+from copra.utils import precision
+from copra.utils.errors import UserError
+
+from conftest import interrupted_run, tiny_run_config
 
 
 @pytest.fixture
@@ -192,8 +193,8 @@ def test_peft_lora_dropout_is_swapped_for_bits_dropout(tiny_text_model):
 
 
 def test_demo_and_experiment_summaries_carry_the_precision(monkeypatch):
-    from copra.experiments.runner.common import run_precision
     from copra.experiments.demo import DemoConfig
+    from copra.experiments.runner.common import run_precision
 
     assert DemoConfig(precision="fp32").run_config("bbc_news", "lora", 0).precision == "fp32"
     with pytest.raises(UserError, match="precision must be one of"):

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from conftest import tiny_run_config
 from copra.training.loop import train
+
+from conftest import tiny_run_config
 
 
 def test_prefix_cache_changes_nothing_but_work(tiny_text_model):

@@ -7,11 +7,19 @@ import math
 import pytest
 import torch
 
-from copra.utils.errors import UserError
 from copra.adapters.prune import (
-    STRUCTURED, drop_layers, drop_projections, keep_projections, layer_ids, magnitude, projection_of,
-    projections, sparsity_of, structured,
+    STRUCTURED,
+    drop_layers,
+    drop_projections,
+    keep_projections,
+    layer_ids,
+    magnitude,
+    projection_of,
+    projections,
+    sparsity_of,
+    structured,
 )
+from copra.utils.errors import UserError
 
 BERT = "base_model.model.encoder.layer"
 BERT_MODULES = {"query": "attention.self.query", "key": "attention.self.key", "value": "attention.self.value",
@@ -234,8 +242,9 @@ def test_bad_sparsity_scope_and_values_are_user_errors():
 
 # -- PEFT round trip ------------------------------------------------------------------------------
 def test_pruned_adapters_load_into_peft(tiny_inputs):
-    from conftest import tiny_lora_bert
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    from conftest import tiny_lora_bert
 
     model = tiny_lora_bert(layers=3)
     state = {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}  # it returns live views

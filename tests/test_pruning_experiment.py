@@ -4,11 +4,12 @@ import json
 
 import pytest
 
-from conftest import bar_heights, errorbar_data, tiny_run_config, train_lora_and_copra
-from copra.utils.errors import UserError
-from copra.models.evaluation import prepare_data
 from copra.experiments.pruning import PruningConfig, draw, run_from_adapters
+from copra.models.evaluation import prepare_data
 from copra.training.loop import train
+from copra.utils.errors import UserError
+
+from conftest import bar_heights, errorbar_data, tiny_run_config, train_lora_and_copra
 
 
 def test_pruning_experiment_tables_and_plot(tiny_text_model, tmp_path):

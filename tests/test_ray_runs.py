@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from copra.utils.errors import UserError
-from copra.experiments.runner import runs
 from copra.experiments import sweep
+from copra.experiments.runner import runs
 from copra.training.loop import train
+from copra.utils.errors import UserError
 
 FAST = dict(shots=2, steps=4, batch_size=4, eval_examples=20, overrides={"max_length": 16}, progress=False)
 TESTS = str(Path(__file__).parent)

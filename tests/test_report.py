@@ -13,8 +13,9 @@ import shutil
 import pytest
 
 from copra.cli import main
+from copra.report import assemble as report
+from copra.report import crossover, verdicts
 from copra.utils.errors import UserError
-from copra.report import crossover, assemble as report, verdicts
 
 LORA, COPRA = 0.80, 0.84  # the better method gets the higher number (or the lower step time)
 NOISE = [0.0, 0.01, -0.01, 0.005]  # per seed, shared by both methods (what pairing removes)
@@ -33,8 +34,8 @@ def per_seed(value: float, better: bool, scale: float = 1.0) -> list[float]:
 
 def summaries(good: bool = True) -> dict[str, dict]:
     """One summary per experiment with per-seed scores; CopRA clearly ahead where `good`, LoRA otherwise."""
-    c, l = (COPRA, LORA) if good else (LORA, COPRA)
-    acc = {"lora": l, "copra": c}
+    c, lo = (COPRA, LORA) if good else (LORA, COPRA)
+    acc = {"lora": lo, "copra": c}
     win = {"lora": not good, "copra": good}
     seeds = {"seeds": [0, 1, 2, 3], "shots": 8, "steps": 30, "batch_size": 16, "lr": 0.005, "model": "embedded:minilm"}
     tasks = ["bbc_news", "news_outlets"]
@@ -72,7 +73,7 @@ def summaries(good: bool = True) -> dict[str, dict]:
                       "curves": {name: {"method": name.split("/")[0].split("+")[0], "merger": "fusion",
                                         "align": "+align" in name, "accuracy": pairs(m, a), "mean": [0.9, a, 0.9],
                                         "std": [0.0] * 3, "barrier": 0.9 - a}
-                                 for name, m, a in (("lora/fusion", "lora", l), ("copra/fusion", "copra", c),
+                                 for name, m, a in (("lora/fusion", "lora", lo), ("copra/fusion", "copra", c),
                                                     ("copra+align/fusion", "copra", c + (0.02 if good else -0.02)))}},
         "pruning": {"experiment": "pruning", "task": "bbc_news", "wall_seconds": 40.0,
                     "config": {**seeds, "schemes": ["all", "every_other", "high"], "sparsities": [0.0, 0.5]},

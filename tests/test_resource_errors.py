@@ -12,11 +12,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import files_under, train_sets
 
-from copra.utils import locks
 from copra.cli import main
+from copra.utils import locks
 from copra.utils.locks import lock_path
+
+from conftest import files_under, train_sets
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 
@@ -92,8 +93,9 @@ def _read_only(monkeypatch, folder: Path):
 
 
 def test_read_only_output_folder_is_one_line(tiny_text_model, tmp_path, capsys, monkeypatch):
-    from conftest import tiny_run_config
     from copra.training.loop import train
+
+    from conftest import tiny_run_config
 
     adapter = train(tiny_run_config(tiny_text_model), output_dir=tmp_path / "a").adapter_dir
     readonly = tmp_path / "ro"  # the output folder itself is read-only (its parent is not)
@@ -140,8 +142,9 @@ def test_atomic_writers_turn_resource_errors_into_one_line_and_leave_nothing(tmp
 def test_other_os_errors_keep_their_traceback_and_ctrl_c_releases_the_lock(tiny_text_model, tmp_path, monkeypatch):
     import errno
 
-    from conftest import interrupted_run, tiny_run_config
     from copra.utils.errors import resource_error
+
+    from conftest import interrupted_run, tiny_run_config
 
     assert resource_error(OSError(errno.EBADF, "Bad file descriptor")) is None  # a bug, not the machine
     assert resource_error(ValueError("no os error here")) is None

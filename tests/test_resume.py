@@ -16,12 +16,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import interrupted_run, tiny_run_config
+from copra.cli import main
 from copra.training import loop as training
 from copra.training.checkpoint import CHECKPOINTS_DIR, latest_checkpoint, load_checkpoint
-from copra.cli import main
-from copra.utils.errors import UserError
 from copra.training.loop import TrainingDiverged, train
+from copra.utils.errors import UserError
+
+from conftest import interrupted_run, tiny_run_config
 
 WEIGHTS = Path("adapter") / "adapter_model.safetensors"
 

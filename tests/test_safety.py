@@ -15,11 +15,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import interrupted_run, tiny_run_config
 from copra.adapters.io import load_adapter
-from copra.training.checkpoint import CHECKPOINTS_DIR, STATE_FILE, TENSORS_FILE, load_checkpoint
 from copra.cli import main
+from copra.training.checkpoint import CHECKPOINTS_DIR, STATE_FILE, TENSORS_FILE, load_checkpoint
 from copra.utils.errors import UserError
+
+from conftest import interrupted_run, tiny_run_config
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "copra"
 
@@ -139,7 +140,7 @@ def test_no_pickle_capable_loader_in_the_sources():
             problems += [f"{path.name}: {m.group(0)}" for m in re.finditer(pattern, text)]
     assert not problems, problems
     # the loaders that do exist say so explicitly
-    text = dict((p.name, t) for p, t in _python_sources())
+    text = {p.name: t for p, t in _python_sources()}
     assert "use_safetensors=True" in text["text.py"] and "use_safetensors=True" in text["clip.py"]
     assert "yaml.safe_load" in text["settings.py"]  # the one YAML loader (TrainConfig and every experiment config)
 

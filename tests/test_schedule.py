@@ -3,8 +3,8 @@ import math
 import pytest
 
 from copra.core.config import TrainConfig
-from copra.utils.errors import UserError
 from copra.core.schedule import ascii_plot, exponential, keep_probability, sine
+from copra.utils.errors import UserError
 
 
 def test_paper_schedule_values():

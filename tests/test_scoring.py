@@ -14,15 +14,16 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import lora_adapter_config, run_with_random_b, tiny_run_config
-from copra.models import evaluation
 from copra.analysis.coalitions import CoalitionEvaluator
-from copra.data import fewshot
-from copra.models.evaluation import FewShotData, accuracy, adapter_state, fraction_correct, predict, state_accuracy
-from copra.experiments.runner.common import Evaluator
 from copra.core.gates import CopRA
+from copra.data import fewshot
+from copra.experiments.runner.common import Evaluator
+from copra.models import evaluation
+from copra.models.evaluation import FewShotData, accuracy, adapter_state, fraction_correct, predict, state_accuracy
 from copra.models.scoring import PromptScoring
 from copra.training.loop import build_run
+
+from conftest import lora_adapter_config, run_with_random_b, tiny_run_config
 
 ALL_MASKS = np.array(list(itertools.product([False, True], repeat=3)))
 

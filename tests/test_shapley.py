@@ -9,8 +9,8 @@ import math
 import numpy as np
 import pytest
 
-from copra.utils.errors import UserError
 from copra.analysis.shapley import ESTIMATORS, Game, ShapleyResult, exact, multilinear, permutation
+from copra.utils.errors import UserError
 
 W = np.array([0.5, -1.0, 2.0, 0.25, 1.5])
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import train_lora_and_copra
-from copra.utils.errors import UserError
 from copra.experiments.shapley_layers import ShapleyConfig, block_label, draw, module_grid, run_from_adapters
+from copra.utils.errors import UserError
+
+from conftest import train_lora_and_copra
 
 
 def test_module_grid_places_each_player_in_its_block_and_projection():

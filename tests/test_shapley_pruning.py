@@ -7,12 +7,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from test_prune import BERT, bert, clip, zeroed_blocks
 
-from conftest import tiny_run_config
+from copra.adapters.prune import KEEP_SCHEMES, fixed_subset, keep_players, layer_ids, players_of, top_k
 from copra.cli import main
 from copra.utils.errors import UserError
-from copra.adapters.prune import KEEP_SCHEMES, fixed_subset, keep_players, layer_ids, players_of, top_k
-from test_prune import BERT, bert, clip, zeroed_blocks
+
+from conftest import tiny_run_config
 
 BLOCKS = [f"encoder.layer.{i}" for i in range(6)]
 
@@ -157,9 +158,9 @@ def test_validation_split_is_disjoint_from_training_and_test(trained):
 # -- the pruning experiment's `shapley` scheme ----------------------------------------------------------
 def test_pruning_experiment_keep_by_shapley(tmp_path, trained, tiny_text_model):
     from copra.adapters.io import load_adapter
-    from copra.models.evaluation import prepare_data
-    from copra.experiments.runner.common import Evaluator
     from copra.experiments.pruning import PruningConfig, run_from_adapters
+    from copra.experiments.runner.common import Evaluator
+    from copra.models.evaluation import prepare_data
 
     config, adapter = trained
     data = prepare_data(config)

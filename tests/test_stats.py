@@ -6,8 +6,17 @@ import math
 
 import pytest
 
-from copra.analysis.stats import (HELD, NO_DIFFERENCE, REVERSED, compare, disjoint_pairs, incomplete_beta, plateau, t_cdf,
-                         t_quantile)
+from copra.analysis.stats import (
+    HELD,
+    NO_DIFFERENCE,
+    REVERSED,
+    compare,
+    disjoint_pairs,
+    incomplete_beta,
+    plateau,
+    t_cdf,
+    t_quantile,
+)
 
 # Student's t, two-sided 95% / 90% / 99% critical values (any statistics textbook's table, 3 decimals)
 TABLE = {(0.975, 1): 12.706, (0.975, 2): 4.303, (0.975, 3): 3.182, (0.975, 4): 2.776, (0.975, 5): 2.571,

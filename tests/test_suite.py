@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 
 from copra.cli import main
-from copra.utils.errors import UserError
 from copra.experiments.runner import common, eval_cache, runs
 from copra.report import suite
 from copra.report.suite import Step
+from copra.utils.errors import UserError
 from copra.utils.settings import dataclass_defaults
 
 SMALL = ["--set", "shots=2", "--set", "steps=3", "--set", "batch_size=4", "--set", "eval_examples=20",

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from copra.utils.errors import UserError
-from copra.experiments.runner import runs
 from copra.experiments import sweep
 from copra.experiments.geometry import flatten, pair_similarity, tsne
+from copra.experiments.runner import runs
 from copra.training.loop import train
+from copra.utils.errors import UserError
 
 FAST = dict(shots=2, steps=4, batch_size=4, eval_examples=20, overrides={"max_length": 16}, progress=False)
 
@@ -49,8 +49,8 @@ def test_sweep_has_every_variant_and_point_with_single_and_pairwise_merged(lr_sw
 def test_merged_accuracy_is_the_fused_pair_evaluated(lr_sweep, tiny_text_model):
     """Recompute one merged number from the saved adapters with the library's own pieces."""
     from copra.adapters.io import load_adapter
-    from copra.models.evaluation import prepare_data, state_accuracy
     from copra.adapters.merge import fusion
+    from copra.models.evaluation import prepare_data, state_accuracy
     from copra.training.loop import build_run
 
     config, summary = lr_sweep
@@ -169,8 +169,8 @@ def test_run_all_continues_a_killed_run_from_its_checkpoint(tiny_text_model, tmp
 def test_curve_prune_scores_each_snapshot_pruned(tiny_text_model, tmp_path):
     """Issue 12's crossover for pruning: every snapshot (and the final adapter) pruned and scored."""
     from copra.adapters.io import load_adapter
-    from copra.models.evaluation import prepare_data, state_accuracy
     from copra.adapters.prune import structured
+    from copra.models.evaluation import prepare_data, state_accuracy
     from copra.training.loop import SNAPSHOTS_DIR, build_run
 
     config = sweep.SweepConfig(name="pruned", model=tiny_text_model, grid={}, seeds=[0, 1], curve_every=2,

@@ -6,9 +6,9 @@ import pytest
 
 from copra.cli import main
 from copra.data.text_tasks import MTL15, load_task
-from copra.utils.errors import UserError
 from copra.experiments import multitask
 from copra.experiments.task_table import render, task_rows
+from copra.utils.errors import UserError
 
 
 def test_tasks_command_lists_all_fifteen(capsys):
@@ -28,8 +28,8 @@ def test_tasks_command_rejects_unknown_names(capsys):
 
 def test_zero_shot_rows_on_the_tiny_encoder(tiny_text_model):
     from copra.core.config import make_config
-    from copra.models.evaluation import accuracy, prepare_data
     from copra.models import build_classifier
+    from copra.models.evaluation import accuracy, prepare_data
 
     rows = task_rows(["parl_party", "drug_reviews"], zero_shot=True, eval_examples=30, model=tiny_text_model,
                      progress=False, max_length=16)

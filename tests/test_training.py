@@ -6,9 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_run_config
 from copra.models.evaluation import accuracy, adapter_state, load_adapter_state, state_accuracy
 from copra.training.loop import build_run, train
+
+from conftest import tiny_run_config
 
 
 def test_tiny_copra_run_writes_peft_adapter_and_metadata(tiny_text_model, tmp_path):
@@ -90,7 +91,6 @@ def test_result_json_records_the_plateau_test(tiny_text_model, tmp_path, monkeyp
 
 def test_the_lr_schedule_reaches_the_optimizer(monkeypatch, tiny_text_model):
     """hold_then_cosine trains at the peak lr until the ramp ends, then decays (TrainConfig.lr_schedule)."""
-    from copra.training import loop as training
 
     seen = []
     real_step = torch.optim.AdamW.step

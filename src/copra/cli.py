@@ -9,8 +9,8 @@ import argparse
 import dataclasses
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from copra.utils.compat import quiet_known_warnings
 from copra.utils.errors import UserError, resource_error
@@ -19,8 +19,8 @@ from copra.utils.precision import PRECISIONS
 
 def _cmd_train(args) -> int:
     from copra.core.config import load_config
-    from copra.utils.locks import folder_lock
     from copra.training.loop import check_fresh_output, check_writable, train
+    from copra.utils.locks import folder_lock
 
     config = with_output(load_config(args.config, args.set), args)
     if args.quiet:
@@ -145,10 +145,10 @@ def _keep_values(args):
         return args.keep_by_shapley
     if args.task is None:
         raise UserError("--keep-by-shapley auto needs --task T (values are estimated on its validation split)")
-    from copra.adapters.ops import check_output
     from copra.adapters.io import load_adapter
-    from copra.experiments.shapley_pruning import auto_values
+    from copra.adapters.ops import check_output
     from copra.adapters.prune import check_k, players_of
+    from copra.experiments.shapley_pruning import auto_values
 
     check_output(Path(args.adapter), Path(args.output), args.force)  # before the minutes of estimation
     check_k(args.keep, len(players_of(load_adapter(args.adapter)[0], args.granularity)))

@@ -24,12 +24,12 @@ P seen is kept, so the result is never worse than identity or the initialisation
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
-from copra.utils.errors import UserError
 from copra.adapters.merge import Adapter, check_compatible, module_pairs
+from copra.utils.errors import UserError
 
 MAX_COND = 1e6  # largest condition number of P accepted (P^-1 A must stay numerically sane)
 

@@ -21,7 +21,7 @@ the caller loads the adapters and writes the result (with `mixture_config` for a
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -185,5 +185,14 @@ def delta_weights(adapter: Adapter) -> dict[str, torch.Tensor]:
 MERGERS = {"fusion": fusion, "mixture": mixture}
 
 
-__all__ = ["Adapter", "MERGERS", "check_compatible", "check_weights", "delta_weights", "fusion", "mixture",
-           "mixture_config", "module_pairs"]
+__all__ = [
+    "MERGERS",
+    "Adapter",
+    "check_compatible",
+    "check_weights",
+    "delta_weights",
+    "fusion",
+    "mixture",
+    "mixture_config",
+    "module_pairs",
+]

@@ -17,15 +17,15 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from copra.adapters.io import finite_or_none, load_adapter, read_metadata, save_adapter
-from copra.utils.errors import UserError
-from copra.utils.locks import locks_output
 from copra.adapters.merge import check_compatible, check_weights
 from copra.adapters.peft_merge import MERGE_METHODS, PEFT_METHODS, check_inputs, check_options, merge_states
 from copra.adapters.prune import STRUCTURED, check_k, keep_players, magnitude, players_of, structured, top_k
+from copra.utils.errors import UserError
+from copra.utils.locks import locks_output
 
 
 def _describe(folders: Sequence[Path]) -> str:

@@ -31,14 +31,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
+from copra.adapters.merge import Adapter, check_weights, module_pairs
 from copra.utils.compat import fold_rslora_scaling
 from copra.utils.errors import UserError
-from copra.adapters.merge import Adapter, check_weights, module_pairs
 
 PEFT_METHODS = ("linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd",
                 "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import operator
 import re
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -315,7 +315,22 @@ def sparsity_of(adapter: Adapter) -> float:
 
 
 __all__ = [
-    "KEEP_SCHEMES", "PROJECTIONS", "SCOPES", "STRUCTURED", "check_k", "drop_layers", "fixed_subset", "keep_players",
-    "players_of", "top_k", "drop_projections", "keep_projections",
-    "layer_ids", "magnitude", "projection_of", "projections", "sparsity_of", "structured",
+    "KEEP_SCHEMES",
+    "PROJECTIONS",
+    "SCOPES",
+    "STRUCTURED",
+    "check_k",
+    "drop_layers",
+    "drop_projections",
+    "fixed_subset",
+    "keep_players",
+    "keep_projections",
+    "layer_ids",
+    "magnitude",
+    "players_of",
+    "projection_of",
+    "projections",
+    "sparsity_of",
+    "structured",
+    "top_k",
 ]

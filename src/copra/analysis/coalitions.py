@@ -20,18 +20,18 @@ whose `Game` caches v so no coalition is evaluated twice.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from copra.utils.errors import UserError
-from copra.models.evaluation import Batch, FewShotData, accuracy, eval_batches, evaluating, fraction_correct
-from copra.core.gates import CopRA
 from copra.analysis.shapley import ESTIMATORS, Game, ShapleyResult
+from copra.core.gates import CopRA
+from copra.models.evaluation import Batch, FewShotData, accuracy, eval_batches, evaluating, fraction_correct
+from copra.utils.errors import UserError
 
 METRICS = ("accuracy", "neg_loss")
 

@@ -31,8 +31,8 @@ Two choices answer the faults a comparison with shapiq 1.8.0 found (issue 15, 12
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 

@@ -27,8 +27,8 @@ bisection. torch.distributions.StudentT has no icdf, and scipy is not a dependen
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 HELD, REVERSED, NO_DIFFERENCE = "held", "reversed", "no difference shown"
 VERDICTS = (HELD, REVERSED, NO_DIFFERENCE)

@@ -10,23 +10,35 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from copra.utils.errors import UserError
 from copra.core.gates import GRANULARITIES
-from copra.utils.precision import PRECISIONS
 from copra.core.schedule import LR_SCHEDULES, GateSchedule, check_probability
+from copra.utils.errors import UserError
+from copra.utils.precision import PRECISIONS
+
 # the generic loader, re-exported here where callers have always found it
-from copra.utils.settings import (build_dataclass, check_known, check_names, coerce_fields, dataclass_defaults,  # noqa: F401
-                            load_dataclass, parse_sets, read_values, read_yaml, short)
+from copra.utils.settings import (  # noqa: F401
+    build_dataclass,
+    check_known,
+    check_names,
+    coerce_fields,
+    dataclass_defaults,
+    load_dataclass,
+    parse_sets,
+    read_values,
+    read_yaml,
+    short,
+)
 
 METHODS = ("lora", "copra")
 BACKBONES = ("text", "clip")
 
 
-def check_lrs(lrs: dict, methods: typing.Iterable[str]) -> None:
+def check_lrs(lrs: dict, methods: Iterable[str]) -> None:
     """UserError unless `lrs` maps some of `methods` to positive numbers (each method's own peak lr)."""
     if not isinstance(lrs, dict):
         raise UserError(f"lrs must map methods to learning rates, got {lrs!r}")
@@ -170,7 +182,7 @@ class TrainConfig:
         """Every field's default, as `to_dict` would record it."""
         return dataclass_defaults(cls)
 
-    def replace(self, **changes: Any) -> "TrainConfig":
+    def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
 

@@ -21,17 +21,17 @@ every adapter is on unless a mask was set explicitly with `set_active` or `activ
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
-from typing import Iterator, Sequence
 
 import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
+from copra.core.schedule import RAMPS, GateSchedule
 from copra.utils.compat import switch_adapters_off, switch_adapters_on
 from copra.utils.errors import UserError
-from copra.core.schedule import RAMPS, GateSchedule
 
 GRANULARITIES = ("layer", "module")
 
@@ -215,4 +215,4 @@ class CopRA:
                 f"p: {s.initial_p}->{s.final_p} over {s.ramp_fraction:.0%} ({s.ramp}))")
 
 
-__all__ = ["CopRA", "GRANULARITIES", "GateSchedule", "RAMPS", "group_players", "lora_modules", "player_of"]
+__all__ = ["GRANULARITIES", "RAMPS", "CopRA", "GateSchedule", "group_players", "lora_modules", "player_of"]

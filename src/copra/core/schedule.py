@@ -25,8 +25,8 @@ training is plain LoRA. Here the end points and the ramp's length are parameters
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from copra.utils.errors import UserError
 
@@ -94,7 +94,7 @@ class GateSchedule:
         return self.initial_p + (self.final_p - self.initial_p) * RAMPS[self.ramp](progress)
 
     @classmethod
-    def of(cls, schedule: "GateSchedule | int | None" = None, **fields) -> "GateSchedule":
+    def of(cls, schedule: GateSchedule | int | None = None, **fields) -> GateSchedule:
         """`schedule` itself, or the schedule of `total_steps` (`schedule`, or the keyword) and `fields`.
 
         How `CopRA(model, total_steps=T, initial_p=...)` keeps its keyword arguments."""

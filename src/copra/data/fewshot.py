@@ -12,8 +12,9 @@ configured task and return the run's `FewShotData` (re-exported by `copra.models
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from copra.utils.errors import UserError
 

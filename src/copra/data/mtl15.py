@@ -20,7 +20,7 @@ from __future__ import annotations
 import bz2
 import re
 from collections import Counter
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 from copra.data.sources import TextTask, build_presplit, build_split, data_file, read_csv_rows
 from copra.utils.errors import UserError
@@ -135,8 +135,8 @@ NEWSGROUPS = {
 }
 # the label leak at the start of every 20NG text: "Newsgroup:sci.cryptdocument_id: 15174From: ..."
 # (a few lack the document id: "Newsgroup:sci.electronicsFrom: ...")
-NEWSGROUP_HEADER = re.compile(r"^\s*Newsgroup:\s*(?:%s)(?:\s*document_id:\s*\d*)?" % "|".join(
-    re.escape(g) for g in sorted(NEWSGROUPS, key=len, reverse=True)), re.IGNORECASE)
+NEWSGROUP_HEADER = re.compile(r"^\s*Newsgroup:\s*(?:{})(?:\s*document_id:\s*\d*)?".format("|".join(
+    re.escape(g) for g in sorted(NEWSGROUPS, key=len, reverse=True))), re.IGNORECASE)
 
 
 def strip_newsgroup(text: str) -> str:

@@ -23,9 +23,9 @@ import io
 import sys
 import zipfile
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 from copra.data.task import PromptTask
 from copra.utils.errors import UserError
@@ -111,7 +111,7 @@ def clean(text: str) -> str:
 
 
 def _split_key(name: str, text: str) -> str:
-    return hashlib.sha256(f"{name}\x00{text}".encode("utf-8")).hexdigest()
+    return hashlib.sha256(f"{name}\x00{text}".encode()).hexdigest()
 
 
 def dedupe(pairs: Iterable[tuple[str, int]]) -> list[tuple[str, int]]:

@@ -6,7 +6,7 @@ prompt filling, so a task of either kind fails the same way on the same mistake.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from copra.utils.errors import UserError
 

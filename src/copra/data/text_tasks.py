@@ -10,14 +10,20 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Callable
+from collections.abc import Callable
 from urllib.parse import urlparse
 
 from copra.data.mtl15 import LOADERS as MTL15_LOADERS
-from copra.data.sources import (INSTALL_LINES, TextTask, build_presplit, build_split, data_file,  # noqa: F401
-                                package_dir, read_zip_rows)
+from copra.data.sources import (  # noqa: F401
+    INSTALL_LINES,
+    TextTask,
+    build_presplit,
+    build_split,
+    data_file,
+    package_dir,
+    read_zip_rows,
+)
 from copra.utils.errors import UserError
-
 
 # ----------------------------------------------------------------------------- the data sets
 
@@ -134,7 +140,7 @@ def task_names() -> list[str]:
     return sorted(TASKS)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_task(name: str) -> TextTask:
     """The task registered under ``name``, loaded once per process."""
     if name not in TASKS:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import importlib
-from typing import Callable
+from collections.abc import Callable
 
 
 def _loader(module: str, config_class: str) -> Callable[[], tuple]:

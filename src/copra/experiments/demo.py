@@ -14,15 +14,15 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from copra.utils.atomic import write_json, write_text
 from copra.core.config import TrainConfig, make_config
-from copra.utils.errors import UserError
-from copra.models.evaluation import accuracy, prepare_data
 from copra.experiments import locked
 from copra.experiments.runner.common import mean_std, run_precision
-from copra.utils.precision import PRECISIONS
 from copra.experiments.runner.runs import run_all
+from copra.models.evaluation import accuracy, prepare_data
 from copra.training.loop import build_run
+from copra.utils.atomic import write_json, write_text
+from copra.utils.errors import UserError
+from copra.utils.precision import PRECISIONS
 
 SECTIONS = ("merging", "pruning", "shapley")
 

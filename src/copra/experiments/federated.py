@@ -34,12 +34,20 @@ import numpy as np
 import torch
 
 from copra.adapters.io import save_peft_model
-from copra.experiments.runner.common import mean_std, save_figure, write_outputs, zoom_bars
-from copra.models.evaluation import FewShotData, load_adapter_state, prepare_data, state_accuracy
-from copra.federated.protocol import (MAX_CLIENTS, MAX_ROUNDS, RANK_CHANGING, Adapter, FederatedConfig, client_seed,
-                             initial_state, split_clients)
 from copra.adapters.merge import fusion
 from copra.adapters.peft_merge import lora_scaling, merge_states, rescaled, setting_options
+from copra.experiments.runner.common import mean_std, save_figure, write_outputs, zoom_bars
+from copra.federated.protocol import (
+    MAX_CLIENTS,
+    MAX_ROUNDS,
+    RANK_CHANGING,
+    Adapter,
+    FederatedConfig,
+    client_seed,
+    initial_state,
+    split_clients,
+)
+from copra.models.evaluation import FewShotData, load_adapter_state, prepare_data, state_accuracy
 from copra.training.loop import build_run, train
 
 __all__ = ["MAX_CLIENTS", "MAX_ROUNDS", "RANK_CHANGING", "Adapter", "FederatedConfig", "FederatedRun", "aggregate",

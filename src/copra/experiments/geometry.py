@@ -10,7 +10,7 @@ different seeds are compared by cosine similarity and L2 distance, and all adapt
 from __future__ import annotations
 
 import itertools
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

@@ -30,16 +30,28 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from copra.adapters.io import finite_or_none
 from copra.adapters.align import align, bound
-from copra.core.config import METHODS, PerMethodLR, TrainConfig, make_config
-from copra.utils.errors import UserError
-from copra.models.evaluation import FewShotData, prepare_data
-from copra.experiments.runner.common import (Evaluator, RunExecution, TrainingBudget, barrier, check_lrs, check_overrides,
-                                      check_unique, load_for_eval, mean_std, new_axes, save_figure, write_outputs)
+from copra.adapters.io import finite_or_none
 from copra.adapters.merge import check_compatible, delta_weights, fusion, mixture
 from copra.adapters.peft_merge import MERGE_METHODS, merge_states, setting_options
+from copra.core.config import METHODS, PerMethodLR, TrainConfig, make_config
+from copra.experiments.runner.common import (
+    Evaluator,
+    RunExecution,
+    TrainingBudget,
+    barrier,
+    check_lrs,
+    check_overrides,
+    check_unique,
+    load_for_eval,
+    mean_std,
+    new_axes,
+    save_figure,
+    write_outputs,
+)
 from copra.experiments.runner.runs import run_all
+from copra.models.evaluation import FewShotData, prepare_data
+from copra.utils.errors import UserError
 
 ALPHAS = [round(i / 10, 1) for i in range(11)]
 

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from copra.core.config import METHODS, TrainConfig, make_config
-from copra.utils.errors import UserError
 from copra.experiments.runner.common import check_overrides, check_unique, new_axes, save_figure, write_outputs
+from copra.utils.errors import UserError
 
 
 @dataclass
@@ -65,8 +65,8 @@ def best_lr(scores: dict[float, list[float]]) -> float:
 
 def validation_score(config: TrainConfig, examples: int, folder: Path) -> float:
     """Validation accuracy of one run (trained, or reused when `folder` holds it finished)."""
-    from copra.models.evaluation import prepare_validation
     from copra.experiments.runner.runs import finished
+    from copra.models.evaluation import prepare_validation
     from copra.training.loop import train
 
     reused = finished(config, folder)  # a finished run of this config (its folder names the split size)

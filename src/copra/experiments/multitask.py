@@ -24,18 +24,30 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from copra.adapters.io import load_adapter
 from copra.adapters.align import align_many
-from copra.core.config import METHODS, PerMethodLR, TrainConfig, make_config
-from copra.utils.errors import UserError
-from copra.models.evaluation import FewShotData, prepare_data
-from copra.experiments.runner.common import (Evaluator, RunExecution, TrainingBudget, check_lrs, check_overrides,
-                                      check_unique, load_for_eval, mean_std, new_axes, save_figure, write_outputs,
-                                      zero_b, zoom_bars)
+from copra.adapters.io import load_adapter
 from copra.adapters.merge import check_compatible
 from copra.adapters.peft_merge import merge_states, setting_options
+from copra.core.config import METHODS, PerMethodLR, TrainConfig, make_config
+from copra.experiments.runner.common import (
+    Evaluator,
+    RunExecution,
+    TrainingBudget,
+    check_lrs,
+    check_overrides,
+    check_unique,
+    load_for_eval,
+    mean_std,
+    new_axes,
+    save_figure,
+    write_outputs,
+    zero_b,
+    zoom_bars,
+)
 from copra.experiments.runner.runs import run_all
+from copra.models.evaluation import FewShotData, prepare_data
 from copra.training.run_folder import snapshot_dir, snapshot_steps
+from copra.utils.errors import UserError
 
 LABELS = {"lora": "LoRA", "copra": "CopRA"}
 MANY_TASKS = 5  # above this, the figure is the per-task layout of the paper's Fig. 5c

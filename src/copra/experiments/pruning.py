@@ -16,14 +16,24 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
-from copra.core.config import PerMethodLR, make_config
-from copra.utils.errors import UserError
-from copra.models.evaluation import FewShotData, prepare_data
-from copra.experiments.runner.common import (Evaluator, RunExecution, TrainingBudget, check_lrs, check_overrides,
-                                      check_unique, load_for_eval, mean_std, save_figure, write_outputs, zoom_bars)
 from copra.adapters.prune import PROJECTIONS, STRUCTURED, magnitude, projections, structured
+from copra.core.config import PerMethodLR, make_config
+from copra.experiments.runner.common import (
+    Evaluator,
+    RunExecution,
+    TrainingBudget,
+    check_lrs,
+    check_overrides,
+    check_unique,
+    load_for_eval,
+    mean_std,
+    save_figure,
+    write_outputs,
+    zoom_bars,
+)
+from copra.models.evaluation import FewShotData, prepare_data
+from copra.utils.errors import UserError
 
 METHODS = ("lora", "copra", "early_copra")
 SCHEMES = STRUCTURED + ("shapley",)

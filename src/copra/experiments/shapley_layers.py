@@ -21,14 +21,24 @@ from typing import Any
 
 import numpy as np
 
-from copra.core.config import METHODS, PerMethodLR, make_config
-from copra.utils.errors import UserError
-from copra.models.evaluation import FewShotData, prepare_data
-from copra.experiments.runner.common import (Evaluator, RunExecution, TrainingBudget, check_lrs, check_overrides,
-                                      check_unique, load_for_eval, new_axes, save_figure, write_outputs)
-from copra.core.gates import GRANULARITIES, player_of
 from copra.adapters.prune import projection_of
 from copra.analysis.shapley import ESTIMATORS, affordable
+from copra.core.config import METHODS, PerMethodLR, make_config
+from copra.core.gates import GRANULARITIES, player_of
+from copra.experiments.runner.common import (
+    Evaluator,
+    RunExecution,
+    TrainingBudget,
+    check_lrs,
+    check_overrides,
+    check_unique,
+    load_for_eval,
+    new_axes,
+    save_figure,
+    write_outputs,
+)
+from copra.models.evaluation import FewShotData, prepare_data
+from copra.utils.errors import UserError
 
 LABELS = {"lora": "LoRA", "copra": "CopRA", "early_copra": "Early CopRA"}
 
@@ -84,8 +94,8 @@ def run(config: ShapleyConfig) -> dict:
 def run_from_adapters(adapters: dict[str, list[str]], config: ShapleyConfig, data: FewShotData | None = None) -> dict:
     """Shapley values of given adapter folders {method: [folder, ...]}; writes JSON, PNG, Markdown."""
     from copra.analysis.coalitions import shapley_for_model
-    from copra.models.evaluation import load_adapter_state
     from copra.core.gates import CopRA
+    from copra.models.evaluation import load_adapter_state
 
     started = time.perf_counter()
     data = data or prepare_data(config.run_config(config.methods[0], config.seeds[0]))

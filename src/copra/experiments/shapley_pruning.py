@@ -21,11 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from copra.core.config import TrainConfig, make_config
-from copra.utils.errors import UserError
-from copra.models.evaluation import FewShotData, prepare_validation
-from copra.experiments.runner.common import Evaluator, load_for_eval, mean_std
 from copra.adapters.prune import KEEP_SCHEMES, check_k, fixed_subset, top_k
+from copra.core.config import TrainConfig, make_config
+from copra.experiments.runner.common import Evaluator, load_for_eval, mean_std
+from copra.models.evaluation import FewShotData, prepare_validation
+from copra.utils.errors import UserError
 
 
 def adapter_values(folder: str | Path, base: TrainConfig, evaluator: Evaluator, *, granularity: str = "layer",
@@ -35,8 +35,8 @@ def adapter_values(folder: str | Path, base: TrainConfig, evaluator: Evaluator, 
     The caller removes the gates (`gates.remove()`) when done with the classifier.
     """
     from copra.analysis.coalitions import shapley_for_model
-    from copra.models.evaluation import load_adapter_state
     from copra.core.gates import CopRA
+    from copra.models.evaluation import load_adapter_state
 
     state, adapter_config = load_for_eval(folder, task=base.task)
     validation = validation or prepare_validation(base, base.eval_examples)

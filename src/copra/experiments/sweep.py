@@ -27,15 +27,22 @@ from pathlib import Path
 from typing import Any
 
 from copra.adapters.io import load_adapter
-from copra.core.config import TrainConfig, make_config
-from copra.utils.errors import UserError
-from copra.models.evaluation import prepare_data
-from copra.experiments.runner.common import (Evaluator, RunExecution, TrainingBudget, check_unique, mean_std, save_figure,
-                                      write_outputs)
-from copra.experiments.runner.runs import run_all
 from copra.adapters.merge import fusion
 from copra.adapters.prune import STRUCTURED, structured
+from copra.core.config import TrainConfig, make_config
+from copra.experiments.runner.common import (
+    Evaluator,
+    RunExecution,
+    TrainingBudget,
+    check_unique,
+    mean_std,
+    save_figure,
+    write_outputs,
+)
+from copra.experiments.runner.runs import run_all
+from copra.models.evaluation import prepare_data
 from copra.training.run_folder import snapshot_dir, snapshot_steps
+from copra.utils.errors import UserError
 
 RESERVED = ("task", "seed", "output_dir", "progress", "save_early")
 PAPER_VARIANTS = {"LoRA": {"method": "lora"}, "CopRA": {"method": "copra"}}

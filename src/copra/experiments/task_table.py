@@ -9,7 +9,8 @@ Loading 15 tasks takes seconds, evaluating them minutes on CPU, hence ``--zero-s
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -38,8 +39,8 @@ def task_rows(names: Sequence[str], zero_shot: bool = False, eval_examples: int 
 
 def _add_zero_shot(rows: list[dict[str, Any]], settings: dict[str, Any], progress: bool) -> None:
     from copra.core.config import make_config
-    from copra.models.evaluation import accuracy, prepare_data
     from copra.models import build_classifier
+    from copra.models.evaluation import accuracy, prepare_data
     from copra.training.loop import seed_everything
 
     if not rows:

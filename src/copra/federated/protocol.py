@@ -15,11 +15,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from copra.core.config import PerMethodLR, TrainConfig, check_lrs, make_config
-from copra.utils.errors import UserError
-from copra.models.evaluation import FewShotData, adapter_state
 from copra.adapters.peft_merge import setting_options
+from copra.core.config import PerMethodLR, TrainConfig, check_lrs, make_config
+from copra.models.evaluation import FewShotData, adapter_state
 from copra.training.loop import build_run
+from copra.utils.errors import UserError
 
 Adapter = dict[str, torch.Tensor]
 RANK_CHANGING = ("mixture", "cat")  # merges whose rank differs from the clients': no next round from them

@@ -31,11 +31,11 @@ from typing import Any
 
 import torch
 
-from copra.utils.errors import UserError
-from copra.models.evaluation import FewShotData, prepare_data, state_accuracy
-from copra.federated.protocol import Adapter, FederatedConfig, initial_state, split_clients
 from copra.adapters.merge import fusion
+from copra.federated.protocol import Adapter, FederatedConfig, initial_state, split_clients
+from copra.models.evaluation import FewShotData, prepare_data, state_accuracy
 from copra.training.loop import build_run, train
+from copra.utils.errors import UserError
 
 NUM_EXAMPLES = "num-examples"  # Flower's default weighting key
 

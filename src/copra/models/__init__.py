@@ -6,7 +6,7 @@ encoder) or "clip" (HF CLIPModel, the paper's setting).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 

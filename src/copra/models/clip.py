@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import nn
 
+from copra.models.scoring import PromptScoring
 from copra.utils.compat import checkpoint_file
 from copra.utils.errors import UserError
-from copra.models.scoring import PromptScoring
 from copra.utils.precision import autocast_of
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -38,7 +38,7 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CROP_SCALE = (0.08, 1.0)  # CLIP-LoRA's RandomResizedCrop scale
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)  # torchvision's default aspect-ratio range
 
-ImageLike = Union[str, os.PathLike, Image.Image]
+ImageLike = str | os.PathLike | Image.Image
 
 
 def load_image(image: ImageLike) -> Image.Image:

@@ -16,18 +16,18 @@ embeddings it hands back, or runs one full forward per coalition when there is n
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from copra.utils.compat import memoized_forward
-from copra.utils.errors import UserError
 from copra.core.gates import CopRA, lora_modules, player_of
 from copra.models.layer_runner import LayerRunner
 from copra.models.scoring import sentence_embedding
+from copra.utils.compat import memoized_forward
+from copra.utils.errors import UserError
 from copra.utils.precision import autocast_of
 
 Leaf = Callable[[torch.Tensor, np.ndarray], None]  # (unit-norm embeddings [B, H], the coalitions' rows)

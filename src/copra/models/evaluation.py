@@ -13,8 +13,9 @@ Few-shot data preparation lives in `copra.data.fewshot` (re-exported here: `FewS
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn

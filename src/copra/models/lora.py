@@ -7,8 +7,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from copra.core.config import TrainConfig
-from copra.utils.errors import UserError
 from copra.models.base_model import hub_name
+from copra.utils.errors import UserError
 
 
 def lora_config(config: TrainConfig) -> LoraConfig:

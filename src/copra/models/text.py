@@ -14,15 +14,21 @@ hub name or another local path works too for users with a network or their own w
 
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 
-from copra.utils.errors import UserError
-from copra.models.base_model import (EMBEDDED_HUB_ID, EMBEDDED_MODEL, EMBEDDED_PACKAGE,  # noqa: F401 (re-exported)
-                                     embedded_model_path, hub_name, resolve_model_path)
+from copra.models.base_model import (  # noqa: F401 (re-exported)
+    EMBEDDED_HUB_ID,
+    EMBEDDED_MODEL,
+    EMBEDDED_PACKAGE,
+    embedded_model_path,
+    hub_name,
+    resolve_model_path,
+)
 from copra.models.scoring import PromptScoring, mean_pool, sentence_embedding  # noqa: F401 (re-exported)
+from copra.utils.errors import UserError
 from copra.utils.precision import autocast_of
+
 
 class PromptClassifier(PromptScoring, nn.Module):
     """Head-free text classifier: cosine between text and class-prompt embeddings of one encoder.

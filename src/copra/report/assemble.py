@@ -22,15 +22,15 @@ import json
 import mimetypes
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
+from copra.experiments.runner.eval_cache import is_cache
+from copra.report import convergence, crossover
+from copra.report.verdicts import OTHER, RULES, SECTIONS, Section, judge, overall
 from copra.utils.atomic import write_bytes, write_text
 from copra.utils.errors import UserError, resource_error
-from copra.report import convergence, crossover
-from copra.experiments.runner.eval_cache import is_cache
-from copra.report.verdicts import OTHER, RULES, SECTIONS, Section, judge, overall
 from copra.utils.locks import folder_lock
 
 NAMES = {"lora": "LoRA", "copra": "CopRA", "early_copra": "Early CopRA"}

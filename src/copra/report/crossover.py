@@ -44,20 +44,20 @@ def curves(summary: dict) -> dict | None:
         return None
     seeds = len((summary.get("config") or {}).get("seeds") or [])
     keep = disjoint_pairs(list(itertools.combinations(range(seeds), 2)))
-    c, l = copra["curve"], lora["curve"]
-    schemes = [k for k in c.get("pruned") or {} if k in (l.get("pruned") or {})]
+    c, lo = copra["curve"], lora["curve"]
+    schemes = [k for k in c.get("pruned") or {} if k in (lo.get("pruned") or {})]
     out = {"steps": [], "merged": [], "single": [], "pruned": {k: [] for k in schemes},
            "names": (copra["variant"], lora["variant"])}
     try:
-        for step in (k for k in c["steps"] if k in l["steps"]):
-            i, j = c["steps"].index(step), l["steps"].index(step)
-            if not keep or {len(c["merged"][i]), len(l["merged"][j])} != {seeds * (seeds - 1) // 2}:
+        for step in (k for k in c["steps"] if k in lo["steps"]):
+            i, j = c["steps"].index(step), lo["steps"].index(step)
+            if not keep or {len(c["merged"][i]), len(lo["merged"][j])} != {seeds * (seeds - 1) // 2}:
                 return None  # the pairs do not match the seeds: nothing to pair
-            out["merged"].append(compare([c["merged"][i][k] for k in keep], [l["merged"][j][k] for k in keep],
+            out["merged"].append(compare([c["merged"][i][k] for k in keep], [lo["merged"][j][k] for k in keep],
                                          CONFIDENCE))
-            out["single"].append(compare(c["single"][i], l["single"][j], CONFIDENCE))
+            out["single"].append(compare(c["single"][i], lo["single"][j], CONFIDENCE))
             for scheme in schemes:
-                out["pruned"][scheme].append(compare(c["pruned"][scheme][i], l["pruned"][scheme][j], CONFIDENCE))
+                out["pruned"][scheme].append(compare(c["pruned"][scheme][i], lo["pruned"][scheme][j], CONFIDENCE))
             out["steps"].append(step)
     except (KeyError, IndexError, TypeError, ValueError):
         return None  # an incomplete or older curve
@@ -71,7 +71,7 @@ def _multitask_curves(summary: dict) -> dict | None:
         steps = list(curve["steps"])
         if not steps or len(copra) != len(steps) or len(lora) != len(steps):
             return None
-        merged = [compare(c, l, CONFIDENCE) for c, l in zip(copra, lora)]
+        merged = [compare(c, lo, CONFIDENCE) for c, lo in zip(copra, lora)]
     except (KeyError, TypeError, ValueError):
         return None  # no curve, or one method missing
     return {"steps": steps, "merged": merged, "single": [], "pruned": {}, "names": ("CopRA", "LoRA"),

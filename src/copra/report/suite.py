@@ -35,13 +35,13 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from copra.utils.atomic import write_json
 from copra.core.config import TrainConfig
-from copra.utils.errors import UserError
 from copra.experiments import EXPERIMENTS
-from copra.experiments.runner.eval_cache import cached_evaluations
 from copra.experiments.multitask import expand_tasks
+from copra.experiments.runner.eval_cache import cached_evaluations
 from copra.experiments.runner.runs import check_executor, check_jobs, shared_runs, store_config, store_name
+from copra.utils.atomic import write_json
+from copra.utils.errors import UserError
 from copra.utils.locks import folder_lock
 from copra.utils.settings import build_dataclass, dataclass_defaults
 

@@ -24,8 +24,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from copra.core.config import TrainConfig
 from copra.adapters.prune import PROJECTIONS
+from copra.core.config import TrainConfig
 from copra.training.run_folder import snapshot_schedule
 
 PROBE_STEPS = 6  # optimizer steps of the probe (the first is dropped: warm-up)
@@ -139,10 +139,10 @@ def probe(config: TrainConfig, steps: int = PROBE_STEPS) -> float:
 
 def probe_evaluation(config: TrainConfig, examples: int = PROBE_EXAMPLES) -> tuple[float, ModelFacts]:
     """(seconds per evaluation example, the model's facts) of `config`'s classifier, as the experiments score."""
-    from copra.models.evaluation import accuracy, adapter_state, eval_batches
-    from copra.experiments.runner.common import BATCH
-    from copra.core.gates import CopRA
     from copra.adapters.prune import projections
+    from copra.core.gates import CopRA
+    from copra.experiments.runner.common import BATCH
+    from copra.models.evaluation import accuracy, adapter_state, eval_batches
     from copra.training.loop import build_run
 
     classifier, data = build_run(config.replace(progress=False))

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import itertools
 import statistics
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 from copra.analysis.stats import HELD, NO_DIFFERENCE, REVERSED, Comparison, compare, disjoint_pairs
 

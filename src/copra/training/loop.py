@@ -26,19 +26,36 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from copra.adapters.io import save_peft_model
+from copra.analysis.stats import plateau
 from copra.core.config import TrainConfig
-from copra.utils.errors import ResourceError, UserError
-from copra.models.evaluation import FewShotData, accuracy, adapter_state, load_adapter_state, prepare_data
 from copra.core.gates import CopRA
+from copra.core.schedule import learning_rate
+from copra.models.evaluation import FewShotData, accuracy, adapter_state, load_adapter_state, prepare_data
+from copra.training.run_folder import (  # noqa: F401
+    RECORDED_BEFORE,
+    RESULT_FILE,
+    RESUME_IGNORED,
+    SNAPSHOTS_DIR,
+    RunResult,
+    check_fresh_output,
+    check_writable,
+    clear_run,
+    kept_note,
+    metadata,
+    restore,
+    resume_point,
+    same_run,
+    save_finished,
+    save_snapshot,
+    snapshot_schedule,
+)
+from copra.training.run_folder import (
+    save_training_checkpoint as _save_checkpoint,  # a test hook: looked up at call time
+)
+from copra.utils.errors import ResourceError, UserError
 from copra.utils.locks import folder_lock
 from copra.utils.precision import grad_scaler
 from copra.utils.precision import resolve as resolve_precision
-from copra.training.run_folder import (RECORDED_BEFORE, RESULT_FILE, RESUME_IGNORED, SNAPSHOTS_DIR, RunResult,  # noqa: F401
-                              check_fresh_output, check_writable, clear_run, kept_note, metadata, restore,
-                              resume_point, same_run, save_finished, save_snapshot, snapshot_schedule)
-from copra.training.run_folder import save_training_checkpoint as _save_checkpoint  # a test hook: looked up at call time
-from copra.core.schedule import learning_rate
-from copra.analysis.stats import plateau
 
 
 class TrainingDiverged(UserError):

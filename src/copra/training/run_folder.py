@@ -21,13 +21,24 @@ from pathlib import Path
 import torch
 
 from copra.adapters.io import load_adapter, save_peft_model
-from copra.utils.atomic import write_json
-from copra.training.checkpoint import (CHECKPOINTS_DIR, STATE_FILE, Checkpoint, latest_checkpoint, load_checkpoint,
-                              load_optimizer_state, optimizer_state, remove_checkpoints, remove_leftovers,
-                              rng_state, save_checkpoint, set_rng_state)
 from copra.core.config import TrainConfig
-from copra.utils.errors import UserError
 from copra.core.gates import CopRA
+from copra.training.checkpoint import (
+    CHECKPOINTS_DIR,
+    STATE_FILE,
+    Checkpoint,
+    latest_checkpoint,
+    load_checkpoint,
+    load_optimizer_state,
+    optimizer_state,
+    remove_checkpoints,
+    remove_leftovers,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from copra.utils.atomic import write_json
+from copra.utils.errors import UserError
 
 RESULT_FILE = "result.json"
 SNAPSHOTS_DIR = "snapshots"  # adapters saved every `snapshot_every` steps
@@ -123,7 +134,7 @@ def same_run(stored: dict, config: TrainConfig, where: Path) -> None:
                             f"{key}={mine.get(key, '<unset>')!r}; resume with the same config or use --force to start over")
 
 
-def resume_point(out: Path, config: TrainConfig) -> "RunResult | Checkpoint | None":
+def resume_point(out: Path, config: TrainConfig) -> RunResult | Checkpoint | None:
     """What `--resume` continues from: the finished run, the newest checkpoint, or None (start at step 0)."""
     remove_leftovers(out)
     remove_leftovers(out / CHECKPOINTS_DIR)

@@ -19,9 +19,10 @@ import os
 import secrets
 import shutil
 import stat
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from safetensors import SafetensorError
 

@@ -14,8 +14,9 @@ hook and reads back only the constructor's own arguments (`weighted_by_key`, `tr
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn

@@ -30,10 +30,10 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 from copra.utils.errors import ResourceError, UserError, resource_error
 
@@ -279,4 +279,4 @@ def _secondary_rank() -> bool:
         return False
 
 
-__all__ = ["FolderInUse", "LOCK_SUFFIX", "check_owned", "folder_lock", "holder", "lock_path", "locks_output"]
+__all__ = ["LOCK_SUFFIX", "FolderInUse", "check_owned", "folder_lock", "holder", "lock_path", "locks_output"]

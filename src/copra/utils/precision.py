@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import platform
-from typing import ContextManager
+from contextlib import AbstractContextManager
 
 import torch
 from torch import nn
@@ -38,7 +38,7 @@ def default_device_type() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def bf16_supported(device_type: str = "cpu") -> bool:
     """Whether `device_type` computes bf16 natively (fast), not by emulation.
 
@@ -83,14 +83,14 @@ def resolve(precision: str, device_type: str | None = None) -> str:
     return precision
 
 
-def autocast(precision: str, device_type: str = "cpu") -> ContextManager:
+def autocast(precision: str, device_type: str = "cpu") -> AbstractContextManager:
     """`torch.autocast` for a resolved precision; a no-op context for fp32."""
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type, dtype=DTYPES[precision])
 
 
-def autocast_of(module: nn.Module, device: torch.device | str | None = None) -> ContextManager:
+def autocast_of(module: nn.Module, device: torch.device | str | None = None) -> AbstractContextManager:
     """The autocast of a classifier built by `copra.models.build_classifier` (its `.precision`)."""
     precision = getattr(module, "precision", "fp32")
     if precision == "fp32":

@@ -12,18 +12,19 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import nn
 
 from copra.adapters.io import load_adapter, read_metadata
 from copra.core.config import TrainConfig, check_lrs  # noqa: F401  (check_lrs: re-exported for the experiments)
-from copra.utils.errors import UserError
-from copra.models.evaluation import Batch, FewShotData, accuracy, eval_batches, load_adapter_state
 from copra.experiments.runner import eval_cache
+from copra.models.evaluation import Batch, FewShotData, accuracy, eval_batches, load_adapter_state
+from copra.utils.errors import UserError
 
 Adapter = dict[str, torch.Tensor]
 BATCH = 64  # evaluation batch size, copra.models.evaluation's default
@@ -121,7 +122,7 @@ def barrier(curve: list[float], alphas: list[float]) -> float:
     if a1 == a0:
         return 0.0
     line = [y0 + (a - a0) / (a1 - a0) * (y1 - y0) for a in alphas]
-    return max(0.0, max(l - y for l, y in zip(line, curve)))
+    return max(0.0, max(on_line - y for on_line, y in zip(line, curve)))
 
 
 class Evaluator:

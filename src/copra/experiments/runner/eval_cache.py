@@ -22,15 +22,16 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
-from copra.utils.atomic import write_json, write_text
 from copra.core.config import TrainConfig
+from copra.utils.atomic import write_json, write_text
 
 KEY_VERSION = 1
 CACHE_TAG = "CACHEDIR.TAG"

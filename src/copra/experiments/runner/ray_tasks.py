@@ -16,9 +16,9 @@ the caller already initialised is used as it is and left running.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
 
 from tqdm.auto import tqdm
 
@@ -70,9 +70,9 @@ def train_task(config: TrainConfig, output_dir: str) -> str:
     import ray
     import torch
 
-    from copra.utils.compat import quiet_known_warnings
     from copra.experiments.runner.state import run_state
     from copra.training.loop import train
+    from copra.utils.compat import quiet_known_warnings
 
     quiet_known_warnings()  # a Ray worker is a fresh process: the driver's warning filters do not reach it
     torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))

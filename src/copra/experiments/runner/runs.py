@@ -22,18 +22,17 @@ import dataclasses
 import hashlib
 import json
 import os
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from contextvars import ContextVar
-from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Sequence
 
 from copra.core.config import TrainConfig
-from copra.utils.errors import UserError
 from copra.experiments.runner.state import run_state
 from copra.training.loop import RunResult, train
-
+from copra.utils.errors import UserError
 
 EXECUTORS = ("local", "ray")  # local: this process or `jobs` spawned processes; ray: one Ray task per run
 _STORE: ContextVar[Path | None] = ContextVar("copra_run_store", default=None)

@@ -9,9 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from copra.core.config import TrainConfig
+from copra.training.run_folder import RunResult, resume_point
 from copra.utils.errors import UserError
 from copra.utils.locks import FolderInUse, folder_lock
-from copra.training.run_folder import RunResult, resume_point
 
 
 def run_state(config: TrainConfig, output_dir: str | Path) -> RunResult | bool:

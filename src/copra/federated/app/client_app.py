@@ -16,11 +16,11 @@ _require_flwr()
 from flwr.app import Context, Message  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 
-from copra.utils.errors import UserError  # noqa: E402
-from copra.models.evaluation import prepare_data  # noqa: E402
+from copra.federated.app.settings import from_run_config  # noqa: E402
 from copra.federated.protocol import split_clients  # noqa: E402
 from copra.federated.simulation import train_reply  # noqa: E402
-from copra.federated.app.settings import from_run_config  # noqa: E402
+from copra.models.evaluation import prepare_data  # noqa: E402
+from copra.utils.errors import UserError  # noqa: E402
 
 app = ClientApp()
 

@@ -25,8 +25,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from copra.utils.errors import UserError
 from copra.federated.simulation import FLOWER_ENV
+from copra.utils.errors import UserError
 
 
 def flower_env(flwr_home: str | Path | None = None, base: dict | None = None) -> dict[str, str]:

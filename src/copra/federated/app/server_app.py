@@ -25,13 +25,13 @@ from flwr.app import ArrayRecord, Context, MetricRecord  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 
 from copra.adapters.io import save_peft_model  # noqa: E402
-from copra.utils.atomic import write_json  # noqa: E402
-from copra.models.evaluation import adapter_state, load_adapter_state, prepare_data, state_accuracy  # noqa: E402
-from copra.federated.protocol import initial_state, split_clients  # noqa: E402
-from copra.federated.simulation import from_record, to_record  # noqa: E402
 from copra.federated.app.settings import DeploySettings, from_run_config  # noqa: E402
 from copra.federated.app.strategy import DeploymentFusion  # noqa: E402
+from copra.federated.protocol import initial_state, split_clients  # noqa: E402
+from copra.federated.simulation import from_record, to_record  # noqa: E402
+from copra.models.evaluation import adapter_state, load_adapter_state, prepare_data, state_accuracy  # noqa: E402
 from copra.training.loop import build_run  # noqa: E402
+from copra.utils.atomic import write_json  # noqa: E402
 
 HISTORY_FILE = "history.json"
 ADAPTER_DIR = "adapter"

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from copra.core.config import parse_sets
-from copra.utils.errors import UserError
 from copra.federated.protocol import FederatedConfig
+from copra.utils.errors import UserError
 
 
 @dataclass(frozen=True)
