@@ -66,15 +66,23 @@ def main() -> None:
 
     diff = np.abs(fast - naive)
     tolerance = 1.0 / len(data.eval_x) if args.metric == "accuracy" else 1e-4
-    print(f"encoder all-MiniLM-L6-v2, task {args.task}, {len(data.eval_x)} eval examples, metric {args.metric}, "
-          f"{n} layer players, {len(masks)} coalitions, batch {args.batch_size}, threads {torch.get_num_threads()}")
-    print(f"naive (one forward per coalition): {naive_s:7.2f} s  {len(masks) / naive_s:6.3f} coalitions/s  "
-          f"(CPU {naive_cpu:.2f} s)")
-    print(f"prefix-sharing evaluator:          {fast_s:7.2f} s  {len(masks) / fast_s:6.3f} coalitions/s  "
-          f"(CPU {fast_cpu:.2f} s)")
-    print(f"speed-up: {naive_s / fast_s:.2f}x wall, {naive_cpu / fast_cpu:.2f}x CPU   "
-          f"max |v_fast - v_naive| = {diff.max():.2e} "
-          f"({int((diff > 0).sum())} of {len(masks)} differ)")
+    print(
+        f"encoder all-MiniLM-L6-v2, task {args.task}, {len(data.eval_x)} eval examples, metric {args.metric}, "
+        f"{n} layer players, {len(masks)} coalitions, batch {args.batch_size}, threads {torch.get_num_threads()}"
+    )
+    print(
+        f"naive (one forward per coalition): {naive_s:7.2f} s  {len(masks) / naive_s:6.3f} coalitions/s  "
+        f"(CPU {naive_cpu:.2f} s)"
+    )
+    print(
+        f"prefix-sharing evaluator:          {fast_s:7.2f} s  {len(masks) / fast_s:6.3f} coalitions/s  "
+        f"(CPU {fast_cpu:.2f} s)"
+    )
+    print(
+        f"speed-up: {naive_s / fast_s:.2f}x wall, {naive_cpu / fast_cpu:.2f}x CPU   "
+        f"max |v_fast - v_naive| = {diff.max():.2e} "
+        f"({int((diff > 0).sum())} of {len(masks)} differ)"
+    )
     print(f"v(empty) = {fast[0]:.4f}, v(full) = {fast[-1]:.4f}, range {fast.min():.4f}..{fast.max():.4f}")
     assert diff.max() <= tolerance, "fast and naive values disagree"
     result = shapley_for_model(classifier, gates, data, method="exact", metric=args.metric, game=game)

@@ -85,12 +85,27 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
-    base = make_config(dict(task=args.task, steps=args.steps, batch_size=args.batch_size, max_length=64, shots=16,
-                            eval_examples=10, progress=False))
+    base = make_config(
+        dict(
+            task=args.task,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            max_length=64,
+            shots=16,
+            eval_examples=10,
+            progress=False,
+        )
+    )
     rows = args.batch_size * base.max_length
-    variants = {(prec, name): base.replace(precision=prec, **changes) for prec in precisions
-                for name, changes in (("lora", dict(method="lora")), ("copra", dict(method="copra")),
-                                      ("copra, skipping only", dict(method="copra", prefix_cache=False)))}
+    variants = {
+        (prec, name): base.replace(precision=prec, **changes)
+        for prec in precisions
+        for name, changes in (
+            ("lora", dict(method="lora")),
+            ("copra", dict(method="copra")),
+            ("copra, skipping only", dict(method="copra", prefix_cache=False)),
+        )
+    }
     for prec in precisions:  # warm-up (allocator, kernels) so the first measured variant is not penalised
         train(base.replace(method="lora", steps=3, precision=prec))
     # the variants take turns, `repeats` rounds: slow drifts of the machine hit all of them alike
@@ -101,16 +116,23 @@ def main() -> None:
             results[key] = train(variant)
             step_times[key] += results[key].step_seconds
     mean = {key: statistics.fmean(times) for key, times in step_times.items()}
-    flops = {name: flops_per_step(base.replace(method=m, prefix_cache=name != "copra, skipping only"))
-             for name, m in (("lora", "lora"), ("copra", "copra"), ("copra, skipping only", "copra"))}
+    flops = {
+        name: flops_per_step(base.replace(method=m, prefix_cache=name != "copra, skipping only"))
+        for name, m in (("lora", "lora"), ("copra", "copra"), ("copra, skipping only", "copra"))
+    }
     peaks = {prec: gemm_peak(rows, DTYPES[prec]) for prec in precisions}
     floors = {prec: forward_only(base.replace(precision=prec), min(args.steps, 20)) for prec in precisions}
 
-    print(f"encoder all-MiniLM-L6-v2, task {args.task}, batch {args.batch_size} x 64 tokens, T={args.steps}, "
-          f"threads {torch.get_num_threads()}, {args.repeats} alternating rounds; precision auto = {resolve('auto')}")
+    print(
+        f"encoder all-MiniLM-L6-v2, task {args.task}, batch {args.batch_size} x 64 tokens, T={args.steps}, "
+        f"threads {torch.get_num_threads()}, {args.repeats} alternating rounds; precision auto = {resolve('auto')}"
+    )
     for prec in precisions:
         peak, per_shape = peaks[prec]
-        print(f"GEMM peak {prec}: {peak:.0f} GFLOP/s (block mix); " + ", ".join(f"{s}: {g:.0f}" for s, g in per_shape.items()))
+        print(
+            f"GEMM peak {prec}: {peak:.0f} GFLOP/s (block mix); "
+            + ", ".join(f"{s}: {g:.0f}" for s, g in per_shape.items())
+        )
     print(f"{'':22s}" + "".join(f"{prec:>28s}" for prec in precisions))
     for name in ("lora", "copra", "copra, skipping only"):
         cells = []
@@ -119,26 +141,34 @@ def main() -> None:
             achieved = flops[name] / seconds / 1e9
             cells.append(f"{seconds:.3f} s  {flops[name] / 1e9:5.1f} GF  {100 * achieved / peaks[prec][0]:4.1f}%")
         print(f"{name:22s}" + "".join(f"{c:>28s}" for c in cells))
-    cells = [f"{floors[p][0]:.3f} s  {floors[p][1] / 1e9:5.1f} GF  {100 * floors[p][1] / floors[p][0] / 1e9 / peaks[p][0]:4.1f}%"
-             for p in precisions]
+    cells = [
+        f"{floors[p][0]:.3f} s  {floors[p][1] / 1e9:5.1f} GF  {100 * floors[p][1] / floors[p][0] / 1e9 / peaks[p][0]:4.1f}%"
+        for p in precisions
+    ]
     print(f"{'forward-only floor':22s}" + "".join(f"{c:>28s}" for c in cells))
     print("  (each cell: mean s/step, GFLOP per step, achieved fraction of that precision's GEMM peak)")
     for prec in precisions:
         lora, copra, skip = (mean[prec, n] for n in ("lora", "copra", "copra, skipping only"))
-        print(f"{prec}: ratio CopRA / LoRA over the whole schedule {copra / lora:.3f} (skipping only: {skip / lora:.3f}); "
-              f"mean active fraction {results[prec, 'copra'].mean_active_fraction:.2f}")
+        print(
+            f"{prec}: ratio CopRA / LoRA over the whole schedule {copra / lora:.3f} (skipping only: {skip / lora:.3f}); "
+            f"mean active fraction {results[prec, 'copra'].mean_active_fraction:.2f}"
+        )
     if "fp32" in precisions:
         for prec in precisions:
             if prec != "fp32":
                 peak_ratio = peaks["fp32"][0] / peaks[prec][0]
-                print(f"LoRA step {prec} / fp32: {mean[prec, 'lora'] / mean['fp32', 'lora']:.3f}  (this machine's GEMM "
-                      f"peaks: {prec} {1 / peak_ratio:.2f}x fp32, so a {prec} step as efficient as the fp32 one "
-                      f"would take {peak_ratio:.3f}x)")
+                print(
+                    f"LoRA step {prec} / fp32: {mean[prec, 'lora'] / mean['fp32', 'lora']:.3f}  (this machine's GEMM "
+                    f"peaks: {prec} {1 / peak_ratio:.2f}x fp32, so a {prec} step as efficient as the fp32 one "
+                    f"would take {peak_ratio:.3f}x)"
+                )
     masks = results[precisions[0], "copra"].masks
     depth = statistics.fmean(depth_fraction(mask) for mask in masks)
-    print(f"blocks from the lowest active one up, as a fraction of all (drawn masks): {depth:.3f}\n"
-          "  (what the ratio tends to when step time is proportional to that depth, i.e. when the\n"
-          "   frozen prefix costs nothing and the rank-2 LoRA matmuls are negligible)")
+    print(
+        f"blocks from the lowest active one up, as a fraction of all (drawn masks): {depth:.3f}\n"
+        "  (what the ratio tends to when step time is proportional to that depth, i.e. when the\n"
+        "   frozen prefix costs nothing and the rank-2 LoRA matmuls are negligible)"
+    )
 
 
 def depth_fraction(mask: list[bool]) -> float:

@@ -17,21 +17,40 @@ def tiny_bert(layers: int = 3, seed: int = 0, attention: str | None = None):
 
     torch.manual_seed(seed)
     config = BertConfig(
-        vocab_size=64, hidden_size=16, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=32,
-        max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
         **({"attn_implementation": attention} if attention else {}),
     )
     return BertModel(config, add_pooling_layer=False).eval()
 
 
-def tiny_lora_bert(layers: int = 3, seed: int = 0, dropout: float = 0.0, init_lora_weights=False,
-                   attention: str | None = None, use_dora: bool = False):
+def tiny_lora_bert(
+    layers: int = 3,
+    seed: int = 0,
+    dropout: float = 0.0,
+    init_lora_weights=False,
+    attention: str | None = None,
+    use_dora: bool = False,
+):
     """A tiny BERT with LoRA (or DoRA) on q/k/v; B is random (not zero) so adapters change the output."""
     from peft import LoraConfig, get_peft_model
 
     model = tiny_bert(layers, seed, attention)
-    config = LoraConfig(r=2, lora_alpha=1, lora_dropout=dropout, use_rslora=True, use_dora=use_dora,
-                        target_modules=["query", "key", "value"], init_lora_weights=init_lora_weights)
+    config = LoraConfig(
+        r=2,
+        lora_alpha=1,
+        lora_dropout=dropout,
+        use_rslora=True,
+        use_dora=use_dora,
+        target_modules=["query", "key", "value"],
+        init_lora_weights=init_lora_weights,
+    )
     torch.manual_seed(seed + 1)
     return get_peft_model(model, config)
 
@@ -48,9 +67,11 @@ def save_tiny_text_model(folder, layers: int = 3, seed: int = 0):
     from transformers import BertTokenizerFast
 
     folder.mkdir(parents=True, exist_ok=True)
-    words = ("the a of to and in is was for on that with as by at it from this news article about review drug "
-             "business sport sports politics technology entertainment tech good bad neutral positive negative "
-             "party speech government people said year new market film music game").split()
+    words = (
+        "the a of to and in is was for on that with as by at it from this news article about review drug "
+        "business sport sports politics technology entertainment tech good bad neutral positive negative "
+        "party speech government people said year new market film music game"
+    ).split()
     letters = list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-")
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words + letters + ["##" + c for c in letters]
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
@@ -72,8 +93,16 @@ def tiny_run_config(model_path: str, **overrides):
     """A TrainConfig that trains the tiny encoder on a real task in about a second."""
     from copra.core.config import make_config
 
-    values = dict(model=model_path, task="bbc_news", shots=2, steps=4, batch_size=4, eval_examples=20,
-                  max_length=16, progress=False)
+    values = dict(
+        model=model_path,
+        task="bbc_news",
+        shots=2,
+        steps=4,
+        batch_size=4,
+        eval_examples=20,
+        max_length=16,
+        progress=False,
+    )
     return make_config(values | overrides)
 
 
@@ -93,8 +122,13 @@ def run_with_random_b(model_path: str, eval_examples: int):
 
 def lora_adapter_config(config) -> dict:
     """The adapter_config.json fields of a run's LoRA (what `Evaluator.accuracy` reads)."""
-    return {"r": config.rank, "lora_alpha": config.lora_alpha, "target_modules": list(config.target_modules),
-            "use_rslora": config.use_rslora, "use_dora": config.use_dora}
+    return {
+        "r": config.rank,
+        "lora_alpha": config.lora_alpha,
+        "target_modules": list(config.target_modules),
+        "use_rslora": config.use_rslora,
+        "use_dora": config.use_dora,
+    }
 
 
 def interrupted_run(config, out, at_step: int, monkeypatch) -> None:
@@ -117,8 +151,21 @@ def interrupted_run(config, out, at_step: int, monkeypatch) -> None:
 
 def train_sets(model: str, out, **extra) -> list[str]:
     """`--set key=value` arguments for a tiny checkpointing `copra train` run into `out`."""
-    values = dict(model=model, task="parl_party", shots=2, steps=4, batch_size=4, eval_examples=12, max_length=16,
-                  progress="false", checkpoint_every=1, output_dir=str(out)) | extra
+    values = (
+        dict(
+            model=model,
+            task="parl_party",
+            shots=2,
+            steps=4,
+            batch_size=4,
+            eval_examples=12,
+            max_length=16,
+            progress="false",
+            checkpoint_every=1,
+            output_dir=str(out),
+        )
+        | extra
+    )
     return [arg for key, value in values.items() for arg in ("--set", f"{key}={value}")]
 
 
@@ -152,5 +199,8 @@ def errorbar_data(axes) -> list[tuple[list[float], list[float]]]:
     """(x, y) of each `errorbar` call's line on `axes`, in drawing order (bars' error bars excluded)."""
     from matplotlib.container import ErrorbarContainer
 
-    return [(list(c.lines[0].get_xdata()), list(c.lines[0].get_ydata()))
-            for c in axes.containers if isinstance(c, ErrorbarContainer) and c.lines[0] is not None]
+    return [
+        (list(c.lines[0].get_xdata()), list(c.lines[0].get_ydata()))
+        for c in axes.containers
+        if isinstance(c, ErrorbarContainer) and c.lines[0] is not None
+    ]

@@ -136,7 +136,13 @@ def write_run_config(path: Path, values: dict) -> Path:
     """A TOML file of run-config overrides (`flwr run APP CONNECTION -c FILE`)."""
     lines = []
     for key, value in values.items():
-        text = json.dumps(value) if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else repr(value)
+        text = (
+            json.dumps(value)
+            if isinstance(value, str)
+            else str(value).lower()
+            if isinstance(value, bool)
+            else repr(value)
+        )
         lines.append(f"{key} = {text}")
     path.write_text("\n".join(lines) + "\n")
     return path

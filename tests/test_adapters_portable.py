@@ -83,6 +83,7 @@ def test_embedded_adapter_names_the_hub_id_and_loads_offline_everywhere(tmp_path
         # AutoPeftModel finds the base by the recorded name, here in a hub cache, offline
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the hub checkpoint's unused pooler
-            auto = AutoPeftModel.from_pretrained(str(folder), cache_dir=str(_hub_cache_holding_the_embedded_encoder(
-                tmp_path / "hub"))).eval()
+            auto = AutoPeftModel.from_pretrained(
+                str(folder), cache_dir=str(_hub_cache_holding_the_embedded_encoder(tmp_path / "hub"))
+            ).eval()
         torch.testing.assert_close(auto(**inputs).last_hidden_state, expected)

@@ -83,9 +83,13 @@ def _imported_names(node: ast.AST, module: str, is_package: bool, modules: dict[
             package = package[: len(package) - node.level + 1]
             base = ".".join(package + ([node.module] if node.module else []))
         return [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
-    if (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
-            and isinstance(node.args[0].value, str)
-            and (getattr(node.func, "attr", None) or getattr(node.func, "id", None)) in ("import_module", "__import__")):
+    if (
+        isinstance(node, ast.Call)
+        and node.args
+        and isinstance(node.args[0], ast.Constant)
+        and isinstance(node.args[0].value, str)
+        and (getattr(node.func, "attr", None) or getattr(node.func, "id", None)) in ("import_module", "__import__")
+    ):
         return [node.args[0].value]
     return []
 
@@ -105,8 +109,11 @@ def import_edges(modules: dict[str, Path]) -> list[tuple[str, str, str]]:
 
 def upward(edges: list[tuple[str, str, str]], layer: dict[str, int]) -> list[str]:
     """One line per import from a lower layer to a higher one."""
-    return [f"{where}: {a} (layer {layer[a]}) imports {b} (layer {layer[b]})"
-            for a, b, where in edges if layer[b] > layer[a]]
+    return [
+        f"{where}: {a} (layer {layer[a]}) imports {b} (layer {layer[b]})"
+        for a, b, where in edges
+        if layer[b] > layer[a]
+    ]
 
 
 def cycles(edges: list[tuple[str, str, str]]) -> list[str]:
@@ -168,7 +175,11 @@ def graph() -> tuple[dict[str, int], list[tuple[str, str, str]]]:
 
 def test_every_package_has_a_layer(graph):
     layer, _ = graph
-    assert layer["copra.utils.errors"] == 0 and layer["copra.adapters.merge"] == 1 and layer["copra.cli"] == max(layer.values())
+    assert (
+        layer["copra.utils.errors"] == 0
+        and layer["copra.adapters.merge"] == 1
+        and layer["copra.cli"] == max(layer.values())
+    )
     assert set(LAYERS) == {group_of(m) for m in modules_of(SRC)}  # no layer for a package that is gone
 
 
@@ -208,21 +219,37 @@ def _package(tmp_path: Path, files: dict[str, str]) -> dict[str, Path]:
 
 
 def test_the_checker_names_a_lazy_upward_import_and_a_cycle(tmp_path):
-    modules = _package(tmp_path, {
-        "low.py": "import os\n\ndef later():\n    from copra.pkg import inner\n",  # lazy, and upward
-        "high.py": "import importlib\nimportlib.import_module('copra.low')\n",
-        "pkg/inner.py": "from . import other\nfrom ..high import x\n",  # relative: copra.pkg.other, copra.high
-        "pkg/other.py": "import copra.pkg.inner\n"})
+    modules = _package(
+        tmp_path,
+        {
+            "low.py": "import os\n\ndef later():\n    from copra.pkg import inner\n",  # lazy, and upward
+            "high.py": "import importlib\nimportlib.import_module('copra.low')\n",
+            "pkg/inner.py": "from . import other\nfrom ..high import x\n",  # relative: copra.pkg.other, copra.high
+            "pkg/other.py": "import copra.pkg.inner\n",
+        },
+    )
     layer = layers_of(modules, TINY)
-    assert layer == {"copra": 0, "copra.low": 0, "copra.high": 1, "copra.pkg": 1, "copra.pkg.inner": 1,
-                     "copra.pkg.other": 1}
+    assert layer == {
+        "copra": 0,
+        "copra.low": 0,
+        "copra.high": 1,
+        "copra.pkg": 1,
+        "copra.pkg.inner": 1,
+        "copra.pkg.other": 1,
+    }
     edges = import_edges(modules)
     assert sorted((a, b) for a, b, _ in edges) == [
-        ("copra.high", "copra.low"), ("copra.low", "copra.pkg.inner"), ("copra.pkg.inner", "copra.high"),
-        ("copra.pkg.inner", "copra.pkg.other"), ("copra.pkg.other", "copra.pkg.inner")]
+        ("copra.high", "copra.low"),
+        ("copra.low", "copra.pkg.inner"),
+        ("copra.pkg.inner", "copra.high"),
+        ("copra.pkg.inner", "copra.pkg.other"),
+        ("copra.pkg.other", "copra.pkg.inner"),
+    ]
     assert upward(edges, layer) == ["copra/low.py:4: copra.low (layer 0) imports copra.pkg.inner (layer 1)"]
-    assert cycles(edges) == ["cycle: copra.high -> copra.low (copra/high.py:2) -> copra.pkg.inner (copra/low.py:4) "
-                             "-> copra.high (copra/pkg/inner.py:2)"]  # one component: the shortest way round
+    assert cycles(edges) == [
+        "cycle: copra.high -> copra.low (copra/high.py:2) -> copra.pkg.inner (copra/low.py:4) "
+        "-> copra.high (copra/pkg/inner.py:2)"
+    ]  # one component: the shortest way round
 
 
 def test_a_package_without_a_layer_fails(tmp_path):
@@ -240,5 +267,7 @@ def test_the_real_tree_fails_when_an_upward_import_is_put_back(tmp_path):
     gates.write_text(gates.read_text() + "\n\ndef _upward():\n    from copra.training.loop import train\n")
     modules = modules_of(tmp_path / "copra")
     wrong = upward(import_edges(modules), layers_of(modules))
-    assert wrong == [f"copra/core/gates.py:{len(gates.read_text().splitlines())}: copra.core.gates (layer 1) "
-                     "imports copra.training.loop (layer 5)"]
+    assert wrong == [
+        f"copra/core/gates.py:{len(gates.read_text().splitlines())}: copra.core.gates (layer 1) "
+        "imports copra.training.loop (layer 5)"
+    ]

@@ -28,8 +28,9 @@ def mode(path) -> int:
 
 
 def test_summaries_and_adapters_get_the_mode_of_a_plain_open(tmp_path, umask):
-    summary = write_outputs(tmp_path / "exp", "demo", {"config": {}, "accuracy": [0.5]}, lambda s, p: None,
-                            lambda s: "# demo\n")
+    summary = write_outputs(
+        tmp_path / "exp", "demo", {"config": {}, "accuracy": [0.5]}, lambda s, p: None, lambda s: "# demo\n"
+    )
     assert json.loads((tmp_path / "exp" / "demo.json").read_text())["accuracy"] == summary["accuracy"] == [0.5]
     assert mode(tmp_path / "exp" / "demo.json") == mode(tmp_path / "exp" / "demo.md") == 0o644  # mkstemp: 0600
     state = {"m.lora_A.weight": torch.ones(2, 3), "m.lora_B.weight": torch.ones(3, 2)}

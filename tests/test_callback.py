@@ -37,9 +37,17 @@ def test_callback_gates_every_optimizer_step(tmp_path):
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     callback = CopRACallback(seed=1)
     args = TrainingArguments(
-        output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=4, gradient_accumulation_steps=2,
-        learning_rate=1e-2, report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True,
-        dataloader_num_workers=0, disable_tqdm=True,
+        output_dir=str(tmp_path),
+        max_steps=8,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-2,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        use_cpu=True,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
     )
     Trainer(model=model, args=args, train_dataset=_Data(), callbacks=[callback]).train()
     assert len(callback.masks) == 8  # one draw per optimizer step, not per micro-batch

@@ -49,10 +49,12 @@ def test_train_bad_input(capsys, tmp_path, tiny_text_model, sets, message):
 
 
 def test_bad_arguments_are_one_line(capsys, tmp_path):
-    for argv, message in ((["train", "--bogus"], "unrecognized arguments: --bogus"),
-                          (["prune", "x", "--sparsity", "half", "-o", "y"], "invalid float value: 'half'"),
-                          (["merge", "a", "b"], "the following arguments are required: -o/--output"),
-                          (["nosuchcommand"], "invalid choice: 'nosuchcommand'")):
+    for argv, message in (
+        (["train", "--bogus"], "unrecognized arguments: --bogus"),
+        (["prune", "x", "--sparsity", "half", "-o", "y"], "invalid float value: 'half'"),
+        (["merge", "a", "b"], "the following arguments are required: -o/--output"),
+        (["nosuchcommand"], "invalid choice: 'nosuchcommand'"),
+    ):
         code, stdout, stderr = _run(capsys, *argv)
         assert code == 2 and message in stderr and stderr.count("\n") == 1 and not stdout, (argv, stderr)
     with pytest.raises(SystemExit) as exit_info:  # --help still prints the help and exits 0
@@ -63,8 +65,20 @@ def test_bad_arguments_are_one_line(capsys, tmp_path):
 def test_bad_output_dir(capsys, tmp_path, tiny_text_model):
     (tmp_path / "file").write_text("x")
     for out in (tmp_path / "file", tmp_path / "file" / "below"):
-        code, _, stderr = _run(capsys, "train", "--set", f"model={tiny_text_model}", "--set", f"output_dir={out}",
-                               "--set", "progress=false", "--set", "shots=2", "--set", "max_length=16")
+        code, _, stderr = _run(
+            capsys,
+            "train",
+            "--set",
+            f"model={tiny_text_model}",
+            "--set",
+            f"output_dir={out}",
+            "--set",
+            "progress=false",
+            "--set",
+            "shots=2",
+            "--set",
+            "max_length=16",
+        )
         assert code == 2 and str(tmp_path / "file") in stderr and stderr.count("\n") == 1
 
 
@@ -88,8 +102,10 @@ def test_bad_config_files(capsys, tmp_path):
 def test_train_from_yaml_with_override(capsys, tmp_path, tiny_text_model):
     config = tmp_path / "run.yaml"
     out = tmp_path / "out"
-    config.write_text(f"model: {tiny_text_model}\ntask: drug_reviews\nshots: 2\nsteps: 3\nbatch_size: 4\n"
-                      f"eval_examples: 12\nmax_length: 16\nlr: 5e-3\nprogress: false\noutput_dir: {out}\n")
+    config.write_text(
+        f"model: {tiny_text_model}\ntask: drug_reviews\nshots: 2\nsteps: 3\nbatch_size: 4\n"
+        f"eval_examples: 12\nmax_length: 16\nlr: 5e-3\nprogress: false\noutput_dir: {out}\n"
+    )
     code, stdout, _ = _run(capsys, "train", "--config", str(config), "--set", "method=lora")
     assert code == 0 and "lora on drug_reviews" in stdout
     assert (out / "adapter" / "adapter_model.safetensors").exists()
@@ -98,8 +114,10 @@ def test_train_from_yaml_with_override(capsys, tmp_path, tiny_text_model):
 
 def test_train_takes_output_flag_over_the_yaml_and_refuses_a_different_set(capsys, tmp_path, tiny_text_model):
     config, out, elsewhere = tmp_path / "run.yaml", tmp_path / "out", tmp_path / "elsewhere"
-    config.write_text(f"model: {tiny_text_model}\nshots: 2\nsteps: 2\nbatch_size: 4\neval_examples: 12\n"
-                      f"max_length: 16\nprogress: false\noutput_dir: {elsewhere}\n")
+    config.write_text(
+        f"model: {tiny_text_model}\nshots: 2\nsteps: 2\nbatch_size: 4\neval_examples: 12\n"
+        f"max_length: 16\nprogress: false\noutput_dir: {elsewhere}\n"
+    )
     for command in (["train", "--config", str(config)], ["sweep"]):  # two different folders: one line, nothing written
         code, stdout, err = _run(capsys, *command, "-o", str(out), "--set", f"output_dir={elsewhere}")
         assert code == 2 and "name different folders" in err and err.count("\n") == 1 and not stdout, err

@@ -30,11 +30,25 @@ def write_tiny_clip(folder: Path) -> Path:
     vocab.update({c: len(vocab) + i for i, c in enumerate(chars)})
     vocab.update({c + "</w>": len(vocab) + i for i, c in enumerate(chars)})
     config = CLIPConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=1,
-                         pad_token_id=1),
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=32, patch_size=16),
+        text_config=dict(
+            vocab_size=len(vocab),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=16,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        ),
+        vision_config=dict(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=16,
+        ),
         projection_dim=8,
     )
     torch.manual_seed(0)
@@ -90,8 +104,19 @@ def data_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def config(clip_dir, data_root):
-    return make_config({"preset": "clip-lora", "model": str(clip_dir), "data_root": str(data_root), "task": "dtd",
-                        "shots": 2, "steps": 3, "batch_size": 4, "eval_examples": None, "progress": False})
+    return make_config(
+        {
+            "preset": "clip-lora",
+            "model": str(clip_dir),
+            "data_root": str(data_root),
+            "task": "dtd",
+            "shots": 2,
+            "steps": 3,
+            "batch_size": 4,
+            "eval_examples": None,
+            "progress": False,
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +133,19 @@ def classifier(config):
 
 
 def test_registry():
-    assert set(COOP_DATASETS) == {"imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers",
-                                  "food101", "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101"}
+    assert set(COOP_DATASETS) == {
+        "imagenet",
+        "caltech101",
+        "oxford_pets",
+        "stanford_cars",
+        "oxford_flowers",
+        "food101",
+        "fgvc_aircraft",
+        "sun397",
+        "dtd",
+        "eurosat",
+        "ucf101",
+    }
     assert COOP_DATASETS["dtd"].split_file == "split_zhou_DescribableTextures.json"
     assert COOP_DATASETS["dtd"].coop_template == "{} texture."
 
@@ -183,7 +219,9 @@ def test_user_data_files_must_be_utf8(tmp_path):
     root = write_dtd(tmp_path / "dtd_root", train=1, test=1)
     split = root / "dtd" / "split_zhou_DescribableTextures.json"
     split.write_bytes(split.read_bytes().replace(b"lines", b"l\xefnes", 1).replace(b"\xef", b"\xe9"))
-    with pytest.raises(UserError, match=r"split_zhou_DescribableTextures\.json is not UTF-8 text \(byte 0xe9 at offset \d+\)"):
+    with pytest.raises(
+        UserError, match=r"split_zhou_DescribableTextures\.json is not UTF-8 text \(byte 0xe9 at offset \d+\)"
+    ):
         load_coop_task(root, "dtd")
     fgvc = tmp_path / "fgvc_aircraft"
     fgvc.mkdir()
@@ -219,8 +257,12 @@ def test_classifier_shapes_and_lora(classifier, data_root):
     assert len(names) == 12
     gates = copra.CopRA(classifier.encoder, 10)
     try:
-        assert gates.players == ["text_model.encoder.layers.0", "text_model.encoder.layers.1",
-                                 "vision_model.encoder.layers.0", "vision_model.encoder.layers.1"]
+        assert gates.players == [
+            "text_model.encoder.layers.0",
+            "text_model.encoder.layers.1",
+            "vision_model.encoder.layers.0",
+            "vision_model.encoder.layers.1",
+        ]
     finally:
         gates.remove()
     trainable = {n for n, p in classifier.named_parameters() if p.requires_grad}
@@ -287,6 +329,7 @@ def test_train_end_to_end(config, clip_dir, tmp_path, monkeypatch):
     pixels = trained.inputs_for(task.test_images)["pixel_values"]
     with torch.no_grad():
         assert torch.allclose(trained.embed(pixels), reloaded.embed(pixels), atol=1e-6)
-        base = ClipClassifier(CLIPModel.from_pretrained(clip_dir).eval(), trained.tokenizer, image_size=32,
-                              mean=MEAN, std=STD)
+        base = ClipClassifier(
+            CLIPModel.from_pretrained(clip_dir).eval(), trained.tokenizer, image_size=32, mean=MEAN, std=STD
+        )
         assert not torch.allclose(trained.embed(pixels), base.embed(pixels), atol=1e-7)

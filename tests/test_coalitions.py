@@ -183,8 +183,10 @@ def test_blocks_without_adapters(run):
     backbone = tiny_bert()
     backbone.resize_token_embeddings(classifier.tokenizer.vocab_size)
     torch.manual_seed(3)
-    encoder = get_peft_model(backbone, LoraConfig(r=2, target_modules=["query", "value"], layers_to_transform=[0, 2],
-                                                  init_lora_weights=False))
+    encoder = get_peft_model(
+        backbone,
+        LoraConfig(r=2, target_modules=["query", "value"], layers_to_transform=[0, 2], init_lora_weights=False),
+    )
     sparse = PromptClassifier(encoder, classifier.tokenizer, max_length=16)
     sparse.set_prompts(list(data.prompts))
     gates = CopRA(encoder, total_steps=1)

@@ -48,8 +48,10 @@ def test_the_runner_prefers_the_public_bidirectional_mask():
         pytest.skip("transformers < 4.56 has no create_bidirectional_mask")
     hidden = torch.zeros(2, 5, 16)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
-    assert torch.equal(torch.as_tensor(LayerRunner(model)._mask_fn(hidden, mask)),
-                       torch.as_tensor(compat.bidirectional_mask_builder(model)(hidden, mask)))
+    assert torch.equal(
+        torch.as_tensor(LayerRunner(model)._mask_fn(hidden, mask)),
+        torch.as_tensor(compat.bidirectional_mask_builder(model)(hidden, mask)),
+    )
 
 
 def test_switching_adapters_off_runs_the_base_layer_and_restores_flags():
@@ -94,7 +96,9 @@ def test_memoized_forward_reuses_only_the_same_unchanged_tensor():
 
 def test_checkpoint_file_finds_a_local_file_and_says_none_otherwise(tmp_path):
     (tmp_path / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5, 0.5, 0.5]}))
-    assert compat.checkpoint_file(str(tmp_path), "preprocessor_config.json") == str(tmp_path / "preprocessor_config.json")
+    assert compat.checkpoint_file(str(tmp_path), "preprocessor_config.json") == str(
+        tmp_path / "preprocessor_config.json"
+    )
     assert compat.checkpoint_file(str(tmp_path), "missing.json") is None
 
 
@@ -117,5 +121,5 @@ def test_fold_rslora_scaling_gives_the_update_add_weighted_adapter_folds_in():
     want = layer.get_delta_weight("default")
     torch.testing.assert_close(layer.get_delta_weight("same"), want)
     if not torch.allclose(before, want):  # this PEFT has the sqrt(r) overscaling (peft#3449)
-        torch.testing.assert_close(before, want * 2 ** 0.5)
+        torch.testing.assert_close(before, want * 2**0.5)
     assert model.peft_config["same"].use_rslora is False and not compat.fold_rslora_scaling(model, "same")

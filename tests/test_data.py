@@ -192,8 +192,16 @@ def test_validation_split_never_overlaps_the_test_split(seed, monkeypatch):
     assert all(task.train_labels[task.train_texts.index(x)] == y for x, y in zip(val.eval_x, val.eval_y))
 
     # a pool that repeats test texts: the repeats never enter the validation split
-    leaky = TextTask("leaky", task.class_names, task.template, task.train_texts[:200] + task.test_texts[:50],
-                     task.train_labels[:200] + task.test_labels[:50], task.test_texts, task.test_labels, "test")
+    leaky = TextTask(
+        "leaky",
+        task.class_names,
+        task.template,
+        task.train_texts[:200] + task.test_texts[:50],
+        task.train_labels[:200] + task.test_labels[:50],
+        task.test_texts,
+        task.test_labels,
+        "test",
+    )
     monkeypatch.setattr(text_tasks, "load_task", lambda name: leaky)
     val = prepare_validation(config.replace(shots=2), 1000)
     assert not set(val.eval_x) & set(task.test_texts)

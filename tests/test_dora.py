@@ -47,7 +47,10 @@ def test_gated_off_dora_parameters_get_no_grad_and_do_not_move(tiny_inputs, gran
         assert (not torch.equal(param, before[name])) == (on in name), name
     # the switch left PEFT's state and the requires_grad flags as they were
     assert all(p.requires_grad for p in trainable.values())
-    assert all(not m.disable_adapters for _, m in __import__("copra.core.gates", fromlist=["lora_modules"]).lora_modules(model))
+    assert all(
+        not m.disable_adapters
+        for _, m in __import__("copra.core.gates", fromlist=["lora_modules"]).lora_modules(model)
+    )
 
 
 def test_use_dora_reaches_peft_and_trains_with_copra(tiny_text_model, tmp_path):

@@ -107,8 +107,16 @@ def test_the_report_skips_the_cache(tmp_path):
 
 def test_state_digest_sees_dtype_shape_and_bytes():
     a = {"w": torch.zeros(2, 3)}
-    digests = {eval_cache.state_digest(s) for s in (a, {"w": torch.zeros(3, 2)}, {"w": torch.zeros(2, 3, dtype=torch.float64)},
-                                                     {"v": torch.zeros(2, 3)}, {"w": torch.tensor([[0.0, 0, 0], [0, 0, -0.0]])})}
+    digests = {
+        eval_cache.state_digest(s)
+        for s in (
+            a,
+            {"w": torch.zeros(3, 2)},
+            {"w": torch.zeros(2, 3, dtype=torch.float64)},
+            {"v": torch.zeros(2, 3)},
+            {"w": torch.tensor([[0.0, 0, 0], [0, 0, -0.0]])},
+        )
+    }
     assert len(digests) == 5
     assert eval_cache.state_digest({"w": torch.zeros(2, 3)}) == eval_cache.state_digest(a)
     assert eval_cache.data_digest("t", [object()], [0], ["p"]) is None  # images: not cached

@@ -17,14 +17,33 @@ from conftest import bar_heights, tiny_run_config
 
 
 def fake_data(n: int = 10) -> FewShotData:
-    return FewShotData(task="t", class_names=("a", "b"), prompts=("p a", "p b"), train_x=tuple(f"x{i}" for i in range(n)),
-                       train_y=tuple(i % 2 for i in range(n)), eval_x=("e0", "e1"), eval_y=(0, 1))
+    return FewShotData(
+        task="t",
+        class_names=("a", "b"),
+        prompts=("p a", "p b"),
+        train_x=tuple(f"x{i}" for i in range(n)),
+        train_y=tuple(i % 2 for i in range(n)),
+        eval_x=("e0", "e1"),
+        eval_y=(0, 1),
+    )
 
 
 def fed_config(model: str, tmp_path, **overrides) -> FederatedConfig:
-    values = dict(task="bbc_news", model=model, clients=3, rounds=1, seeds=[0], methods=["lora", "copra"], shots=2,
-                  steps=4, batch_size=4, eval_examples=20, train_overrides={"max_length": 16},
-                  output_dir=str(tmp_path / "fed"), progress=False)
+    values = dict(
+        task="bbc_news",
+        model=model,
+        clients=3,
+        rounds=1,
+        seeds=[0],
+        methods=["lora", "copra"],
+        shots=2,
+        steps=4,
+        batch_size=4,
+        eval_examples=20,
+        train_overrides={"max_length": 16},
+        output_dir=str(tmp_path / "fed"),
+        progress=False,
+    )
     return FederatedConfig(**(values | overrides))
 
 
@@ -36,7 +55,12 @@ def test_split_clients_is_a_seeded_partition():
     assert sorted(seen) == sorted(data.train_x)  # disjoint and complete
     for p in parts:
         assert all(data.train_y[data.train_x.index(x)] == y for x, y in zip(p.train_x, p.train_y))
-        assert (p.eval_x, p.eval_y, p.prompts, p.class_names) == (data.eval_x, data.eval_y, data.prompts, data.class_names)
+        assert (p.eval_x, p.eval_y, p.prompts, p.class_names) == (
+            data.eval_x,
+            data.eval_y,
+            data.prompts,
+            data.class_names,
+        )
     assert [p.train_x for p in split_clients(data, 3, seed=4)] == [p.train_x for p in parts]
     assert [p.train_x for p in split_clients(data, 3, seed=5)] != [p.train_x for p in parts]
     assert split_clients(data, 1, 0)[0].train_x == data.train_x
@@ -48,8 +72,18 @@ def test_split_clients_refuses_bad_k(k):
         split_clients(fake_data(10), k, 0)
 
 
-@pytest.mark.parametrize("bad", [dict(clients=0), dict(rounds=0), dict(seeds=[]), dict(methods=["lora", "lora"]),
-                                 dict(methods=["sgd"]), dict(train_overrides={"seed": 3}), dict(lr=-1.0)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(clients=0),
+        dict(rounds=0),
+        dict(seeds=[]),
+        dict(methods=["lora", "lora"]),
+        dict(methods=["sgd"]),
+        dict(train_overrides={"seed": 3}),
+        dict(lr=-1.0),
+    ],
+)
 def test_federated_config_refuses_bad_values(tiny_text_model, tmp_path, bad):
     with pytest.raises(UserError):
         fed_config(tiny_text_model, tmp_path, **bad)
@@ -110,13 +144,16 @@ def test_peft_merge_method_aggregates_in_the_clients_scaling(tiny_text_model, tm
     from copra.adapters.merge import delta_weights
     from copra.adapters.peft_merge import peft_merge
 
-    config = fed_config(tiny_text_model, tmp_path, clients=2, methods=["copra"], merge_method="dare_ties",
-                        merge_density=0.8)
+    config = fed_config(
+        tiny_text_model, tmp_path, clients=2, methods=["copra"], merge_method="dare_ties", merge_density=0.8
+    )
     data = prepare_data(config.data_config(0))
     fed = simulate(config, "copra", 0, data)
     classifier, _ = build_run(config.client_config("copra", 0, 0, 0), data)
-    client = {k: (sorted(v) if isinstance(v, set) else v)
-              for k, v in classifier.encoder.peft_config["default"].to_dict().items()}
+    client = {
+        k: (sorted(v) if isinstance(v, set) else v)
+        for k, v in classifier.encoder.peft_config["default"].to_dict().items()
+    }
     want, _ = peft_merge(fed.client_states, [client] * 2, "dare_ties", [0.5, 0.5], density=0.8)
     got, peft = delta_weights(fed.merged_state), delta_weights(want)  # same update: B rescaled by 1 / s_client
     s = client["lora_alpha"] / client["r"] ** 0.5
@@ -136,10 +173,12 @@ def test_two_round_run_plots_merged_accuracy_by_round(tiny_text_model, tmp_path)
         assert len(summary["summary"][method]["merged_by_round"]) == 2
     saved = json.loads((tmp_path / "fed" / "federated.json").read_text())["summary"]
     bars, by_round = draw(summary).axes  # the PNG's figure
-    assert bar_heights(bars) == [[pytest.approx(100 * saved[m][f"{kind}_mean"]) for m in ("lora", "copra")]
-                                 for kind in ("client", "merged")]
+    assert bar_heights(bars) == [
+        [pytest.approx(100 * saved[m][f"{kind}_mean"]) for m in ("lora", "copra")] for kind in ("client", "merged")
+    ]
     assert [(list(line.get_xdata()), list(line.get_ydata())) for line in by_round.lines] == [
-        ([1, 2], [pytest.approx(100 * a) for a in saved[m]["merged_by_round"]]) for m in ("lora", "copra")]
+        ([1, 2], [pytest.approx(100 * a) for a in saved[m]["merged_by_round"]]) for m in ("lora", "copra")
+    ]
     assert "Merged accuracy by round" in (tmp_path / "fed" / "federated.md").read_text()
 
 

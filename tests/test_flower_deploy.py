@@ -33,12 +33,28 @@ def test_app_pyproject_is_valid_and_its_defaults_are_the_settings():
     assert validate_config(config)[0]
     assert from_run_config(flatten_dict(config["tool"]["flwr"]["app"]["config"])) == DeploySettings()
     components = config["tool"]["flwr"]["app"]["components"]
-    assert components == {"serverapp": "copra.federated.app.server_app:app", "clientapp": "copra.federated.app.client_app:app"}
+    assert components == {
+        "serverapp": "copra.federated.app.server_app:app",
+        "clientapp": "copra.federated.app.client_app:app",
+    }
 
 
-@pytest.mark.parametrize("bad", [{"epochs": 3}, {"rounds": "2"}, {"round-timeout": 0.0}, {"node-wait-timeout": -1},
-                                 {"min-reply-fraction": 0.0}, {"min-reply-fraction": 1.5}, {"output-dir": "relative/out"},
-                                 {"clients": 0}, {"method": "sgd"}, {"train-sets": "seed=3"}, {"min-train-nodes": -1}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"epochs": 3},
+        {"rounds": "2"},
+        {"round-timeout": 0.0},
+        {"node-wait-timeout": -1},
+        {"min-reply-fraction": 0.0},
+        {"min-reply-fraction": 1.5},
+        {"output-dir": "relative/out"},
+        {"clients": 0},
+        {"method": "sgd"},
+        {"train-sets": "seed=3"},
+        {"min-train-nodes": -1},
+    ],
+)
 def test_settings_refuse_bad_run_config(bad):
     with pytest.raises(UserError):
         from_run_config(bad)
@@ -58,7 +74,11 @@ def test_settings_give_the_in_process_protocol_and_the_policy():
 
 def test_node_config_gives_the_partition():
     assert node_partition({"partition-id": 1, "num-partitions": 2}, 2) == 1
-    for node_config in ({"partition-id": 0}, {"partition-id": 0, "num-partitions": 3}, {"partition-id": 2, "num-partitions": 2}):
+    for node_config in (
+        {"partition-id": 0},
+        {"partition-id": 0, "num-partitions": 3},
+        {"partition-id": 2, "num-partitions": 2},
+    ):
         with pytest.raises(UserError):
             node_partition(node_config, 2)
 
@@ -75,14 +95,26 @@ def _ask(strategy: DeploymentFusion, server_round: int, nodes: list[int]) -> Non
     strategy.closed[server_round] = "round-timeout 600 s"
 
 
-def _reply(node: int, partition: int | None = None, n: int = 0, state=None, error: str | None = None,
-           server_round: int = 1, src: int | None = None):
+def _reply(
+    node: int,
+    partition: int | None = None,
+    n: int = 0,
+    state=None,
+    error: str | None = None,
+    server_round: int = 1,
+    src: int | None = None,
+):
     """A stand-in for a Flower reply Message (real ones need a running Flower run)."""
     metadata = SimpleNamespace(src_node_id=node if src is None else src, reply_to_message_id=f"r{server_round}n{node}")
     if error is not None:
         return SimpleNamespace(metadata=metadata, has_error=lambda: True, error=SimpleNamespace(reason=error))
-    content = RecordDict({"arrays": to_record(state), "metrics": MetricRecord({"num-examples": n, "accuracy": 0.5}),
-                          "client": ConfigRecord({"partition-id": partition})})
+    content = RecordDict(
+        {
+            "arrays": to_record(state),
+            "metrics": MetricRecord({"num-examples": n, "accuracy": 0.5}),
+            "client": ConfigRecord({"partition-id": partition}),
+        }
+    )
     return SimpleNamespace(metadata=metadata, has_error=lambda: False, content=content)
 
 
@@ -90,7 +122,9 @@ def test_strategy_merges_who_answered_records_who_failed_and_stops_below_the_fra
     strategy = DeploymentFusion(DeploySettings(clients=3))  # needs ceil(0.5 * 3) = 2 answers
     a, b = _state(1), _state(2)
     _ask(strategy, 1, [10, 11, 12])
-    arrays, _ = strategy.aggregate_train(1, [_reply(11, 1, 5, b), _reply(12, error="boom", src=0), _reply(10, 0, 3, a)])
+    arrays, _ = strategy.aggregate_train(
+        1, [_reply(11, 1, 5, b), _reply(12, error="boom", src=0), _reply(10, 0, 3, a)]
+    )
     merged = arrays.to_torch_state_dict()
     for key, value in fusion([a, b], [3 / 8, 5 / 8]).items():
         torch.testing.assert_close(merged[key], value)
@@ -101,7 +135,10 @@ def test_strategy_merges_who_answered_records_who_failed_and_stops_below_the_fra
     with pytest.raises(RoundFailed, match="1 of 3 clients answered, 2 needed"):
         strategy.aggregate_train(2, [_reply(10, 0, 3, a, server_round=2)])
     failed = {f["node_id"]: f for f in strategy.stopped["failed"]}
-    assert failed[11]["partition_id"] == 1 and failed[11]["reason"] == "no reply when the round closed (round-timeout 600 s)"
+    assert (
+        failed[11]["partition_id"] == 1
+        and failed[11]["reason"] == "no reply when the round closed (round-timeout 600 s)"
+    )
     assert len(strategy.history) == 1  # the failed round is not merged
 
 
@@ -129,8 +166,13 @@ class FakeGrid:
         return got
 
 
-@pytest.mark.parametrize("settings, closed", [(dict(straggler_timeout=0.01), "straggler-timeout 0.01 s"),
-                                              (dict(min_reply_fraction=1.0, round_timeout=0.6), "round-timeout 0.6 s")])
+@pytest.mark.parametrize(
+    "settings, closed",
+    [
+        (dict(straggler_timeout=0.01), "straggler-timeout 0.01 s"),
+        (dict(min_reply_fraction=1.0, round_timeout=0.6), "round-timeout 0.6 s"),
+    ],
+)
 def test_the_reply_wait_ends_at_a_deadline(settings, closed):
     strategy = DeploymentFusion(DeploySettings(clients=2, **settings))
     strategy.sent[1] = [10, 11]
@@ -161,7 +203,10 @@ def test_launch_commands_and_environment(tmp_path):
     node = launch.supernode_command("127.0.0.1:9000", 9001, 1, 2, root_cert=tls.ca_cert, private_key=tmp_path / "k")
     assert "partition-id=1 num-partitions=2" in node and str(tls.ca_cert) in node and "--insecure" not in node
     config = tomllib.loads(launch.write_connection(tmp_path, "lab", "10.0.0.1:9093", tls.ca_cert).read_text())
-    assert config["superlink"] == {"default": "lab", "lab": {"address": "10.0.0.1:9093", "root-certificates": str(tls.ca_cert)}}
+    assert config["superlink"] == {
+        "default": "lab",
+        "lab": {"address": "10.0.0.1:9093", "root-certificates": str(tls.ca_cert)},
+    }
 
 
 def test_self_made_certificate_and_node_key(tmp_path):
@@ -169,9 +214,13 @@ def test_self_made_certificate_and_node_key(tmp_path):
     from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
     tls = launch.make_tls(tmp_path / "tls")
-    check = subprocess.run(["openssl", "verify", "-CAfile", str(tls.ca_cert), str(tls.server_cert)], capture_output=True, text=True)
+    check = subprocess.run(
+        ["openssl", "verify", "-CAfile", str(tls.ca_cert), str(tls.server_cert)], capture_output=True, text=True
+    )
     assert check.returncode == 0, check.stderr
-    text = subprocess.run(["openssl", "x509", "-in", str(tls.server_cert), "-noout", "-text"], capture_output=True, text=True).stdout
+    text = subprocess.run(
+        ["openssl", "x509", "-in", str(tls.server_cert), "-noout", "-text"], capture_output=True, text=True
+    ).stdout
     assert "IP Address:127.0.0.1" in text and "DNS:localhost" in text
     private, public = launch.make_node_key(tmp_path / "node")
     key = load_ssh_private_key(private.read_bytes(), password=None)
@@ -186,4 +235,5 @@ def test_a_node_gone_before_the_round_counts_as_failed():
         replies = [_reply(node, node - 10, 3, _state(node), server_round=server_round) for node in sent]
         strategy.aggregate_train(server_round, replies)
     assert strategy.history[-1]["failed"] == [
-        {"node_id": 11, "partition_id": 1, "reason": "answered before, not connected when the round started"}]
+        {"node_id": 11, "partition_id": 1, "reason": "answered before, not connected when the round started"}
+    ]

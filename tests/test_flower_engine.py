@@ -19,8 +19,17 @@ from copra.federated.app import APP_DIR, launch  # noqa: E402
 
 from flower_cluster import Cluster, free_port, read_history, write_run_config  # noqa: E402
 
-TINY_RUN = {"shots": 2, "steps": 4, "batch-size": 4, "eval-examples": 20, "train-sets": "max_length=16", "clients": 2,
-            "method": "copra", "seed": 0, "node-wait-timeout": 30.0}
+TINY_RUN = {
+    "shots": 2,
+    "steps": 4,
+    "batch-size": 4,
+    "eval-examples": 20,
+    "train-sets": "max_length=16",
+    "clients": 2,
+    "method": "copra",
+    "seed": 0,
+    "node-wait-timeout": 30.0,
+}
 
 
 @pytest.fixture
@@ -44,15 +53,21 @@ def start_federation(cluster, tls=None, keys=(None, None), register=False) -> st
             done = cluster.flwr("supernode", "register", str(key.with_name(key.name + ".pub")), "local")
             assert done.returncode == 0, done.stdout + done.stderr
     for i, key in enumerate(keys):
-        cluster.start(f"node{i}", launch.supernode_command(address, free_port(), i, len(keys),
-                                                           root_cert=tls.ca_cert if tls else None, private_key=key))
+        cluster.start(
+            f"node{i}",
+            launch.supernode_command(
+                address, free_port(), i, len(keys), root_cert=tls.ca_cert if tls else None, private_key=key
+            ),
+        )
     for i in range(len(keys)):
         cluster.wait(f"SuperNode {i}", lambda i=i: cluster.ready(f"node{i}", "SuperNode ID:"), 60)
     return address
 
 
 def flwr_run(cluster, model: str, out, **values) -> None:
-    config = write_run_config(cluster.folder / "run.toml", {**TINY_RUN, "model": model, "output-dir": str(out), **values})
+    config = write_run_config(
+        cluster.folder / "run.toml", {**TINY_RUN, "model": model, "output-dir": str(out), **values}
+    )
     done = cluster.flwr("run", str(APP_DIR), "local", "-c", str(config))
     assert done.returncode == 0 and "Successfully started run" in done.stdout, done.stdout + done.stderr
 
@@ -63,15 +78,29 @@ def in_process_rounds(model: str, survivors_in_round_2: list[int]):
     from copra.models.evaluation import prepare_data
     from copra.training.loop import train
 
-    config = FederatedConfig(task="bbc_news", model=model, clients=2, rounds=2, seeds=[0], methods=["copra"], shots=2,
-                             steps=4, batch_size=4, eval_examples=20, train_overrides={"max_length": 16}, progress=False)
+    config = FederatedConfig(
+        task="bbc_news",
+        model=model,
+        clients=2,
+        rounds=2,
+        seeds=[0],
+        methods=["copra"],
+        shots=2,
+        steps=4,
+        batch_size=4,
+        eval_examples=20,
+        train_overrides={"max_length": 16},
+        progress=False,
+    )
     data = prepare_data(config.data_config(0))
     parts = split_clients(data, 2, 0)
     sizes = [len(p.train_x) for p in parts]
     round1 = [train(config.client_config("copra", 0, 0, i), data=parts[i]).state for i in range(2)]
     merged1 = fusion(round1, [n / sum(sizes) for n in sizes])
-    round2 = {i: train(config.client_config("copra", 0, 1, i), data=parts[i], initial_state=merged1).state
-              for i in survivors_in_round_2}
+    round2 = {
+        i: train(config.client_config("copra", 0, 1, i), data=parts[i], initial_state=merged1).state
+        for i in survivors_in_round_2
+    }
     total = sum(sizes[i] for i in round2)
     return round2, fusion(list(round2.values()), [sizes[i] / total for i in round2])
 
@@ -88,9 +117,13 @@ def test_deployment_run_survives_a_supernode_killed_in_the_last_round(cluster, t
     assert read_history(out)["status"] == "running", read_history(out)
     cluster.kill("node1")  # SIGKILL SuperNode 1 and its processes while round 2 runs
     killed = time.monotonic()
-    history = cluster.wait("the run's end", lambda: (h := read_history(out)) and h["status"] != "running" and h, 400, 0.5)
-    print(f"\ndeployment run: {time.monotonic() - started:.1f} s, round 2 ended {time.monotonic() - killed:.1f} s "
-          f"after the kill; rounds: {[(r['round'], r['seconds']) for r in history['rounds']]}")
+    history = cluster.wait(
+        "the run's end", lambda: (h := read_history(out)) and h["status"] != "running" and h, 400, 0.5
+    )
+    print(
+        f"\ndeployment run: {time.monotonic() - started:.1f} s, round 2 ended {time.monotonic() - killed:.1f} s "
+        f"after the kill; rounds: {[(r['round'], r['seconds']) for r in history['rounds']]}"
+    )
     assert history["status"] == "finished", history
     one, two = history["rounds"]
     assert [a["partition_id"] for a in one["answered"]] == [0, 1] and one["failed"] == []
@@ -117,14 +150,18 @@ def test_tls_and_supernode_auth_admit_registered_nodes_only(cluster, tiny_text_m
     keys = [launch.make_node_key(tmp_path / "keys" / f"node{i}")[0] for i in range(2)]
     rogue, _ = launch.make_node_key(tmp_path / "keys" / "rogue")  # never registered
     address = start_federation(cluster, tls=tls, keys=keys, register=True)
-    intruder = cluster.start("rogue", launch.supernode_command(address, free_port(), 0, 2, root_cert=tls.ca_cert,
-                                                               private_key=rogue, max_wait=10))
+    intruder = cluster.start(
+        "rogue",
+        launch.supernode_command(address, free_port(), 0, 2, root_cert=tls.ca_cert, private_key=rogue, max_wait=10),
+    )
     cluster.wait("the unregistered SuperNode to give up", lambda: intruder.poll() is not None, 120)
     assert intruder.returncode != 0 and "Failed to activate SuperNode" in cluster.log("rogue"), cluster.log("rogue")
     assert "No SuperNode found with the given public key" in cluster.log("superlink")
     out = tmp_path / "out"
     flwr_run(cluster, tiny_text_model, out, rounds=1, **{"round-timeout": 300.0})
-    history = cluster.wait("the run's end", lambda: (h := read_history(out)) and h["status"] != "running" and h, 400, 0.5)
+    history = cluster.wait(
+        "the run's end", lambda: (h := read_history(out)) and h["status"] != "running" and h, 400, 0.5
+    )
     assert history["status"] == "finished", history
     (only,) = history["rounds"]
     assert [a["partition_id"] for a in only["answered"]] == [0, 1] and only["failed"] == []

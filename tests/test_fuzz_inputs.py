@@ -45,9 +45,15 @@ def _assert_refused(capsys, argv: list[str], out: Path) -> str:
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 HINTS = typing.get_type_hints(TrainConfig)
-SCALARS = st.one_of(st.text(max_size=12), st.integers(-10**6, 10**6), st.floats(allow_nan=True, allow_infinity=True),
-                    st.booleans(), st.none(), st.lists(st.integers(), max_size=3),
-                    st.dictionaries(st.text(max_size=4), st.integers(), max_size=2))
+SCALARS = st.one_of(
+    st.text(max_size=12),
+    st.integers(-(10**6), 10**6),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.booleans(),
+    st.none(),
+    st.lists(st.integers(), max_size=3),
+    st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
+)
 
 
 def _fits(value, hint) -> bool:
@@ -81,19 +87,27 @@ def _wrong_type(name: str):
 
 COUNTS = ("shots", "steps", "batch_size", "grad_accum", "rank", "max_length")
 OUT_OF_RANGE = {
-    **{name: st.integers(-10**9, 0) for name in COUNTS},
-    "eval_examples": st.integers(-10**6, 0),
+    **{name: st.integers(-(10**9), 0) for name in COUNTS},
+    "eval_examples": st.integers(-(10**6), 0),
     "seed": st.one_of(st.integers(max_value=-1), st.integers(min_value=2**32, max_value=2**80)),
     "checkpoint_every": st.integers(max_value=-1),
-    **{name: st.one_of(st.floats(max_value=0.0), st.sampled_from([math.nan, math.inf, -math.inf]))
-       for name in ("lr", "lora_alpha", "logit_scale")},
-    **{name: st.one_of(st.floats(max_value=-1e-9), st.sampled_from([math.nan, math.inf]))
-       for name in ("weight_decay", "min_lr")},
-    **{name: st.one_of(st.floats(min_value=1.0 + 1e-9), st.floats(max_value=-1e-9), st.just(math.nan))
-       for name in ("lora_dropout", "backbone_dropout", "initial_p", "final_p")},
+    **{
+        name: st.one_of(st.floats(max_value=0.0), st.sampled_from([math.nan, math.inf, -math.inf]))
+        for name in ("lr", "lora_alpha", "logit_scale")
+    },
+    **{
+        name: st.one_of(st.floats(max_value=-1e-9), st.sampled_from([math.nan, math.inf]))
+        for name in ("weight_decay", "min_lr")
+    },
+    **{
+        name: st.one_of(st.floats(min_value=1.0 + 1e-9), st.floats(max_value=-1e-9), st.just(math.nan))
+        for name in ("lora_dropout", "backbone_dropout", "initial_p", "final_p")
+    },
     "ramp_fraction": st.one_of(st.floats(max_value=0.0), st.floats(min_value=1.0 + 1e-9), st.just(math.nan)),
-    **{name: st.text(max_size=10).filter(lambda v, n=name: v not in _choices(n))
-       for name in ("method", "backbone", "ramp", "granularity")},
+    **{
+        name: st.text(max_size=10).filter(lambda v, n=name: v not in _choices(n))
+        for name in ("method", "backbone", "ramp", "granularity")
+    },
     "target_modules": st.one_of(st.just([]), st.lists(st.sampled_from(["", " ", "\t"]), min_size=1, max_size=2)),
     **{name: st.sampled_from(["", "  ", "\n"]) for name in ("task", "model", "output_dir")},
 }
@@ -107,8 +121,16 @@ def _choices(name: str) -> tuple:
     return {"method": METHODS, "backbone": BACKBONES, "ramp": tuple(RAMPS), "granularity": GRANULARITIES}[name]
 
 
-CONFIG_KINDS = ["wrong type", "out of range", "unknown key", "non-string key", "garbage text", "garbage bytes",
-                "not a mapping", "bad preset"]
+CONFIG_KINDS = [
+    "wrong type",
+    "out of range",
+    "unknown key",
+    "non-string key",
+    "garbage text",
+    "garbage bytes",
+    "not a mapping",
+    "bad preset",
+]
 
 
 @st.composite
@@ -134,8 +156,13 @@ def bad_config_files(draw, kind: str):
     if kind == "garbage bytes":
         return draw(st.binary(min_size=1, max_size=60))
     if kind == "not a mapping":
-        return yaml.safe_dump(draw(st.one_of(st.lists(st.integers(), min_size=1, max_size=3), st.integers(),
-                                             st.text(min_size=1, max_size=10)))).encode()
+        return yaml.safe_dump(
+            draw(
+                st.one_of(
+                    st.lists(st.integers(), min_size=1, max_size=3), st.integers(), st.text(min_size=1, max_size=10)
+                )
+            )
+        ).encode()
     return yaml.safe_dump(values, allow_unicode=True).encode("utf-8")
 
 
@@ -159,8 +186,11 @@ def test_malformed_config_files_are_refused(capsys, tmp_path, tiny_text_model, k
 
 
 @settings(max_examples=20, **SETTINGS)
-@given(items=st.lists(st.text(min_size=0, max_size=20), min_size=1, max_size=3),
-       name=st.sampled_from(sorted(OUT_OF_RANGE)), data=st.data())
+@given(
+    items=st.lists(st.text(min_size=0, max_size=20), min_size=1, max_size=3),
+    name=st.sampled_from(sorted(OUT_OF_RANGE)),
+    data=st.data(),
+)
 def test_malformed_set_arguments_are_refused(capsys, tmp_path, tiny_text_model, items, name, data):
     """Random `--set` text, plus one out-of-range `--set key=value` so the whole line is malformed."""
     value = data.draw(OUT_OF_RANGE[name])
@@ -189,7 +219,10 @@ def _yaml_scalar(value) -> str:
 
 # ----------------------------------------------------------------------------- adapter folders
 
-MODULES = ("base_model.model.encoder.layer.0.attention.self.query", "base_model.model.encoder.layer.1.attention.self.value")
+MODULES = (
+    "base_model.model.encoder.layer.0.attention.self.query",
+    "base_model.model.encoder.layer.1.attention.self.value",
+)
 CONFIG = {"peft_type": "LORA", "r": 2, "lora_alpha": 1.0, "use_rslora": True, "target_modules": ["query", "value"]}
 
 
@@ -221,11 +254,30 @@ def _safetensors_bytes(state) -> bytes:
         return Path(f"{tmp}/x.safetensors").read_bytes()
 
 
-ADAPTER_KINDS = ["truncated file", "garbage bytes", "bad header length", "garbage header", "empty file", "no tensors",
-                 "integer dtype", "mixed dtypes", "nan or inf", "ranks differ in A and B", "rank differs from config",
-                 "not a matrix", "lora_A without lora_B", "module not targeted", "missing config", "config not JSON",
-                 "config not a LoRA mapping", "bad rank in config", "missing weights", "pickle weights", "not a folder",
-                 "shapes differ from the other adapter"]
+ADAPTER_KINDS = [
+    "truncated file",
+    "garbage bytes",
+    "bad header length",
+    "garbage header",
+    "empty file",
+    "no tensors",
+    "integer dtype",
+    "mixed dtypes",
+    "nan or inf",
+    "ranks differ in A and B",
+    "rank differs from config",
+    "not a matrix",
+    "lora_A without lora_B",
+    "module not targeted",
+    "missing config",
+    "config not JSON",
+    "config not a LoRA mapping",
+    "bad rank in config",
+    "missing weights",
+    "pickle weights",
+    "not a folder",
+    "shapes differ from the other adapter",
+]
 
 
 @st.composite
@@ -250,7 +302,9 @@ def bad_adapters(draw, kind: str):
     elif kind == "no tensors":
         state = {}
     elif kind == "integer dtype":
-        state[key] = (state[key] * 10).to(draw(st.sampled_from([torch.int8, torch.int32, torch.int64, torch.uint8, torch.bool])))
+        state[key] = (state[key] * 10).to(
+            draw(st.sampled_from([torch.int8, torch.int32, torch.int64, torch.uint8, torch.bool]))
+        )
     elif kind == "mixed dtypes":
         state[key] = state[key].to(draw(st.sampled_from([torch.float16, torch.bfloat16, torch.float64])))
     elif kind == "nan or inf":
@@ -277,10 +331,18 @@ def bad_adapters(draw, kind: str):
             pass
         config = text.encode("utf-8")
     elif kind == "config not a LoRA mapping":
-        config = draw(st.one_of(st.lists(st.integers(), max_size=2), st.integers(), st.just({"peft_type": "LORA"}),
-                                st.just({**CONFIG, "peft_type": draw(st.sampled_from(["IA3", "PREFIX_TUNING", "lora"]))})))
+        config = draw(
+            st.one_of(
+                st.lists(st.integers(), max_size=2),
+                st.integers(),
+                st.just({"peft_type": "LORA"}),
+                st.just({**CONFIG, "peft_type": draw(st.sampled_from(["IA3", "PREFIX_TUNING", "lora"]))}),
+            )
+        )
     elif kind == "bad rank in config":
-        config["r"] = draw(st.one_of(st.integers(max_value=0), st.floats(), st.text(max_size=3), st.booleans(), st.none()))
+        config["r"] = draw(
+            st.one_of(st.integers(max_value=0), st.floats(), st.text(max_size=3), st.booleans(), st.none())
+        )
     elif kind == "shapes differ from the other adapter":
         state = _state(0, dim=draw(st.integers(2, 7)))
 
@@ -314,13 +376,24 @@ def test_malformed_adapter_folders_are_refused(capsys, tmp_path, kind, data, fir
     pair = [str(bad), str(good)] if first else [str(good), str(bad)]
     _assert_refused(capsys, ["merge", *pair, "--method", method, "-o", str(folder / "merged")], folder / "merged")
     if kind != "shapes differ from the other adapter":  # a consistent adapter on its own: prunable
-        _assert_refused(capsys, ["prune", str(bad), "--sparsity", "0.5", "-o", str(folder / "pruned")], folder / "pruned")
-        _assert_refused(capsys, ["prune", str(bad), "--scheme", "every_other", "-o", str(folder / "pruned")],
-                        folder / "pruned")
+        _assert_refused(
+            capsys, ["prune", str(bad), "--sparsity", "0.5", "-o", str(folder / "pruned")], folder / "pruned"
+        )
+        _assert_refused(
+            capsys, ["prune", str(bad), "--scheme", "every_other", "-o", str(folder / "pruned")], folder / "pruned"
+        )
 
 
-ARGUMENT_KINDS = ["sparsity", "scheme", "weights", "align steps", "method", "output under a file", "unknown option",
-                  "missing output"]
+ARGUMENT_KINDS = [
+    "sparsity",
+    "scheme",
+    "weights",
+    "align steps",
+    "method",
+    "output under a file",
+    "unknown option",
+    "missing output",
+]
 
 
 @pytest.mark.parametrize("kind", ARGUMENT_KINDS)
@@ -333,32 +406,87 @@ def test_malformed_arguments_are_refused(capsys, tmp_path, kind, data):
     a, b = _write(folder / "a", _state(1), CONFIG), _write(folder / "b", _state(2), CONFIG)
     out = folder / "out"
     if kind == "sparsity":
-        value = data.draw(st.one_of(st.floats(min_value=1.0), st.floats(max_value=-1e-12), st.just(math.nan),
-                                    st.text(alphabet="abc,;", min_size=1, max_size=4)))
+        value = data.draw(
+            st.one_of(
+                st.floats(min_value=1.0),
+                st.floats(max_value=-1e-12),
+                st.just(math.nan),
+                st.text(alphabet="abc,;", min_size=1, max_size=4),
+            )
+        )
         argv = ["prune", str(a), f"--sparsity={value}", "-o", str(out)]
     elif kind == "scheme":
-        argv = ["prune", str(a), "--scheme", data.draw(st.text(min_size=1, max_size=12).filter(
-            lambda s: s not in __import__("copra.adapters.prune", fromlist=["STRUCTURED"]).STRUCTURED)), "-o", str(out)]
+        argv = [
+            "prune",
+            str(a),
+            "--scheme",
+            data.draw(
+                st.text(min_size=1, max_size=12).filter(
+                    lambda s: s not in __import__("copra.adapters.prune", fromlist=["STRUCTURED"]).STRUCTURED
+                )
+            ),
+            "-o",
+            str(out),
+        ]
     elif kind == "weights":
-        weights = data.draw(st.one_of(st.text(alphabet="abc;:", min_size=1, max_size=6),
-                                      st.lists(st.floats(min_value=-3, max_value=3), min_size=1, max_size=4).filter(lambda w: len(w) != 2)
-                                      .map(lambda w: ",".join(map(str, w))),
-                                      st.sampled_from(["nan,1", "inf,1", "1,-inf"])))
+        weights = data.draw(
+            st.one_of(
+                st.text(alphabet="abc;:", min_size=1, max_size=6),
+                st.lists(st.floats(min_value=-3, max_value=3), min_size=1, max_size=4)
+                .filter(lambda w: len(w) != 2)
+                .map(lambda w: ",".join(map(str, w))),
+                st.sampled_from(["nan,1", "inf,1", "1,-inf"]),
+            )
+        )
         argv = ["merge", str(a), str(b), f"--weights={weights}", "-o", str(out)]
     elif kind == "align steps":
-        argv = ["merge", str(a), str(b), "--align", "--align-steps", str(data.draw(st.integers(max_value=0))), "-o", str(out)]
+        argv = [
+            "merge",
+            str(a),
+            str(b),
+            "--align",
+            "--align-steps",
+            str(data.draw(st.integers(max_value=0))),
+            "-o",
+            str(out),
+        ]
     elif kind == "method":
-        argv = ["merge", str(a), str(b), "--method", data.draw(st.text(min_size=1, max_size=8).filter(
-            lambda m: m not in ("fusion", "mixture"))), "-o", str(out)]
+        argv = [
+            "merge",
+            str(a),
+            str(b),
+            "--method",
+            data.draw(st.text(min_size=1, max_size=8).filter(lambda m: m not in ("fusion", "mixture"))),
+            "-o",
+            str(out),
+        ]
     elif kind == "output under a file":
         (folder / "file").write_text("x")
         out = folder / "file" / "out"
-        argv = data.draw(st.sampled_from([["merge", str(a), str(b), "-o", str(out)],
-                                          ["prune", str(a), "--sparsity", "0.5", "-o", str(out)],
-                                          ["train", "--set", "steps=1", "-o", str(out)]]))
+        argv = data.draw(
+            st.sampled_from(
+                [
+                    ["merge", str(a), str(b), "-o", str(out)],
+                    ["prune", str(a), "--sparsity", "0.5", "-o", str(out)],
+                    ["train", "--set", "steps=1", "-o", str(out)],
+                ]
+            )
+        )
     elif kind == "unknown option":
-        argv = ["prune", str(a), "--sparsity", "0.5", "-o", str(out), "--" + data.draw(st.text(alphabet="xyz", min_size=1, max_size=5))]
+        argv = [
+            "prune",
+            str(a),
+            "--sparsity",
+            "0.5",
+            "-o",
+            str(out),
+            "--" + data.draw(st.text(alphabet="xyz", min_size=1, max_size=5)),
+        ]
     else:
-        argv = data.draw(st.sampled_from([["merge", str(a), str(b)], ["prune", str(a), "--sparsity", "0.5"], ["merge", str(a), "-o", str(out)]]))
+        argv = data.draw(
+            st.sampled_from(
+                [["merge", str(a), str(b)], ["prune", str(a), "--sparsity", "0.5"], ["merge", str(a), "-o", str(out)]]
+            )
+        )
     err = _assert_refused(capsys, argv, out)
     assert len(err) < 500

@@ -48,10 +48,22 @@ def test_clip_towers_are_separate_players():
     from transformers import CLIPConfig, CLIPModel
 
     config = CLIPConfig(
-        text_config=dict(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=16),
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
-                           image_size=16, patch_size=8),
+        text_config=dict(
+            vocab_size=50,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=16,
+        ),
+        vision_config=dict(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            image_size=16,
+            patch_size=8,
+        ),
         projection_dim=8,
     )
     model = get_peft_model(CLIPModel(config), LoraConfig(r=2, target_modules=["q_proj", "k_proj", "v_proj"]))
@@ -117,7 +129,10 @@ def test_off_player_skips_lora_compute(tiny_inputs):
     _hidden(model, tiny_inputs)
     assert len(calls) == 6 and not any(".layer.1." in c for c in calls)
     # PEFT's own state is untouched outside the forward
-    assert all(m.active_adapters == ["default"] for _, m in __import__("copra.core.gates", fromlist=["lora_modules"]).lora_modules(model))
+    assert all(
+        m.active_adapters == ["default"]
+        for _, m in __import__("copra.core.gates", fromlist=["lora_modules"]).lora_modules(model)
+    )
 
 
 def test_gated_off_adapters_get_no_grad_and_do_not_move(tiny_inputs):
@@ -208,9 +223,11 @@ def test_keep_rate_over_a_schedule_follows_p_t():
     gates = CopRA(tiny_lora_bert(layers=3), total_steps=400, granularity="module")
     n = len(gates.players)
     rates = [sum(gates.step(t)) / n for t in range(400)]
-    expected = [gates.probability(t) / (1 - (1 - gates.probability(t)) ** n) if gates.probability(t) > 0 else 1 / n
-                for t in range(400)]
+    expected = [
+        gates.probability(t) / (1 - (1 - gates.probability(t)) ** n) if gates.probability(t) > 0 else 1 / n
+        for t in range(400)
+    ]
     # averaged over windows of 50 steps the rate tracks p(t)
     for start in range(0, 400, 50):
-        got, want = sum(rates[start:start + 50]) / 50, sum(expected[start:start + 50]) / 50
+        got, want = sum(rates[start : start + 50]) / 50, sum(expected[start : start + 50]) / 50
         assert abs(got - want) < 0.08, (start, got, want)

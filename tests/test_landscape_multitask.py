@@ -29,8 +29,9 @@ def model(tiny_text_model):
 
 @pytest.fixture(scope="module")
 def land(model, tmp_path_factory):
-    config = landscape.LandscapeConfig(model=model, seeds=[0, 1], align_steps=20,
-                                       output_dir=str(tmp_path_factory.mktemp("landscape")), **FAST)
+    config = landscape.LandscapeConfig(
+        model=model, seeds=[0, 1], align_steps=20, output_dir=str(tmp_path_factory.mktemp("landscape")), **FAST
+    )
     return config, landscape.run(config)
 
 
@@ -41,6 +42,7 @@ def folders(land):
 
 
 # ---- landscape (Fig. 3) -----------------------------------------------------------------------
+
 
 def test_landscape_json_has_every_alpha_of_every_curve_and_png(land):
     config, summary = land
@@ -92,7 +94,8 @@ def test_landscape_midpoints_match_fresh_models(land, folders, model, tmp_path):
     peft_classifier = PromptClassifier(encoder, classifier.tokenizer, max_length=16)
     peft_classifier.set_prompts(list(data.prompts))
     assert summary["curves"]["copra/mixture"]["accuracy"][0][3] == pytest.approx(
-        accuracy(peft_classifier, data.eval_x, data.eval_y), abs=0.051)
+        accuracy(peft_classifier, data.eval_x, data.eval_y), abs=0.051
+    )
 
 
 def test_landscape_config_and_adapter_checks(model, folders, tmp_path):
@@ -119,29 +122,42 @@ def test_landscape_takes_peft_merge_methods(land, folders, model, tmp_path):
     from copra.models.text import PromptClassifier
 
     base, _ = land
-    config = landscape.LandscapeConfig(model=model, seeds=[0, 1], alphas=[0.0, 0.3, 1.0], mergers=["ties", "cat"],
-                                       align=False, merge_density=0.7, output_dir=str(tmp_path / "peft"), **FAST)
+    config = landscape.LandscapeConfig(
+        model=model,
+        seeds=[0, 1],
+        alphas=[0.0, 0.3, 1.0],
+        mergers=["ties", "cat"],
+        align=False,
+        merge_density=0.7,
+        output_dir=str(tmp_path / "peft"),
+        **FAST,
+    )
     summary = landscape.run_from_adapters({"copra": [folders["copra"]]}, config)
     assert set(summary["curves"]) == {"copra/ties", "copra/cat"}
     inputs = summary["methods"]["copra"]["inputs"][0]
     cat = summary["curves"]["copra/cat"]["accuracy"][0]  # cat is exact: its ends are the inputs
-    assert cat[-1] == pytest.approx(inputs["alpha_1"], abs=0.051) and cat[0] == pytest.approx(inputs["alpha_0"], abs=0.051)
+    assert cat[-1] == pytest.approx(inputs["alpha_1"], abs=0.051) and cat[0] == pytest.approx(
+        inputs["alpha_0"], abs=0.051
+    )
     out = merge_folders(folders["copra"], "ties", [0.3, 0.7], density=0.7, output=tmp_path / "ties")
     encoder = PeftModel.from_pretrained(AutoModel.from_pretrained(model, add_pooling_layer=False), str(out))
     classifier, data = build_run(config.run_config("copra", 0))
     peft_classifier = PromptClassifier(encoder, classifier.tokenizer, max_length=16)
     peft_classifier.set_prompts(list(data.prompts))
     assert summary["curves"]["copra/ties"]["accuracy"][0][1] == pytest.approx(
-        accuracy(peft_classifier, data.eval_x, data.eval_y), abs=0.051)
+        accuracy(peft_classifier, data.eval_x, data.eval_y), abs=0.051
+    )
     with pytest.raises(UserError, match="density must be a number in"):
         landscape.LandscapeConfig(model=model, mergers=["dare_ties"], merge_density=0.0)
 
 
 # ---- multitask (Table 1, MTL) -----------------------------------------------------------------
 
+
 def test_multitask_table_and_merged_accuracy_on_each_task(model, tmp_path):
-    config = multitask.MultitaskConfig(model=model, tasks=["bbc_news", "news_outlets"], seeds=[0],
-                                       output_dir=str(tmp_path / "mtl"), **FAST)
+    config = multitask.MultitaskConfig(
+        model=model, tasks=["bbc_news", "news_outlets"], seeds=[0], output_dir=str(tmp_path / "mtl"), **FAST
+    )
     summary = multitask.run(config)
     saved = json.loads((tmp_path / "mtl" / "multitask.json").read_text())
     assert saved["tasks"] == ["bbc_news", "news_outlets"] and set(saved["methods"]) == {"lora", "copra"}
@@ -168,8 +184,15 @@ def test_multitask_table_and_merged_accuracy_on_each_task(model, tmp_path):
     # merge_method: the same adapters merged by PEFT's TIES, scored through PEFT's own merged config
     from copra.adapters.peft_merge import peft_merge
 
-    ties = multitask.MultitaskConfig(model=model, tasks=config.tasks, seeds=[0], merge_method="ties", merge_density=0.5,
-                                     output_dir=str(tmp_path / "mtl-ties"), **FAST)
+    ties = multitask.MultitaskConfig(
+        model=model,
+        tasks=config.tasks,
+        seeds=[0],
+        merge_method="ties",
+        merge_density=0.5,
+        output_dir=str(tmp_path / "mtl-ties"),
+        **FAST,
+    )
     again = multitask.run_from_adapters({"copra": [run["adapters"]]}, ties)["methods"]["copra"]["runs"][0]
     assert again["original"] == run["original"]
     loaded = [load_adapter(run["adapters"][t]) for t in config.tasks]
@@ -187,9 +210,14 @@ def test_multitask_snapshot_curve_merges_every_snapshot(model, tmp_path):
     from copra.report import crossover
     from copra.training.loop import SNAPSHOTS_DIR
 
-    config = multitask.MultitaskConfig(model=model, tasks=["bbc_news", "news_outlets"], seeds=[0, 1],
-                                       output_dir=str(tmp_path / "mtl"), snapshot_curve=True,
-                                       **{**FAST, "overrides": {**FAST.get("overrides", {}), "snapshot_every": 2}})
+    config = multitask.MultitaskConfig(
+        model=model,
+        tasks=["bbc_news", "news_outlets"],
+        seeds=[0, 1],
+        output_dir=str(tmp_path / "mtl"),
+        snapshot_curve=True,
+        **{**FAST, "overrides": {**FAST.get("overrides", {}), "snapshot_every": 2}},
+    )
     summary = multitask.run(config)
     curve = summary["curve"]
     assert curve["steps"] == [2, 4, config.steps] and set(curve["merged"]) == {"lora", "copra"}
@@ -208,6 +236,7 @@ def test_multitask_snapshot_curve_merges_every_snapshot(model, tmp_path):
 
 
 # ---- merge_folders (`copra merge`) ------------------------------------------------------------
+
 
 def expected_model(model_path, states, weights, adapter_config, rule):
     """The base encoder with W += s * dW written into its weights by hand (s = alpha/sqrt(r) or alpha/r)."""
@@ -234,16 +263,18 @@ def assert_peft_matches(model_path, folder, expected):
 
     base = AutoModel.from_pretrained(model_path, add_pooling_layer=False)
     peft_model = PeftModel.from_pretrained(base, str(folder)).eval()
-    inputs = AutoTokenizer.from_pretrained(model_path)(["the market said good news", "a film about music"],
-                                                      padding=True, return_tensors="pt")
+    inputs = AutoTokenizer.from_pretrained(model_path)(
+        ["the market said good news", "a film about music"], padding=True, return_tensors="pt"
+    )
     with torch.no_grad():
         got = peft_model(**inputs).last_hidden_state
         want = expected(**inputs).last_hidden_state
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("method, weights, align", [("fusion", None, False), ("mixture", [0.3, 0.7], False),
-                                                    ("fusion", [0.5, 0.5], True)])
+@pytest.mark.parametrize(
+    "method, weights, align", [("fusion", None, False), ("mixture", [0.3, 0.7], False), ("fusion", [0.5, 0.5], True)]
+)
 def test_merge_folders_loads_in_peft_with_expected_outputs(model, folders, tmp_path, method, weights, align):
     a, b = folders["copra"]
     out = merge_folders([a, b], method, weights, align, output=tmp_path / "merged", align_steps=20)
@@ -298,7 +329,9 @@ def test_merge_cli_runs_merge(folders, tmp_path):
     a, b = folders["lora"]
     assert main(["merge", a, b, "--method", "mixture", "--weights", "0.25,0.75", "-o", str(tmp_path / "m")]) == 0
     assert read_metadata(tmp_path / "m")["weights"] == [0.25, 0.75]
-    assert json.loads((tmp_path / "m" / "adapter_config.json").read_text())["lora_alpha"] == pytest.approx(math.sqrt(2))
+    assert json.loads((tmp_path / "m" / "adapter_config.json").read_text())["lora_alpha"] == pytest.approx(
+        math.sqrt(2)
+    )
     assert main(["merge", a, "--weights", "1", "-o", str(tmp_path / "one")]) == 2
     assert not (tmp_path / "one").exists()
 

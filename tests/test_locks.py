@@ -98,7 +98,9 @@ def test_every_writing_command_is_refused_while_another_process_holds_its_folder
             code = main(argv)
         err = capsys.readouterr().err
         assert code == 2 and err.count("\n") == 1, (name, err)
-        assert f"copra: error: {folder} is in use by another copra process (PID 4242 on elsewhere, started " in err, name
+        assert f"copra: error: {folder} is in use by another copra process (PID 4242 on elsewhere, started " in err, (
+            name
+        )
         assert not folder.exists(), (name, files_under(folder))  # nothing written
 
 
@@ -118,8 +120,9 @@ def test_a_locked_run_folder_inside_a_suite_is_refused_before_training(tiny_text
 
 
 def _copra(*argv: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "copra.cli", *argv], env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "copra.cli", *argv], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def _finish(process: subprocess.Popen) -> tuple[int, str, str]:
@@ -134,7 +137,9 @@ def test_four_concurrent_trains_into_one_folder_exactly_one_wins_and_its_adapter
 
     out = tmp_path / "run"
     seeds = [11, 12, 13, 14]
-    processes = [_copra("train", *train_sets(tiny_text_model, out, steps=30, seed=seed, method="copra")) for seed in seeds]
+    processes = [
+        _copra("train", *train_sets(tiny_text_model, out, steps=30, seed=seed, method="copra")) for seed in seeds
+    ]
     done = [_finish(p) for p in processes]
     winners = [i for i, (code, _, _) in enumerate(done) if code == 0]
     print("exit codes:", [code for code, _, _ in done], "refusals:", [err.strip() for code, _, err in done if code])
@@ -144,14 +149,28 @@ def test_four_concurrent_trains_into_one_folder_exactly_one_wins_and_its_adapter
         assert "is in use by another copra process (PID " in err or "already holds a finished run" in err
     seed, (_, stdout, _) = seeds[winners[0]], done[winners[0]]
     result = json.loads((out / "result.json").read_text())
-    assert result["config"]["seed"] == seed and json.loads((out / "adapter" / "copra.json").read_text())["seed"] == seed
-    assert f"seed {seed}: accuracy {100 * result['accuracy']:.2f}%" in stdout  # the metrics it printed are the ones on disk
+    assert (
+        result["config"]["seed"] == seed and json.loads((out / "adapter" / "copra.json").read_text())["seed"] == seed
+    )
+    assert (
+        f"seed {seed}: accuracy {100 * result['accuracy']:.2f}%" in stdout
+    )  # the metrics it printed are the ones on disk
     from copra.training.loop import train
 
     from conftest import tiny_run_config
 
-    again = train(tiny_run_config(tiny_text_model, task="parl_party", steps=30, seed=seed, method="copra",
-                                  eval_examples=12, checkpoint_every=1), output_dir=tmp_path / "again")
+    again = train(
+        tiny_run_config(
+            tiny_text_model,
+            task="parl_party",
+            steps=30,
+            seed=seed,
+            method="copra",
+            eval_examples=12,
+            checkpoint_every=1,
+        ),
+        output_dir=tmp_path / "again",
+    )
     on_disk = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     assert all(bool((on_disk[k] == again.state[k]).all()) for k in again.state)  # the winner's very adapter
     assert not lock_path(out).exists()

@@ -21,11 +21,21 @@ def test_each_method_gets_its_own_lr_from_validation_scores(tiny_text_model, tmp
 
     seen = []
     real = evaluation.prepare_validation
-    monkeypatch.setattr(evaluation, "prepare_validation",
-                        lambda config, examples: seen.append(examples) or real(config, examples))
-    config = lr_select.LrSelectConfig(model=tiny_text_model, lr_grid=[1e-3, 0.3], seeds=[0, 1], shots=2, steps=4,
-                                      batch_size=4, validation_examples=30, overrides={"max_length": 16},
-                                      output_dir=str(tmp_path), progress=False)
+    monkeypatch.setattr(
+        evaluation, "prepare_validation", lambda config, examples: seen.append(examples) or real(config, examples)
+    )
+    config = lr_select.LrSelectConfig(
+        model=tiny_text_model,
+        lr_grid=[1e-3, 0.3],
+        seeds=[0, 1],
+        shots=2,
+        steps=4,
+        batch_size=4,
+        validation_examples=30,
+        overrides={"max_length": 16},
+        output_dir=str(tmp_path),
+        progress=False,
+    )
     summary = lr_select.run(config)
     assert seen == [30] * 8  # every (method, lr, seed) scored on the validation split
     for method in ("lora", "copra"):

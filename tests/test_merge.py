@@ -27,8 +27,11 @@ P = "base_model.model.l"
 
 
 def hand(a, b, bias):
-    return {f"{P}.lora_A.weight": torch.tensor(a), f"{P}.lora_B.weight": torch.tensor(b),
-            f"{P}.bias": torch.tensor(bias)}
+    return {
+        f"{P}.lora_A.weight": torch.tensor(a),
+        f"{P}.lora_B.weight": torch.tensor(b),
+        f"{P}.bias": torch.tensor(bias),
+    }
 
 
 # B1 A1 = [[1, 2], [3, 6]],  B2 A2 = [[0, 2], [0, -1]]
@@ -62,6 +65,7 @@ def assert_same(x, y, atol=1e-5):
 
 
 # ---- fusion / mixture -------------------------------------------------------------------------
+
 
 def test_module_pairs():
     assert module_pairs(A1) == [(P, f"{P}.lora_A.weight", f"{P}.lora_B.weight")]
@@ -116,6 +120,7 @@ def test_equal_weight_fusion_is_the_mean():
 
 # ---- align -------------------------------------------------------------------------------------
 
+
 def test_align_keeps_update_and_lowers_bound():
     ref, other = rand_adapter(10), rand_adapter(11)
     aligned = align(ref, other, steps=100)
@@ -128,9 +133,11 @@ def test_align_keeps_update_and_lowers_bound():
 def test_align_recovers_a_refactored_copy(kind):
     ref = rand_adapter(12, r=4)
     g = torch.Generator().manual_seed(1)
-    q = {"orthogonal": torch.linalg.qr(torch.randn(4, 4, generator=g, dtype=torch.float64))[0],
-         "permutation": torch.eye(4, dtype=torch.float64)[[2, 0, 3, 1]],
-         "invertible": torch.randn(4, 4, generator=g, dtype=torch.float64) + 3 * torch.eye(4)}[kind]
+    q = {
+        "orthogonal": torch.linalg.qr(torch.randn(4, 4, generator=g, dtype=torch.float64))[0],
+        "permutation": torch.eye(4, dtype=torch.float64)[[2, 0, 3, 1]],
+        "invertible": torch.randn(4, 4, generator=g, dtype=torch.float64) + 3 * torch.eye(4),
+    }[kind]
     other = {k: v.float() for k, v in refactor({k: v.double() for k, v in ref.items()}, q).items()}
     assert bound(ref, other) > 1.0
     aligned = align(ref, other, steps=20)
@@ -158,6 +165,7 @@ def test_align_dtype_and_args():
 
 
 # ---- refusals ----------------------------------------------------------------------------------
+
 
 def test_refuses_mismatched_keys_shapes_ranks():
     a = rand_adapter(20)
@@ -213,6 +221,7 @@ def test_refuses_mismatched_configs():
 
 # ---- mixture_config ----------------------------------------------------------------------------
 
+
 def test_mixture_config_keeps_scaling():
     plain = {"r": 4, "lora_alpha": 8, "use_rslora": False, "rank_pattern": {"q": 2}, "alpha_pattern": {"q": 4}}
     m = mixture_config(plain, 3)
@@ -228,6 +237,7 @@ def test_mixture_config_keeps_scaling():
 
 
 # ---- PEFT round trip ---------------------------------------------------------------------------
+
 
 def base_model():
     torch.manual_seed(0)

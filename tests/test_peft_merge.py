@@ -34,8 +34,11 @@ def save_each(model, folder):
 
 def deltas(model, name):
     """Module path -> effective update (B A scaling) of adapter `name`."""
-    return {n: m.get_delta_weight(name).detach() for n, m in model.named_modules()
-            if hasattr(m, "get_delta_weight") and name in getattr(m, "lora_A", {})}
+    return {
+        n: m.get_delta_weight(name).detach()
+        for n, m in model.named_modules()
+        if hasattr(m, "get_delta_weight") and name in getattr(m, "lora_A", {})
+    }
 
 
 def loaded_deltas(base, folder):
@@ -44,8 +47,10 @@ def loaded_deltas(base, folder):
 
 
 def options(method):
-    return dict(density=0.6 if method in DENSITY_METHODS else None,
-                majority_sign_method="frequency" if method in SIGN_METHODS else None)
+    return dict(
+        density=0.6 if method in DENSITY_METHODS else None,
+        majority_sign_method="frequency" if method in SIGN_METHODS else None,
+    )
 
 
 @pytest.mark.parametrize("method", PEFT_METHODS)
@@ -54,8 +59,14 @@ def test_each_method_equals_peft_on_the_full_model(tmp_path, method):
     folders = save_each(model, tmp_path)
     weights, opts = [0.7, -0.2], options(method)
     torch.manual_seed(11)  # what copra does inside, for DARE's random drops
-    model.add_weighted_adapter(["one", "two"], weights, "peft", combination_type=method, density=opts["density"],
-                               majority_sign_method=opts["majority_sign_method"] or "total")
+    model.add_weighted_adapter(
+        ["one", "two"],
+        weights,
+        "peft",
+        combination_type=method,
+        density=opts["density"],
+        majority_sign_method=opts["majority_sign_method"] or "total",
+    )
     want = deltas(model, "peft")
     out = merge_folders(folders, method, weights, output=tmp_path / "merged", seed=11, **opts)
     got = loaded_deltas(tiny_bert(layers=2, seed=0), out)
@@ -72,8 +83,9 @@ def test_rslora_inputs_give_the_update_peft_folds_in(tmp_path, method):
     folders = save_each(model, tmp_path)
     opts = options(method) | ({"density": 1.0} if method in DENSITY_METHODS else {})
     torch.manual_seed(0)
-    model.add_weighted_adapter(["one", "two"], [1.0, 0.0], "peft", combination_type=method, **{
-        k: v for k, v in opts.items() if v is not None})
+    model.add_weighted_adapter(
+        ["one", "two"], [1.0, 0.0], "peft", combination_type=method, **{k: v for k, v in opts.items() if v is not None}
+    )
     out = merge_folders(folders, method, [1.0, 0.0], output=tmp_path / "merged", **opts)
     got = loaded_deltas(tiny_bert(layers=2, seed=0), out)
     single = deltas(model, "one")  # weights (1, 0): the merge is adapter one itself
@@ -104,9 +116,13 @@ def test_cat_takes_different_ranks_and_is_the_exact_weighted_sum(tmp_path):
 def test_merge_states_keeps_copra_fusion_and_the_global_rng():
     model = two_adapters()
     from peft import get_peft_model_state_dict
+
     states = [get_peft_model_state_dict(model, adapter_name=n) for n in ("one", "two")]
-    configs = [{**model.peft_config[n].to_dict(), "target_modules": TARGETS, "peft_type": "LORA"} for n in ("one", "two")]
+    configs = [
+        {**model.peft_config[n].to_dict(), "target_modules": TARGETS, "peft_type": "LORA"} for n in ("one", "two")
+    ]
     from copra.adapters.merge import fusion
+
     state, config = merge_states("fusion", states, configs, [0.5, 0.5])
     assert config == configs[0] and all(torch.equal(state[k], v) for k, v in fusion(states).items())
     before = torch.get_rng_state()
@@ -126,17 +142,20 @@ def test_skeleton_holds_no_base_weights():
     assert linears == ["enc.layer.2.q", "enc.layer.10.q"]  # natural order, as a model lists its layers
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--method", "ties", "--density", "1.5"], "density must be a number in (0, 1]"),
-    (["--method", "dare_linear", "--density", "0"], "density must be a number in (0, 1]"),
-    (["--method", "ties"], "needs a density in (0, 1]"),
-    (["--method", "linear", "--density", "0.5"], "density applies only to"),
-    (["--method", "fusion", "--density", "0.5"], "apply to PEFT's methods"),
-    (["--method", "svd", "--majority-sign-method", "total"], "majority sign method applies only to"),
-    (["--method", "linear", "--weights", "1,2,3"], "got 3 merge weights for 2 adapters"),
-    (["--method", "ties_dare"], "invalid choice: 'ties_dare'"),
-    (["--method", "ties", "--density", "0.5", "--majority-sign-method", "most"], "invalid choice: 'most'"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--method", "ties", "--density", "1.5"], "density must be a number in (0, 1]"),
+        (["--method", "dare_linear", "--density", "0"], "density must be a number in (0, 1]"),
+        (["--method", "ties"], "needs a density in (0, 1]"),
+        (["--method", "linear", "--density", "0.5"], "density applies only to"),
+        (["--method", "fusion", "--density", "0.5"], "apply to PEFT's methods"),
+        (["--method", "svd", "--majority-sign-method", "total"], "majority sign method applies only to"),
+        (["--method", "linear", "--weights", "1,2,3"], "got 3 merge weights for 2 adapters"),
+        (["--method", "ties_dare"], "invalid choice: 'ties_dare'"),
+        (["--method", "ties", "--density", "0.5", "--majority-sign-method", "most"], "invalid choice: 'most'"),
+    ],
+)
 def test_bad_merge_options_are_one_line_and_write_nothing(capsys, tmp_path, extra, message):
     folders = save_each(two_adapters(), tmp_path)
     out = tmp_path / "merged"
@@ -148,8 +167,20 @@ def test_bad_merge_options_are_one_line_and_write_nothing(capsys, tmp_path, extr
 
 def test_cli_writes_a_peft_folder(capsys, tmp_path):
     folders = save_each(two_adapters(), tmp_path)
-    code = main(["merge", *map(str, folders), "--method", "ties_svd", "--density", "0.5", "--weights", "1,1",
-                 "-o", str(tmp_path / "m")])
+    code = main(
+        [
+            "merge",
+            *map(str, folders),
+            "--method",
+            "ties_svd",
+            "--density",
+            "0.5",
+            "--weights",
+            "1,1",
+            "-o",
+            str(tmp_path / "m"),
+        ]
+    )
     assert code == 0 and "ties_svd of 2 adapters" in capsys.readouterr().out
     state, config = load_adapter(tmp_path / "m")
     assert config["r"] == config["lora_alpha"] == 2 and len(state) == 8
@@ -170,10 +201,21 @@ def test_gpt2_conv1d_adapters_merge_like_peft(tmp_path, method):
     model.add_adapter("two", config)
     folders = save_each(model, tmp_path)
     torch.manual_seed(5)
-    model.add_weighted_adapter(["one", "two"], [0.6, 0.4], "peft", combination_type=method,
-                               **({"density": 0.5} if method in DENSITY_METHODS else {}))
-    out = merge_folders(folders, method, [0.6, 0.4], output=tmp_path / "m", seed=5,
-                        **({"density": 0.5} if method in DENSITY_METHODS else {}))
+    model.add_weighted_adapter(
+        ["one", "two"],
+        [0.6, 0.4],
+        "peft",
+        combination_type=method,
+        **({"density": 0.5} if method in DENSITY_METHODS else {}),
+    )
+    out = merge_folders(
+        folders,
+        method,
+        [0.6, 0.4],
+        output=tmp_path / "m",
+        seed=5,
+        **({"density": 0.5} if method in DENSITY_METHODS else {}),
+    )
     assert json.loads((out / "adapter_config.json").read_text())["fan_in_fan_out"] is True
     got, want = loaded_deltas(base(), out), deltas(model, "peft")
     assert len(got) == 2

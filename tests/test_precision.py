@@ -56,7 +56,11 @@ def test_bf16_run_keeps_adapters_optimizer_and_files_fp32(tiny_text_model, tmp_p
     out = tmp_path / "run"
     config = tiny_run_config(tiny_text_model, precision="bf16", method="copra", steps=3)
     classifier, _ = build_run(config)
-    frozen = {p.dtype for n, p in classifier.named_parameters() if not p.requires_grad and p.dim() == 2 and "embeddings" not in n}
+    frozen = {
+        p.dtype
+        for n, p in classifier.named_parameters()
+        if not p.requires_grad and p.dim() == 2 and "embeddings" not in n
+    }
     assert frozen == {torch.bfloat16}  # the backbone's Linear weights, cast once
     assert {p.dtype for p in classifier.parameters() if p.requires_grad} == {torch.float32}
     result = train(config, output_dir=out)
@@ -67,8 +71,15 @@ def test_bf16_run_keeps_adapters_optimizer_and_files_fp32(tiny_text_model, tmp_p
 
 
 def test_bf16_resume_is_bit_identical_to_an_uninterrupted_bf16_run(tiny_text_model, tmp_path, monkeypatch):
-    config = tiny_run_config(tiny_text_model, task="parl_party", method="copra", precision="bf16", steps=6,
-                             checkpoint_every=1, lora_dropout=0.25)
+    config = tiny_run_config(
+        tiny_text_model,
+        task="parl_party",
+        method="copra",
+        precision="bf16",
+        steps=6,
+        checkpoint_every=1,
+        lora_dropout=0.25,
+    )
     reference = tmp_path / "reference"
     train(config, output_dir=reference)
     out = tmp_path / "killed"
@@ -112,8 +123,9 @@ def test_dynamic_padding_gives_the_predictions_of_fixed_padding(tiny_text_model,
     classifier, data = build_run(tiny_run_config(tiny_text_model, precision=kind, eval_examples=40, max_length=32))
     classifier.eval()
     texts = [" ".join(t.split()[: 1 + i % 3]) for i, t in enumerate(data.eval_x)]  # 1-3 words: lengths vary
-    fixed = classifier.tokenizer(texts, padding="max_length", truncation=True, max_length=classifier.max_length,
-                                 return_tensors="pt")
+    fixed = classifier.tokenizer(
+        texts, padding="max_length", truncation=True, max_length=classifier.max_length, return_tensors="pt"
+    )
     dynamic = classifier.tokenize(texts)
     width = dynamic["input_ids"].shape[1]
     assert width < fixed["input_ids"].shape[1]  # some padding is saved on this task
@@ -138,7 +150,10 @@ def test_each_text_is_tokenised_once_per_classifier(tiny_text_model):
     calls = []
     tokenizer = classifier.tokenizer
     classifier.tokenizer = lambda texts, **kw: calls.append(list(texts)) or tokenizer(texts, **kw)
-    classifier.tokenizer.pad_token_id, classifier.tokenizer.padding_side = tokenizer.pad_token_id, tokenizer.padding_side
+    classifier.tokenizer.pad_token_id, classifier.tokenizer.padding_side = (
+        tokenizer.pad_token_id,
+        tokenizer.padding_side,
+    )
     texts = list(data.train_x)
     first = classifier.tokenize(texts)
     second = classifier.tokenize(texts[::-1])

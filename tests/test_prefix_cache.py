@@ -65,8 +65,12 @@ def test_cached_states_do_not_depend_on_the_batch_a_row_came_in(tiny_text_model)
     classifier, _ = build_run(tiny_run_config(tiny_text_model, max_length=32))
     classifier.train()
     text = "the market said good news"
-    batches = [[text], [text, "a film"], [text, "the news of the year about music and the film market said"],
-               [text, "zyxwvut qponmlk jihgfed cba"]]  # spelled letter by letter: cut at 32 tokens
+    batches = [
+        [text],
+        [text, "a film"],
+        [text, "the news of the year about music and the film market said"],
+        [text, "zyxwvut qponmlk jihgfed cba"],
+    ]  # spelled letter by letter: cut at 32 tokens
     cached = []
     for batch in batches:
         gates = CopRA(classifier.encoder, total_steps=10)

@@ -22,10 +22,20 @@ from copra.adapters.prune import (
 from copra.utils.errors import UserError
 
 BERT = "base_model.model.encoder.layer"
-BERT_MODULES = {"query": "attention.self.query", "key": "attention.self.key", "value": "attention.self.value",
-                "output": "attention.output.dense", "ffn": "output.dense"}
-CLIP_MODULES = {"query": "self_attn.q_proj", "key": "self_attn.k_proj", "value": "self_attn.v_proj",
-                "output": "self_attn.out_proj", "ffn": "mlp.fc1"}
+BERT_MODULES = {
+    "query": "attention.self.query",
+    "key": "attention.self.key",
+    "value": "attention.self.value",
+    "output": "attention.output.dense",
+    "ffn": "output.dense",
+}
+CLIP_MODULES = {
+    "query": "self_attn.q_proj",
+    "key": "self_attn.k_proj",
+    "value": "self_attn.v_proj",
+    "output": "self_attn.out_proj",
+    "ffn": "mlp.fc1",
+}
 
 
 def make_adapter(towers, modules, seed=0):
@@ -77,9 +87,12 @@ def assert_same_layout(before, after):
 def test_layer_ids_numeric_within_each_tower():
     assert layer_ids(bert(12)) == [f"{BERT}.{i}" for i in range(12)]
     assert layer_ids(clip()) == [f"{TEXT}.{i}" for i in range(12)] + [f"{VISION}.{i}" for i in range(6)]
-    assert layer_ids({"transformer.h.1.attn.c_attn.lora_A.weight": torch.ones(1, 1),
-                      "transformer.h.0.attn.c_attn.lora_A.weight": torch.ones(1, 1)}) == ["transformer.h.0",
-                                                                                            "transformer.h.1"]
+    assert layer_ids(
+        {
+            "transformer.h.1.attn.c_attn.lora_A.weight": torch.ones(1, 1),
+            "transformer.h.0.attn.c_attn.lora_A.weight": torch.ones(1, 1),
+        }
+    ) == ["transformer.h.0", "transformer.h.1"]
 
 
 @pytest.mark.parametrize("scheme", STRUCTURED)
@@ -106,10 +119,13 @@ def test_every_other_zeroes_exactly_the_odd_blocks_of_each_tower():
     assert zeroed_blocks(adapter, structured(adapter, "every_other")) == expected
 
 
-@pytest.mark.parametrize("layers, kept", [
-    (6, {"low": {0, 1}, "middle": {2, 3}, "high": {4, 5}}),
-    (12, {"low": {0, 1, 2, 3}, "middle": {4, 5, 6, 7}, "high": {8, 9, 10, 11}}),
-])
+@pytest.mark.parametrize(
+    "layers, kept",
+    [
+        (6, {"low": {0, 1}, "middle": {2, 3}, "high": {4, 5}}),
+        (12, {"low": {0, 1, 2, 3}, "middle": {4, 5, 6, 7}, "high": {8, 9, 10, 11}}),
+    ],
+)
 def test_thirds_keep_only_their_third(layers, kept):
     adapter = bert(layers)
     for scheme, keep in kept.items():
@@ -152,7 +168,11 @@ def test_projection_names_and_aliases():
 def test_drop_layers_by_index_and_name():
     adapter = clip(text=4, vision=3)
     assert zeroed_blocks(adapter, drop_layers(adapter, [0, -1])) == {
-        f"{TEXT}.0", f"{TEXT}.3", f"{VISION}.0", f"{VISION}.2"}
+        f"{TEXT}.0",
+        f"{TEXT}.3",
+        f"{VISION}.0",
+        f"{VISION}.2",
+    }
     assert zeroed_blocks(adapter, drop_layers(adapter, [3])) == {f"{TEXT}.3"}  # vision has no 4th block
     assert zeroed_blocks(adapter, drop_layers(adapter, [f"{VISION}.1"])) == {f"{VISION}.1"}
     assert zeroed_blocks(adapter, drop_layers(adapter, [])) == set()

@@ -20,8 +20,15 @@ def test_pruning_experiment_tables_and_plot(tiny_text_model, tmp_path):
         train(config.replace(method=method), data=data, output_dir=tmp_path / method)
         adapters[method].append(str(tmp_path / method / "adapter"))
     adapters["early_copra"].append(str(tmp_path / "copra" / "early"))
-    pruning = PruningConfig(task="bbc_news", seeds=[0], eval_examples=20, sparsities=[0.0, 0.5, 0.9],
-                            model=tiny_text_model, overrides={"max_length": 16}, output_dir=str(tmp_path / "out"))
+    pruning = PruningConfig(
+        task="bbc_news",
+        seeds=[0],
+        eval_examples=20,
+        sparsities=[0.0, 0.5, 0.9],
+        model=tiny_text_model,
+        overrides={"max_length": 16},
+        output_dir=str(tmp_path / "out"),
+    )
     results = run_from_adapters(adapters, data, pruning)
     for method in ("lora", "copra", "early_copra"):
         rows = results["structured"][method]
@@ -33,15 +40,20 @@ def test_pruning_experiment_tables_and_plot(tiny_text_model, tmp_path):
     assert saved["task"] == "bbc_news"
     left, right = draw(saved).axes  # the PNG's figure, drawn from the saved summary
     schemes = [s for s in saved["config"]["schemes"] if s in saved["structured"]["lora"]]
-    assert bar_heights(left) == [[pytest.approx(100 * saved["structured"][m][s]["mean"]) for s in schemes]
-                                 for m in ("lora", "copra", "early_copra")]
-    assert errorbar_data(right) == [([0.0, 0.5, 0.9], [pytest.approx(100 * saved["unstructured"][m][k]["mean"])
-                                                        for k in ("0.0", "0.5", "0.9")]) for m in ("lora", "copra", "early_copra")]
+    assert bar_heights(left) == [
+        [pytest.approx(100 * saved["structured"][m][s]["mean"]) for s in schemes]
+        for m in ("lora", "copra", "early_copra")
+    ]
+    assert errorbar_data(right) == [
+        ([0.0, 0.5, 0.9], [pytest.approx(100 * saved["unstructured"][m][k]["mean"]) for k in ("0.0", "0.5", "0.9")])
+        for m in ("lora", "copra", "early_copra")
+    ]
     assert "| every_other |" in (tmp_path / "out" / "pruning.md").read_text()
 
 
-@pytest.mark.parametrize("bad", [dict(schemes=["diagonal"]), dict(sparsities=[1.0]), dict(sparsities=[-0.1]),
-                                 dict(seeds=[])])
+@pytest.mark.parametrize(
+    "bad", [dict(schemes=["diagonal"]), dict(sparsities=[1.0]), dict(sparsities=[-0.1]), dict(seeds=[])]
+)
 def test_pruning_config_refuses_bad_values(bad):
     with pytest.raises(UserError):
         PruningConfig(**bad)
@@ -52,8 +64,14 @@ def test_shapley_experiment_on_trained_adapters(tiny_text_model, tmp_path):
     from copra.experiments.shapley_layers import draw as draw_shapley
 
     data, adapters = train_lora_and_copra(tiny_text_model, tmp_path)
-    shapley = ShapleyConfig(seeds=[0], samples=16, eval_examples=20, model=tiny_text_model,
-                            overrides={"max_length": 16}, output_dir=str(tmp_path / "out"))
+    shapley = ShapleyConfig(
+        seeds=[0],
+        samples=16,
+        eval_examples=20,
+        model=tiny_text_model,
+        overrides={"max_length": 16},
+        output_dir=str(tmp_path / "out"),
+    )
     summary = run_from_adapters(adapters, shapley, data)
     for method in ("lora", "copra"):
         row = summary["methods"][method]

@@ -52,8 +52,7 @@ def test_executor_settings_are_checked_before_training(tmp_path):
     with pytest.raises(UserError, match="ray_address must be a non-empty string"):
         runs.run_all(plan, executor="ray", ray_address=" ")
     with pytest.raises(UserError, match="executor must be one of"):
-        sweep.run(sweep.SweepConfig(model="x", grid={}, output_dir=str(tmp_path / "never"), executor="slurm",
-                                    **FAST))
+        sweep.run(sweep.SweepConfig(model="x", grid={}, output_dir=str(tmp_path / "never"), executor="slurm", **FAST))
     assert not (tmp_path / "never").exists()
 
 
@@ -86,9 +85,15 @@ def test_a_killed_ray_task_resumes_its_run_from_the_checkpoint(tiny_text_model, 
     whole = train(run_config, output_dir=tmp_path / "whole")
     marker = tmp_path / "killed-once"
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")]))
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", runtime_env={
-        "worker_process_setup_hook": "test_ray_runs.kill_after_checkpoint",
-        "env_vars": {"COPRA_TEST_KILL_AT": "4", "COPRA_TEST_KILL_MARKER": str(marker)}})
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        logging_level="WARNING",
+        runtime_env={
+            "worker_process_setup_hook": "test_ray_runs.kill_after_checkpoint",
+            "env_vars": {"COPRA_TEST_KILL_AT": "4", "COPRA_TEST_KILL_MARKER": str(marker)},
+        },
+    )
     (resumed,) = runs.run_all([(run_config, tmp_path / "killed")], executor="ray")  # uses the Ray started here
     assert marker.exists() and int(marker.read_text()) != os.getpid()  # a Ray worker died at step 4
     recorded = json.loads((tmp_path / "killed" / "result.json").read_text())
@@ -107,13 +112,16 @@ def test_ray_address_comes_from_the_setting_then_the_environment(monkeypatch):
     assert resolve_address("auto") == "auto"
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["federated", "--executor", "ray"], "federated runs in this process; --executor"),
-    (["sweep", "--set", "executor=slurm"], "executor must be one of ['local', 'ray']"),
-    (["sweep", "--executor", "dask"], "invalid choice: 'dask'"),
-    (["reproduce", "--executor", "ray", "--jobs", "0"], "jobs must be a positive integer"),
-    (["reproduce", "--executor", "ray", "--ray-address", ""], "ray_address must be a non-empty string"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["federated", "--executor", "ray"], "federated runs in this process; --executor"),
+        (["sweep", "--set", "executor=slurm"], "executor must be one of ['local', 'ray']"),
+        (["sweep", "--executor", "dask"], "invalid choice: 'dask'"),
+        (["reproduce", "--executor", "ray", "--jobs", "0"], "jobs must be a positive integer"),
+        (["reproduce", "--executor", "ray", "--ray-address", ""], "ray_address must be a non-empty string"),
+    ],
+)
 def test_executor_arguments_are_one_line_errors(capsys, tmp_path, tiny_text_model, argv, message):
     from copra.cli import main
 

@@ -51,8 +51,9 @@ def _full_disk_after(nbytes: int, fail_at_call: int, kind: str = "oserror"):
 
 
 @pytest.mark.parametrize("kind", ["oserror", "safetensors"])
-def test_disk_full_mid_checkpoint_is_one_line_and_keeps_the_previous_checkpoint(tiny_text_model, tmp_path, capsys,
-                                                                                   monkeypatch, kind):
+def test_disk_full_mid_checkpoint_is_one_line_and_keeps_the_previous_checkpoint(
+    tiny_text_model, tmp_path, capsys, monkeypatch, kind
+):
     from copra.training import checkpoint
     from copra.training.checkpoint import load_checkpoint
 
@@ -63,8 +64,10 @@ def test_disk_full_mid_checkpoint_is_one_line_and_keeps_the_previous_checkpoint(
     with capsys.disabled():  # the message as printed, for the record (-s)
         print("\n" + err, end="")
     assert code == 2 and err.count("\n") == 1 and not stdout
-    assert err.startswith(f"copra: error: cannot write {out / 'checkpoints' / 'step-00000004'}: No space left on device "
-                          "(ENOSPC); free some space; the last good checkpoint is kept in ")
+    assert err.startswith(
+        f"copra: error: cannot write {out / 'checkpoints' / 'step-00000004'}: No space left on device "
+        "(ENOSPC); free some space; the last good checkpoint is kept in "
+    )
     assert err.rstrip().endswith(f"{out / 'checkpoints' / 'step-00000002'} (run again with --resume)")
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002"]  # no partial write left
     assert load_checkpoint(out / "checkpoints" / "step-00000002").step == 2
@@ -86,6 +89,7 @@ def _read_only(monkeypatch, folder: Path):
             if str(Path(os.fsdecode(path)).resolve()).startswith(inside):
                 raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fsdecode(path))
             return real(path, *args, **kwargs)
+
         return call
 
     monkeypatch.setattr(os, "open", refuse(real_open))
@@ -127,6 +131,7 @@ def test_atomic_writers_turn_resource_errors_into_one_line_and_leave_nothing(tmp
             if ".tmp-" in os.fsdecode(path):
                 raise OSError(number, os.strerror(number))
             return real(path, *args, **kwargs)
+
         return call
 
     monkeypatch.setattr(os, "open", refuse(real_open))
@@ -149,7 +154,9 @@ def test_other_os_errors_keep_their_traceback_and_ctrl_c_releases_the_lock(tiny_
     assert resource_error(OSError(errno.EBADF, "Bad file descriptor")) is None  # a bug, not the machine
     assert resource_error(ValueError("no os error here")) is None
     out = tmp_path / "run"
-    interrupted_run(tiny_run_config(tiny_text_model, steps=6, checkpoint_every=2, output_dir=str(out)), out, 2, monkeypatch)
+    interrupted_run(
+        tiny_run_config(tiny_text_model, steps=6, checkpoint_every=2, output_dir=str(out)), out, 2, monkeypatch
+    )
     assert not lock_path(out).exists() and not locks._held  # KeyboardInterrupt let go of the lock
 
 
@@ -211,9 +218,13 @@ def test_a_real_full_disk_and_a_real_read_only_folder_give_one_line(tiny_text_mo
     done = _in_private_mounts(
         f"mount -t tmpfs -o size=256k tmpfs {full} && mount --bind -o ro {readonly} {readonly} && "
         f"{train} {' '.join(train_sets(tiny_text_model, full / 'run', steps=4, rank=64, checkpoint_every=1))}; echo rc=$?; "
-        f"{train} {' '.join(train_sets(tiny_text_model, readonly / 'run', steps=4))}; echo rc=$?")
+        f"{train} {' '.join(train_sets(tiny_text_model, readonly / 'run', steps=4))}; echo rc=$?"
+    )
     lines = done.stderr.strip().splitlines()
     print("\n" + "\n".join(lines[-2:]))
     assert done.stdout.split() == ["rc=2", "rc=2"]
     assert "No space left on device (ENOSPC)" in lines[-2] and str(full / "run") in lines[-2]
-    assert lines[-1] == f"copra: error: output_dir {readonly / 'run'} cannot be written: read-only file system in {readonly}"
+    assert (
+        lines[-1]
+        == f"copra: error: output_dir {readonly / 'run'} cannot be written: read-only file system in {readonly}"
+    )

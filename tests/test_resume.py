@@ -28,14 +28,40 @@ WEIGHTS = Path("adapter") / "adapter_model.safetensors"
 
 
 def _sets(model: str, out: Path, steps: int, **extra) -> list[str]:
-    values = dict(model=model, task="parl_party", method="copra", shots=2, steps=steps, batch_size=4, eval_examples=12,
-                  max_length=16, progress="false", checkpoint_every=1, save_early="true", output_dir=str(out)) | extra
+    values = (
+        dict(
+            model=model,
+            task="parl_party",
+            method="copra",
+            shots=2,
+            steps=steps,
+            batch_size=4,
+            eval_examples=12,
+            max_length=16,
+            progress="false",
+            checkpoint_every=1,
+            save_early="true",
+            output_dir=str(out),
+        )
+        | extra
+    )
     return [arg for key, value in values.items() for arg in ("--set", f"{key}={value}")]
 
 
 def _config(model: str, out: Path, steps: int, **extra):
-    return tiny_run_config(model, task="parl_party", method="copra", shots=2, steps=steps, batch_size=4,
-                           eval_examples=12, checkpoint_every=1, save_early=True, output_dir=str(out), **extra)
+    return tiny_run_config(
+        model,
+        task="parl_party",
+        method="copra",
+        shots=2,
+        steps=steps,
+        batch_size=4,
+        eval_examples=12,
+        checkpoint_every=1,
+        save_early=True,
+        output_dir=str(out),
+        **extra,
+    )
 
 
 def _assert_same_adapter(folder_a: Path, folder_b: Path) -> None:
@@ -93,13 +119,18 @@ def test_sigkill_at_random_points_then_resume_is_bit_identical(tiny_text_model, 
     rng = random.Random(6)
     # a random moment before training starts, then somewhere inside a random step, then inside the
     # write of a random checkpoint (the process stops itself there: no timing involved)
-    plan = [("startup", None), ("mid-step", rng.randrange(2, steps // 2)), ("mid-write", rng.randrange(steps // 2, steps - 4))]
+    plan = [
+        ("startup", None),
+        ("mid-step", rng.randrange(2, steps // 2)),
+        ("mid-write", rng.randrange(steps // 2, steps - 4)),
+    ]
     deadline = time.monotonic() + 240
     kills = []
     for kind, target in plan + [("finish", None)]:
         hook = ["-c", STOP_INSIDE_WRITE, str(target)] if kind == "mid-write" else ["-m", "copra"]
-        process = subprocess.Popen([sys.executable, *hook, *arguments], env=env, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True)
+        process = subprocess.Popen(
+            [sys.executable, *hook, *arguments], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         if kind == "finish":
             stdout, stderr = process.communicate(timeout=max(10.0, deadline - time.monotonic()))
             assert process.returncode == 0, stderr

@@ -74,6 +74,7 @@ def test_workers_hide_the_known_warnings_as_the_cli_does():
 
     with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as bare:
         assert bare.submit(_known_warnings_shown).result() >= 1  # the check sees a warning when nothing hides it
-    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn"), initializer=_worker_init,
-                             initargs=(1,)) as pool:
+    with ProcessPoolExecutor(
+        max_workers=1, mp_context=get_context("spawn"), initializer=_worker_init, initargs=(1,)
+    ) as pool:
         assert pool.submit(_known_warnings_shown).result() == 0

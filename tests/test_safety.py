@@ -58,8 +58,10 @@ def test_the_payloads_are_live(tmp_path):
 def _adapter(folder: Path) -> Path:
     folder.mkdir(parents=True)
     key = "base_model.model.encoder.layer.0.attention.self.query"
-    save_file({f"{key}.lora_A.weight": torch.ones(2, 4), f"{key}.lora_B.weight": torch.ones(4, 2)},
-              str(folder / "adapter_model.safetensors"))
+    save_file(
+        {f"{key}.lora_A.weight": torch.ones(2, 4), f"{key}.lora_B.weight": torch.ones(4, 2)},
+        str(folder / "adapter_model.safetensors"),
+    )
     (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "target_modules": ["query"]}))
     return folder
 
@@ -77,8 +79,10 @@ def test_pickled_adapter_weights_are_refused(tmp_path, capsys, kind):
     (disguised / "adapter_model.safetensors").write_bytes(payload)
     with pytest.raises(UserError, match="adapter_model.safetensors: not a readable safetensors file"):
         load_adapter(disguised)
-    for argv in (["prune", str(as_bin), "--sparsity", "0.5", "-o", str(tmp_path / "p")],
-                 ["merge", str(disguised), str(_adapter(tmp_path / "good")), "-o", str(tmp_path / "m")]):
+    for argv in (
+        ["prune", str(as_bin), "--sparsity", "0.5", "-o", str(tmp_path / "p")],
+        ["merge", str(disguised), str(_adapter(tmp_path / "good")), "-o", str(tmp_path / "m")],
+    ):
         assert main(argv) == 2
         assert capsys.readouterr().err.count("\n") == 1
     assert not marker.exists() and not (tmp_path / "p").exists() and not (tmp_path / "m").exists()
@@ -92,10 +96,25 @@ def test_pickled_checkpoint_files_are_refused(tiny_text_model, tmp_path, capsys,
     folder = out / CHECKPOINTS_DIR / "step-00000002"
     tensors = folder / TENSORS_FILE
     state = (folder / STATE_FILE).read_bytes()
-    argv = ["train", "--resume", "--set", f"model={tiny_text_model}", "--set", f"output_dir={out}", "--set", "steps=6",
-            "--set", "checkpoint_every=2", *[a for k, v in dict(task="bbc_news", shots=2, batch_size=4, eval_examples=20,
-                                                             max_length=16, progress="false").items()
-                                            for a in ("--set", f"{k}={v}")]]
+    argv = [
+        "train",
+        "--resume",
+        "--set",
+        f"model={tiny_text_model}",
+        "--set",
+        f"output_dir={out}",
+        "--set",
+        "steps=6",
+        "--set",
+        "checkpoint_every=2",
+        *[
+            a
+            for k, v in dict(
+                task="bbc_news", shots=2, batch_size=4, eval_examples=20, max_length=16, progress="false"
+            ).items()
+            for a in ("--set", f"{k}={v}")
+        ],
+    ]
     cases = []
     for kind, payload in _payloads(marker).items():
         cases.append((f"{kind} as {TENSORS_FILE}", {TENSORS_FILE: payload}, None, "not a readable safetensors file"))
@@ -134,9 +153,18 @@ def test_no_pickle_capable_loader_in_the_sources():
         for match in re.finditer(r"torch\.load\(([^)]*)\)", text):
             if "weights_only=True" not in match.group(1):
                 problems.append(f"{path.name}: {match.group(0)}")
-        for pattern in (r"\bimport pickle\b", r"\bpickle\.loads?\(", r"\bdill\b", r"\bcloudpickle\b",
-                        r"yaml\.load\(", r"yaml\.unsafe_load", r"Loader=yaml\.(Full|Unsafe)?Loader",
-                        r"allow_pickle=True", r"torch\.save\(", r"use_safetensors=False"):
+        for pattern in (
+            r"\bimport pickle\b",
+            r"\bpickle\.loads?\(",
+            r"\bdill\b",
+            r"\bcloudpickle\b",
+            r"yaml\.load\(",
+            r"yaml\.unsafe_load",
+            r"Loader=yaml\.(Full|Unsafe)?Loader",
+            r"allow_pickle=True",
+            r"torch\.save\(",
+            r"use_safetensors=False",
+        ):
             problems += [f"{path.name}: {m.group(0)}" for m in re.finditer(pattern, text)]
     assert not problems, problems
     # the loaders that do exist say so explicitly
@@ -154,8 +182,21 @@ def test_model_folders_with_only_pickled_weights_are_refused(tmp_path, tiny_text
     (folder / "model.safetensors").unlink()
     marker = tmp_path / "owned"
     (folder / "pytorch_model.bin").write_bytes(_payloads(marker)["torch.save"])
-    code = main(["train", "--set", f"model={folder}", "--set", f"output_dir={tmp_path / 'out'}", "--set", "progress=false",
-                 "--set", "shots=2", "--set", "max_length=16"])
+    code = main(
+        [
+            "train",
+            "--set",
+            f"model={folder}",
+            "--set",
+            f"output_dir={tmp_path / 'out'}",
+            "--set",
+            "progress=false",
+            "--set",
+            "shots=2",
+            "--set",
+            "max_length=16",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "cannot load the text encoder" in err and err.count("\n") == 1
     assert not marker.exists() and not (tmp_path / "out").exists()

@@ -46,8 +46,15 @@ def test_ramp_shapes_differ():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(total_steps=0), dict(total_steps=-3), dict(initial_p=-0.1), dict(final_p=1.5),
-     dict(initial_p=math.nan), dict(ramp_fraction=0.0), dict(ramp="cubic")],
+    [
+        dict(total_steps=0),
+        dict(total_steps=-3),
+        dict(initial_p=-0.1),
+        dict(final_p=1.5),
+        dict(initial_p=math.nan),
+        dict(ramp_fraction=0.0),
+        dict(ramp="cubic"),
+    ],
 )
 def test_bad_parameters_are_refused(kwargs):
     args = dict(step=1, total_steps=10) | kwargs
@@ -84,7 +91,8 @@ def test_gate_schedule_is_the_one_p_of_t():
 
     schedule = GateSchedule(40, initial_p=0.1, final_p=0.9, ramp_fraction=0.5, ramp="sine")
     assert [schedule.keep_probability(t) for t in range(40)] == [
-        keep_probability(t, 40, 0.1, 0.9, 0.5, "sine") for t in range(40)]
+        keep_probability(t, 40, 0.1, 0.9, 0.5, "sine") for t in range(40)
+    ]
     assert schedule.keep_probability(20) == 0.9 and schedule.keep_probability(0) == pytest.approx(0.1)
     with pytest.raises(dataclasses.FrozenInstanceError):
         schedule.final_p = 1.0
@@ -100,7 +108,9 @@ def test_gate_schedule_is_the_one_p_of_t():
         GateSchedule.of(40, total_steps=40)
 
 
-@pytest.mark.parametrize("fields", [dict(total_steps=0), dict(initial_p=1.5), dict(ramp_fraction=0.0), dict(ramp="cubic")])
+@pytest.mark.parametrize(
+    "fields", [dict(total_steps=0), dict(initial_p=1.5), dict(ramp_fraction=0.0), dict(ramp="cubic")]
+)
 def test_gate_schedule_refuses_bad_fields(fields):
     from copra.core.schedule import GateSchedule
 

@@ -24,8 +24,7 @@ def test_values_from_yaml_then_sets(tmp_path):
     assert read_values(None, None) == {}
     loaded = load_dataclass(_Example, path, ["seeds=4,5", "ratio=5e-1"])  # YAML reads 5e-1 as a string
     assert loaded == _Example(name="a", seeds=[4, 5], ratio=0.5)
-    assert load_config(None, ["steps=7", "method=lora"]) == make_config(
-        {"steps": 7, "method": "lora"})
+    assert load_config(None, ["steps=7", "method=lora"]) == make_config({"steps": 7, "method": "lora"})
 
 
 def test_one_unknown_key_check_for_every_config():

@@ -98,8 +98,11 @@ def test_exact_refuses_too_many_and_zero_players():
         exact(additive, 17)
     with pytest.raises(UserError, match="max_players=4"):
         exact(additive, 5, max_players=4)
-    for estimator in (lambda: exact(additive, 0), lambda: permutation(additive, 0, 10),
-                      lambda: multilinear(additive, 0, 10)):
+    for estimator in (
+        lambda: exact(additive, 0),
+        lambda: permutation(additive, 0, 10),
+        lambda: multilinear(additive, 0, 10),
+    ):
         with pytest.raises(UserError, match="empty player list"):
             estimator()
 
@@ -149,8 +152,10 @@ def test_samplers_converge_to_exact(estimate):
 
 def test_samplers_on_majority_game():
     truth = np.array([1 / 2, 1 / 6, 1 / 6, 1 / 6])
-    for result in (permutation(majority, 4, 2000, seed=0, exact_when_affordable=False),
-                   multilinear(majority, 4, 2000, seed=0, exact_when_affordable=False)):
+    for result in (
+        permutation(majority, 4, 2000, seed=0, exact_when_affordable=False),
+        multilinear(majority, 4, 2000, seed=0, exact_when_affordable=False),
+    ):
         np.testing.assert_allclose(result.values, truth, atol=0.05)
 
 
@@ -206,8 +211,10 @@ def test_zero_one_game_gets_a_nonzero_stderr_for_every_player(name):
         result = ESTIMATORS[name](threshold, 6, samples, seed=seed, exact_when_affordable=False)
         assert np.all(result.stderr > 0), (seed, result.values, result.stderr)
     # coverage of +-2 SE over many small-sample runs stays high (it fell to 0.24-0.79 with zeros)
-    hits = [np.abs(r.values - truth) <= 2 * r.stderr
-            for r in (ESTIMATORS[name](threshold, 6, 6, seed=s, exact_when_affordable=False) for s in range(200))]
+    hits = [
+        np.abs(r.values - truth) <= 2 * r.stderr
+        for r in (ESTIMATORS[name](threshold, 6, 6, seed=s, exact_when_affordable=False) for s in range(200))
+    ]
     assert np.mean(hits) >= 0.85
 
 

@@ -18,16 +18,30 @@ def test_module_grid_places_each_player_in_its_block_and_projection():
     assert grid[0].tolist() == [0, 1, 2] and grid[1, :2].tolist() == [3, 4] and np.isnan(grid[1, 2])
 
 
-@pytest.mark.parametrize("block, label", [("encoder.layer.3", "3"), ("text_model.encoder.layers.11", "text_model 11"),
-                                          ("vision_model.encoder.layers.0", "vision_model 0"), ("transformer.h.2", "transformer 2")])
+@pytest.mark.parametrize(
+    "block, label",
+    [
+        ("encoder.layer.3", "3"),
+        ("text_model.encoder.layers.11", "text_model 11"),
+        ("vision_model.encoder.layers.0", "vision_model 0"),
+        ("transformer.h.2", "transformer 2"),
+    ],
+)
 def test_block_labels_keep_towers_apart(block, label):
     assert block_label(block) == label
 
 
 def test_module_level_shapley_experiment(tiny_text_model, tmp_path):
     data, adapters = train_lora_and_copra(tiny_text_model, tmp_path)
-    shapley = ShapleyConfig(seeds=[0], samples=8, eval_examples=20, model=tiny_text_model, granularity="module",
-                            overrides={"max_length": 16}, output_dir=str(tmp_path / "out"))
+    shapley = ShapleyConfig(
+        seeds=[0],
+        samples=8,
+        eval_examples=20,
+        model=tiny_text_model,
+        granularity="module",
+        overrides={"max_length": 16},
+        output_dir=str(tmp_path / "out"),
+    )
     summary = run_from_adapters(adapters, shapley, data)
     for method in ("lora", "copra"):
         row = summary["methods"][method]

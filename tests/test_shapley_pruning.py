@@ -26,14 +26,25 @@ def test_players_of_names_blocks_and_modules_as_the_gates_do():
     assert modules[:2] == ["encoder.layer.0.attention.self.query", "encoder.layer.0.attention.self.key"]
     assert len(modules) == 6 * 5 + 1
     assert players_of(clip(3, 2))[:4] == [f"text_model.encoder.layers.{i}" for i in range(3)] + [
-        "vision_model.encoder.layers.0"]
+        "vision_model.encoder.layers.0"
+    ]
 
 
-@pytest.mark.parametrize("scheme, k, kept", [
-    ("every_other", 3, [0, 2, 4]), ("every_other", 2, [0, 3]), ("every_other", 1, [0]),
-    ("low", 2, [0, 1]), ("middle", 2, [2, 3]), ("high", 2, [4, 5]),  # Fig. 4's thirds at K = 2
-    ("middle", 1, [2]), ("middle", 3, [1, 2, 3]), ("high", 5, [1, 2, 3, 4, 5]), ("low", 6, list(range(6))),
-])
+@pytest.mark.parametrize(
+    "scheme, k, kept",
+    [
+        ("every_other", 3, [0, 2, 4]),
+        ("every_other", 2, [0, 3]),
+        ("every_other", 1, [0]),
+        ("low", 2, [0, 1]),
+        ("middle", 2, [2, 3]),
+        ("high", 2, [4, 5]),  # Fig. 4's thirds at K = 2
+        ("middle", 1, [2]),
+        ("middle", 3, [1, 2, 3]),
+        ("high", 5, [1, 2, 3, 4, 5]),
+        ("low", 6, list(range(6))),
+    ],
+)
 def test_fixed_subsets_for_any_k(scheme, k, kept):
     assert fixed_subset(scheme, 6, k) == kept
 
@@ -96,21 +107,37 @@ def test_prune_keeps_the_top_k_of_a_values_file(capsys, tmp_path, trained):
     meta = json.loads((tmp_path / "p" / "copra.json").read_text())
     assert meta["keep_by_shapley"]["kept"] == ["encoder.layer.0", "encoder.layer.2"]
     # a `copra shapley` summary: the run of this very adapter is used
-    summary = {"experiment": "shapley", "methods": {"copra": {"players": [f"encoder.layer.{i}" for i in range(3)],
-               "mean": [0.0, 0.0, 0.0], "runs": [{"folder": str(adapter), "players": [f"encoder.layer.{i}" for i in range(3)],
-                                                  "values": [-0.5, 0.4, 0.1]}]}}}
+    summary = {
+        "experiment": "shapley",
+        "methods": {
+            "copra": {
+                "players": [f"encoder.layer.{i}" for i in range(3)],
+                "mean": [0.0, 0.0, 0.0],
+                "runs": [
+                    {
+                        "folder": str(adapter),
+                        "players": [f"encoder.layer.{i}" for i in range(3)],
+                        "values": [-0.5, 0.4, 0.1],
+                    }
+                ],
+            }
+        },
+    }
     values.write_text(json.dumps(summary))
     code, _, err = _run(capsys, "prune", adapter, "--keep-by-shapley", values, "--keep", 1, "-o", tmp_path / "q")
     assert code == 0, err
     assert _nonzero_blocks(tmp_path / "q") == ["1"]
 
 
-@pytest.mark.parametrize("players, keep, message", [
-    ([f"encoder.layer.{i}" for i in range(3)], 0, "keep K must be an integer from 1 to 3"),
-    ([f"encoder.layer.{i}" for i in range(3)], 4, "keep K must be an integer from 1 to 3"),
-    ([f"encoder.layer.{i}" for i in range(6)], 2, "not for this adapter's layers"),
-    (["encoder.layer.0", "encoder.layer.0", "encoder.layer.1"], 1, "distinct player names"),
-])
+@pytest.mark.parametrize(
+    "players, keep, message",
+    [
+        ([f"encoder.layer.{i}" for i in range(3)], 0, "keep K must be an integer from 1 to 3"),
+        ([f"encoder.layer.{i}" for i in range(3)], 4, "keep K must be an integer from 1 to 3"),
+        ([f"encoder.layer.{i}" for i in range(6)], 2, "not for this adapter's layers"),
+        (["encoder.layer.0", "encoder.layer.0", "encoder.layer.1"], 1, "distinct player names"),
+    ],
+)
 def test_bad_keep_input_is_one_line_exit_2_nothing_written(capsys, tmp_path, trained, players, keep, message):
     _, adapter = trained
     values = tmp_path / "values.json"
@@ -120,12 +147,15 @@ def test_bad_keep_input_is_one_line_exit_2_nothing_written(capsys, tmp_path, tra
     assert not (tmp_path / "p").exists()
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--keep-by-shapley", "auto", "--keep", "1"], "needs --task"),
-    (["--keep-by-shapley", "missing.json"], "needs --keep K"),
-    (["--scheme", "low", "--keep", "1"], "--keep goes with --keep-by-shapley"),
-    (["--keep-by-shapley", "missing.json", "--keep", "1"], "Shapley values file not found"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--keep-by-shapley", "auto", "--keep", "1"], "needs --task"),
+        (["--keep-by-shapley", "missing.json"], "needs --keep K"),
+        (["--scheme", "low", "--keep", "1"], "--keep goes with --keep-by-shapley"),
+        (["--keep-by-shapley", "missing.json", "--keep", "1"], "Shapley values file not found"),
+    ],
+)
 def test_bad_keep_arguments(capsys, tmp_path, trained, extra, message):
     _, adapter = trained
     code, _, err = _run(capsys, "prune", adapter, *extra, "-o", tmp_path / "p")
@@ -134,8 +164,9 @@ def test_bad_keep_arguments(capsys, tmp_path, trained, extra, message):
 
 def test_prune_auto_estimates_values_on_a_validation_split(capsys, tmp_path, trained):
     _, adapter = trained
-    code, _, err = _run(capsys, "prune", adapter, "--keep-by-shapley", "auto", "--task", "bbc_news", "--keep", 2,
-                        "-o", tmp_path / "p")
+    code, _, err = _run(
+        capsys, "prune", adapter, "--keep-by-shapley", "auto", "--task", "bbc_news", "--keep", 2, "-o", tmp_path / "p"
+    )
     assert code == 0, err
     meta = json.loads((tmp_path / "p" / "copra.json").read_text())["keep_by_shapley"]
     assert meta["source"] == "auto" and len(meta["values"]) == 3
@@ -164,9 +195,19 @@ def test_pruning_experiment_keep_by_shapley(tmp_path, trained, tiny_text_model):
 
     config, adapter = trained
     data = prepare_data(config)
-    pruning = PruningConfig(task="bbc_news", seeds=[0], eval_examples=20, sparsities=[0.0], keep=[1, 2],
-                            schemes=["all", "low", "shapley"], random_subsets=2, validation_examples=30,
-                            model=tiny_text_model, overrides={"max_length": 16}, output_dir=str(tmp_path / "out"))
+    pruning = PruningConfig(
+        task="bbc_news",
+        seeds=[0],
+        eval_examples=20,
+        sparsities=[0.0],
+        keep=[1, 2],
+        schemes=["all", "low", "shapley"],
+        random_subsets=2,
+        validation_examples=30,
+        model=tiny_text_model,
+        overrides={"max_length": 16},
+        output_dir=str(tmp_path / "out"),
+    )
     results = run_from_adapters({"copra": [adapter]}, data, pruning)
     table = results["keep_by_shapley"]["methods"]["copra"]
     run = table["runs"][0]
@@ -192,8 +233,15 @@ def test_pruning_experiment_keep_by_shapley(tmp_path, trained, tiny_text_model):
         run_from_adapters({"copra": [adapter]}, data, PruningConfig(**{**pruning.__dict__, "keep": [4]}))
 
 
-@pytest.mark.parametrize("bad", [dict(schemes=["shapley"], keep=[0]), dict(schemes=["shapley"], keep=[1, 1]),
-                                 dict(schemes=["shapley"], random_subsets=0), dict(schemes=["diagonal"])])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(schemes=["shapley"], keep=[0]),
+        dict(schemes=["shapley"], keep=[1, 1]),
+        dict(schemes=["shapley"], random_subsets=0),
+        dict(schemes=["diagonal"]),
+    ],
+)
 def test_pruning_config_refuses_bad_keep_settings(bad):
     from copra.experiments.pruning import PruningConfig
 

@@ -19,9 +19,21 @@ from copra.analysis.stats import (
 )
 
 # Student's t, two-sided 95% / 90% / 99% critical values (any statistics textbook's table, 3 decimals)
-TABLE = {(0.975, 1): 12.706, (0.975, 2): 4.303, (0.975, 3): 3.182, (0.975, 4): 2.776, (0.975, 5): 2.571,
-         (0.975, 9): 2.262, (0.975, 10): 2.228, (0.975, 30): 2.042, (0.95, 4): 2.132, (0.95, 1): 6.314,
-         (0.995, 4): 4.604, (0.995, 1): 63.657, (0.9, 10): 1.372}
+TABLE = {
+    (0.975, 1): 12.706,
+    (0.975, 2): 4.303,
+    (0.975, 3): 3.182,
+    (0.975, 4): 2.776,
+    (0.975, 5): 2.571,
+    (0.975, 9): 2.262,
+    (0.975, 10): 2.228,
+    (0.975, 30): 2.042,
+    (0.95, 4): 2.132,
+    (0.95, 1): 6.314,
+    (0.995, 4): 4.604,
+    (0.995, 1): 63.657,
+    (0.9, 10): 1.372,
+}
 
 
 @pytest.mark.parametrize("p, df", sorted(TABLE))
@@ -59,12 +71,15 @@ def test_hand_checked_interval():
     assert c.low == pytest.approx(3 - 2.919986 * math.sqrt(7 / 3), abs=1e-5) and c.verdict == NO_DIFFERENCE  # -1.46
 
 
-@pytest.mark.parametrize("treatment, control, expected", [
-    ([0.84, 0.86, 0.85, 0.83, 0.87], [0.80, 0.81, 0.79, 0.80, 0.82], HELD),  # a clear win
-    ([0.70, 0.72, 0.69, 0.71, 0.70], [0.80, 0.81, 0.79, 0.80, 0.82], REVERSED),  # a clear loss
-    ([0.81, 0.79, 0.82, 0.78, 0.80], [0.80, 0.80, 0.80, 0.80, 0.80], NO_DIFFERENCE),  # a tie
-    ([0.90, 0.70], [0.80, 0.80], NO_DIFFERENCE),  # a large mean gap, but seeds disagree
-])
+@pytest.mark.parametrize(
+    "treatment, control, expected",
+    [
+        ([0.84, 0.86, 0.85, 0.83, 0.87], [0.80, 0.81, 0.79, 0.80, 0.82], HELD),  # a clear win
+        ([0.70, 0.72, 0.69, 0.71, 0.70], [0.80, 0.81, 0.79, 0.80, 0.82], REVERSED),  # a clear loss
+        ([0.81, 0.79, 0.82, 0.78, 0.80], [0.80, 0.80, 0.80, 0.80, 0.80], NO_DIFFERENCE),  # a tie
+        ([0.90, 0.70], [0.80, 0.80], NO_DIFFERENCE),  # a large mean gap, but seeds disagree
+    ],
+)
 def test_three_verdicts_on_constructed_pairs(treatment, control, expected):
     c = compare(treatment, control)
     assert c.verdict == expected
@@ -83,8 +98,10 @@ def test_one_seed_has_no_interval():
     assert (c.difference, c.low, c.high, c.verdict, c.sd) == (pytest.approx(0.8), None, None, NO_DIFFERENCE, None)
 
 
-@pytest.mark.parametrize("treatment, control, confidence", [
-    ([], [], 0.95), ([1.0, 2.0], [1.0], 0.95), ([1.0, float("nan")], [1.0, 1.0], 0.95), ([1.0, 2.0], [0, 0], 1.0)])
+@pytest.mark.parametrize(
+    "treatment, control, confidence",
+    [([], [], 0.95), ([1.0, 2.0], [1.0], 0.95), ([1.0, float("nan")], [1.0, 1.0], 0.95), ([1.0, 2.0], [0, 0], 1.0)],
+)
 def test_bad_input_raises(treatment, control, confidence):
     with pytest.raises(ValueError):
         compare(treatment, control, confidence)
@@ -104,9 +121,9 @@ def test_disjoint_pairs():
 def test_plateau_on_constructed_losses():
     flat = [1.0 + 0.01 * (-1) ** i for i in range(40)]  # noise around a level: plateaued
     assert plateau(flat).converged is True and plateau(flat).window == 5
-    falling = [2.0 * 0.97 ** i for i in range(40)]  # still falling 3% a step: windowed means 14% apart
+    falling = [2.0 * 0.97**i for i in range(40)]  # still falling 3% a step: windowed means 14% apart
     p = plateau(falling)
-    assert p.converged is False and p.improvement == pytest.approx(1 - 0.97 ** 5, abs=1e-12)
+    assert p.converged is False and p.improvement == pytest.approx(1 - 0.97**5, abs=1e-12)
     assert plateau([0.04, 0.03] * 10 + [0.02] * 10).converged is True  # fitted: converged whatever its relative change
     assert plateau([1.0] * 9).converged is None  # shorter than two windows: not judged
     # the pilot of issue 12: CopRA's 25-step windows went 1.975 -> 1.908 (3.4%): still learning

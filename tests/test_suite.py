@@ -12,14 +12,36 @@ from copra.report.suite import Step
 from copra.utils.errors import UserError
 from copra.utils.settings import dataclass_defaults
 
-SMALL = ["--set", "shots=2", "--set", "steps=3", "--set", "batch_size=4", "--set", "eval_examples=20",
-         "--set", "max_length=16", "--set", "seeds=0,1"]
+SMALL = [
+    "--set",
+    "shots=2",
+    "--set",
+    "steps=3",
+    "--set",
+    "batch_size=4",
+    "--set",
+    "eval_examples=20",
+    "--set",
+    "max_length=16",
+    "--set",
+    "seeds=0,1",
+]
 
 
 def test_real_suites_resolve_to_valid_configs(tmp_path):
     full = suite.resolve("full", {"seeds": [0, 1]})
-    assert [s.name for s, _ in full] == ["federated", "federated_outlets", "multitask", "shapley", "landscape", "pruning", "sweep_lr",
-                                         "sweep_iterations", "sweep_steps", "sweep_schedules"]
+    assert [s.name for s, _ in full] == [
+        "federated",
+        "federated_outlets",
+        "multitask",
+        "shapley",
+        "landscape",
+        "pruning",
+        "sweep_lr",
+        "sweep_iterations",
+        "sweep_steps",
+        "sweep_schedules",
+    ]
     assert all(c.seeds == [0, 1] for _, c in full)
     clip = suite.resolve("clip", {"model": "/clip", "data_root": "/data", "tasks": "dtd,eurosat"})
     by_name = {s.name: c for s, c in clip}
@@ -35,13 +57,16 @@ def test_real_suites_resolve_to_valid_configs(tmp_path):
 
 
 def _small_suite():
-    return [Step("pruning", "pruning", dict(task="bbc_news", sparsities=[0.0, 0.5], schemes=["all", "low"]), "Fig. 4"),
-            Step("sweep_lr", "sweep", dict(name="sweep_lr", grid={"lr": [0.01, 0.3]}), "Fig. 5b")]
+    return [
+        Step("pruning", "pruning", dict(task="bbc_news", sparsities=[0.0, 0.5], schemes=["all", "low"]), "Fig. 4"),
+        Step("sweep_lr", "sweep", dict(name="sweep_lr", grid={"lr": [0.01, 0.3]}), "Fig. 5b"),
+    ]
 
 
 @pytest.mark.slow
-def test_reduced_suite_runs_resumes_with_two_jobs_and_refuses_other_settings(monkeypatch, tmp_path, tiny_text_model,
-                                                                             capsys):
+def test_reduced_suite_runs_resumes_with_two_jobs_and_refuses_other_settings(
+    monkeypatch, tmp_path, tiny_text_model, capsys
+):
     monkeypatch.setitem(suite.SUITES, "full", _small_suite)
     out = tmp_path / "suite"
     argv = ["reproduce", "-o", str(out), "-q", "--set", f"model={tiny_text_model}"] + SMALL
@@ -68,7 +93,9 @@ def test_reduced_suite_runs_resumes_with_two_jobs_and_refuses_other_settings(mon
     assert manifest["suite"] == "full" and manifest["version"] == suite.SUITE_VERSION
     # the same folder with other settings is refused, nothing rewritten
     before = (out / "suite.json").read_bytes()
-    code = main(["reproduce", "-o", str(out), "-q", "--set", f"model={tiny_text_model}"] + SMALL[:-2] + ["--set", "seeds=0,2"])
+    code = main(
+        ["reproduce", "-o", str(out), "-q", "--set", f"model={tiny_text_model}"] + SMALL[:-2] + ["--set", "seeds=0,2"]
+    )
     assert code == 2 and "seeds=[0, 1]" in capsys.readouterr().err
     assert (out / "suite.json").read_bytes() == before
 
@@ -82,10 +109,24 @@ def test_clip_suite_steps_run_on_tiny_clip(monkeypatch, tmp_path):
     real = suite.clip_suite
     monkeypatch.setitem(suite.SUITES, "clip", lambda: [s for s in real() if s.name in keep])
     out = tmp_path / "out"
-    result = suite.reproduce("clip", out, {"model": str(model), "data_root": str(data), "tasks": "dtd", "shots": 2,
-                                           "steps": 2, "batch_size": 4, "seeds": [0, 1], "eval_examples": 6,
-                                           "alphas": [0.0, 0.5, 1.0], "sparsities": [0.0, 0.5]},
-                             progress=False, log=lambda line: None)
+    result = suite.reproduce(
+        "clip",
+        out,
+        {
+            "model": str(model),
+            "data_root": str(data),
+            "tasks": "dtd",
+            "shots": 2,
+            "steps": 2,
+            "batch_size": 4,
+            "seeds": [0, 1],
+            "eval_examples": 6,
+            "alphas": [0.0, 0.5, 1.0],
+            "sparsities": [0.0, 0.5],
+        },
+        progress=False,
+        log=lambda line: None,
+    )
     assert set(result["seconds"]) == keep
     saved = json.loads((out / "landscape" / "landscape.json").read_text())
     assert saved["config"]["overrides"]["backbone"] == "clip" and saved["task"] == "dtd"
@@ -94,8 +135,17 @@ def test_clip_suite_steps_run_on_tiny_clip(monkeypatch, tmp_path):
 
 def test_converged_suite_resolves_with_the_issue_protocol():
     steps = {s.name: (s, c) for s, c in suite.resolve("converged", {})}
-    assert list(steps) == ["lr_select", "federated", "crossover", "landscape", "pruning", "shapley", "crossover_long",
-                           "multitask", "schedules"]
+    assert list(steps) == [
+        "lr_select",
+        "federated",
+        "crossover",
+        "landscape",
+        "pruning",
+        "shapley",
+        "crossover_long",
+        "multitask",
+        "schedules",
+    ]
     assert steps["crossover_long"][1].steps == 1000 and steps["crossover_long"][1].curve_every == 100
     assert steps["crossover_long"][1].curve_prune == ["every_other"] and steps["multitask"][1].snapshot_curve
     assert all(c.shots == 16 for _, c in steps.values()) and steps["federated"][1].clients == 5
@@ -131,18 +181,27 @@ def test_manifest_without_lrs_still_matches(tmp_path):
 
 def test_converged_suite_picks_lrs_first_and_prints_its_time(monkeypatch, tmp_path, tiny_text_model, capsys):
     def tiny():
-        return [Step("lr_select", "lr_select", dict(lr_grid=[1e-3, 0.3], validation_examples=20), "lr"),
-                Step("pruning", "pruning", dict(task="bbc_news", sparsities=[0.0], schemes=["all", "every_other"]),
-                     "Fig. 4", selected_lr=True),
-                Step("shapley", "shapley", dict(task="bbc_news", estimator="exact"), "Fig. 2", selected_lr=True)]
+        return [
+            Step("lr_select", "lr_select", dict(lr_grid=[1e-3, 0.3], validation_examples=20), "lr"),
+            Step(
+                "pruning",
+                "pruning",
+                dict(task="bbc_news", sparsities=[0.0], schemes=["all", "every_other"]),
+                "Fig. 4",
+                selected_lr=True,
+            ),
+            Step("shapley", "shapley", dict(task="bbc_news", estimator="exact"), "Fig. 2", selected_lr=True),
+        ]
 
     monkeypatch.setitem(suite.SUITES, "converged", tiny)
     out = tmp_path / "converged"
     trained = []
     real_train = runs.train
     monkeypatch.setattr(runs, "train", lambda *a, **k: trained.append(k.get("output_dir")) or real_train(*a, **k))
-    assert main(["reproduce", "--suite", "converged", "-o", str(out), "-q", "--set", f"model={tiny_text_model}"]
-                + SMALL) == 0
+    assert (
+        main(["reproduce", "--suite", "converged", "-o", str(out), "-q", "--set", f"model={tiny_text_model}"] + SMALL)
+        == 0
+    )
     err = capsys.readouterr().err
     assert "timing probe:" in err and "expected wall time" in err and "ms per evaluation example" in err
     assert err.index("timing probe:") < err.index("[lr_select] lr_select")  # printed before the first step
@@ -154,8 +213,10 @@ def test_converged_suite_picks_lrs_first_and_prints_its_time(monkeypatch, tmp_pa
         run = json.loads((Path(folder).parent / "result.json").read_text())
         assert run["config"]["lr"] == best[run["config"]["method"]] and "converged" in run
     assert pruning["adapters"]["early_copra"]  # the store keeps every CopRA run's early checkpoint
-    assert main(["reproduce", "--suite", "converged", "-o", str(out), "-q", "--set", f"model={tiny_text_model}"]
-                + SMALL) == 0
+    assert (
+        main(["reproduce", "--suite", "converged", "-o", str(out), "-q", "--set", f"model={tiny_text_model}"] + SMALL)
+        == 0
+    )
     assert "[pruning] done before, kept" in capsys.readouterr().err
     # a pruning step killed after it had scored its adapters measures nothing again when it reruns
     assert eval_cache.is_cache(out / "evaluations")
@@ -163,8 +224,10 @@ def test_converged_suite_picks_lrs_first_and_prints_its_time(monkeypatch, tmp_pa
     assert entries
     (out / "pruning" / "pruning.json").unlink()
     monkeypatch.setattr(common, "accuracy", lambda *a, **k: pytest.fail("measured again"))
-    assert main(["reproduce", "--suite", "converged", "-o", str(out), "-q", "--set", f"model={tiny_text_model}"]
-                + SMALL) == 0
+    assert (
+        main(["reproduce", "--suite", "converged", "-o", str(out), "-q", "--set", f"model={tiny_text_model}"] + SMALL)
+        == 0
+    )
     assert json.loads((out / "pruning" / "pruning.json").read_text())["config"]["lrs"] == best
     assert sorted((out / "evaluations").glob("*.json")) == entries
 
@@ -175,9 +238,14 @@ def test_a_folder_made_before_a_field_existed_still_matches(tmp_path):
     assert suite.first_difference({"steps": 30}, {"steps": 30, "merge_method": "fusion", "lrs": {}}, defaults) is None
     assert suite.first_difference({"steps": 30}, {"steps": 30, "merge_method": "ties"}, defaults) == "merge_method"
     assert suite.first_difference({"steps": 30, "jobs": 1}, {"steps": 30, "jobs": 4}, {}) is None  # how, not what
-    (tmp_path / "suite.json").write_text(json.dumps({"suite": "full", "version": suite.SUITE_VERSION,
-                                                      "settings": {"demo": {"steps": 30}}}))
-    new = {"suite": "full", "version": suite.SUITE_VERSION, "settings": {"demo": {"steps": 30, "merge_method": "fusion"}}}
+    (tmp_path / "suite.json").write_text(
+        json.dumps({"suite": "full", "version": suite.SUITE_VERSION, "settings": {"demo": {"steps": 30}}})
+    )
+    new = {
+        "suite": "full",
+        "version": suite.SUITE_VERSION,
+        "settings": {"demo": {"steps": 30, "merge_method": "fusion"}},
+    }
     suite.check_folder(tmp_path, new, {"demo": defaults})
     with pytest.raises(UserError, match="merge_method"):
         suite.check_folder(tmp_path, new, {"demo": {}})
@@ -185,7 +253,10 @@ def test_a_folder_made_before_a_field_existed_still_matches(tmp_path):
 
 def test_the_converged_suite_plans_each_shared_run_once():
     """Runs the landscape, pruning, Shapley, crossover and schedules steps share are counted (and trained) once."""
-    plan = {name: sum(steps for _, steps in runs) for name, runs in suite._shared_plan(suite.resolve("converged", {}))[0].items()}
+    plan = {
+        name: sum(steps for _, steps in runs)
+        for name, runs in suite._shared_plan(suite.resolve("converged", {}))[0].items()
+    }
     assert plan["crossover"] == 6 * 2 * 300  # seeds x methods: the first step to plan the bbc_news runs
     assert plan["multitask"] == 5 * 2 * 300  # only news_outlets is new
     assert plan["landscape"] == plan["pruning"] == plan["shapley"] == 0
@@ -203,10 +274,16 @@ def test_mtl15_in_the_converged_suite():
 
 def test_a_folder_accepts_settings_that_only_add_measurements(tmp_path):
     """curve_prune / snapshot_curve add to a step's summary without changing its runs: the step runs again."""
-    saved = {"suite": "converged", "version": suite.SUITE_VERSION,
-             "settings": {"crossover_long": {"steps": 1000, "curve_every": 100}}}
+    saved = {
+        "suite": "converged",
+        "version": suite.SUITE_VERSION,
+        "settings": {"crossover_long": {"steps": 1000, "curve_every": 100}},
+    }
     (tmp_path / "suite.json").write_text(json.dumps(saved))
-    added = {**saved, "settings": {"crossover_long": {"steps": 1000, "curve_every": 100, "curve_prune": ["every_other"]}}}
+    added = {
+        **saved,
+        "settings": {"crossover_long": {"steps": 1000, "curve_every": 100, "curve_prune": ["every_other"]}},
+    }
     suite.check_folder(tmp_path, added, {"crossover_long": {"curve_prune": []}})
     with pytest.raises(UserError, match="curve_every"):
         suite.check_folder(tmp_path, {**saved, "settings": {"crossover_long": {"steps": 1000, "curve_every": 50}}})
@@ -224,18 +301,52 @@ def test_the_probe_counts_every_evaluation_the_steps_make(monkeypatch, tmp_path,
     fused = {"LoRA": {"method": "lora"}, "CopRA": {"method": "copra"}}
 
     def tiny():
-        return [Step("lr_select", "lr_select", dict(lr_grid=[1e-3, 0.3], validation_examples=12), "lr"),
-                Step("federated", "federated", dict(clients=2, rounds=2), "FL", selected_lr=True),
-                Step("crossover", "sweep", dict(name="crossover", grid={}, variants=fused, seeds=[0, 1, 2], curve_every=2,
-                                                curve_prune=["every_other"]), "x", selected_lr=True),
-                Step("landscape", "landscape", dict(seeds=[0, 1, 2], alphas=[0.0, 0.5], overrides=snapshots), "Fig. 3",
-                     selected_lr=True),
-                Step("pruning", "pruning", dict(sparsities=[0.0, 0.5], schemes=["all", "every_other", "query", "output"]),
-                     "Fig. 4", selected_lr=True),
-                Step("shapley", "shapley", dict(estimator="exact", compare_exact=False, overrides=snapshots), "Fig. 2",
-                     selected_lr=True),
-                Step("multitask", "multitask", dict(tasks=["bbc_news", "news_outlets"], overrides=snapshots,
-                                                    snapshot_curve=True), "MTL", selected_lr=True)]
+        return [
+            Step("lr_select", "lr_select", dict(lr_grid=[1e-3, 0.3], validation_examples=12), "lr"),
+            Step("federated", "federated", dict(clients=2, rounds=2), "FL", selected_lr=True),
+            Step(
+                "crossover",
+                "sweep",
+                dict(
+                    name="crossover",
+                    grid={},
+                    variants=fused,
+                    seeds=[0, 1, 2],
+                    curve_every=2,
+                    curve_prune=["every_other"],
+                ),
+                "x",
+                selected_lr=True,
+            ),
+            Step(
+                "landscape",
+                "landscape",
+                dict(seeds=[0, 1, 2], alphas=[0.0, 0.5], overrides=snapshots),
+                "Fig. 3",
+                selected_lr=True,
+            ),
+            Step(
+                "pruning",
+                "pruning",
+                dict(sparsities=[0.0, 0.5], schemes=["all", "every_other", "query", "output"]),
+                "Fig. 4",
+                selected_lr=True,
+            ),
+            Step(
+                "shapley",
+                "shapley",
+                dict(estimator="exact", compare_exact=False, overrides=snapshots),
+                "Fig. 2",
+                selected_lr=True,
+            ),
+            Step(
+                "multitask",
+                "multitask",
+                dict(tasks=["bbc_news", "news_outlets"], overrides=snapshots, snapshot_curve=True),
+                "MTL",
+                selected_lr=True,
+            ),
+        ]
 
     monkeypatch.setitem(suite.SUITES, "converged", tiny)
     sets = {"model": tiny_text_model, "shots": 2, "steps": 3, "batch_size": 4, "eval_examples": 20, "max_length": 16}
@@ -246,21 +357,29 @@ def test_the_probe_counts_every_evaluation_the_steps_make(monkeypatch, tmp_path,
     scored: dict[str, list[int]] = {}
     current = [None]
     real_predict = evaluation.predict
-    monkeypatch.setattr(evaluation, "predict", lambda classifier, examples, *a, **k: scored.setdefault(
-        current[0], []).append(len(examples)) or real_predict(classifier, examples, *a, **k))
+    monkeypatch.setattr(
+        evaluation,
+        "predict",
+        lambda classifier, examples, *a, **k: (
+            scored.setdefault(current[0], []).append(len(examples)) or real_predict(classifier, examples, *a, **k)
+        ),
+    )
     monkeypatch.setattr(suite, "cached_evaluations", lambda folder: nullcontext())  # count repeats as the plan does
 
     def log(line):
         if line.startswith("[") and "]" in line:
-            current[0] = line[1:line.index("]")]
+            current[0] = line[1 : line.index("]")]
 
     out = tmp_path / "suite"
     suite.reproduce("converged", out, dict(sets), progress=False, log=log)
     for step, _ in steps:
         sizes = [(len(evaluation.prepare_data(run).eval_x), count) for run, count in plan[step.name]]
         if step.name == "shapley":  # the coalition evaluator scores without `predict`: count its coalitions
-            made = sum(r["evaluations"] for m in json.loads((out / "shapley" / "shapley.json").read_text())["methods"].values()
-                       for r in m["runs"])
+            made = sum(
+                r["evaluations"]
+                for m in json.loads((out / "shapley" / "shapley.json").read_text())["methods"].values()
+                for r in m["runs"]
+            )
             assert made == sum(count for _, count in sizes) == 2 * 3 * 2 ** model.players["layer"], step.name
             continue
         assert len(scored.get(step.name, [])) == sum(count for _, count in sizes), step.name
@@ -270,14 +389,22 @@ def test_the_probe_counts_every_evaluation_the_steps_make(monkeypatch, tmp_path,
 def test_skip_leaves_steps_out_and_keeps_what_they_recorded(tmp_path, capsys):
     steps = suite.resolve("converged", {})
     kept = suite.skipped(steps, ["crossover_long", "schedules"], "converged")
-    assert [s.name for s, _ in kept] == ["lr_select", "federated", "crossover", "landscape", "pruning", "shapley",
-                                         "multitask"]
+    assert [s.name for s, _ in kept] == [
+        "lr_select",
+        "federated",
+        "crossover",
+        "landscape",
+        "pruning",
+        "shapley",
+        "multitask",
+    ]
     with pytest.raises(UserError, match="no such step; its steps are lr_select, federated"):
         suite.skipped(steps, ["crossover_lng"], "converged")
     with pytest.raises(UserError, match="skip lr_select: step 'federated' trains at the lrs it picks"):
         suite.skipped(steps, ["lr_select"], "converged")
-    assert [s.name for s, _ in suite.skipped(steps, [s.name for s, _ in steps if s.name != "lr_select"],
-                                             "converged")] == ["lr_select"]
+    assert [
+        s.name for s, _ in suite.skipped(steps, [s.name for s, _ in steps if s.name != "lr_select"], "converged")
+    ] == ["lr_select"]
     # a run that skips a step keeps that step's recorded settings in suite.json (checked when it runs again)
     full = suite._manifest("converged", steps)
     (tmp_path / "suite.json").write_text(json.dumps(full))

@@ -18,8 +18,15 @@ FAST = dict(shots=2, steps=4, batch_size=4, eval_examples=20, overrides={"max_le
 
 @pytest.fixture(scope="module")
 def lr_sweep(tiny_text_model, tmp_path_factory):
-    config = sweep.SweepConfig(model=tiny_text_model, grid={"lr": [0.01, 0.3]}, seeds=[0, 1, 2], geometry=True, curve_every=2,
-                               output_dir=str(tmp_path_factory.mktemp("sweep")), **FAST)
+    config = sweep.SweepConfig(
+        model=tiny_text_model,
+        grid={"lr": [0.01, 0.3]},
+        seeds=[0, 1, 2],
+        geometry=True,
+        curve_every=2,
+        output_dir=str(tmp_path_factory.mktemp("sweep")),
+        **FAST,
+    )
     return config, sweep.run(config)
 
 
@@ -29,7 +36,11 @@ def test_sweep_has_every_variant_and_point_with_single_and_pairwise_merged(lr_sw
     saved = json.loads((out / "sweep_lr.json").read_text())
     assert saved["experiment"] == "sweep" and saved["axes"] == ["lr"]
     assert [(r["variant"], r["values"]["lr"]) for r in saved["points"]] == [
-        ("LoRA", 0.01), ("LoRA", 0.3), ("CopRA", 0.01), ("CopRA", 0.3)]
+        ("LoRA", 0.01),
+        ("LoRA", 0.3),
+        ("CopRA", 0.01),
+        ("CopRA", 0.3),
+    ]
     for row in saved["points"]:
         assert len(row["single"]) == 3 and len(row["merged"]) == 3  # 3 seeds, 3 pairs
         assert row["single_mean"] == pytest.approx(np.mean(row["single"]))
@@ -78,19 +89,32 @@ def test_rerun_reuses_finished_runs_and_changed_config_trains_again(lr_sweep, mo
 
 
 def test_two_axis_grid_and_baseline_variants_plot(tiny_text_model, tmp_path):
-    config = sweep.SweepConfig(name="grid", model=tiny_text_model, grid={"steps": [2, 4], "lr": [0.01, 0.3]},
-                               seeds=[0, 1], variants={"LoRA": {"method": "lora"},
-                                                       "stochastic depth": {"method": "copra", "initial_p": 0.5, "final_p": 0.5}},
-                               output_dir=str(tmp_path), **{k: v for k, v in FAST.items() if k != "steps"})
+    config = sweep.SweepConfig(
+        name="grid",
+        model=tiny_text_model,
+        grid={"steps": [2, 4], "lr": [0.01, 0.3]},
+        seeds=[0, 1],
+        variants={
+            "LoRA": {"method": "lora"},
+            "stochastic depth": {"method": "copra", "initial_p": 0.5, "final_p": 0.5},
+        },
+        output_dir=str(tmp_path),
+        **{k: v for k, v in FAST.items() if k != "steps"},
+    )
     summary = sweep.run(config)
     assert len(summary["points"]) == 8 and summary["axes"] == ["steps", "lr"]
     saved = json.loads((tmp_path / "grid.json").read_text())
     figure = sweep.draw(saved)  # the PNG's figure, drawn from the saved summary
     variants = list(config.variants)
-    assert [ax.get_title() for ax in figure.axes] == [f"{v}: {kind}" for kind in ("single", "merged") for v in variants]
+    assert [ax.get_title() for ax in figure.axes] == [
+        f"{v}: {kind}" for kind in ("single", "merged") for v in variants
+    ]
     for ax, (kind, variant) in zip(figure.axes, [(k, v) for k in ("single", "merged") for v in variants]):
-        cells = {(r["values"]["steps"], r["values"]["lr"]): 100 * r[f"{kind}_mean"] for r in saved["points"]
-                 if r["variant"] == variant}
+        cells = {
+            (r["values"]["steps"], r["values"]["lr"]): 100 * r[f"{kind}_mean"]
+            for r in saved["points"]
+            if r["variant"] == variant
+        }
         expected = [[cells[steps, lr] for lr in (0.01, 0.3)] for steps in (2, 4)]  # rows: steps, columns: lr
         np.testing.assert_allclose(ax.images[0].get_array(), expected)
     assert (tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG"
@@ -101,17 +125,20 @@ def test_schedule_variant_set_is_valid():
     assert "stochastic depth p=0.5" in config.variants and config.points() == [{}]
 
 
-@pytest.mark.parametrize("changes, message", [
-    (dict(grid={"seed": [0, 1]}), "'seed' is not a TrainConfig key"),
-    (dict(grid={"lr": [1e-3]}, variants={"x": {"lr": 1e-2}}), "also set by variant"),
-    (dict(grid={"lr": [1e-3], "steps": [1], "rank": [2]}), "at most two"),
-    (dict(variants="nope"), "unknown variant set"),
-    (dict(variants={"x": {"bogus": 1}}), "'bogus'"),
-    (dict(seeds=[0]), "seeds"),
-    (dict(alpha=2), "alpha"),
-    (dict(grid={"lr": [-1.0]}), "lr"),
-    (dict(name="../x"), "name"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(grid={"seed": [0, 1]}), "'seed' is not a TrainConfig key"),
+        (dict(grid={"lr": [1e-3]}, variants={"x": {"lr": 1e-2}}), "also set by variant"),
+        (dict(grid={"lr": [1e-3], "steps": [1], "rank": [2]}), "at most two"),
+        (dict(variants="nope"), "unknown variant set"),
+        (dict(variants={"x": {"bogus": 1}}), "'bogus'"),
+        (dict(seeds=[0]), "seeds"),
+        (dict(alpha=2), "alpha"),
+        (dict(grid={"lr": [-1.0]}), "lr"),
+        (dict(name="../x"), "name"),
+    ],
+)
 def test_bad_sweep_configs_are_refused(changes, message):
     with pytest.raises(UserError, match=message):
         sweep.SweepConfig(output_dir="unused", **changes)
@@ -122,7 +149,7 @@ def test_geometry_on_hand_made_adapters():
     b = {"m.lora_A.weight": torch.tensor([[0.0, 2.0]]), "m.lora_B.weight": torch.tensor([[0.0], [0.0]])}
     assert flatten(a).tolist() == [1.0, 0.0, 0.0, 0.0]
     sim = pair_similarity([a, b, a])
-    assert sim["cosine"] == pytest.approx([0.0, 1.0, 0.0]) and sim["l2"] == pytest.approx([5 ** 0.5, 0.0, 5 ** 0.5])
+    assert sim["cosine"] == pytest.approx([0.0, 1.0, 0.0]) and sim["l2"] == pytest.approx([5**0.5, 0.0, 5**0.5])
     points = [{"k.lora_A.weight": torch.randn(2, 3, generator=torch.Generator().manual_seed(i))} for i in range(5)]
     assert tsne(points).shape == (5, 2)
     with pytest.raises(UserError, match="at least 3"):
@@ -132,8 +159,12 @@ def test_geometry_on_hand_made_adapters():
 @pytest.mark.slow
 def test_parallel_runs_match_sequential(tiny_text_model, tmp_path):
     """--jobs 2: two spawned workers produce the same adapters as training in this process."""
-    config = sweep.SweepConfig(model=tiny_text_model, grid={}, seeds=[0, 1], variants="paper", output_dir="unused", **FAST)
-    plan = [(config.run_config(v, {}, s), tmp_path / "par" / v / str(s)) for v in config.variants for s in config.seeds]
+    config = sweep.SweepConfig(
+        model=tiny_text_model, grid={}, seeds=[0, 1], variants="paper", output_dir="unused", **FAST
+    )
+    plan = [
+        (config.run_config(v, {}, s), tmp_path / "par" / v / str(s)) for v in config.variants for s in config.seeds
+    ]
     parallel = runs.run_all(plan, jobs=2)
     sequential = [train(c, output_dir=tmp_path / "seq" / str(i)) for i, (c, _) in enumerate(plan)]
     for p, s in zip(parallel, sequential):
@@ -173,8 +204,16 @@ def test_curve_prune_scores_each_snapshot_pruned(tiny_text_model, tmp_path):
     from copra.models.evaluation import prepare_data, state_accuracy
     from copra.training.loop import SNAPSHOTS_DIR, build_run
 
-    config = sweep.SweepConfig(name="pruned", model=tiny_text_model, grid={}, seeds=[0, 1], curve_every=2,
-                               curve_prune=["every_other"], output_dir=str(tmp_path), **FAST)
+    config = sweep.SweepConfig(
+        name="pruned",
+        model=tiny_text_model,
+        grid={},
+        seeds=[0, 1],
+        curve_every=2,
+        curve_prune=["every_other"],
+        output_dir=str(tmp_path),
+        **FAST,
+    )
     summary = sweep.run(config)
     row = summary["points"][1]  # CopRA
     pruned = row["curve"]["pruned"]["every_other"]
@@ -183,7 +222,9 @@ def test_curve_prune_scores_each_snapshot_pruned(tiny_text_model, tmp_path):
     state, _ = load_adapter(folder / SNAPSHOTS_DIR / "step-2")
     run_config = config.run_config("CopRA", {}, 1)
     classifier, _ = build_run(run_config)
-    assert pruned[0][1] == pytest.approx(state_accuracy(classifier, structured(state, "every_other"), prepare_data(run_config)))
+    assert pruned[0][1] == pytest.approx(
+        state_accuracy(classifier, structured(state, "every_other"), prepare_data(run_config))
+    )
     with pytest.raises(UserError, match="curve_prune needs curve_every"):
         sweep.SweepConfig(curve_prune=["every_other"], **FAST)
     with pytest.raises(UserError, match="curve_prune"):

@@ -31,13 +31,20 @@ def test_zero_shot_rows_on_the_tiny_encoder(tiny_text_model):
     from copra.models import build_classifier
     from copra.models.evaluation import accuracy, prepare_data
 
-    rows = task_rows(["parl_party", "drug_reviews"], zero_shot=True, eval_examples=30, model=tiny_text_model,
-                     progress=False, max_length=16)
+    rows = task_rows(
+        ["parl_party", "drug_reviews"],
+        zero_shot=True,
+        eval_examples=30,
+        model=tiny_text_model,
+        progress=False,
+        max_length=16,
+    )
     assert [r["name"] for r in rows] == ["parl_party", "drug_reviews"]
     assert [r["evaluated"] for r in rows] == [30, 30] and rows[0]["classes"] == load_task("parl_party").num_classes
     # the same number from a classifier built for that task alone (B = 0 LoRA is the base encoder)
-    config = make_config(dict(task="drug_reviews", model=tiny_text_model, shots=1, eval_examples=30, progress=False,
-                              max_length=16))
+    config = make_config(
+        dict(task="drug_reviews", model=tiny_text_model, shots=1, eval_examples=30, progress=False, max_length=16)
+    )
     data = prepare_data(config)
     classifier = build_classifier(config)
     classifier.set_prompts(list(data.prompts))
@@ -60,10 +67,16 @@ def _summary(tasks):
     cell = lambda v: {"mean": v, "std": 0.01}  # noqa: E731
     methods = {}
     for m, shift in (("lora", 0.0), ("copra", 0.05)):
-        methods[m] = {kind: {t: cell(0.5 + shift + (0.1 if kind == "original" else 0.0)) for t in [*tasks, "average"]}
-                      for kind in ("original", "merged")}
-    return {"tasks": tasks, "zero_shot": {t: 0.4 for t in tasks}, "methods": methods,
-            "config": {"seeds": [0], "shots": 8, "steps": 30, "model": "m", "align": False}}
+        methods[m] = {
+            kind: {t: cell(0.5 + shift + (0.1 if kind == "original" else 0.0)) for t in [*tasks, "average"]}
+            for kind in ("original", "merged")
+        }
+    return {
+        "tasks": tasks,
+        "zero_shot": {t: 0.4 for t in tasks},
+        "methods": methods,
+        "config": {"seeds": [0], "shots": 8, "steps": 30, "model": "m", "align": False},
+    }
 
 
 def test_mtl15_table_and_figure(tmp_path):

@@ -33,13 +33,17 @@ def test_tiny_copra_run_writes_peft_adapter_and_metadata(tiny_text_model, tmp_pa
     saved = load_file(str(folder / "adapter_model.safetensors"))
     ours = state_accuracy(classifier, saved, data)
     assert ours == pytest.approx(result.accuracy)
-    peft_model = PeftModel.from_pretrained(AutoModel.from_pretrained(tiny_text_model, add_pooling_layer=False), str(folder)).eval()
+    peft_model = PeftModel.from_pretrained(
+        AutoModel.from_pretrained(tiny_text_model, add_pooling_layer=False), str(folder)
+    ).eval()
     exact, _ = build_run(config.replace(precision="fp32"))  # fp32 like the PEFT model (training ran in `auto`)
     load_adapter_state(exact, saved)
     inputs = exact.inputs_for(["the market said good news", "a film about music"])
     exact.eval()
     with torch.no_grad():
-        assert torch.allclose(peft_model(**inputs).last_hidden_state, exact.encoder(**inputs).last_hidden_state, atol=1e-6)
+        assert torch.allclose(
+            peft_model(**inputs).last_hidden_state, exact.encoder(**inputs).last_hidden_state, atol=1e-6
+        )
 
 
 def test_same_seed_same_adapter_and_lora_vs_copra_differ(tiny_text_model):
@@ -55,8 +59,9 @@ def test_real_minilm_trains_and_beats_nothing_learned(tmp_path):
     """The pretrained embedded encoder: zero-shot is far above chance and a short CopRA run keeps it sane."""
     from copra.core.config import make_config
 
-    config = make_config(dict(task="bbc_news", method="copra", shots=4, steps=6, batch_size=8, eval_examples=60,
-                              progress=False))
+    config = make_config(
+        dict(task="bbc_news", method="copra", shots=4, steps=6, batch_size=8, eval_examples=60, progress=False)
+    )
     classifier, data = build_run(config)
     zero_shot = accuracy(classifier, data.eval_x, data.eval_y)
     assert zero_shot > 0.5  # 5 classes: chance is 0.2; the real pretrained encoder knows news topics
@@ -94,8 +99,11 @@ def test_the_lr_schedule_reaches_the_optimizer(monkeypatch, tiny_text_model):
 
     seen = []
     real_step = torch.optim.AdamW.step
-    monkeypatch.setattr(torch.optim.AdamW, "step",
-                        lambda self, *a, **k: seen.append(self.param_groups[0]["lr"]) or real_step(self, *a, **k))
+    monkeypatch.setattr(
+        torch.optim.AdamW,
+        "step",
+        lambda self, *a, **k: seen.append(self.param_groups[0]["lr"]) or real_step(self, *a, **k),
+    )
     train(tiny_run_config(tiny_text_model, lr_schedule="hold_then_cosine", steps=8, lr=0.01, min_lr=0.0))
     assert seen[:6] == [0.01] * 6 and seen[7] == pytest.approx(0.0)
     seen.clear()

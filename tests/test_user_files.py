@@ -60,10 +60,16 @@ def test_columns_prompt_and_numeric_labels(tmp_path):
 
 def test_train_and_test_files_keep_the_users_split(tmp_path):
     train = write(tmp_path / "train.csv")
-    test = write(tmp_path / "test.csv", [("a new cat story", "cats"), ("a new dog story", "dogs"),
-                                         ("a new fish story", "fish"), (ROWS[0][0], "cats")])
+    test = write(
+        tmp_path / "test.csv",
+        [("a new cat story", "cats"), ("a new dog story", "dogs"), ("a new fish story", "fish"), (ROWS[0][0], "cats")],
+    )
     task = load_file_task(str(train), str(test))
-    assert len(task.train_texts) == 18 and task.test_texts == ("a new cat story", "a new dog story", "a new fish story")
+    assert len(task.train_texts) == 18 and task.test_texts == (
+        "a new cat story",
+        "a new dog story",
+        "a new fish story",
+    )
 
 
 def test_built_in_task_with_prompt():
@@ -71,19 +77,22 @@ def test_built_in_task_with_prompt():
     assert task.prompts()[0] == "News about business." and len(task.train_texts) > 1000
 
 
-@pytest.mark.parametrize("case, message", [
-    ("missing_column", "has no column 'text'; its columns are: body, label"),
-    ("empty_class_in_test", "class 'fish' (id 2) has only 0 examples"),
-    ("test_class_not_in_train", "class 'birds' has no examples in"),
-    ("empty_label", "row 2 has an empty 'label'"),
-    ("non_utf8", "is not UTF-8 text (byte 0xe9 at offset"),
-    ("one_class", "holds 1 class(es); need at least 2"),
-    ("class_of_one", "class 'fish' (id 2) has only 1 examples"),
-    ("unknown_type", "unknown file type '.txt'"),
-    ("missing_file", "data file not found"),
-    ("same_columns", "text_column and label_column are both 'label'"),
-    ("broken_json", "cannot read"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing_column", "has no column 'text'; its columns are: body, label"),
+        ("empty_class_in_test", "class 'fish' (id 2) has only 0 examples"),
+        ("test_class_not_in_train", "class 'birds' has no examples in"),
+        ("empty_label", "row 2 has an empty 'label'"),
+        ("non_utf8", "is not UTF-8 text (byte 0xe9 at offset"),
+        ("one_class", "holds 1 class(es); need at least 2"),
+        ("class_of_one", "class 'fish' (id 2) has only 1 examples"),
+        ("unknown_type", "unknown file type '.txt'"),
+        ("missing_file", "data file not found"),
+        ("same_columns", "text_column and label_column are both 'label'"),
+        ("broken_json", "cannot read"),
+    ],
+)
 def test_errors_are_one_clear_line(tmp_path, case, message):
     args: dict = {}
     if case == "missing_column":
@@ -121,11 +130,13 @@ def test_config_train_file_and_its_rules(tmp_path):
     config = make_config(dict(train_file=path))
     assert config.task == f"file:{path}"
     assert make_config(dict(task=f"file:{path}", train_file=path)).task == f"file:{path}"
-    for values, message in ((dict(task="file:other.csv", train_file=path), "name two files"),
-                            (dict(test_file=path), "test_file needs a training file"),
-                            (dict(prompt="no slot"), "exactly one {}"),
-                            (dict(train_file=path, backbone="clip"), "data files are text tasks"),
-                            (dict(train_file=path, text_column=" "), "text_column must not be empty")):
+    for values, message in (
+        (dict(task="file:other.csv", train_file=path), "name two files"),
+        (dict(test_file=path), "test_file needs a training file"),
+        (dict(prompt="no slot"), "exactly one {}"),
+        (dict(train_file=path, backbone="clip"), "data files are text tasks"),
+        (dict(train_file=path, text_column=" "), "text_column must not be empty"),
+    ):
         with pytest.raises(UserError, match=message):
             make_config(values)
 
@@ -150,10 +161,31 @@ def test_cli_trains_on_a_csv(capsys, tmp_path, tiny_text_model):
     from copra.cli import main
 
     out = tmp_path / "run"
-    argv = ["train", "--set", f"task=file:{EXAMPLE}", "--set", "text_column=review", "--set", "label_column=topic",
-            "--set", "prompt=This review is about the {}.", "--set", f"model={tiny_text_model}",
-            "--set", "shots=2", "--set", "steps=2", "--set", "batch_size=4", "--set", "max_length=16",
-            "--set", "progress=false", "--set", f"output_dir={out}"]
+    argv = [
+        "train",
+        "--set",
+        f"task=file:{EXAMPLE}",
+        "--set",
+        "text_column=review",
+        "--set",
+        "label_column=topic",
+        "--set",
+        "prompt=This review is about the {}.",
+        "--set",
+        f"model={tiny_text_model}",
+        "--set",
+        "shots=2",
+        "--set",
+        "steps=2",
+        "--set",
+        "batch_size=4",
+        "--set",
+        "max_length=16",
+        "--set",
+        "progress=false",
+        "--set",
+        f"output_dir={out}",
+    ]
     assert main(argv) == 0
     assert f"on file:{EXAMPLE}" in capsys.readouterr().out
     assert (out / "adapter" / "adapter_model.safetensors").exists()

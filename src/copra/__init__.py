@@ -44,5 +44,17 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'copra' has no attribute {name!r}")
 
 
-__all__ = ["CopRA", "CopRACallback", "GateSchedule", "TrainConfig", "UserError", "__version__", "keep_probability",
-           "load_config", "merge", "shapley", "stats", "train"]
+__all__ = [
+    "CopRA",
+    "CopRACallback",
+    "GateSchedule",
+    "TrainConfig",
+    "UserError",
+    "__version__",
+    "keep_probability",
+    "load_config",
+    "merge",
+    "shapley",
+    "stats",
+    "train",
+]

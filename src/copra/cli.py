@@ -36,8 +36,10 @@ def _cmd_train(args) -> int:
         print(f"resumed from the checkpoint at step {result.resumed_from}", file=sys.stderr)
     elif args.resume:
         print(f"no checkpoint in {config.output_dir}: trained from step 0", file=sys.stderr)
-    print(f"{config.method} on {config.task}, seed {config.seed}: accuracy {100 * result.accuracy:.2f}% "
-          f"({result.seconds_per_step:.3f} s/step, {result.precision or 'fp32'}) -> {result.adapter_dir}")
+    print(
+        f"{config.method} on {config.task}, seed {config.seed}: accuracy {100 * result.accuracy:.2f}% "
+        f"({result.seconds_per_step:.3f} s/step, {result.precision or 'fp32'}) -> {result.adapter_dir}"
+    )
     return 0
 
 
@@ -74,7 +76,9 @@ def _cmd_experiment(args) -> int:
     if args.executor is not None or args.ray_address is not None:
         if "executor" not in getattr(config_class, "__dataclass_fields__", {}):
             raise UserError(f"{args.command} runs in this process; --executor and --ray-address do not apply")
-        sets += [f"executor={args.executor or 'ray'}"] + ([f"ray_address={args.ray_address}"] if args.ray_address else [])
+        sets += [f"executor={args.executor or 'ray'}"] + (
+            [f"ray_address={args.ray_address}"] if args.ray_address else []
+        )
     config = with_output(load_dataclass(config_class, args.config, sets), args)
     summary = run(config)
     print(render(summary))
@@ -110,9 +114,18 @@ def _numbers(text: str | None) -> list[float] | None:
 def _cmd_merge(args) -> int:
     from copra.adapters.ops import merge_folders
 
-    out = merge_folders(args.adapters, args.method, _numbers(args.weights), args.align, output=args.output,
-                        align_steps=args.align_steps, overwrite=args.force, density=args.density,
-                        majority_sign_method=args.majority_sign_method, seed=args.seed)
+    out = merge_folders(
+        args.adapters,
+        args.method,
+        _numbers(args.weights),
+        args.align,
+        output=args.output,
+        align_steps=args.align_steps,
+        overwrite=args.force,
+        density=args.density,
+        majority_sign_method=args.majority_sign_method,
+        seed=args.seed,
+    )
     print(f"{args.method} of {len(args.adapters)} adapters{' (aligned)' if args.align else ''} -> {out}")
     return 0
 
@@ -121,10 +134,21 @@ def _cmd_prune(args) -> int:
     from copra.adapters.ops import prune_folder
 
     values = _keep_values(args)
-    out = prune_folder(args.adapter, output=args.output, scheme=args.scheme, sparsity=args.sparsity,
-                       scope=args.scope, keep_values=values, keep=args.keep, overwrite=args.force)
-    how = args.scheme or (f"sparsity {args.sparsity}" if args.sparsity is not None else
-                          f"the {args.keep} players with the highest Shapley values")
+    out = prune_folder(
+        args.adapter,
+        output=args.output,
+        scheme=args.scheme,
+        sparsity=args.sparsity,
+        scope=args.scope,
+        keep_values=values,
+        keep=args.keep,
+        overwrite=args.force,
+    )
+    how = args.scheme or (
+        f"sparsity {args.sparsity}"
+        if args.sparsity is not None
+        else f"the {args.keep} players with the highest Shapley values"
+    )
     print(f"pruned {args.adapter} ({how}) -> {out}")
     return 0
 
@@ -136,7 +160,9 @@ def _keep_values(args):
     if args.keep is not None and args.keep_by_shapley is None:
         raise UserError("--keep goes with --keep-by-shapley VALUES.json|auto")
     if args.task is not None and args.keep_by_shapley != "auto":
-        raise UserError("--task goes with --keep-by-shapley auto (the task whose training pool gives the validation split)")
+        raise UserError(
+            "--task goes with --keep-by-shapley auto (the task whose training pool gives the validation split)"
+        )
     if args.keep_by_shapley is None:
         return None
     if args.keep is None:
@@ -167,9 +193,17 @@ def _cmd_reproduce(args) -> int:
     from copra.core.config import parse_sets
     from copra.report.suite import reproduce
 
-    result = reproduce(args.suite, args.output, parse_sets(args.set), jobs=args.jobs, progress=not args.quiet,
-                       log=lambda line: print(line, file=sys.stderr), executor=args.executor or ("ray" if args.ray_address else "local"),
-                       ray_address=args.ray_address, skip=[n for part in args.skip for n in part.split(",") if n])
+    result = reproduce(
+        args.suite,
+        args.output,
+        parse_sets(args.set),
+        jobs=args.jobs,
+        progress=not args.quiet,
+        log=lambda line: print(line, file=sys.stderr),
+        executor=args.executor or ("ray" if args.ray_address else "local"),
+        ray_address=args.ray_address,
+        skip=[n for part in args.skip for n in part.split(",") if n],
+    )
     print("report: " + " and ".join(str(p) for p in result["report"]))
     return 0
 
@@ -181,8 +215,13 @@ def _cmd_tasks(args) -> int:
     unknown = [n for n in args.names if n not in TASKS]
     if unknown:
         raise UserError(f"unknown task {unknown[0]!r}; choose from: {', '.join(MTL15)}")
-    rows = task_rows(args.names or list(MTL15), zero_shot=args.zero_shot, eval_examples=args.eval_examples,
-                     model=args.model, progress=not args.quiet)
+    rows = task_rows(
+        args.names or list(MTL15),
+        zero_shot=args.zero_shot,
+        eval_examples=args.eval_examples,
+        model=args.model,
+        progress=not args.quiet,
+    )
     print(render(rows))
     return 0
 
@@ -197,10 +236,16 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _executor_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--executor", choices=["local", "ray"],
-                   help="local: this process or --jobs processes (default); ray: one Ray task per training run")
-    p.add_argument("--ray-address", help="Ray cluster to join (default $COPRA_RAY_ADDRESS, else a private local Ray "
-                                         "with --jobs CPUs); run folders must be on a shared file system")
+    p.add_argument(
+        "--executor",
+        choices=["local", "ray"],
+        help="local: this process or --jobs processes (default); ray: one Ray task per training run",
+    )
+    p.add_argument(
+        "--ray-address",
+        help="Ray cluster to join (default $COPRA_RAY_ADDRESS, else a private local Ray "
+        "with --jobs CPUs); run folders must be on a shared file system",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -213,8 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="run folder (the config's output_dir; default runs/default)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar (as --set progress=false)")
     existing_run = p.add_mutually_exclusive_group()  # what to do with a run already in the folder
-    existing_run.add_argument("--resume", action="store_true",
-                              help="continue the run in output_dir from its last checkpoint (same config; from step 0 if none)")
+    existing_run.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in output_dir from its last checkpoint (same config; from step 0 if none)",
+    )
     existing_run.add_argument("--force", action="store_true", help="start over even if output_dir already holds a run")
     p.set_defaults(func=_cmd_train)
 
@@ -223,21 +271,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", help="comma-separated task names")
     p.add_argument("--seeds", help="comma-separated seeds")
     p.add_argument("--steps", type=int, help="optimizer steps per run")
-    p.add_argument("--sections", help="comma-separated: merging,pruning,shapley (default all; 'none' for the core table)")
+    p.add_argument(
+        "--sections", help="comma-separated: merging,pruning,shapley (default all; 'none' for the core table)"
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.add_argument("--jobs", type=int, default=1, help="training runs in parallel processes (default 1)")
-    p.add_argument("--precision", choices=PRECISIONS, default="auto",
-                   help="auto (bf16 where the CPU/GPU has it, else fp32), fp32, bf16 or fp16 (CUDA)")
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="auto (bf16 where the CPU/GPU has it, else fp32), fp32, bf16 or fp16 (CUDA)",
+    )
     p.set_defaults(func=_cmd_demo)
 
     from copra.adapters.peft_merge import MERGE_METHODS
 
-    p = sub.add_parser("merge", help="merge LoRA adapter folders (fusion, mixture or PEFT's methods) into one PEFT folder")
+    p = sub.add_parser(
+        "merge", help="merge LoRA adapter folders (fusion, mixture or PEFT's methods) into one PEFT folder"
+    )
     p.add_argument("adapters", nargs="+", help="PEFT adapter folders (two or more)")
-    p.add_argument("--method", choices=MERGE_METHODS, default="fusion", metavar="METHOD",
-                   help="fusion (rank r), mixture (rank n*r) or PEFT's add_weighted_adapter: " + ", ".join(MERGE_METHODS[2:]))
+    p.add_argument(
+        "--method",
+        choices=MERGE_METHODS,
+        default="fusion",
+        metavar="METHOD",
+        help="fusion (rank r), mixture (rank n*r) or PEFT's add_weighted_adapter: " + ", ".join(MERGE_METHODS[2:]),
+    )
     p.add_argument("--weights", help="one weight per adapter, comma-separated (default: equal)")
-    p.add_argument("--density", type=float, help="fraction kept by ties, dare_*, magnitude_prune (and _svd), in (0, 1]")
+    p.add_argument(
+        "--density", type=float, help="fraction kept by ties, dare_*, magnitude_prune (and _svd), in (0, 1]"
+    )
     p.add_argument("--majority-sign-method", choices=["total", "frequency"], help="TIES sign election (default total)")
     p.add_argument("--seed", type=int, default=0, help="seed of DARE's random drops (default 0)")
     p.add_argument("--align", action="store_true", help="LoRA Align every adapter to the first before merging")
@@ -246,21 +309,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace the output folder if it exists")
     p.set_defaults(func=_cmd_merge)
 
-    p = sub.add_parser("prune", help="prune a LoRA adapter folder (structured scheme, magnitude sparsity or keep K by Shapley)")
+    p = sub.add_parser(
+        "prune", help="prune a LoRA adapter folder (structured scheme, magnitude sparsity or keep K by Shapley)"
+    )
     p.add_argument("adapter", help="PEFT adapter folder")
     how = p.add_mutually_exclusive_group(required=True)
     how.add_argument("--scheme", help="all, every_other, low, middle, high, query, key, value, output")
     how.add_argument("--sparsity", type=float, help="fraction of A/B entries to zero, in [0, 1)")
-    how.add_argument("--keep-by-shapley", metavar="VALUES.json|auto",
-                     help="keep the --keep K players with the highest Shapley values (a `copra shapley` JSON, or "
-                          "auto: estimate them now on a validation split of --task's training pool)")
+    how.add_argument(
+        "--keep-by-shapley",
+        metavar="VALUES.json|auto",
+        help="keep the --keep K players with the highest Shapley values (a `copra shapley` JSON, or "
+        "auto: estimate them now on a validation split of --task's training pool)",
+    )
     p.add_argument("--keep", type=int, metavar="K", help="players kept with --keep-by-shapley")
     p.add_argument("--task", help="with --keep-by-shapley auto: the task the adapter was trained on")
-    p.add_argument("--granularity", choices=["layer", "module"], default="layer",
-                   help="with --keep-by-shapley auto: players are blocks (default) or single LoRA modules")
-    p.add_argument("--samples", type=int, default=64,
-                   help="with --keep-by-shapley auto: multilinear samples (exact values when that covers 2^n)")
-    p.add_argument("--scope", choices=["matrix", "global"], default="matrix", help="magnitude threshold per matrix or global")
+    p.add_argument(
+        "--granularity",
+        choices=["layer", "module"],
+        default="layer",
+        help="with --keep-by-shapley auto: players are blocks (default) or single LoRA modules",
+    )
+    p.add_argument(
+        "--samples",
+        type=int,
+        default=64,
+        help="with --keep-by-shapley auto: multilinear samples (exact values when that covers 2^n)",
+    )
+    p.add_argument(
+        "--scope", choices=["matrix", "global"], default="matrix", help="magnitude threshold per matrix or global"
+    )
     p.add_argument("-o", "--output", required=True, help="output adapter folder")
     p.add_argument("--force", action="store_true", help="replace the output folder if it exists")
     p.set_defaults(func=_cmd_prune)
@@ -281,14 +359,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("reproduce", help="every paper table and figure as one resumable suite, then the report")
-    p.add_argument("--suite", choices=["full", "converged", "clip"], default="full",
-                   help="full: the embedded default, more seeds (hours on CPU); converged: per-method lr, 16 shots, 5 "
-                        "seeds, converged runs, statistics (hours on CPU; prints its expected time first); clip: CLIP-LoRA")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="applied to every step that has the key (e.g. seeds=0,1 steps=20; clip: model=, data_root=)")
+    p.add_argument(
+        "--suite",
+        choices=["full", "converged", "clip"],
+        default="full",
+        help="full: the embedded default, more seeds (hours on CPU); converged: per-method lr, 16 shots, 5 "
+        "seeds, converged runs, statistics (hours on CPU; prints its expected time first); clip: CLIP-LoRA",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="applied to every step that has the key (e.g. seeds=0,1 steps=20; clip: model=, data_root=)",
+    )
     p.add_argument("-o", "--output", default="results/reproduce", help="results folder (resumed if it exists)")
-    p.add_argument("--skip", action="append", default=[], metavar="STEP[,STEP]",
-                   help="leave these steps out (e.g. crossover_long,schedules: the converged suite in under 4 h on 2 cores)")
+    p.add_argument(
+        "--skip",
+        action="append",
+        default=[],
+        metavar="STEP[,STEP]",
+        help="leave these steps out (e.g. crossover_long,schedules: the converged suite in under 4 h on 2 cores)",
+    )
     p.add_argument("--jobs", type=int, default=1, help="training runs in parallel processes")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     _executor_arguments(p)
@@ -296,7 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tasks", help="list the embedded text tasks (MTL15): classes, sizes, zero-shot accuracy")
     p.add_argument("names", nargs="*", help="tasks to list (default: all 15)")
-    p.add_argument("--zero-shot", action="store_true", help="also evaluate the untrained encoder on each task (minutes)")
+    p.add_argument(
+        "--zero-shot", action="store_true", help="also evaluate the untrained encoder on each task (minutes)"
+    )
     p.add_argument("--eval-examples", type=int, default=500, help="fixed evaluation subset per task (default 500)")
     p.add_argument("--model", default="embedded:minilm", help="encoder for --zero-shot (TrainConfig.model)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -317,8 +411,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"copra: error: {one_line(str(error))}", file=sys.stderr)
         return 2
     except (OSError, MemoryError) as error:  # a write the library did not wrap, or memory outside training
-        converted = resource_error(error, action="cannot use") if isinstance(error, OSError) else \
-            UserError("out of memory; try a smaller batch_size, fewer eval_examples or fewer --jobs")
+        converted = (
+            resource_error(error, action="cannot use")
+            if isinstance(error, OSError)
+            else UserError("out of memory; try a smaller batch_size, fewer eval_examples or fewer --jobs")
+        )
         if converted is None:
             raise
         print(f"copra: error: {one_line(str(converted))}", file=sys.stderr)

@@ -44,8 +44,9 @@ def _factors(adapter: Adapter, a_key: str, b_key: str) -> tuple[torch.Tensor, to
 
 def _gap(p, b1, a1, b2, a2, ord) -> torch.Tensor:
     """||B1 - B2 P|| + ||A1 - P^-1 A2|| in the given matrix norm (2 = spectral, 'fro')."""
-    return (torch.linalg.matrix_norm(b1 - b2 @ p, ord=ord)
-            + torch.linalg.matrix_norm(a1 - torch.linalg.solve(p, a2), ord=ord))
+    return torch.linalg.matrix_norm(b1 - b2 @ p, ord=ord) + torch.linalg.matrix_norm(
+        a1 - torch.linalg.solve(p, a2), ord=ord
+    )
 
 
 def _usable(p: torch.Tensor) -> bool:

@@ -20,9 +20,22 @@ from safetensors.torch import load_file, save_file
 from copra.utils.atomic import atomic_folder, fsync_dir, write_json
 from copra.utils.errors import UserError
 
-__all__ = ["CONFIG_FILE", "METADATA_FILE", "WEIGHTS_FILE", "atomic_folder", "check_finite", "check_lora_state",
-           "finite_or_none", "fsync_dir", "load_adapter", "read_metadata", "read_safetensors", "save_adapter",
-           "save_peft_model", "write_json"]  # atomic_folder, fsync_dir, write_json: copra.utils.atomic's, kept here
+__all__ = [
+    "CONFIG_FILE",
+    "METADATA_FILE",
+    "WEIGHTS_FILE",
+    "atomic_folder",
+    "check_finite",
+    "check_lora_state",
+    "finite_or_none",
+    "fsync_dir",
+    "load_adapter",
+    "read_metadata",
+    "read_safetensors",
+    "save_adapter",
+    "save_peft_model",
+    "write_json",
+]  # atomic_folder, fsync_dir, write_json: copra.utils.atomic's, kept here
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -42,7 +55,9 @@ def save_peft_model(peft_model, folder: str | Path, metadata: dict | None = None
     return Path(folder)
 
 
-def save_adapter(state: dict[str, torch.Tensor], config: dict, folder: str | Path, metadata: dict | None = None) -> Path:
+def save_adapter(
+    state: dict[str, torch.Tensor], config: dict, folder: str | Path, metadata: dict | None = None
+) -> Path:
     """Write an adapter state dict (PEFT keys) and its adapter_config dict as a PEFT folder."""
     check_finite(state, str(folder))
     with atomic_folder(folder) as tmp:
@@ -113,8 +128,10 @@ def check_lora_state(state: dict[str, torch.Tensor], config: dict, where: str) -
     dtypes = {}
     for key, tensor in state.items():
         if tensor.dtype not in FLOAT_DTYPES:
-            raise UserError(f"{where}: tensor {key!r} has dtype {tensor.dtype}, expected a float type "
-                            f"({', '.join(str(d).replace('torch.', '') for d in FLOAT_DTYPES)})")
+            raise UserError(
+                f"{where}: tensor {key!r} has dtype {tensor.dtype}, expected a float type "
+                f"({', '.join(str(d).replace('torch.', '') for d in FLOAT_DTYPES)})"
+            )
         dtypes.setdefault(tensor.dtype, key)
     if len(dtypes) > 1:
         (d1, k1), (d2, k2) = list(dtypes.items())[:2]
@@ -135,16 +152,22 @@ def check_lora_state(state: dict[str, torch.Tensor], config: dict, where: str) -
             raise UserError(f"{where}: {pair[have]!r} has no matching lora_{lacks} tensor")
         a, b = state[pair["A"]], state[pair["B"]]
         if a.dim() < 2 or b.dim() < 2:
-            raise UserError(f"{where}: {pair['A' if a.dim() < 2 else 'B']!r} has shape "
-                            f"{tuple((a if a.dim() < 2 else b).shape)}, expected a matrix")
+            raise UserError(
+                f"{where}: {pair['A' if a.dim() < 2 else 'B']!r} has shape "
+                f"{tuple((a if a.dim() < 2 else b).shape)}, expected a matrix"
+            )
         embedding = ".lora_embedding_" in pair["A"]
         rank_a, rank_b = (a.shape[0], b.shape[1])
         if rank_a != rank_b or rank_a < 1:
             raise UserError(f"{where}: module {module!r} has rank {rank_a} in lora_A but {rank_b} in lora_B")
         if fixed_rank is not None and rank_a != fixed_rank and not embedding:
-            raise UserError(f"{where}: module {module!r} has rank {rank_a}, but adapter_config.json says r={fixed_rank}")
+            raise UserError(
+                f"{where}: module {module!r} has rank {rank_a}, but adapter_config.json says r={fixed_rank}"
+            )
         if not _targeted(_PEFT_PREFIX.sub("", module), targets):
-            raise UserError(f"{where}: module {module!r} is not among target_modules {targets!r} of adapter_config.json")
+            raise UserError(
+                f"{where}: module {module!r} is not among target_modules {targets!r} of adapter_config.json"
+            )
 
 
 def _targeted(module: str, targets) -> bool:

@@ -32,8 +32,14 @@ Adapter = dict[str, torch.Tensor]
 # A-factor name -> its B-factor name, as a dotted key component.
 _PAIRS = {"lora_A": "lora_B", "lora_embedding_A": "lora_embedding_B"}
 # Config fields that must agree for two adapters to be merged (missing = PEFT's default).
-_CONFIG_FIELDS = {"r": 8, "lora_alpha": 8, "use_rslora": False, "target_modules": None,
-                  "rank_pattern": {}, "alpha_pattern": {}}
+_CONFIG_FIELDS = {
+    "r": 8,
+    "lora_alpha": 8,
+    "use_rslora": False,
+    "target_modules": None,
+    "rank_pattern": {},
+    "alpha_pattern": {},
+}
 
 
 def module_pairs(adapter: Adapter) -> list[tuple[str, str, str]]:
@@ -45,7 +51,7 @@ def module_pairs(adapter: Adapter) -> list[tuple[str, str, str]]:
         if not hits:
             continue
         i = hits[-1]
-        b_key = ".".join(parts[:i] + [_PAIRS[parts[i]]] + parts[i + 1:])
+        b_key = ".".join(parts[:i] + [_PAIRS[parts[i]]] + parts[i + 1 :])
         if b_key not in adapter:
             raise UserError(f"adapter key {key!r} has no matching {b_key!r}")
         pairs.append((".".join(parts[:i]), key, b_key))
@@ -72,8 +78,9 @@ def check_compatible(adapters: Sequence[Adapter], configs: Sequence[dict] | None
         raise UserError("adapter 0 has no LoRA weights (no key contains 'lora_A')")
     for prefix, a_key, b_key in ref_pairs:
         if ref[a_key].shape[0] != ref[b_key].shape[1]:
-            raise UserError(f"adapter 0: {prefix!r} has rank {ref[a_key].shape[0]} in lora_A "
-                            f"but {ref[b_key].shape[1]} in lora_B")
+            raise UserError(
+                f"adapter 0: {prefix!r} has rank {ref[a_key].shape[0]} in lora_A but {ref[b_key].shape[1]} in lora_B"
+            )
     for n, adapter in enumerate(adapters):
         missing = sorted(set(ref) - set(adapter))
         extra = sorted(set(adapter) - set(ref))
@@ -84,8 +91,10 @@ def check_compatible(adapters: Sequence[Adapter], configs: Sequence[dict] | None
         for key, tensor in adapter.items():
             if tuple(tensor.shape) != tuple(ref[key].shape):
                 what = "rank" if "lora_" in key else "shape"
-                raise UserError(f"adapter {n}: {key!r} has shape {tuple(tensor.shape)}, adapter 0 has "
-                                f"{tuple(ref[key].shape)} (different {what})")
+                raise UserError(
+                    f"adapter {n}: {key!r} has shape {tuple(tensor.shape)}, adapter 0 has "
+                    f"{tuple(ref[key].shape)} (different {what})"
+                )
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                 raise UserError(f"adapter {n}: {key!r} contains NaN or inf")
     if configs is None:

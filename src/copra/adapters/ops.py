@@ -40,9 +40,19 @@ def _metadata(folder: Path) -> dict:
 
 
 @locks_output  # one writer per output folder, from the existence check to the rename
-def merge_folders(folders: Sequence[str | Path], method: str = "fusion", weights: Sequence[float] | None = None,
-                  align: bool = False, *, output: str | Path, align_steps: int = 200, overwrite: bool = False,
-                  density: float | None = None, majority_sign_method: str | None = None, seed: int = 0) -> Path:
+def merge_folders(
+    folders: Sequence[str | Path],
+    method: str = "fusion",
+    weights: Sequence[float] | None = None,
+    align: bool = False,
+    *,
+    output: str | Path,
+    align_steps: int = 200,
+    overwrite: bool = False,
+    density: float | None = None,
+    majority_sign_method: str | None = None,
+    seed: int = 0,
+) -> Path:
     """Merge PEFT LoRA adapter folders into the PEFT folder `output`; returns its path.
 
     `method`: copra's fusion or mixture, or one of PEFT's combination types (`peft_merge.PEFT_METHODS`,
@@ -91,10 +101,14 @@ def merge_folders(folders: Sequence[str | Path], method: str = "fusion", weights
     if align:
         states = [states[0], *align_many(states[0], states[1:], steps=align_steps)]
         after = [bound(states[0], s) for s in states[1:]]
-    merged, config = merge_states(method, states, configs, w, density=density,
-                                  majority_sign_method=majority_sign_method, seed=seed)
+    merged, config = merge_states(
+        method, states, configs, w, density=density, majority_sign_method=majority_sign_method, seed=seed
+    )
     metadata = {
-        "merged": True, "method": method, "weights": w, "align": align,
+        "merged": True,
+        "method": method,
+        "weights": w,
+        "align": align,
         "inputs": [str(f) for f in resolved],
         "input_metadata": [{k: m.get(k) for k in ("method", "task", "seed", "accuracy")} for m in inputs_meta],
         "bound_alpha": 0.5,
@@ -102,15 +116,27 @@ def merge_folders(folders: Sequence[str | Path], method: str = "fusion", weights
         "bound_after_align": None if after is None else [finite_or_none(b) for b in after],
     }
     if method in PEFT_METHODS:
-        metadata["peft"] = {"combination_type": method, "density": density, "seed": seed,
-                            "majority_sign_method": majority_sign_method}
+        metadata["peft"] = {
+            "combination_type": method,
+            "density": density,
+            "seed": seed,
+            "majority_sign_method": majority_sign_method,
+        }
     return save_adapter(merged, config, output, metadata)  # refuses NaN/inf before writing; atomic
 
 
 @locks_output
-def prune_folder(folder: str | Path, *, output: str | Path, scheme: str | None = None, sparsity: float | None = None,
-                 scope: str = "matrix", keep_values: str | Path | tuple | None = None, keep: int | None = None,
-                 overwrite: bool = False) -> Path:
+def prune_folder(
+    folder: str | Path,
+    *,
+    output: str | Path,
+    scheme: str | None = None,
+    sparsity: float | None = None,
+    scope: str = "matrix",
+    keep_values: str | Path | tuple | None = None,
+    keep: int | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Prune a PEFT adapter folder into `output` (still a PEFT folder): a structured scheme, magnitude
     sparsity, or the `keep` players with the highest Shapley values (`keep_values`: a VALUES.json as
     `copra shapley` writes it, or a (players, values) pair already computed).
@@ -129,16 +155,26 @@ def prune_folder(folder: str | Path, *, output: str | Path, scheme: str | None =
     if keep_values is not None and not isinstance(keep_values, tuple):
         keep_values = Path(keep_values)
     state, config = load_adapter(folder)
-    metadata = {"pruned": True, "input": str(folder.resolve()), "scheme": scheme, "sparsity": sparsity,
-                "scope": scope if sparsity is not None else None,
-                "input_metadata": {k: _metadata(folder).get(k) for k in ("method", "task", "seed", "accuracy")}}
+    metadata = {
+        "pruned": True,
+        "input": str(folder.resolve()),
+        "scheme": scheme,
+        "sparsity": sparsity,
+        "scope": scope if sparsity is not None else None,
+        "input_metadata": {k: _metadata(folder).get(k) for k in ("method", "task", "seed", "accuracy")},
+    }
     if keep_values is not None:
         players, values = keep_values if isinstance(keep_values, tuple) else read_values(keep_values, folder)
         players, values = list(players), list(values)
         kept = choose_players(state, players, values, keep)
         pruned = keep_players(state, kept)
-        metadata["keep_by_shapley"] = {"source": "auto" if isinstance(keep_values, tuple) else str(keep_values.resolve()),
-                                       "keep": keep, "kept": kept, "players": players, "values": values}
+        metadata["keep_by_shapley"] = {
+            "source": "auto" if isinstance(keep_values, tuple) else str(keep_values.resolve()),
+            "keep": keep,
+            "kept": kept,
+            "players": players,
+            "values": values,
+        }
     else:
         pruned = structured(state, scheme) if scheme is not None else magnitude(state, sparsity, scope)
     return save_adapter(pruned, config, output, metadata)
@@ -158,8 +194,10 @@ def choose_players(state: dict, players: list[str], values: list[float], keep: i
         if sorted(players) == sorted(players_of(state, granularity)):
             break
     else:
-        raise UserError(f"the Shapley values are for players {players[:3]}... ({len(players)}), not for this "
-                        f"adapter's layers {players_of(state)} or its {len(players_of(state, 'module'))} modules")
+        raise UserError(
+            f"the Shapley values are for players {players[:3]}... ({len(players)}), not for this "
+            f"adapter's layers {players_of(state)} or its {len(players_of(state, 'module'))} modules"
+        )
     return [players[i] for i in top_k(values, check_k(keep, len(players)))]
 
 
@@ -177,12 +215,21 @@ def read_values(path: str | Path, adapter: Path) -> tuple[list[str], list[float]
     except (OSError, UnicodeDecodeError, ValueError) as error:
         raise UserError(f"cannot read Shapley values from {path}: {error}") from None
     row = _values_row(data, adapter, path) if isinstance(data, dict) and "methods" in data else data
-    players, values = (row.get("players"), row.get("values", row.get("mean"))) if isinstance(row, dict) else (None, None)
-    if not (isinstance(players, list) and isinstance(values, list) and len(players) == len(values) > 0
-            and all(isinstance(p, str) for p in players) and len(set(players)) == len(players)
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)):
-        raise UserError(f"{path}: expected distinct player names and one finite value each "
-                        "(a `copra shapley` summary or {\"players\": [...], \"values\": [...]})")
+    players, values = (
+        (row.get("players"), row.get("values", row.get("mean"))) if isinstance(row, dict) else (None, None)
+    )
+    if not (
+        isinstance(players, list)
+        and isinstance(values, list)
+        and len(players) == len(values) > 0
+        and all(isinstance(p, str) for p in players)
+        and len(set(players)) == len(players)
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+    ):
+        raise UserError(
+            f"{path}: expected distinct player names and one finite value each "
+            '(a `copra shapley` summary or {"players": [...], "values": [...]})'
+        )
     return players, [float(v) for v in values]
 
 
@@ -199,5 +246,7 @@ def _values_row(summary: dict, adapter: Path, path: Path) -> dict:
         return methods[method]
     if len(runs) == 1:
         return runs[0]
-    raise UserError(f"{path} holds Shapley values of {len(runs)} adapters, none of them {adapter}, and the "
-                    f"adapter's training method ({method!r}) is not among {sorted(methods)}")
+    raise UserError(
+        f"{path} holds Shapley values of {len(runs)} adapters, none of them {adapter}, and the "
+        f"adapter's training method ({method!r}) is not among {sorted(methods)}"
+    )

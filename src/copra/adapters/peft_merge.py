@@ -40,8 +40,19 @@ from copra.adapters.merge import Adapter, check_weights, module_pairs
 from copra.utils.compat import fold_rslora_scaling
 from copra.utils.errors import UserError
 
-PEFT_METHODS = ("linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd",
-                "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd")
+PEFT_METHODS = (
+    "linear",
+    "cat",
+    "svd",
+    "ties",
+    "ties_svd",
+    "dare_linear",
+    "dare_ties",
+    "dare_linear_svd",
+    "dare_ties_svd",
+    "magnitude_prune",
+    "magnitude_prune_svd",
+)
 DENSITY_METHODS = tuple(m for m in PEFT_METHODS if m not in ("linear", "cat", "svd"))
 SIGN_METHODS = ("ties", "ties_svd", "dare_ties", "dare_ties_svd")
 SAME_RANK_METHODS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")  # PEFT's rule
@@ -49,8 +60,9 @@ MERGED = "default"  # PEFT saves the adapter named "default" at the folder's roo
 _PREFIX = "base_model.model."
 
 
-def check_options(method: str, density: float | None, majority_sign_method: str | None,
-                  svd_rank: int | None = None) -> tuple[float | None, str]:
+def check_options(
+    method: str, density: float | None, majority_sign_method: str | None, svd_rank: int | None = None
+) -> tuple[float | None, str]:
     """(density, majority_sign_method) checked for `method`; UserError names the bad option."""
     if method not in PEFT_METHODS:
         raise UserError(f"unknown PEFT merge method {method!r}; choose one of {list(PEFT_METHODS)}")
@@ -66,8 +78,9 @@ def check_options(method: str, density: float | None, majority_sign_method: str 
     sign = "total" if majority_sign_method is None else majority_sign_method
     if sign not in ("total", "frequency"):
         raise UserError(f"majority sign method must be 'total' or 'frequency', got {sign!r}")
-    if svd_rank is not None and (not method.endswith("svd") or isinstance(svd_rank, bool)
-                                 or not isinstance(svd_rank, int) or svd_rank < 1):
+    if svd_rank is not None and (
+        not method.endswith("svd") or isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank < 1
+    ):
         raise UserError(f"svd_rank must be a positive integer and only with an SVD method, got {svd_rank!r}")
     return (None if density is None else float(density)), sign
 
@@ -99,23 +112,30 @@ def check_inputs(states: Sequence[Adapter], configs: Sequence[dict], method: str
                 raise UserError(f"adapter {n}: {key!r} contains NaN or inf")
         for field in ("use_dora", "lora_bias"):
             if config.get(field):
-                raise UserError(f"adapter {n}: PEFT's add_weighted_adapter does not merge {field} adapters correctly "
-                                "(peft issue #3761); use fusion or mixture")
+                raise UserError(
+                    f"adapter {n}: PEFT's add_weighted_adapter does not merge {field} adapters correctly "
+                    "(peft issue #3761); use fusion or mixture"
+                )
         if set(shapes[n]) != set(shapes[0]):
             odd = sorted(set(shapes[n]) ^ set(shapes[0]))[0]
             raise UserError(f"adapter {n} and adapter 0 differ in LoRA module {odd!r}")
         for path, (fan_in, fan_out, rank) in shapes[n].items():
             if (fan_in, fan_out) != shapes[0][path][:2]:
-                raise UserError(f"adapter {n}: module {path!r} is {fan_in}->{fan_out}, adapter 0 has "
-                                f"{shapes[0][path][0]}->{shapes[0][path][1]}")
+                raise UserError(
+                    f"adapter {n}: module {path!r} is {fan_in}->{fan_out}, adapter 0 has "
+                    f"{shapes[0][path][0]}->{shapes[0][path][1]}"
+                )
             if method in SAME_RANK_METHODS and rank != shapes[0][path][2]:
-                raise UserError(f"merge method {method!r} needs equal ranks; module {path!r} has rank {rank} "
-                                f"in adapter {n}, {shapes[0][path][2]} in adapter 0 (use cat or an SVD method)")
+                raise UserError(
+                    f"merge method {method!r} needs equal ranks; module {path!r} has rank {rank} "
+                    f"in adapter {n}, {shapes[0][path][2]} in adapter 0 (use cat or an SVD method)"
+                )
     return {path: shape[:2] for path, shape in shapes[0].items()}
 
 
-def skeleton(shapes: dict[str, tuple[int, int]], dtype: torch.dtype = torch.float32,
-             conv1d: bool = False) -> nn.Module:
+def skeleton(
+    shapes: dict[str, tuple[int, int]], dtype: torch.dtype = torch.float32, conv1d: bool = False
+) -> nn.Module:
     """An nn.Module with an nn.Linear(in, out) at each module path; weights are one shared zero (no memory).
 
     `conv1d`: transformers' Conv1D (GPT-2's [in, out] layer) instead, for fan_in_fan_out adapters, so
@@ -172,14 +192,22 @@ def _load(states: Sequence[Adapter], configs: Sequence[dict], shapes: dict, dtyp
         result = set_peft_model_state_dict(model, keys, adapter_name=f"a{n}")
         missing = [k for k in result.missing_keys if f".a{n}." in k]
         if result.unexpected_keys or missing:
-            raise UserError(f"adapter {n} does not fit its own target_modules: "
-                            f"{(result.unexpected_keys or missing)[0]!r}")
+            raise UserError(
+                f"adapter {n} does not fit its own target_modules: {(result.unexpected_keys or missing)[0]!r}"
+            )
     return model
 
 
-def merged_model(states: Sequence[Adapter], configs: Sequence[dict], method: str, weights: Sequence[float],
-                 density: float | None = None, majority_sign_method: str | None = None,
-                 svd_rank: int | None = None, seed: int = 0):
+def merged_model(
+    states: Sequence[Adapter],
+    configs: Sequence[dict],
+    method: str,
+    weights: Sequence[float],
+    density: float | None = None,
+    majority_sign_method: str | None = None,
+    svd_rank: int | None = None,
+    seed: int = 0,
+):
     """A PeftModel over the skeleton holding adapters a0..a(n-1) and PEFT's merge of them as `default`."""
     density, sign = check_options(method, density, majority_sign_method, svd_rank)
     if len(states) < 2 or len(states) != len(configs):
@@ -190,18 +218,32 @@ def merged_model(states: Sequence[Adapter], configs: Sequence[dict], method: str
     with torch.random.fork_rng(devices=[]):  # PEFT's init and DARE's drops use the global generator: fork it
         model = _load(states, configs, shapes, dtype)
         torch.manual_seed(seed)
-        model.add_weighted_adapter([f"a{n}" for n in range(len(states))], w, MERGED, combination_type=method,
-                                   svd_rank=svd_rank, density=density, majority_sign_method=sign)
+        model.add_weighted_adapter(
+            [f"a{n}" for n in range(len(states))],
+            w,
+            MERGED,
+            combination_type=method,
+            svd_rank=svd_rank,
+            density=density,
+            majority_sign_method=sign,
+        )
     fold_rslora_scaling(model, MERGED)
     if isinstance(configs[0].get("target_modules"), str):
         model.peft_config[MERGED].target_modules = configs[0]["target_modules"]  # all-linear stays all-linear
     return model
 
 
-def peft_merge(states: Sequence[Adapter], configs: Sequence[dict], method: str,
-               weights: Sequence[float] | None = None, *, density: float | None = None,
-               majority_sign_method: str | None = None, svd_rank: int | None = None,
-               seed: int = 0) -> tuple[Adapter, dict]:
+def peft_merge(
+    states: Sequence[Adapter],
+    configs: Sequence[dict],
+    method: str,
+    weights: Sequence[float] | None = None,
+    *,
+    density: float | None = None,
+    majority_sign_method: str | None = None,
+    svd_rank: int | None = None,
+    seed: int = 0,
+) -> tuple[Adapter, dict]:
     """(state dict, adapter_config dict) of PEFT's `method` merge of the adapters, as PEFT would save them."""
     from peft import get_peft_model_state_dict
 
@@ -221,9 +263,16 @@ def peft_merge(states: Sequence[Adapter], configs: Sequence[dict], method: str,
 MERGE_METHODS = ("fusion", "mixture", *PEFT_METHODS)  # every method `copra merge` and the experiments take
 
 
-def merge_states(method: str, states: Sequence[Adapter], configs: Sequence[dict],
-                 weights: Sequence[float] | None = None, *, density: float | None = None,
-                 majority_sign_method: str | None = None, seed: int = 0) -> tuple[Adapter, dict]:
+def merge_states(
+    method: str,
+    states: Sequence[Adapter],
+    configs: Sequence[dict],
+    weights: Sequence[float] | None = None,
+    *,
+    density: float | None = None,
+    majority_sign_method: str | None = None,
+    seed: int = 0,
+) -> tuple[Adapter, dict]:
     """(merged state, its adapter_config) by copra's fusion/mixture or PEFT's `method`.
 
     Fusion keeps the inputs' config; mixture gets `mixture_config`; PEFT's methods give PEFT's config
@@ -238,8 +287,9 @@ def merge_states(method: str, states: Sequence[Adapter], configs: Sequence[dict]
         return merged, (mixture_config(configs[0], len(states)) if method == "mixture" else dict(configs[0]))
     if method not in PEFT_METHODS:
         raise UserError(f"unknown merge method {method!r}; choose one of {list(MERGE_METHODS)}")
-    return peft_merge(states, configs, method, weights, density=density,
-                      majority_sign_method=majority_sign_method, seed=seed)
+    return peft_merge(
+        states, configs, method, weights, density=density, majority_sign_method=majority_sign_method, seed=seed
+    )
 
 
 def setting_options(method: str, density: float) -> dict:

@@ -39,8 +39,9 @@ METRICS = ("accuracy", "neg_loss")
 class CoalitionEvaluator:
     """v(mask) for coalitions of `gates.players` on `data`'s evaluation set; `values` is the batched form."""
 
-    def __init__(self, classifier: nn.Module, gates: CopRA, data: FewShotData, metric: str = "accuracy",
-                 batch_size: int = 64):
+    def __init__(
+        self, classifier: nn.Module, gates: CopRA, data: FewShotData, metric: str = "accuracy", batch_size: int = 64
+    ):
         if metric not in METRICS:
             raise UserError(f"unknown metric {metric!r}; choose one of {list(METRICS)}")
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
@@ -84,8 +85,9 @@ class CoalitionEvaluator:
         for row, mask in enumerate(masks.tolist()):
             with self.gates.active(mask):
                 if self.metric == "accuracy":
-                    out[row] = accuracy(self.classifier, self.data.eval_x, self.data.eval_y, self.batch_size,
-                                        self._eval_batches())
+                    out[row] = accuracy(
+                        self.classifier, self.data.eval_x, self.data.eval_y, self.batch_size, self._eval_batches()
+                    )
                 else:
                     out[row] = -self._naive_loss()
         return out
@@ -163,9 +165,18 @@ class ModelShapleyResult(ShapleyResult):
     metric: str = "accuracy"
 
 
-def shapley_for_model(classifier: nn.Module, gates: CopRA, data: FewShotData, method: str = "multilinear",
-                      samples: int = 64, seed: int = 0, metric: str = "accuracy", batch_size: int = 64,
-                      game: Game | None = None, **options) -> ModelShapleyResult:
+def shapley_for_model(
+    classifier: nn.Module,
+    gates: CopRA,
+    data: FewShotData,
+    method: str = "multilinear",
+    samples: int = 64,
+    seed: int = 0,
+    metric: str = "accuracy",
+    batch_size: int = 64,
+    game: Game | None = None,
+    **options,
+) -> ModelShapleyResult:
     """Per-player Shapley values of `classifier` on data's evaluation set (paper Eq. 3 with "multilinear").
 
     `game` (a copra.analysis.shapley.Game over the same players, weights and data) shares its cache of v

@@ -160,7 +160,13 @@ def exact(value, n: int, *, values: Values | None = None, max_players: int = 16)
 
 
 def permutation(
-    value, n: int, samples: int, seed: int = 0, *, antithetic: bool = False, values: Values | None = None,
+    value,
+    n: int,
+    samples: int,
+    seed: int = 0,
+    *,
+    antithetic: bool = False,
+    values: Values | None = None,
     exact_when_affordable: bool = True,
 ) -> ShapleyResult:
     """Monte Carlo over random player orders: phi_i = mean marginal contribution of i to its predecessors.
@@ -266,4 +272,13 @@ def multilinear(
 
 ESTIMATORS = {"exact": exact, "permutation": permutation, "multilinear": multilinear}
 
-__all__ = ["ESTIMATORS", "Game", "ShapleyResult", "affordable", "exact", "multilinear", "permutation", "variance_floor"]
+__all__ = [
+    "ESTIMATORS",
+    "Game",
+    "ShapleyResult",
+    "affordable",
+    "exact",
+    "multilinear",
+    "permutation",
+    "variance_floor",
+]

@@ -42,8 +42,10 @@ def _beta_fraction(a: float, b: float, x: float) -> float:
     h = d
     for m in range(1, 300):
         m2 = 2 * m
-        for numerator in (m * (b - m) * x / ((qam + m2) * (a + m2)),
-                          -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))):
+        for numerator in (
+            m * (b - m) * x / ((qam + m2) * (a + m2)),
+            -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2)),
+        ):
             d = 1.0 + numerator * d
             d = 1.0 / (d if abs(d) > tiny else tiny)
             c = 1.0 + numerator / c
@@ -111,8 +113,9 @@ def compare(treatment: Sequence[float], control: Sequence[float], confidence: fl
     """Paired t-interval of mean(treatment - control) over seeds (higher scores are better)."""
     treatment, control = [float(v) for v in treatment], [float(v) for v in control]
     if len(treatment) != len(control) or not treatment:
-        raise ValueError(f"compare needs paired scores of equal, non-zero length, got {len(treatment)} "
-                         f"and {len(control)}")
+        raise ValueError(
+            f"compare needs paired scores of equal, non-zero length, got {len(treatment)} and {len(control)}"
+        )
     if not all(math.isfinite(v) for v in treatment + control):
         raise ValueError("compare needs finite scores")
     if not 0.0 < confidence < 1.0:
@@ -162,8 +165,12 @@ class Plateau:
         return dict(self.__dict__)
 
 
-def plateau(losses: Sequence[float], window: int | None = None, threshold: float = PLATEAU_THRESHOLD,
-            floor: float = PLATEAU_FLOOR) -> Plateau:
+def plateau(
+    losses: Sequence[float],
+    window: int | None = None,
+    threshold: float = PLATEAU_THRESHOLD,
+    floor: float = PLATEAU_FLOOR,
+) -> Plateau:
     """The plateau test: the mean loss of the last `window` steps improved on the window before it by
     less than `threshold` (relative), or is at most `floor`.
 
@@ -177,7 +184,7 @@ def plateau(losses: Sequence[float], window: int | None = None, threshold: float
     window = window or max(MIN_WINDOW, math.ceil(len(losses) / 10))
     if len(losses) < 2 * window or not all(math.isfinite(v) for v in losses):
         return Plateau(None, None, window, None, threshold)
-    before = math.fsum(losses[-2 * window:-window]) / window
+    before = math.fsum(losses[-2 * window : -window]) / window
     last = math.fsum(losses[-window:]) / window
     improvement = (before - last) / before if before > 0 else 0.0
     return Plateau(improvement < threshold or last <= floor, improvement, window, last, threshold)

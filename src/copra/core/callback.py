@@ -22,8 +22,14 @@ class CopRACallback(TrainerCallback):
     `CopRA`); without total_steps the schedule spans the Trainer's max_steps.
     """
 
-    def __init__(self, schedule: GateSchedule | int | None = None, *, granularity: str = "layer", seed: int = 0,
-                 **schedule_fields):
+    def __init__(
+        self,
+        schedule: GateSchedule | int | None = None,
+        *,
+        granularity: str = "layer",
+        seed: int = 0,
+        **schedule_fields,
+    ):
         if schedule is None and schedule_fields.get("total_steps") is None:
             schedule_fields.pop("total_steps", None)
             GateSchedule(1, **schedule_fields)  # bad fields fail now, not when training starts

@@ -76,7 +76,9 @@ class TrainConfig:
     test_file: str | None = None  #: its test split (default: a fixed ~30% per class of the train file)
     text_column: str = "text"  #: column of a data file that holds the texts
     label_column: str = "label"  #: column of a data file that holds the labels (class names)
-    prompt: str | None = None  #: class prompt template with one {} (default: the task's own; files "This text is about {}.")
+    prompt: str | None = (
+        None  #: class prompt template with one {} (default: the task's own; files "This text is about {}.")
+    )
     # data
     shots: int = 16  #: training examples per class (few-shot)
     eval_examples: int | None = 500  #: size of the fixed, class-balanced evaluation subset (None: all)
@@ -97,7 +99,9 @@ class TrainConfig:
     lr: float = 1e-3  #: peak AdamW learning rate
     weight_decay: float = 1e-2  #: AdamW weight decay
     min_lr: float = 1e-6  #: cosine schedule's final learning rate
-    lr_schedule: str = "cosine"  #: "cosine" (the paper), "hold_then_cosine" (peak lr during the ramp, then cosine), "constant"
+    lr_schedule: str = (
+        "cosine"  #: "cosine" (the paper), "hold_then_cosine" (peak lr during the ramp, then cosine), "constant"
+    )
     # CopRA schedule (ignored for method=lora)
     initial_p: float = 0.0  #: keep probability at step 0
     final_p: float = 1.0  #: keep probability after the ramp

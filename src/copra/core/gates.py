@@ -81,8 +81,15 @@ class CopRA:
     first micro-batch of that step). An instance is called `gates` throughout copra.
     """
 
-    def __init__(self, model: nn.Module, schedule: GateSchedule | int | None = None, *, granularity: str = "layer",
-                 seed: int = 0, **schedule_fields):
+    def __init__(
+        self,
+        model: nn.Module,
+        schedule: GateSchedule | int | None = None,
+        *,
+        granularity: str = "layer",
+        seed: int = 0,
+        **schedule_fields,
+    ):
         self.schedule = GateSchedule.of(schedule, **schedule_fields)
         self.granularity = granularity
         self.players, self._groups = group_players(model, granularity)
@@ -211,8 +218,10 @@ class CopRA:
 
     def __repr__(self) -> str:
         s = self.schedule
-        return (f"CopRA(players={len(self.players)}, granularity={self.granularity!r}, total_steps={s.total_steps}, "
-                f"p: {s.initial_p}->{s.final_p} over {s.ramp_fraction:.0%} ({s.ramp}))")
+        return (
+            f"CopRA(players={len(self.players)}, granularity={self.granularity!r}, total_steps={s.total_steps}, "
+            f"p: {s.initial_p}->{s.final_p} over {s.ramp_fraction:.0%} ({s.ramp}))"
+        )
 
 
 __all__ = ["GRANULARITIES", "RAMPS", "CopRA", "GateSchedule", "group_players", "lora_modules", "player_of"]

@@ -150,8 +150,9 @@ def ascii_plot(total_steps: int = 100, width: int = 40, height: int = 8, **kwarg
 LR_SCHEDULES = ("cosine", "hold_then_cosine", "constant")
 
 
-def learning_rate(step: int, total_steps: int, peak: float, floor: float, schedule: str = "cosine",
-                  ramp_fraction: float = 0.75) -> float:
+def learning_rate(
+    step: int, total_steps: int, peak: float, floor: float, schedule: str = "cosine", ramp_fraction: float = 0.75
+) -> float:
     """The lr at optimizer step `step` (0-based): cosine from `peak` to `floor` (the paper), that cosine
     started after the first `ramp_fraction` of training ("hold_then_cosine"), or `peak` throughout."""
     if schedule not in LR_SCHEDULES:

@@ -9,5 +9,15 @@ from copra.data.fewshot import eval_indices, few_shot_indices, validation_indice
 from copra.data.text_tasks import MTL15, TASKS, TextTask, load_task, task_names
 from copra.data.user_files import load_file_task, text_task
 
-__all__ = ["MTL15", "TASKS", "TextTask", "eval_indices", "few_shot_indices", "load_file_task", "load_task",
-           "task_names", "text_task", "validation_indices"]
+__all__ = [
+    "MTL15",
+    "TASKS",
+    "TextTask",
+    "eval_indices",
+    "few_shot_indices",
+    "load_file_task",
+    "load_task",
+    "task_names",
+    "text_task",
+    "validation_indices",
+]

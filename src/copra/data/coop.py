@@ -46,23 +46,30 @@ class DatasetLayout:
 
 COOP_DATASETS: dict[str, DatasetLayout] = {
     "imagenet": DatasetLayout(("imagenet",), "images", None, "a photo of a {}.", kind="imagenet"),
-    "caltech101": DatasetLayout(("caltech-101", "Caltech101"), "101_ObjectCategories",
-                                "split_zhou_Caltech101.json", "a photo of a {}."),
-    "oxford_pets": DatasetLayout(("oxford_pets", "OxfordPets"), "images", "split_zhou_OxfordPets.json",
-                                 "a photo of a {}, a type of pet."),
-    "stanford_cars": DatasetLayout(("stanford_cars", "StanfordCars"), "", "split_zhou_StanfordCars.json",
-                                   "a photo of a {}."),
-    "oxford_flowers": DatasetLayout(("oxford_flowers", "Flower102"), "jpg", "split_zhou_OxfordFlowers.json",
-                                    "a photo of a {}, a type of flower."),
-    "food101": DatasetLayout(("food-101", "Food101"), "images", "split_zhou_Food101.json",
-                             "a photo of {}, a type of food."),
-    "fgvc_aircraft": DatasetLayout(("fgvc_aircraft",), "images", None, "a photo of a {}, a type of aircraft.",
-                                   kind="fgvc"),
+    "caltech101": DatasetLayout(
+        ("caltech-101", "Caltech101"), "101_ObjectCategories", "split_zhou_Caltech101.json", "a photo of a {}."
+    ),
+    "oxford_pets": DatasetLayout(
+        ("oxford_pets", "OxfordPets"), "images", "split_zhou_OxfordPets.json", "a photo of a {}, a type of pet."
+    ),
+    "stanford_cars": DatasetLayout(
+        ("stanford_cars", "StanfordCars"), "", "split_zhou_StanfordCars.json", "a photo of a {}."
+    ),
+    "oxford_flowers": DatasetLayout(
+        ("oxford_flowers", "Flower102"), "jpg", "split_zhou_OxfordFlowers.json", "a photo of a {}, a type of flower."
+    ),
+    "food101": DatasetLayout(
+        ("food-101", "Food101"), "images", "split_zhou_Food101.json", "a photo of {}, a type of food."
+    ),
+    "fgvc_aircraft": DatasetLayout(
+        ("fgvc_aircraft",), "images", None, "a photo of a {}, a type of aircraft.", kind="fgvc"
+    ),
     "sun397": DatasetLayout(("sun397", "SUN397"), "SUN397", "split_zhou_SUN397.json", "a photo of a {}."),
     "dtd": DatasetLayout(("dtd", "DTD"), "images", "split_zhou_DescribableTextures.json", "{} texture."),
     "eurosat": DatasetLayout(("eurosat",), "2750", "split_zhou_EuroSAT.json", "a centered satellite photo of {}."),
-    "ucf101": DatasetLayout(("ucf101", "UCF101"), "UCF-101-midframes", "split_zhou_UCF101.json",
-                            "a photo of a person doing {}."),
+    "ucf101": DatasetLayout(
+        ("ucf101", "UCF101"), "UCF-101-midframes", "split_zhou_UCF101.json", "a photo of a person doing {}."
+    ),
 }
 TEMPLATE_STYLES = ("clip-lora", "coop")
 
@@ -81,7 +88,9 @@ class ImageTask(PromptTask):
     source: str = ""
 
     def __post_init__(self) -> None:
-        self.check("images", {"train": (self.train_images, self.train_labels), "test": (self.test_images, self.test_labels)})
+        self.check(
+            "images", {"train": (self.train_images, self.train_labels), "test": (self.test_images, self.test_labels)}
+        )
 
 
 def load_coop_task(data_root: str | os.PathLike | None, name: str, template_style: str = "clip-lora") -> ImageTask:
@@ -91,8 +100,9 @@ def load_coop_task(data_root: str | os.PathLike | None, name: str, template_styl
     if template_style not in TEMPLATE_STYLES:
         raise UserError(f"template_style must be one of {list(TEMPLATE_STYLES)}, got {template_style!r}")
     if data_root is None:
-        raise UserError(f"data set {name!r} needs data_root: the folder holding CoOp's data sets "
-                        "(see CoOp's DATASETS.md)")
+        raise UserError(
+            f"data set {name!r} needs data_root: the folder holding CoOp's data sets (see CoOp's DATASETS.md)"
+        )
     root = Path(os.path.abspath(os.path.expanduser(str(data_root))))
     if not root.is_dir():
         raise UserError(f"data_root {str(data_root)!r} is not a folder")
@@ -111,9 +121,14 @@ def load_coop_task(data_root: str | os.PathLike | None, name: str, template_styl
         _check_images([path for path, _ in items], split, source)
     template = layout.template if template_style == "clip-lora" else layout.coop_template
     return ImageTask(
-        name=name, class_names=tuple(n.replace("_", " ") for n in names), template=template,
-        train_images=tuple(p for p, _ in train), train_labels=tuple(y for _, y in train),
-        test_images=tuple(p for p, _ in test), test_labels=tuple(y for _, y in test), source=source,
+        name=name,
+        class_names=tuple(n.replace("_", " ") for n in names),
+        template=template,
+        train_images=tuple(p for p, _ in train),
+        train_labels=tuple(y for _, y in train),
+        test_images=tuple(p for p, _ in test),
+        test_labels=tuple(y for _, y in test),
+        source=source,
     )
 
 
@@ -136,13 +151,20 @@ def _read_split(path: Path, image_dir: Path) -> tuple[list[str], Items, Items, s
     for split in ("train", "val", "test"):
         items: Items = []
         for i, entry in enumerate(data.get(split) or []):
-            if (not isinstance(entry, (list, tuple)) or len(entry) != 3 or not isinstance(entry[0], str)
-                    or isinstance(entry[1], bool) or not isinstance(entry[1], int) or entry[1] < 0
-                    or not isinstance(entry[2], str)):
+            if (
+                not isinstance(entry, (list, tuple))
+                or len(entry) != 3
+                or not isinstance(entry[0], str)
+                or isinstance(entry[1], bool)
+                or not isinstance(entry[1], int)
+                or entry[1] < 0
+                or not isinstance(entry[2], str)
+            ):
                 raise UserError(f"split file {path}: {split}[{i}] = {entry!r} is not [image_path, label, classname]")
             if names.setdefault(entry[1], entry[2]) != entry[2]:
-                raise UserError(f"split file {path}: label {entry[1]} is named both "
-                                f"{names[entry[1]]!r} and {entry[2]!r}")
+                raise UserError(
+                    f"split file {path}: label {entry[1]} is named both {names[entry[1]]!r} and {entry[2]!r}"
+                )
             items.append((os.path.join(image_dir, entry[0]), entry[1]))
         splits.append(items)
     missing = [y for y in range(max(names, default=-1) + 1) if y not in names]
@@ -201,16 +223,23 @@ def _read_imagenet(folder: Path) -> tuple[list[str], Items, Items, str]:
     for split in ("train", "val"):
         split_dir = base / split
         if not split_dir.is_dir():
-            raise UserError(f"ImageNet folder not found: {folder / 'images' / split} "
-                            f"(expected images/train/<wnid>/*.JPEG and images/val/<wnid>/*.JPEG)")
+            raise UserError(
+                f"ImageNet folder not found: {folder / 'images' / split} "
+                f"(expected images/train/<wnid>/*.JPEG and images/val/<wnid>/*.JPEG)"
+            )
         items: Items = []
         for label, wnid in enumerate(wnids):
             class_dir = split_dir / wnid
             if not class_dir.is_dir():
-                raise UserError(f"ImageNet class folder not found: {class_dir} (the val set, too, must be "
-                                f"sorted into one folder per wnid, as CoOp's DATASETS.md expects)")
-            files = sorted(e.name for e in os.scandir(class_dir)
-                           if e.name.lower().endswith(IMAGE_SUFFIXES) and not e.name.startswith("."))
+                raise UserError(
+                    f"ImageNet class folder not found: {class_dir} (the val set, too, must be "
+                    f"sorted into one folder per wnid, as CoOp's DATASETS.md expects)"
+                )
+            files = sorted(
+                e.name
+                for e in os.scandir(class_dir)
+                if e.name.lower().endswith(IMAGE_SUFFIXES) and not e.name.startswith(".")
+            )
             items += [(os.path.join(class_dir, f), label) for f in files]
         splits.append(items)
     return names, splits[0], splits[1], f"ImageNet class folders in {base}"

@@ -133,8 +133,10 @@ def prepare_data(config: TrainConfig) -> FewShotData:
         counts[y] += 1
     for c, n in enumerate(counts):
         if n < config.shots:
-            raise UserError(f"task {task.name!r}: class {task.class_names[c]!r} has only {n} training examples, "
-                            f"fewer than shots={config.shots}")
+            raise UserError(
+                f"task {task.name!r}: class {task.class_names[c]!r} has only {n} training examples, "
+                f"fewer than shots={config.shots}"
+            )
     train = few_shot_indices(task.train_labels, config.shots, config.seed, task.num_classes)
     held_out = eval_indices(task.test_labels, config.eval_examples)
     return FewShotData(

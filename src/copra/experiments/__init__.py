@@ -22,6 +22,7 @@ def _loader(module: str, config_class: str) -> Callable[[], tuple]:
 
 def locked(run: Callable) -> Callable:
     """`run(config)` holding the lock of `config.output_dir` (FolderInUse if another process has it)."""
+
     @functools.wraps(run)
     def run_locked(config, *args, **kwargs):
         from copra.utils.locks import folder_lock

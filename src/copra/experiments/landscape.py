@@ -64,7 +64,9 @@ class LandscapeConfig(TrainingBudget, RunExecution, PerMethodLR):
     methods: list[str] = field(default_factory=lambda: ["lora", "copra"])  #: training methods compared
     seeds: list[int] = field(default_factory=lambda: [0, 1])  #: one adapter per seed; pairs are consecutive seeds
     alphas: list[float] = field(default_factory=lambda: list(ALPHAS))  #: interpolation coefficients in [0, 1]
-    mergers: list[str] = field(default_factory=lambda: ["fusion", "mixture"])  #: merge methods evaluated (this experiment's merge_method setting: fusion, mixture, or PEFT's ties, dare_ties, ...)
+    mergers: list[str] = field(
+        default_factory=lambda: ["fusion", "mixture"]
+    )  #: merge methods evaluated (this experiment's merge_method setting: fusion, mixture, or PEFT's ties, dare_ties, ...)
     merge_density: float = 0.5  #: density of TIES / DARE / magnitude merges (unused by the other methods)
     align: bool = True  #: also fuse after LoRA Align (curves "lora+align/fusion", "copra+align/fusion")
     align_steps: int = 200  #: Adam steps of LoRA Align per module
@@ -93,9 +95,23 @@ class LandscapeConfig(TrainingBudget, RunExecution, PerMethodLR):
         self.run_config(self.methods[0], self.seeds[0])  # validates every TrainConfig field
 
     def run_config(self, method: str, seed: int) -> TrainConfig:
-        return make_config({**self.overrides, **dict(task=self.task, method=method, seed=seed, shots=self.shots,
-                            steps=self.steps, batch_size=self.batch_size, lr=self.lr_of(method), model=self.model,
-                            eval_examples=self.eval_examples, progress=self.progress)})
+        return make_config(
+            {
+                **self.overrides,
+                **dict(
+                    task=self.task,
+                    method=method,
+                    seed=seed,
+                    shots=self.shots,
+                    steps=self.steps,
+                    batch_size=self.batch_size,
+                    lr=self.lr_of(method),
+                    model=self.model,
+                    eval_examples=self.eval_examples,
+                    progress=self.progress,
+                ),
+            }
+        )
 
     def pairs(self) -> list[tuple[int, int]]:
         """Consecutive seeds: [0, 1, 2] -> (0, 1), (1, 2)."""
@@ -120,8 +136,9 @@ def gap(a1: dict, a2: dict, alpha: float = 0.5) -> float:
     return sum(float(torch.linalg.matrix_norm(f[k].double() - m[k].double(), ord=2)) for k in f)
 
 
-def run_from_adapters(pairs: dict[str, list[tuple[str, str]]], config: LandscapeConfig,
-                      data: FewShotData | None = None) -> dict:
+def run_from_adapters(
+    pairs: dict[str, list[tuple[str, str]]], config: LandscapeConfig, data: FewShotData | None = None
+) -> dict:
     """Evaluate the landscape of given adapter folder pairs {method: [(folder 1, folder 2), ...]}."""
     started = time.perf_counter()
     if not pairs or any(not p for p in pairs.values()):
@@ -144,16 +161,26 @@ def run_from_adapters(pairs: dict[str, list[tuple[str, str]]], config: Landscape
     evaluator = Evaluator(base)
     alphas = config.alphas
     n_curves = len(config.mergers) + int(config.align)
-    bar = tqdm(total=sum(len(p) for p in pairs.values()) * (2 + n_curves * len(alphas)), disable=not config.progress,
-               desc=f"landscape {config.task}", leave=False)
-    summary: dict[str, Any] = {"config": asdict(config), "task": data.task, "alphas": alphas, "methods": {},
-                               "curves": {}}
+    bar = tqdm(
+        total=sum(len(p) for p in pairs.values()) * (2 + n_curves * len(alphas)),
+        disable=not config.progress,
+        desc=f"landscape {config.task}",
+        leave=False,
+    )
+    summary: dict[str, Any] = {
+        "config": asdict(config),
+        "task": data.task,
+        "alphas": alphas,
+        "methods": {},
+        "curves": {},
+    }
     for method, plist in pairs.items():
         row = summary["methods"][method] = {"pairs": [list(map(str, p)) for p in plist], "inputs": [], "bounds": []}
         for folder_a, folder_b in plist:
             (sa, ca), (sb, cb) = loaded[str(folder_a)], loaded[str(folder_b)]
-            row["inputs"].append({"alpha_1": evaluator.accuracy(sa, ca, data),
-                                  "alpha_0": evaluator.accuracy(sb, cb, data)})
+            row["inputs"].append(
+                {"alpha_1": evaluator.accuracy(sa, ca, data), "alpha_0": evaluator.accuracy(sb, cb, data)}
+            )
             bar.update(2)
             variants = [(f"{method}/{m}", m, False, sb) for m in config.mergers]
             bounds = {"before": bound(sa, sb), "gap_before": gap(sa, sb)}
@@ -165,12 +192,18 @@ def run_from_adapters(pairs: dict[str, list[tuple[str, str]]], config: Landscape
             for name, merger, aligned_flag, other in variants:
                 accs = []
                 for alpha in alphas:
-                    merged, merged_config = merge_states(merger, [sa, other], [ca, cb], [alpha, 1 - alpha],
-                                                         **setting_options(merger, config.merge_density))
+                    merged, merged_config = merge_states(
+                        merger,
+                        [sa, other],
+                        [ca, cb],
+                        [alpha, 1 - alpha],
+                        **setting_options(merger, config.merge_density),
+                    )
                     accs.append(evaluator.accuracy(merged, merged_config, data))
                     bar.update(1)
-                curve = summary["curves"].setdefault(name, {"method": method, "merger": merger, "align": aligned_flag,
-                                                            "accuracy": []})
+                curve = summary["curves"].setdefault(
+                    name, {"method": method, "merger": merger, "align": aligned_flag, "accuracy": []}
+                )
                 curve["accuracy"].append(accs)
     bar.close()
     for curve in summary["curves"].values():
@@ -198,11 +231,23 @@ def plot(summary: dict, path: str | Path) -> Path:
     for name, curve in summary["curves"].items():
         colour = colours.setdefault(curve["method"], f"C{len(colours)}")
         mean = [100 * v for v in curve["mean"]]
-        ax.plot(alphas, mean, ":" if curve["align"] else STYLES.get(curve["merger"], "-."), color=colour, marker="o",
-                markersize=3, label=name)
+        ax.plot(
+            alphas,
+            mean,
+            ":" if curve["align"] else STYLES.get(curve["merger"], "-."),
+            color=colour,
+            marker="o",
+            markersize=3,
+            label=name,
+        )
         if len(curve["accuracy"]) > 1:
-            ax.fill_between(alphas, [m - 100 * s for m, s in zip(mean, curve["std"])],
-                            [m + 100 * s for m, s in zip(mean, curve["std"])], color=colour, alpha=0.15)
+            ax.fill_between(
+                alphas,
+                [m - 100 * s for m, s in zip(mean, curve["std"])],
+                [m + 100 * s for m, s in zip(mean, curve["std"])],
+                color=colour,
+                alpha=0.15,
+            )
     ax.set_xlabel("alpha (1 = adapter of the first seed, 0 = of the second)")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(f"Merging two same-task adapters: {summary['task']}")
@@ -216,8 +261,10 @@ def table(summary: dict) -> str:
     alphas = summary["alphas"]
     lines = ["| curve | " + " | ".join(f"{a:g}" for a in alphas) + " | barrier |", "|---" * (len(alphas) + 2) + "|"]
     for name, curve in summary["curves"].items():
-        cells = " | ".join(f"{100 * m:.1f}" + (f" ± {100 * s:.1f}" if len(curve["accuracy"]) > 1 else "")
-                           for m, s in zip(curve["mean"], curve["std"]))
+        cells = " | ".join(
+            f"{100 * m:.1f}" + (f" ± {100 * s:.1f}" if len(curve["accuracy"]) > 1 else "")
+            for m, s in zip(curve["mean"], curve["std"])
+        )
         lines.append(f"| {name} | {cells} | {100 * curve['barrier']:.1f} |")
     return "\n".join(lines)
 
@@ -228,15 +275,26 @@ def render(summary: dict) -> str:
     for method, row in summary["methods"].items():
         b = row["bound"]
         cell = lambda k: "–" if b.get(k) is None else f"{b[k]:.4g}"  # noqa: E731
-        bounds.append(f"| {method} | {cell('before')} | {cell('after')} | {cell('gap_before')} | {cell('gap_after')} |")
+        bounds.append(
+            f"| {method} | {cell('before')} | {cell('after')} | {cell('gap_before')} | {cell('gap_after')} |"
+        )
     n_pairs = max(len(r["pairs"]) for r in summary["methods"].values())
-    return "\n".join([
-        f"# Merging landscape on {summary['task']} (CopRA paper, Fig. 3)", "",
-        f"Adapters of seeds {c['seeds']} ({n_pairs} consecutive pair(s)), {c['shots']} shots, {c['steps']} steps, "
-        f"model {c['model']}. Accuracy (%) on the fixed evaluation subset; alpha = 1 is the first adapter of a pair. "
-        "Fusion averages the factors, mixture the updates (exact, rank 2r); `+align` fuses after LoRA Align. "
-        "Barrier: largest drop below the straight line between the endpoints.", "",
-        table(summary), "",
-        "Bound at alpha = 0.5 (sum over modules, spectral norms; measured gap = sum ||dW_f - dW_m||_2, unscaled):", "",
-        "\n".join(bounds), "", "![landscape](landscape.png)", "",
-    ])
+    return "\n".join(
+        [
+            f"# Merging landscape on {summary['task']} (CopRA paper, Fig. 3)",
+            "",
+            f"Adapters of seeds {c['seeds']} ({n_pairs} consecutive pair(s)), {c['shots']} shots, {c['steps']} steps, "
+            f"model {c['model']}. Accuracy (%) on the fixed evaluation subset; alpha = 1 is the first adapter of a pair. "
+            "Fusion averages the factors, mixture the updates (exact, rank 2r); `+align` fuses after LoRA Align. "
+            "Barrier: largest drop below the straight line between the endpoints.",
+            "",
+            table(summary),
+            "",
+            "Bound at alpha = 0.5 (sum over modules, spectral norms; measured gap = sum ||dW_f - dW_m||_2, unscaled):",
+            "",
+            "\n".join(bounds),
+            "",
+            "![landscape](landscape.png)",
+            "",
+        ]
+    )

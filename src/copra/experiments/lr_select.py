@@ -45,17 +45,33 @@ class LrSelectConfig:
         check_unique("methods", self.methods, METHODS)
         check_unique("lr_grid", self.lr_grid)
         check_unique("seeds", self.seeds)
-        if isinstance(self.validation_examples, bool) or not isinstance(self.validation_examples, int) \
-                or self.validation_examples < 1:
+        if (
+            isinstance(self.validation_examples, bool)
+            or not isinstance(self.validation_examples, int)
+            or self.validation_examples < 1
+        ):
             raise UserError(f"validation_examples must be a positive integer, got {self.validation_examples!r}")
         check_overrides(self.overrides)
         for lr in self.lr_grid:
             self.run_config(self.methods[0], lr, self.seeds[0])  # validates every TrainConfig field
 
     def run_config(self, method: str, lr: float, seed: int) -> TrainConfig:
-        return make_config({**self.overrides, **dict(task=self.task, method=method, seed=seed, lr=lr, shots=self.shots,
-                            steps=self.steps, batch_size=self.batch_size, model=self.model,
-                            progress=self.progress)})
+        return make_config(
+            {
+                **self.overrides,
+                **dict(
+                    task=self.task,
+                    method=method,
+                    seed=seed,
+                    lr=lr,
+                    shots=self.shots,
+                    steps=self.steps,
+                    batch_size=self.batch_size,
+                    model=self.model,
+                    progress=self.progress,
+                ),
+            }
+        )
 
 
 def best_lr(scores: dict[float, list[float]]) -> float:
@@ -70,8 +86,11 @@ def validation_score(config: TrainConfig, examples: int, folder: Path) -> float:
     from copra.training.loop import train
 
     reused = finished(config, folder)  # a finished run of this config (its folder names the split size)
-    return reused.accuracy if reused is not None else \
-        train(config, data=prepare_validation(config, examples), output_dir=folder).accuracy
+    return (
+        reused.accuracy
+        if reused is not None
+        else train(config, data=prepare_validation(config, examples), output_dir=folder).accuracy
+    )
 
 
 def run(config: LrSelectConfig) -> dict:
@@ -79,12 +98,25 @@ def run(config: LrSelectConfig) -> dict:
     started = time.perf_counter()
     out = Path(config.output_dir)
     runs = out / "runs" / f"val{config.validation_examples}"  # another split size: other runs
-    summary: dict[str, Any] = {"experiment": "lr_select", "config": asdict(config), "task": config.task,
-                               "scores": {}, "best": {}}
+    summary: dict[str, Any] = {
+        "experiment": "lr_select",
+        "config": asdict(config),
+        "task": config.task,
+        "scores": {},
+        "best": {},
+    }
     for method in config.methods:
-        scores = {lr: [validation_score(config.run_config(method, lr, seed), config.validation_examples,
-                                        runs / method / f"lr={lr:g}" / f"seed{seed}") for seed in config.seeds]
-                  for lr in config.lr_grid}
+        scores = {
+            lr: [
+                validation_score(
+                    config.run_config(method, lr, seed),
+                    config.validation_examples,
+                    runs / method / f"lr={lr:g}" / f"seed{seed}",
+                )
+                for seed in config.seeds
+            ]
+            for lr in config.lr_grid
+        }
         summary["scores"][method] = {f"{lr:g}": values for lr, values in scores.items()}
         summary["best"][method] = best_lr(scores)
     summary["wall_seconds"] = time.perf_counter() - started
@@ -97,7 +129,7 @@ def plot(summary: dict, path: str | Path) -> Path:
     figure, ax = new_axes(6, 3.6)
     for method, scores in summary["scores"].items():
         lrs = [float(lr) for lr in scores]
-        line, = ax.plot(lrs, [100 * statistics.fmean(v) for v in scores.values()], marker="o", label=method)
+        (line,) = ax.plot(lrs, [100 * statistics.fmean(v) for v in scores.values()], marker="o", label=method)
         best = summary["best"][method]
         ax.plot([best], [100 * statistics.fmean(scores[f"{best:g}"])], "*", markersize=14, color=line.get_color())
     ax.set_xscale("log")
@@ -112,11 +144,16 @@ def render(summary: dict) -> str:
     c = summary["config"]
     methods = list(summary["scores"])
     lrs = list(summary["scores"][methods[0]]) if methods else []
-    lines = [f"## Learning rate per method, picked on a validation split ({summary['task']})", "",
-             f"{c['shots']} shots, {c['steps']} steps, seeds {c['seeds']}; validation accuracy (%) on "
-             f"{c['validation_examples']} examples of the training pool (never the few-shot sample or the test "
-             "split), mean over seeds. Best lr in bold.", "",
-             "| lr | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    lines = [
+        f"## Learning rate per method, picked on a validation split ({summary['task']})",
+        "",
+        f"{c['shots']} shots, {c['steps']} steps, seeds {c['seeds']}; validation accuracy (%) on "
+        f"{c['validation_examples']} examples of the training pool (never the few-shot sample or the test "
+        "split), mean over seeds. Best lr in bold.",
+        "",
+        "| lr | " + " | ".join(methods) + " |",
+        "|---|" + "---|" * len(methods),
+    ]
     for lr in lrs:
         cells = []
         for m in methods:

@@ -61,7 +61,9 @@ class MultitaskConfig(TrainingBudget, RunExecution, PerMethodLR):
     methods: list[str] = field(default_factory=lambda: ["lora", "copra"])  #: training methods compared
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  #: one adapter per (task, seed), fused per seed
     align: bool = False  #: LoRA Align every adapter to the first task's before fusing
-    merge_method: str = "fusion"  #: how task adapters are merged: fusion, mixture or a PEFT method (ties, dare_ties, ...)
+    merge_method: str = (
+        "fusion"  #: how task adapters are merged: fusion, mixture or a PEFT method (ties, dare_ties, ...)
+    )
     merge_density: float = 0.5  #: density of TIES / DARE / magnitude merges (unused by the other methods)
     align_steps: int = 200  #: Adam steps of LoRA Align per module
     snapshot_curve: bool = False  #: also merge and score every snapshot the runs saved (overrides: snapshot_every), for the crossover figure
@@ -89,9 +91,23 @@ class MultitaskConfig(TrainingBudget, RunExecution, PerMethodLR):
         self.run_config(self.tasks[0], self.methods[0], self.seeds[0])  # validates every TrainConfig field
 
     def run_config(self, task: str, method: str, seed: int) -> TrainConfig:
-        return make_config({**self.overrides, **dict(task=task, method=method, seed=seed, shots=self.shots,
-                            steps=self.steps, batch_size=self.batch_size, lr=self.lr_of(method), model=self.model,
-                            eval_examples=self.eval_examples, progress=self.progress)})
+        return make_config(
+            {
+                **self.overrides,
+                **dict(
+                    task=task,
+                    method=method,
+                    seed=seed,
+                    shots=self.shots,
+                    steps=self.steps,
+                    batch_size=self.batch_size,
+                    lr=self.lr_of(method),
+                    model=self.model,
+                    eval_examples=self.eval_examples,
+                    progress=self.progress,
+                ),
+            }
+        )
 
 
 def expand_tasks(tasks: list[str]) -> list[str]:
@@ -117,8 +133,9 @@ def run(config: MultitaskConfig) -> dict:
     return run_from_adapters(adapters, config, data)
 
 
-def run_from_adapters(adapters: dict[str, list[dict[str, str]]], config: MultitaskConfig,
-                      data: dict[str, FewShotData] | None = None) -> dict:
+def run_from_adapters(
+    adapters: dict[str, list[dict[str, str]]], config: MultitaskConfig, data: dict[str, FewShotData] | None = None
+) -> dict:
     """Fuse and evaluate given adapter folders {method: [{task: folder, ...} per seed, ...]}."""
     started = time.perf_counter()
     if not adapters or any(not groups for groups in adapters.values()):
@@ -128,8 +145,9 @@ def run_from_adapters(adapters: dict[str, list[dict[str, str]]], config: Multita
     for method, groups in adapters.items():
         for n, group in enumerate(groups):
             if sorted(group) != sorted(tasks):
-                raise UserError(f"{method} group {n}: needs one adapter folder for each of {tasks}, "
-                                f"got {sorted(group)}")
+                raise UserError(
+                    f"{method} group {n}: needs one adapter folder for each of {tasks}, got {sorted(group)}"
+                )
             states = {t: load_for_eval(group[t], t, config.model) for t in tasks}
             try:
                 check_compatible([states[t][0] for t in tasks], [states[t][1] for t in tasks])
@@ -139,8 +157,12 @@ def run_from_adapters(adapters: dict[str, list[dict[str, str]]], config: Multita
     base = config.run_config(tasks[0], next(iter(adapters)), config.seeds[0])
     data = data or {t: prepare_data(config.run_config(t, next(iter(adapters)), config.seeds[0])) for t in tasks}
     evaluator = Evaluator(base)
-    bar = tqdm(total=sum(len(g) for g in adapters.values()) * 2 * len(tasks) + len(tasks), leave=False,
-               disable=not config.progress, desc="multitask")
+    bar = tqdm(
+        total=sum(len(g) for g in adapters.values()) * 2 * len(tasks) + len(tasks),
+        leave=False,
+        disable=not config.progress,
+        desc="multitask",
+    )
     first_state, first_config = next(iter(loaded.values()))[tasks[0]]
     summary: dict[str, Any] = {"config": asdict(config), "tasks": tasks, "zero_shot": {}, "methods": {}}
     for task in tasks:  # B = 0: the encoder without adaptation, through the same classifier
@@ -161,8 +183,9 @@ def run_from_adapters(adapters: dict[str, list[dict[str, str]]], config: Multita
         row = {"runs": runs}
         for kind in ("original", "merged"):
             row[kind] = {t: dict(zip(("mean", "std"), mean_std(r[kind][t] for r in runs))) for t in tasks}
-            row[kind]["average"] = dict(zip(("mean", "std"), mean_std(
-                sum(r[kind][t] for t in tasks) / len(tasks) for r in runs)))
+            row[kind]["average"] = dict(
+                zip(("mean", "std"), mean_std(sum(r[kind][t] for t in tasks) / len(tasks) for r in runs))
+            )
         summary["methods"][method] = row
     bar.close()
     if config.snapshot_curve:
@@ -180,8 +203,12 @@ def merge_tasks(states: dict[str, tuple[dict, dict]], config: MultitaskConfig) -
     parts = [states[t][0] for t in tasks]
     if config.align:
         parts = [parts[0], *align_many(parts[0], parts[1:], steps=config.align_steps)]
-    return merge_states(config.merge_method, parts, [states[t][1] for t in tasks],
-                        **setting_options(config.merge_method, config.merge_density))
+    return merge_states(
+        config.merge_method,
+        parts,
+        [states[t][1] for t in tasks],
+        **setting_options(config.merge_method, config.merge_density),
+    )
 
 
 def snapshot_curve(summary: dict, config: MultitaskConfig, evaluator: Evaluator, data: dict[str, FewShotData]) -> dict:
@@ -191,13 +218,21 @@ def snapshot_curve(summary: dict, config: MultitaskConfig, evaluator: Evaluator,
     crossover figure. A snapshot at step t is the adapter t steps into a run of the full length.
     """
     tasks = summary["tasks"]
-    folders = {m: [{t: Path(r["adapters"][t]).parent for t in tasks} for r in row["runs"]]
-               for m, row in summary["methods"].items()}
-    saved = [set(snapshot_steps(folder)) for groups in folders.values() for group in groups for folder in group.values()]
+    folders = {
+        m: [{t: Path(r["adapters"][t]).parent for t in tasks} for r in row["runs"]]
+        for m, row in summary["methods"].items()
+    }
+    saved = [
+        set(snapshot_steps(folder)) for groups in folders.values() for group in groups for folder in group.values()
+    ]
     steps = sorted(set.intersection(*saved)) if saved else []
     curve: dict[str, Any] = {"steps": [*steps, config.steps], "merged": {m: [] for m in folders}}
-    bar = tqdm(total=len(steps) * sum(len(groups) for groups in folders.values()) * len(tasks), leave=False,
-               disable=not config.progress, desc="multitask snapshots")
+    bar = tqdm(
+        total=len(steps) * sum(len(groups) for groups in folders.values()) * len(tasks),
+        leave=False,
+        disable=not config.progress,
+        desc="multitask snapshots",
+    )
     for step in steps:
         for method, groups in folders.items():
             row = []
@@ -227,13 +262,31 @@ def plot(summary: dict, path: str | Path) -> Path:
     for i, (method, kind) in enumerate(bars):
         cells = [summary["methods"][method][kind][t] for t in tasks]
         xs = [x - 0.4 + width * (i + 0.5) for x in range(len(tasks))]
-        ax.bar(xs, [100 * c["mean"] for c in cells], width, yerr=[100 * c["std"] for c in cells], capsize=2,
-               color=f"C{i // 2}", alpha=1.0 if kind == "original" else 0.5, hatch=None if kind == "original" else "//",
-               label=f"{LABELS.get(method, method)} {'origin' if kind == 'original' else 'merge'}")
-    ax.hlines([100 * summary["zero_shot"][t] for t in tasks], [x - 0.45 for x in range(len(tasks))],
-              [x + 0.45 for x in range(len(tasks))], colors="k", linestyles="--", label="zero-shot", zorder=3)
-    zoom_bars(ax, [100 * summary["methods"][m][k][t]["mean"] for m, k in bars for t in tasks]
-              + [100 * summary["zero_shot"][t] for t in tasks])
+        ax.bar(
+            xs,
+            [100 * c["mean"] for c in cells],
+            width,
+            yerr=[100 * c["std"] for c in cells],
+            capsize=2,
+            color=f"C{i // 2}",
+            alpha=1.0 if kind == "original" else 0.5,
+            hatch=None if kind == "original" else "//",
+            label=f"{LABELS.get(method, method)} {'origin' if kind == 'original' else 'merge'}",
+        )
+    ax.hlines(
+        [100 * summary["zero_shot"][t] for t in tasks],
+        [x - 0.45 for x in range(len(tasks))],
+        [x + 0.45 for x in range(len(tasks))],
+        colors="k",
+        linestyles="--",
+        label="zero-shot",
+        zorder=3,
+    )
+    zoom_bars(
+        ax,
+        [100 * summary["methods"][m][k][t]["mean"] for m, k in bars for t in tasks]
+        + [100 * summary["zero_shot"][t] for t in tasks],
+    )
     ax.set_xticks(range(len(tasks)), tasks)
     ax.set_ylabel("accuracy (%)")
     method = summary["config"].get("merge_method", "fusion")
@@ -255,11 +308,25 @@ def plot_per_task(summary: dict, path: str | Path) -> Path:
     for i, method in enumerate(methods):
         row = summary["methods"][method]
         xs = [x - 0.4 + width * (i + 0.5) for x in range(len(tasks))]
-        ax.bar(xs, [100 * row["merged"][t]["mean"] for t in tasks], width,
-               yerr=[100 * row["merged"][t]["std"] for t in tasks], capsize=2, color=f"C{i}",
-               label=f"{LABELS.get(method, method)} fused")
-        ax.scatter(xs, [100 * row["original"][t]["mean"] for t in tasks], s=30, facecolors="none",
-                   edgecolors=f"C{i}", linewidths=1.5, zorder=3, label=f"{LABELS.get(method, method)} own adapter")
+        ax.bar(
+            xs,
+            [100 * row["merged"][t]["mean"] for t in tasks],
+            width,
+            yerr=[100 * row["merged"][t]["std"] for t in tasks],
+            capsize=2,
+            color=f"C{i}",
+            label=f"{LABELS.get(method, method)} fused",
+        )
+        ax.scatter(
+            xs,
+            [100 * row["original"][t]["mean"] for t in tasks],
+            s=30,
+            facecolors="none",
+            edgecolors=f"C{i}",
+            linewidths=1.5,
+            zorder=3,
+            label=f"{LABELS.get(method, method)} own adapter",
+        )
     ax.scatter(range(len(tasks)), zero, marker="_", s=300, color="k", zorder=4, label="zero-shot")
     ax.set_xticks(range(len(tasks)), tasks, rotation=45, ha="right")
     ax.set_ylabel("accuracy (%)")
@@ -275,14 +342,20 @@ def table(summary: dict) -> str:
     tasks = summary["tasks"]
     if len(tasks) > MANY_TASKS:
         return table_per_task(summary)
-    lines = ["| | method | " + " | ".join(tasks) + " | average |", "|---" * (len(tasks) + 3) + "|",
-             "| zero-shot | – | " + " | ".join(f"{100 * summary['zero_shot'][t]:.1f}" for t in tasks) + " | "
-             f"{100 * sum(summary['zero_shot'].values()) / len(tasks):.1f} |"]
+    lines = [
+        "| | method | " + " | ".join(tasks) + " | average |",
+        "|---" * (len(tasks) + 3) + "|",
+        "| zero-shot | – | " + " | ".join(f"{100 * summary['zero_shot'][t]:.1f}" for t in tasks) + " | "
+        f"{100 * sum(summary['zero_shot'].values()) / len(tasks):.1f} |",
+    ]
     for kind, label in (("original", "origin"), ("merged", "merge")):
         for method, row in summary["methods"].items():
             cells = [row[kind][t] for t in [*tasks, "average"]]
-            lines.append(f"| {label} | {LABELS.get(method, method)} | "
-                         + " | ".join(f"{100 * c['mean']:.1f} ± {100 * c['std']:.1f}" for c in cells) + " |")
+            lines.append(
+                f"| {label} | {LABELS.get(method, method)} | "
+                + " | ".join(f"{100 * c['mean']:.1f} ± {100 * c['std']:.1f}" for c in cells)
+                + " |"
+            )
     return "\n".join(lines)
 
 
@@ -290,25 +363,38 @@ def table_per_task(summary: dict) -> str:
     """Markdown for many tasks (MTL15): one row per task, columns zero-shot and origin/merge per method."""
     tasks, methods = summary["tasks"], list(summary["methods"])
     kinds = [(k, m) for k in ("original", "merged") for m in methods]
-    head = "| task | zero-shot | " + " | ".join(
-        f"{'origin' if k == 'original' else 'merge'} {LABELS.get(m, m)}" for k, m in kinds) + " |"
+    head = (
+        "| task | zero-shot | "
+        + " | ".join(f"{'origin' if k == 'original' else 'merge'} {LABELS.get(m, m)}" for k, m in kinds)
+        + " |"
+    )
     lines = [head, "|---" * (len(kinds) + 2) + "|"]
     zero = dict(summary["zero_shot"], average=sum(summary["zero_shot"].values()) / len(tasks))
     for t in [*tasks, "average"]:
         cells = [summary["methods"][m][k][t] for k, m in kinds]
-        lines.append(f"| {t} | {100 * zero[t]:.1f} | "
-                     + " | ".join(f"{100 * c['mean']:.1f} ± {100 * c['std']:.1f}" for c in cells) + " |")
+        lines.append(
+            f"| {t} | {100 * zero[t]:.1f} | "
+            + " | ".join(f"{100 * c['mean']:.1f} ± {100 * c['std']:.1f}" for c in cells)
+            + " |"
+        )
     return "\n".join(lines)
 
 
 def render(summary: dict) -> str:
     c = summary["config"]
-    return "\n".join([
-        "# Multi-task merging (CopRA paper, Table 1 right)", "",
-        f"One adapter per task ({', '.join(summary['tasks'])}) and seed ({c['seeds']}), {c['shots']} shots, "
-        f"{c['steps']} steps, model {c['model']}. *origin*: each task's own adapter on its task; *merge*: the "
-        f"equal-weight {c.get('merge_method', 'fusion')} merge of all task adapters"
-        f"{' after LoRA Align' if c['align'] else ''}, evaluated on every "
-        "task with that task's class prompts. Accuracy (%) on fixed evaluation subsets, mean ± std over seeds.", "",
-        table(summary), "", "![multitask](multitask.png)", "",
-    ])
+    return "\n".join(
+        [
+            "# Multi-task merging (CopRA paper, Table 1 right)",
+            "",
+            f"One adapter per task ({', '.join(summary['tasks'])}) and seed ({c['seeds']}), {c['shots']} shots, "
+            f"{c['steps']} steps, model {c['model']}. *origin*: each task's own adapter on its task; *merge*: the "
+            f"equal-weight {c.get('merge_method', 'fusion')} merge of all task adapters"
+            f"{' after LoRA Align' if c['align'] else ''}, evaluated on every "
+            "task with that task's class prompts. Accuracy (%) on fixed evaluation subsets, mean ± std over seeds.",
+            "",
+            table(summary),
+            "",
+            "![multitask](multitask.png)",
+            "",
+        ]
+    )

@@ -45,8 +45,12 @@ class PruningConfig(TrainingBudget, RunExecution, PerMethodLR):
 
     task: str = "bbc_news"  #: task the adapters are trained and evaluated on
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  #: one adapter per seed and method
-    lrs: dict[str, float] = field(default_factory=dict)  #: peak lr per method (lora, copra) (e.g. from lr_select); others use lr
-    schemes: list[str] = field(default_factory=lambda: list(STRUCTURED))  #: structured schemes ("all" = unpruned; add "shapley" for keep-K by Shapley)
+    lrs: dict[str, float] = field(
+        default_factory=dict
+    )  #: peak lr per method (lora, copra) (e.g. from lr_select); others use lr
+    schemes: list[str] = field(
+        default_factory=lambda: list(STRUCTURED)
+    )  #: structured schemes ("all" = unpruned; add "shapley" for keep-K by Shapley)
     keep: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])  #: shapley scheme: numbers of layers kept
     random_subsets: int = 5  #: shapley scheme: random K-subsets compared per K
     validation_examples: int = 240  #: shapley scheme: held-out training examples the values are estimated on
@@ -64,7 +68,9 @@ class PruningConfig(TrainingBudget, RunExecution, PerMethodLR):
                 raise UserError(f"keep must list numbers of layers >= 1, got {self.keep!r}")
             for name in ("random_subsets", "validation_examples", "shapley_samples"):
                 if getattr(self, name) < (4 if name == "shapley_samples" else 1):
-                    raise UserError(f"{name} must be a positive integer (shapley_samples >= 4), got {getattr(self, name)!r}")
+                    raise UserError(
+                        f"{name} must be a positive integer (shapley_samples >= 4), got {getattr(self, name)!r}"
+                    )
         bad = [s for s in self.sparsities if not 0.0 <= s < 1.0]
         if bad:
             raise UserError(f"sparsity must be in [0, 1), got {bad[0]!r}")
@@ -76,18 +82,32 @@ class PruningConfig(TrainingBudget, RunExecution, PerMethodLR):
 
     def base_config(self):
         """The TrainConfig every run starts from."""
-        return make_config({**self.overrides, **dict(task=self.task, shots=self.shots, steps=self.steps,
-                            batch_size=self.batch_size, lr=self.lr, eval_examples=self.eval_examples,
-                            model=self.model, progress=self.progress)})
+        return make_config(
+            {
+                **self.overrides,
+                **dict(
+                    task=self.task,
+                    shots=self.shots,
+                    steps=self.steps,
+                    batch_size=self.batch_size,
+                    lr=self.lr,
+                    eval_examples=self.eval_examples,
+                    model=self.model,
+                    progress=self.progress,
+                ),
+            }
+        )
 
     def run_config(self, method: str, seed: int):
         """One trained run: CopRA's keep the Early CopRA checkpoint (pruned too), each method at its lr."""
-        return self.base_config().replace(method=method, seed=seed, save_early=method == "copra",
-                                          lr=self.lr_of(method))
+        return self.base_config().replace(
+            method=method, seed=seed, save_early=method == "copra", lr=self.lr_of(method)
+        )
 
 
-def evaluate_pruned(adapters: dict[str, list[str]], data: FewShotData, config: PruningConfig,
-                    evaluator: Evaluator) -> dict:
+def evaluate_pruned(
+    adapters: dict[str, list[str]], data: FewShotData, config: PruningConfig, evaluator: Evaluator
+) -> dict:
     """Accuracy of every (method, adapter) under every scheme and sparsity; mean ± std over adapters."""
     structured_acc: dict[str, dict[str, list[float]]] = {}
     unstructured_acc: dict[str, dict[str, list[float]]] = {}
@@ -102,12 +122,16 @@ def evaluate_pruned(adapters: dict[str, list[str]], data: FewShotData, config: P
                     continue  # keep-K by Shapley value: see shapley_pruning.keep_by_shapley
                 if scheme in PROJECTIONS and scheme not in present:
                     continue  # that projection has no adapter: nothing to keep
-                structured_acc[method][scheme].append(evaluator.accuracy(structured(state, scheme), adapter_config, data))
+                structured_acc[method][scheme].append(
+                    evaluator.accuracy(structured(state, scheme), adapter_config, data)
+                )
             for sparsity in config.sparsities:
                 pruned = magnitude(state, sparsity)
                 unstructured_acc[method][str(sparsity)].append(evaluator.accuracy(pruned, adapter_config, data))
-    summarise = lambda table: {m: {k: dict(zip(("mean", "std"), mean_std(v))) | {"values": v}
-                                   for k, v in rows.items() if v} for m, rows in table.items()}
+    summarise = lambda table: {
+        m: {k: dict(zip(("mean", "std"), mean_std(v))) | {"values": v} for k, v in rows.items() if v}
+        for m, rows in table.items()
+    }
     return {"structured": summarise(structured_acc), "unstructured": summarise(unstructured_acc)}
 
 
@@ -120,8 +144,11 @@ def run(config: PruningConfig) -> dict:
     out = Path(config.output_dir)
     started = time.perf_counter()
     adapters: dict[str, list[str]] = {m: [] for m in METHODS}
-    plan = [(config.run_config(method, seed), out / "runs" / method / f"seed{seed}")
-            for seed in config.seeds for method in ("lora", "copra")]
+    plan = [
+        (config.run_config(method, seed), out / "runs" / method / f"seed{seed}")
+        for seed in config.seeds
+        for method in ("lora", "copra")
+    ]
     for result in run_all(plan, config.jobs, config.executor, config.ray_address):
         adapters[result.config["method"]].append(result.adapter_dir)
         if result.early_dir:
@@ -129,19 +156,31 @@ def run(config: PruningConfig) -> dict:
     return run_from_adapters(adapters, data, config, started=started)
 
 
-def run_from_adapters(adapters: dict[str, list[str]], data: FewShotData, config: PruningConfig,
-                      started: float | None = None) -> dict:
+def run_from_adapters(
+    adapters: dict[str, list[str]], data: FewShotData, config: PruningConfig, started: float | None = None
+) -> dict:
     """Prune and evaluate existing adapter folders ({method: [folder, ...]}); write JSON, PNG, Markdown."""
     started = started if started is not None else time.perf_counter()
     evaluator = Evaluator(config.base_config())
-    results = {"config": asdict(config), "task": data.task, "adapters": adapters,
-               **evaluate_pruned(adapters, data, config, evaluator)}
+    results = {
+        "config": asdict(config),
+        "task": data.task,
+        "adapters": adapters,
+        **evaluate_pruned(adapters, data, config, evaluator),
+    }
     if "shapley" in config.schemes:
         from copra.experiments.shapley_pruning import keep_by_shapley
 
-        results["keep_by_shapley"] = keep_by_shapley(adapters, data, config.base_config(), evaluator, config.keep,
-                                                     config.random_subsets, config.shapley_samples,
-                                                     config.validation_examples)
+        results["keep_by_shapley"] = keep_by_shapley(
+            adapters,
+            data,
+            config.base_config(),
+            evaluator,
+            config.keep,
+            config.random_subsets,
+            config.shapley_samples,
+            config.validation_examples,
+        )
     results["wall_seconds"] = time.perf_counter() - started
     out = Path(config.output_dir)
     write_outputs(out, "pruning", results, plot, render)
@@ -171,12 +210,24 @@ def draw(results: dict):
     for i, method in enumerate(methods):
         rows = results["structured"][method]
         xs = [j + (i - (len(methods) - 1) / 2) * width for j, s in enumerate(schemes) if s in rows]
-        left.bar(xs, [100 * rows[s]["mean"] for s in schemes if s in rows], width,
-                 yerr=[100 * rows[s]["std"] for s in schemes if s in rows], label=method, capsize=2)
+        left.bar(
+            xs,
+            [100 * rows[s]["mean"] for s in schemes if s in rows],
+            width,
+            yerr=[100 * rows[s]["std"] for s in schemes if s in rows],
+            label=method,
+            capsize=2,
+        )
         curve = results["unstructured"][method]
         keys = sorted(curve, key=float)
-        right.errorbar([float(k) for k in keys], [100 * curve[k]["mean"] for k in keys],
-                       yerr=[100 * curve[k]["std"] for k in keys], marker="o", label=method, capsize=2)
+        right.errorbar(
+            [float(k) for k in keys],
+            [100 * curve[k]["mean"] for k in keys],
+            yerr=[100 * curve[k]["std"] for k in keys],
+            marker="o",
+            label=method,
+            capsize=2,
+        )
     zoom_bars(left, [100 * row[s]["mean"] for row in results["structured"].values() for s in row])
     left.set_xticks(range(len(schemes)), schemes, rotation=30)
     left.set_ylabel("accuracy (%)")
@@ -192,19 +243,30 @@ def draw(results: dict):
 def render(results: dict) -> str:
     """Markdown tables (accuracy %, mean ± std over seeds)."""
     methods = list(results["structured"])
-    lines = [f"## Pruning ({results['task']}, paper Fig. 4)", "", "![pruning](pruning.png)", "",
-             "| scheme | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    lines = [
+        f"## Pruning ({results['task']}, paper Fig. 4)",
+        "",
+        "![pruning](pruning.png)",
+        "",
+        "| scheme | " + " | ".join(methods) + " |",
+        "|---|" + "---|" * len(methods),
+    ]
     for scheme in results["config"]["schemes"]:
         if scheme == "shapley":
             continue
         cells = [results["structured"][m].get(scheme) for m in methods]
         if any(cells):
-            lines.append(f"| {scheme} | " + " | ".join(
-                f"{100 * c['mean']:.1f} ± {100 * c['std']:.1f}" if c else "-" for c in cells) + " |")
+            lines.append(
+                f"| {scheme} | "
+                + " | ".join(f"{100 * c['mean']:.1f} ± {100 * c['std']:.1f}" if c else "-" for c in cells)
+                + " |"
+            )
     lines += ["", "| sparsity | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
     for sparsity in results["config"]["sparsities"]:
         cells = [results["unstructured"][m][str(sparsity)] for m in methods]
-        lines.append(f"| {sparsity} | " + " | ".join(f"{100 * c['mean']:.1f} ± {100 * c['std']:.1f}" for c in cells) + " |")
+        lines.append(
+            f"| {sparsity} | " + " | ".join(f"{100 * c['mean']:.1f} ± {100 * c['std']:.1f}" for c in cells) + " |"
+        )
     if results.get("keep_by_shapley"):
         from copra.experiments.shapley_pruning import render_rows
 

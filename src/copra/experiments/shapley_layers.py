@@ -74,9 +74,23 @@ class ShapleyConfig(TrainingBudget, RunExecution, PerMethodLR):
         self.run_config("lora", self.seeds[0])
 
     def run_config(self, method: str, seed: int):
-        return make_config({**self.overrides, **dict(task=self.task, method=method, seed=seed, shots=self.shots,
-                            steps=self.steps, batch_size=self.batch_size, lr=self.lr_of(method), model=self.model,
-                            eval_examples=self.eval_examples, progress=self.progress)})
+        return make_config(
+            {
+                **self.overrides,
+                **dict(
+                    task=self.task,
+                    method=method,
+                    seed=seed,
+                    shots=self.shots,
+                    steps=self.steps,
+                    batch_size=self.batch_size,
+                    lr=self.lr_of(method),
+                    model=self.model,
+                    eval_examples=self.eval_examples,
+                    progress=self.progress,
+                ),
+            }
+        )
 
 
 def run(config: ShapleyConfig) -> dict:
@@ -111,12 +125,20 @@ def run_from_adapters(adapters: dict[str, list[str]], config: ShapleyConfig, dat
             gates = CopRA(classifier.encoder, total_steps=1, granularity=config.granularity)
             try:
                 tick = time.perf_counter()
-                estimate = shapley_for_model(classifier, gates, data, config.estimator, config.samples,
-                                             metric=config.metric)
-                row = {"folder": str(folder), "players": estimate.players, "values": estimate.values.tolist(),
-                       "stderr": estimate.stderr.tolist(), "v_empty": estimate.v_empty, "v_full": estimate.v_full,
-                       "evaluations": estimate.evaluations, "method": estimate.method,
-                       "seconds": time.perf_counter() - tick}
+                estimate = shapley_for_model(
+                    classifier, gates, data, config.estimator, config.samples, metric=config.metric
+                )
+                row = {
+                    "folder": str(folder),
+                    "players": estimate.players,
+                    "values": estimate.values.tolist(),
+                    "stderr": estimate.stderr.tolist(),
+                    "v_empty": estimate.v_empty,
+                    "v_full": estimate.v_full,
+                    "evaluations": estimate.evaluations,
+                    "method": estimate.method,
+                    "seconds": time.perf_counter() - tick,
+                }
                 if config.compare_exact and estimate.method != "exact" and affordable(len(gates.players), 2**16):
                     exact = shapley_for_model(classifier, gates, data, "exact", metric=config.metric)
                     row["exact"] = exact.values.tolist()
@@ -126,8 +148,10 @@ def run_from_adapters(adapters: dict[str, list[str]], config: ShapleyConfig, dat
                 gates.remove()
         values = np.array([r["values"] for r in rows])  # [seeds, players]
         summary["methods"][method] = {
-            "players": rows[0]["players"], "runs": rows,
-            "mean": values.mean(0).tolist(), "std": values.std(0, ddof=1).tolist() if len(rows) > 1 else [0.0] * values.shape[1],
+            "players": rows[0]["players"],
+            "runs": rows,
+            "mean": values.mean(0).tolist(),
+            "std": values.std(0, ddof=1).tolist() if len(rows) > 1 else [0.0] * values.shape[1],
             # the estimator's own error of the seed mean: sqrt(sum of squared stderrs) / seeds
             "estimator_se": (np.sqrt(np.nansum(np.square([r["stderr"] for r in rows]), 0)) / len(rows)).tolist(),
             "max_abs_error": max((r["max_abs_error"] for r in rows if "max_abs_error" in r), default=None),
@@ -144,7 +168,10 @@ def module_grid(players: list[str], values: list[float]) -> tuple[list[str], lis
     projections = list(dict.fromkeys(projection_of(p) or p.rsplit(".", 1)[-1] for p in players))
     grid = np.full((len(blocks), len(projections)), np.nan)
     for player, value in zip(players, values):
-        grid[blocks.index(player_of(player, "layer")), projections.index(projection_of(player) or player.rsplit(".", 1)[-1])] = value
+        grid[
+            blocks.index(player_of(player, "layer")),
+            projections.index(projection_of(player) or player.rsplit(".", 1)[-1]),
+        ] = value
     return blocks, projections, grid
 
 
@@ -215,11 +242,16 @@ def render(summary: dict) -> str:
         return render_modules(summary)
     methods = list(summary["methods"])
     players = summary["methods"][methods[0]]["players"]
-    lines = [f"## Per-layer Shapley values ({summary['task']}, paper Fig. 2)", "",
-             f"v(C) = {c['metric']} with only the layers in C adapted; estimator {c['estimator']}"
-             + ("" if c["estimator"] == "exact" else f" ({c['samples']} samples)")
-             + f", mean ± std over seeds {c['seeds']}.", "",
-             "| layer | " + " | ".join(LABELS.get(m, m) for m in methods) + " |", "|---|" + "---|" * len(methods)]
+    lines = [
+        f"## Per-layer Shapley values ({summary['task']}, paper Fig. 2)",
+        "",
+        f"v(C) = {c['metric']} with only the layers in C adapted; estimator {c['estimator']}"
+        + ("" if c["estimator"] == "exact" else f" ({c['samples']} samples)")
+        + f", mean ± std over seeds {c['seeds']}.",
+        "",
+        "| layer | " + " | ".join(LABELS.get(m, m) for m in methods) + " |",
+        "|---|" + "---|" * len(methods),
+    ]
     for j, player in enumerate(players):
         cells = [f"{summary['methods'][m]['mean'][j]:+.4f} ± {summary['methods'][m]['std'][j]:.4f}" for m in methods]
         lines.append(f"| {player.rsplit('.', 1)[-1]} | " + " | ".join(cells) + " |")
@@ -227,8 +259,13 @@ def render(summary: dict) -> str:
     lines.append("| sum = v(all) - v(none) | " + " | ".join(totals) + " |")
     errors = [summary["methods"][m]["max_abs_error"] for m in methods]
     if any(e is not None for e in errors) and c["estimator"] != "exact" and c["compare_exact"]:
-        lines += ["", "Max abs error of the estimate vs exact Shapley: " + ", ".join(
-            f"{LABELS.get(m, m)} " + ("n/a (exact)" if e is None else f"{e:.4f}") for m, e in zip(methods, errors))]
+        lines += [
+            "",
+            "Max abs error of the estimate vs exact Shapley: "
+            + ", ".join(
+                f"{LABELS.get(m, m)} " + ("n/a (exact)" if e is None else f"{e:.4f}") for m, e in zip(methods, errors)
+            ),
+        ]
     lines += ["", "![shapley](shapley.png)", "", f"Wall time: {summary['wall_seconds']:.0f} s.", ""]
     return "\n".join(lines)
 
@@ -236,21 +273,33 @@ def render(summary: dict) -> str:
 def render_modules(summary: dict) -> str:
     """Per-module values as one block x projection table per method (mean, estimator SE)."""
     c = summary["config"]
-    lines = [f"## Per-module Shapley values ({summary['task']}, beyond the paper)", "",
-             f"v(C) = {c['metric']} with only the LoRA modules in C on; estimator {c['estimator']}"
-             + ("" if c["estimator"] == "exact" else f" ({c['samples']} samples)")
-             + f"; cells: mean over seeds {c['seeds']} (± the estimator's standard error of that mean).", ""]
+    lines = [
+        f"## Per-module Shapley values ({summary['task']}, beyond the paper)",
+        "",
+        f"v(C) = {c['metric']} with only the LoRA modules in C on; estimator {c['estimator']}"
+        + ("" if c["estimator"] == "exact" else f" ({c['samples']} samples)")
+        + f"; cells: mean over seeds {c['seeds']} (± the estimator's standard error of that mean).",
+        "",
+    ]
     for method, row in summary["methods"].items():
         blocks, projections, grid = module_grid(row["players"], row["mean"])
         _, _, se = module_grid(row["players"], row.get("estimator_se") or [float("nan")] * len(row["players"]))
         gain = np.mean([r["v_full"] - r["v_empty"] for r in row["runs"]])
-        lines += [f"**{LABELS.get(method, method)}** (sum of values {sum(row['mean']):+.4f}; "
-                  f"v(all) - v(none) {gain:+.4f})", "",
-                  "| block | " + " | ".join(projections) + " |", "|---|" + "---|" * len(projections)]
+        lines += [
+            f"**{LABELS.get(method, method)}** (sum of values {sum(row['mean']):+.4f}; v(all) - v(none) {gain:+.4f})",
+            "",
+            "| block | " + " | ".join(projections) + " |",
+            "|---|" + "---|" * len(projections),
+        ]
         for i, block in enumerate(blocks):
-            lines.append(f"| {block_label(block)} | " + " | ".join(
-                "-" if not np.isfinite(grid[i, j]) else f"{grid[i, j]:+.4f} ± {se[i, j]:.4f}"
-                for j in range(len(projections))) + " |")
+            lines.append(
+                f"| {block_label(block)} | "
+                + " | ".join(
+                    "-" if not np.isfinite(grid[i, j]) else f"{grid[i, j]:+.4f} ± {se[i, j]:.4f}"
+                    for j in range(len(projections))
+                )
+                + " |"
+            )
         lines.append("")
     lines += ["![shapley](shapley.png)", "", f"Wall time: {summary['wall_seconds']:.0f} s.", ""]
     return "\n".join(lines)

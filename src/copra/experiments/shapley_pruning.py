@@ -28,8 +28,16 @@ from copra.models.evaluation import FewShotData, prepare_validation
 from copra.utils.errors import UserError
 
 
-def adapter_values(folder: str | Path, base: TrainConfig, evaluator: Evaluator, *, granularity: str = "layer",
-                   samples: int = 64, metric: str = "accuracy", validation: FewShotData | None = None):
+def adapter_values(
+    folder: str | Path,
+    base: TrainConfig,
+    evaluator: Evaluator,
+    *,
+    granularity: str = "layer",
+    samples: int = 64,
+    metric: str = "accuracy",
+    validation: FewShotData | None = None,
+):
     """(classifier with the adapter loaded, gates, Shapley values on the validation split of `base`'s seed).
 
     The caller removes the gates (`gates.remove()`) when done with the classifier.
@@ -45,14 +53,19 @@ def adapter_values(folder: str | Path, base: TrainConfig, evaluator: Evaluator, 
     load_adapter_state(classifier, state)
     gates = CopRA(classifier.encoder, total_steps=1, granularity=granularity)
     try:
-        return classifier, gates, shapley_for_model(classifier, gates, validation, "multilinear", samples, metric=metric)
+        return (
+            classifier,
+            gates,
+            shapley_for_model(classifier, gates, validation, "multilinear", samples, metric=metric),
+        )
     except BaseException:
         gates.remove()
         raise
 
 
-def auto_values(folder: str | Path, task: str, granularity: str = "layer", samples: int = 64,
-                examples: int | None = None) -> tuple[list[str], list[float]]:
+def auto_values(
+    folder: str | Path, task: str, granularity: str = "layer", samples: int = 64, examples: int | None = None
+) -> tuple[list[str], list[float]]:
     """For `copra prune --keep-by-shapley auto --task T`: values on a validation split of T's training pool.
 
     The run's settings (model, shots, seed, ...) come from the adapter's copra.json when it has one,
@@ -68,8 +81,14 @@ def auto_values(folder: str | Path, task: str, granularity: str = "layer", sampl
     fields = set(TrainConfig.__dataclass_fields__)
     stored = {k: v for k, v in (meta.get("config") or {}).items() if k in fields}
     base = make_config(stored | {"task": task, "progress": False})
-    _, gates, result = adapter_values(folder, base, Evaluator(base), granularity=granularity, samples=samples,
-                                      validation=prepare_validation(base, examples or base.eval_examples))
+    _, gates, result = adapter_values(
+        folder,
+        base,
+        Evaluator(base),
+        granularity=granularity,
+        samples=samples,
+        validation=prepare_validation(base, examples or base.eval_examples),
+    )
     gates.remove()
     return list(result.players), [float(v) for v in result.values]
 
@@ -84,14 +103,28 @@ def random_subsets(n: int, k: int, count: int, seed: int) -> list[list[int]]:
     return [list(c) for c in sorted(chosen)]
 
 
-def keep_k_run(folder: str, seed: int, test: FewShotData, base: TrainConfig, evaluator: Evaluator, keep: list[int],
-               subsets: int, samples: int, examples: int) -> dict[str, Any]:
+def keep_k_run(
+    folder: str,
+    seed: int,
+    test: FewShotData,
+    base: TrainConfig,
+    evaluator: Evaluator,
+    keep: list[int],
+    subsets: int,
+    samples: int,
+    examples: int,
+) -> dict[str, Any]:
     """One adapter: values on its validation split, then test accuracy of every kept subset for every K."""
     from copra.analysis.coalitions import CoalitionEvaluator
 
     run_config = base.replace(seed=seed)
-    classifier, gates, values = adapter_values(folder, run_config, evaluator, samples=samples,
-                                               validation=prepare_validation(run_config, examples or run_config.eval_examples))
+    classifier, gates, values = adapter_values(
+        folder,
+        run_config,
+        evaluator,
+        samples=samples,
+        validation=prepare_validation(run_config, examples or run_config.eval_examples),
+    )
     try:
         n = len(values.players)
         plan: dict[tuple[str, int], list[list[int]]] = {}
@@ -116,26 +149,59 @@ def keep_k_run(folder: str, seed: int, test: FewShotData, base: TrainConfig, eva
         row["random_kept"] = plan["random", k]
         row["random_mean"] = float(np.mean(row["random"]))
         by_k[str(k)] = row
-    return {"folder": folder, "seed": seed, "players": list(values.players), "values": values.values.tolist(),
-            "stderr": values.stderr.tolist(), "estimator": values.method, "by_k": by_k}
+    return {
+        "folder": folder,
+        "seed": seed,
+        "players": list(values.players),
+        "values": values.values.tolist(),
+        "stderr": values.stderr.tolist(),
+        "estimator": values.method,
+        "by_k": by_k,
+    }
 
 
-def keep_by_shapley(adapters: dict[str, list[str]], test: FewShotData, base: TrainConfig, evaluator: Evaluator,
-                    keep: list[int], subsets: int, samples: int, examples: int) -> dict[str, Any]:
+def keep_by_shapley(
+    adapters: dict[str, list[str]],
+    test: FewShotData,
+    base: TrainConfig,
+    evaluator: Evaluator,
+    keep: list[int],
+    subsets: int,
+    samples: int,
+    examples: int,
+) -> dict[str, Any]:
     """Every method's adapters through `keep_k_run`, with per-K means over adapters (and the best fixed scheme)."""
     from copra.adapters.io import read_metadata
 
-    out: dict[str, Any] = {"keep": list(keep), "random_subsets": subsets, "validation_examples": examples,
-                           "methods": {}}
+    out: dict[str, Any] = {
+        "keep": list(keep),
+        "random_subsets": subsets,
+        "validation_examples": examples,
+        "methods": {},
+    }
     for method, folders in adapters.items():
-        runs = [keep_k_run(f, int(read_metadata(f).get("seed", base.seed)), test, base, evaluator, keep, subsets,
-                           samples, examples) for f in folders]
+        runs = [
+            keep_k_run(
+                f,
+                int(read_metadata(f).get("seed", base.seed)),
+                test,
+                base,
+                evaluator,
+                keep,
+                subsets,
+                samples,
+                examples,
+            )
+            for f in folders
+        ]
         summary = {}
         for k in map(str, keep):
             column = lambda name: [r["by_k"][k][name] for r in runs]  # noqa: E731
             best = max(KEEP_SCHEMES, key=lambda s: (np.mean(column(s)), -KEEP_SCHEMES.index(s)))
-            summary[k] = {name: dict(zip(("mean", "std"), mean_std(column(key)))) | {"values": column(key)}
-                          for name, key in (("shapley", "shapley"), ("best_fixed", best), ("random", "random_mean"))}
+            summary[k] = {
+                name: dict(zip(("mean", "std"), mean_std(column(key)))) | {"values": column(key)}
+                for name, key in (("shapley", "shapley"), ("best_fixed", best), ("random", "random_mean"))
+            }
             summary[k]["best_fixed"]["scheme"] = best
         out["methods"][method] = {"runs": runs, "summary": summary}
     return out
@@ -144,26 +210,35 @@ def keep_by_shapley(adapters: dict[str, list[str]], test: FewShotData, base: Tra
 def render_rows(table: dict[str, Any]) -> list[str]:
     """Markdown: accuracy after keeping K players, by Shapley vs the best fixed scheme vs random subsets."""
     methods = list(table["methods"])
-    lines = [f"### Keeping K layers by Shapley value (values on {table['validation_examples']} held-out training "
-             f"examples; random: mean of {table['random_subsets']} subsets; best fixed: best mean on test)", "",
-             "| K | " + " | ".join(f"{m} Shapley | {m} best fixed | {m} random" for m in methods) + " |",
-             "|---|" + "---|" * 3 * len(methods)]
+    lines = [
+        f"### Keeping K layers by Shapley value (values on {table['validation_examples']} held-out training "
+        f"examples; random: mean of {table['random_subsets']} subsets; best fixed: best mean on test)",
+        "",
+        "| K | " + " | ".join(f"{m} Shapley | {m} best fixed | {m} random" for m in methods) + " |",
+        "|---|" + "---|" * 3 * len(methods),
+    ]
     for k in map(str, table["keep"]):
         cells = []
         for m in methods:
             row = table["methods"][m]["summary"][k]
-            cells += [f"{100 * row['shapley']['mean']:.1f} ± {100 * row['shapley']['std']:.1f}",
-                      f"{100 * row['best_fixed']['mean']:.1f} ({row['best_fixed']['scheme']})",
-                      f"{100 * row['random']['mean']:.1f} ± {100 * row['random']['std']:.1f}"]
+            cells += [
+                f"{100 * row['shapley']['mean']:.1f} ± {100 * row['shapley']['std']:.1f}",
+                f"{100 * row['best_fixed']['mean']:.1f} ({row['best_fixed']['scheme']})",
+                f"{100 * row['random']['mean']:.1f} ± {100 * row['random']['std']:.1f}",
+            ]
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
     lines.append("")
     for m in methods:
         rows = table["methods"][m]["summary"]
-        lost = {other: [k for k in map(str, table["keep"]) if rows[k]["shapley"]["mean"] < rows[k][other]["mean"]]
-                for other in ("best_fixed", "random")}
-        lines.append(f"- {m}: Shapley-guided keeping is below the best fixed scheme at K = "
-                     f"{', '.join(lost['best_fixed']) or 'none'} and below the random mean at K = "
-                     f"{', '.join(lost['random']) or 'none'}.")
+        lost = {
+            other: [k for k in map(str, table["keep"]) if rows[k]["shapley"]["mean"] < rows[k][other]["mean"]]
+            for other in ("best_fixed", "random")
+        }
+        lines.append(
+            f"- {m}: Shapley-guided keeping is below the best fixed scheme at K = "
+            f"{', '.join(lost['best_fixed']) or 'none'} and below the random mean at K = "
+            f"{', '.join(lost['random']) or 'none'}."
+        )
     return lines + [""]
 
 
@@ -174,9 +249,16 @@ def plot_panel(table: dict[str, Any], axes) -> None:
         colour = f"C{i}"
         for name, style in (("shapley", "-"), ("best_fixed", ":"), ("random", "--")):
             rows = [entry["summary"][str(k)][name] for k in ks]
-            axes.errorbar(ks, [100 * r["mean"] for r in rows], yerr=[100 * r["std"] for r in rows], color=colour,
-                          linestyle=style, marker="o" if name == "shapley" else None, capsize=2,
-                          label=f"{method} {name.replace('_', ' ')}")
+            axes.errorbar(
+                ks,
+                [100 * r["mean"] for r in rows],
+                yerr=[100 * r["std"] for r in rows],
+                color=colour,
+                linestyle=style,
+                marker="o" if name == "shapley" else None,
+                capsize=2,
+                label=f"{method} {name.replace('_', ' ')}",
+            )
     axes.set_xticks(ks)
     axes.set_xlabel("layers kept (K)")
     axes.set_ylabel("accuracy (%)")

@@ -78,7 +78,9 @@ class SweepConfig(TrainingBudget, RunExecution):
     alpha: float = 0.5  #: fusion coefficient of the merged accuracy
     geometry: bool = False  #: also t-SNE and seed-to-seed cosine / L2 of the adapters (Fig. 5a)
     curve_every: int = 0  #: also single and merged accuracy every this many steps (Fig. 6c; 0: off)
-    curve_prune: list[str] = field(default_factory=list)  #: structured pruning schemes (e.g. every_other) also scored along the curve
+    curve_prune: list[str] = field(
+        default_factory=list
+    )  #: structured pruning schemes (e.g. every_other) also scored along the curve
     output_dir: str = "results/sweep"  #: where adapters, JSON, PNG and Markdown go
 
     def __post_init__(self) -> None:
@@ -86,15 +88,23 @@ class SweepConfig(TrainingBudget, RunExecution):
             raise UserError(f"name must be letters, digits, '_' or '-', got {self.name!r}")
         if isinstance(self.variants, str):
             if self.variants not in VARIANT_SETS:
-                raise UserError(f"unknown variant set {self.variants!r}; choose from {list(VARIANT_SETS)} or give a mapping")
+                raise UserError(
+                    f"unknown variant set {self.variants!r}; choose from {list(VARIANT_SETS)} or give a mapping"
+                )
             self.variants = {k: dict(v) for k, v in VARIANT_SETS[self.variants].items()}
         if not isinstance(self.variants, dict) or not self.variants:
-            raise UserError(f"variants must be a non-empty mapping name -> TrainConfig overrides, got {self.variants!r}")
+            raise UserError(
+                f"variants must be a non-empty mapping name -> TrainConfig overrides, got {self.variants!r}"
+            )
         if not isinstance(self.grid, dict) or len(self.grid) > 2:
             raise UserError(f"grid must map at most two TrainConfig keys to lists of values, got {self.grid!r}")
         known = {f.name for f in fields(TrainConfig)} | {"preset"}  # make_config starts from a preset
-        for where, keys in [(f"variant {n!r}", list(v) if isinstance(v, dict) else None) for n, v in self.variants.items()] + \
-                           [("grid", list(self.grid)), ("overrides", list(self.overrides) if isinstance(self.overrides, dict) else None)]:
+        for where, keys in [
+            (f"variant {n!r}", list(v) if isinstance(v, dict) else None) for n, v in self.variants.items()
+        ] + [
+            ("grid", list(self.grid)),
+            ("overrides", list(self.overrides) if isinstance(self.overrides, dict) else None),
+        ]:
             if keys is None:
                 raise UserError(f"{where} must be a mapping of TrainConfig keys")
             bad = [k for k in keys if k not in known or k in RESERVED]
@@ -129,11 +139,27 @@ class SweepConfig(TrainingBudget, RunExecution):
         return [dict(zip(keys, values)) for values in itertools.product(*(self.grid[k] for k in keys))]
 
     def run_config(self, variant: str, point: dict[str, Any], seed: int) -> TrainConfig:
-        base = dict(shots=self.shots, steps=self.steps, batch_size=self.batch_size, lr=self.lr, model=self.model,
-                    eval_examples=self.eval_examples)
+        base = dict(
+            shots=self.shots,
+            steps=self.steps,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            model=self.model,
+            eval_examples=self.eval_examples,
+        )
         try:
-            return make_config({**self.overrides, **base, **self.variants[variant], **point, "task": self.task,
-                                "seed": seed, "progress": self.progress, "snapshot_every": self.curve_every})
+            return make_config(
+                {
+                    **self.overrides,
+                    **base,
+                    **self.variants[variant],
+                    **point,
+                    "task": self.task,
+                    "seed": seed,
+                    "progress": self.progress,
+                    "snapshot_every": self.curve_every,
+                }
+            )
         except UserError as error:
             raise UserError(f"variant {variant!r} {label(point)}: {error}") from None
 
@@ -154,27 +180,48 @@ def run(config: SweepConfig) -> dict:
     first = config.run_config(next(iter(config.variants)), points[0], config.seeds[0])
     data = prepare_data(first)  # the evaluation subset does not depend on the seed
     plan = [(variant, i, seed) for variant in config.variants for i in range(len(points)) for seed in config.seeds]
-    runs = [(config.run_config(v, points[i], s), out / "runs" / config.name / slug(v) / slug(label(points[i])) / f"seed{s}")
-            for v, i, s in plan]
+    runs = [
+        (
+            config.run_config(v, points[i], s),
+            out / "runs" / config.name / slug(v) / slug(label(points[i])) / f"seed{s}",
+        )
+        for v, i, s in plan
+    ]
     results = dict(zip(plan, run_all(runs, config.jobs, config.executor, config.ray_address)))
     evaluator = Evaluator(first)
-    summary: dict[str, Any] = {"experiment": "sweep", "name": config.name, "config": asdict(config), "task": data.task,
-                               "axes": list(config.grid), "points": []}
+    summary: dict[str, Any] = {
+        "experiment": "sweep",
+        "name": config.name,
+        "config": asdict(config),
+        "task": data.task,
+        "axes": list(config.grid),
+        "points": [],
+    }
     states = []
     for variant in config.variants:
         for index, point in enumerate(points):
             seed_runs = [results[variant, index, s] for s in config.seeds]
             loaded = [load_adapter(r.adapter_dir) for r in seed_runs]
-            merged = [evaluator.accuracy(fusion([loaded[i][0], loaded[j][0]], [config.alpha, 1 - config.alpha]),
-                                         loaded[i][1], data)
-                      for i, j in itertools.combinations(range(len(loaded)), 2)]
+            merged = [
+                evaluator.accuracy(
+                    fusion([loaded[i][0], loaded[j][0]], [config.alpha, 1 - config.alpha]), loaded[i][1], data
+                )
+                for i, j in itertools.combinations(range(len(loaded)), 2)
+            ]
             single = [r.accuracy for r in seed_runs]
-            row = {"variant": variant, "values": point, "label": label(point),
-                   "single": single, "merged": merged,
-                   "single_mean": mean_std(single)[0], "single_std": mean_std(single)[1],
-                   "merged_mean": mean_std(merged)[0], "merged_std": mean_std(merged)[1],
-                   "seconds_per_step": mean_std(r.seconds_per_step for r in seed_runs)[0],
-                   "step_seconds": [r.seconds_per_step for r in seed_runs]}
+            row = {
+                "variant": variant,
+                "values": point,
+                "label": label(point),
+                "single": single,
+                "merged": merged,
+                "single_mean": mean_std(single)[0],
+                "single_std": mean_std(single)[1],
+                "merged_mean": mean_std(merged)[0],
+                "merged_std": mean_std(merged)[1],
+                "seconds_per_step": mean_std(r.seconds_per_step for r in seed_runs)[0],
+                "step_seconds": [r.seconds_per_step for r in seed_runs],
+            }
             if config.curve_every:
                 row["curve"] = curve(evaluator, data, config, runs_of(seed_runs), loaded, seed_runs[0].config["steps"])
             if config.geometry:
@@ -188,8 +235,10 @@ def run(config: SweepConfig) -> dict:
         from copra.experiments.geometry import tsne
 
         coords = tsne([s for *_, s in states], seed=config.seeds[0])
-        summary["tsne"] = [{"variant": v, "label": label(p), "seed": s, "x": float(x), "y": float(y)}
-                           for (v, p, s, _), (x, y) in zip(states, coords)]
+        summary["tsne"] = [
+            {"variant": v, "label": label(p), "seed": s, "x": float(x), "y": float(y)}
+            for (v, p, s, _), (x, y) in zip(states, coords)
+        ]
     summary["wall_seconds"] = time.perf_counter() - started
     write_outputs(out, config.name, summary, plot, render)
     return summary
@@ -203,17 +252,29 @@ def runs_of(results: list) -> list[Path]:
 def curve(evaluator: Evaluator, data, config: SweepConfig, folders: list[Path], final: list, total_steps: int) -> dict:
     """Single and pairwise-merged accuracy at every snapshot step and at the end (paper Fig. 6c)."""
     steps = snapshot_steps(folders[0])
-    out: dict[str, Any] = {"steps": [], "single_mean": [], "merged_mean": [], "merged_std": [], "single": [],
-                           "merged": []}  # single: [step][seed]; merged: [step][seed pair], as combinations
+    out: dict[str, Any] = {
+        "steps": [],
+        "single_mean": [],
+        "merged_mean": [],
+        "merged_std": [],
+        "single": [],
+        "merged": [],
+    }  # single: [step][seed]; merged: [step][seed pair], as combinations
     if config.curve_prune:
         out["pruned"] = {scheme: [] for scheme in config.curve_prune}  # [step][seed], each adapter pruned
     for step in steps + [None]:
         loaded = final if step is None else [load_adapter(snapshot_dir(f, step)) for f in folders]
         single = [evaluator.accuracy(state, cfg, data) for state, cfg in loaded]
         for scheme in config.curve_prune:
-            out["pruned"][scheme].append([evaluator.accuracy(structured(state, scheme), cfg, data) for state, cfg in loaded])
-        merged = [evaluator.accuracy(fusion([loaded[i][0], loaded[j][0]], [config.alpha, 1 - config.alpha]),
-                                     loaded[i][1], data) for i, j in itertools.combinations(range(len(loaded)), 2)]
+            out["pruned"][scheme].append(
+                [evaluator.accuracy(structured(state, scheme), cfg, data) for state, cfg in loaded]
+            )
+        merged = [
+            evaluator.accuracy(
+                fusion([loaded[i][0], loaded[j][0]], [config.alpha, 1 - config.alpha]), loaded[i][1], data
+            )
+            for i, j in itertools.combinations(range(len(loaded)), 2)
+        ]
         out["steps"].append(total_steps if step is None else step)
         out["single_mean"].append(mean_std(single)[0])
         out["merged_mean"].append(mean_std(merged)[0])
@@ -254,8 +315,9 @@ def draw(summary: dict):
             _tsne(summary, ax[1], variants)
         if curves:
             _curves(summary, ax[-1])
-    figure.suptitle(f"{summary['name']}: single vs merged (alpha={summary['config']['alpha']}) accuracy, "
-                    f"{summary['task']}")
+    figure.suptitle(
+        f"{summary['name']}: single vs merged (alpha={summary['config']['alpha']}) accuracy, {summary['task']}"
+    )
     return figure
 
 
@@ -267,10 +329,26 @@ def _lines(summary: dict, ax, variants: list[str]) -> None:
         rows = [r for r in summary["points"] if r["variant"] == variant]
         xs = [r["values"][key] if numeric else str(r["values"][key]) for r in rows]
         colour = f"C{i}"
-        ax.errorbar(xs, [100 * r["merged_mean"] for r in rows], yerr=[100 * r["merged_std"] for r in rows],
-                    color=colour, marker="o", capsize=3, label=f"{variant} merged")
-        ax.errorbar(xs, [100 * r["single_mean"] for r in rows], yerr=[100 * r["single_std"] for r in rows],
-                    color=colour, marker="s", linestyle="--", capsize=3, alpha=0.7, label=f"{variant} single")
+        ax.errorbar(
+            xs,
+            [100 * r["merged_mean"] for r in rows],
+            yerr=[100 * r["merged_std"] for r in rows],
+            color=colour,
+            marker="o",
+            capsize=3,
+            label=f"{variant} merged",
+        )
+        ax.errorbar(
+            xs,
+            [100 * r["single_mean"] for r in rows],
+            yerr=[100 * r["single_std"] for r in rows],
+            color=colour,
+            marker="s",
+            linestyle="--",
+            capsize=3,
+            alpha=0.7,
+            label=f"{variant} single",
+        )
     if numeric and min(values) > 0 and max(values) / min(values) >= 10:
         ax.set_xscale("log")
     ax.set_xlabel(key)
@@ -287,8 +365,14 @@ def _bars(summary: dict, ax, variants: list[str]) -> None:
     heights = []
     for offset, kind in ((-0.2, "single"), (0.2, "merged")):
         h = [100 * rows[v][f"{kind}_mean"] for v in variants]
-        ax.bar([x + offset for x in xs], h, width=0.4, yerr=[100 * rows[v][f"{kind}_std"] for v in variants],
-               capsize=3, label=kind)
+        ax.bar(
+            [x + offset for x in xs],
+            h,
+            width=0.4,
+            yerr=[100 * rows[v][f"{kind}_std"] for v in variants],
+            capsize=3,
+            label=kind,
+        )
         heights += h
     ax.set_xticks(list(xs), variants, rotation=25, ha="right", fontsize=8)
     zoom_bars(ax, heights)
@@ -308,8 +392,15 @@ def _heatmaps(summary: dict, grid, variants: list[str]) -> None:
             ax.imshow(table, cmap="viridis", vmin=0, vmax=100, aspect="auto")
             for i, line in enumerate(table):
                 for j, value in enumerate(line):
-                    ax.text(j, i, f"{value:.1f}", ha="center", va="center", color="white" if value < 60 else "black",
-                            fontsize=8)
+                    ax.text(
+                        j,
+                        i,
+                        f"{value:.1f}",
+                        ha="center",
+                        va="center",
+                        color="white" if value < 60 else "black",
+                        fontsize=8,
+                    )
             ax.set_xticks(range(len(cols_v)), [f"{v:g}" if isinstance(v, float) else str(v) for v in cols_v])
             ax.set_yticks(range(len(rows_v)), [str(v) for v in rows_v])
             ax.set_xlabel(col_key)
@@ -322,10 +413,23 @@ def _curves(summary: dict, ax) -> None:
     for i, row in enumerate(r for r in summary["points"] if "curve" in r):
         c = row["curve"]
         name = row["variant"] + (f", {row['label']}" if row["values"] else "")
-        ax.errorbar(c["steps"], [100 * v for v in c["merged_mean"]], yerr=[100 * v for v in c["merged_std"]],
-                    color=f"C{i}", marker="o", capsize=3, label=f"{name} merged")
-        ax.plot(c["steps"], [100 * v for v in c["single_mean"]], color=f"C{i}", linestyle="--", alpha=0.7,
-                label=f"{name} single")
+        ax.errorbar(
+            c["steps"],
+            [100 * v for v in c["merged_mean"]],
+            yerr=[100 * v for v in c["merged_std"]],
+            color=f"C{i}",
+            marker="o",
+            capsize=3,
+            label=f"{name} merged",
+        )
+        ax.plot(
+            c["steps"],
+            [100 * v for v in c["single_mean"]],
+            color=f"C{i}",
+            linestyle="--",
+            alpha=0.7,
+            label=f"{name} single",
+        )
     ax.set_xlabel("training step")
     ax.set_ylabel("accuracy (%)")
     ax.set_title("accuracy over training steps", fontsize=9)
@@ -340,8 +444,14 @@ def _tsne(summary: dict, ax, variants: list[str]) -> None:
         for j, lab in enumerate(labels):
             pts = [p for p in summary["tsne"] if p["variant"] == variant and p["label"] == lab]
             if pts:
-                ax.scatter([p["x"] for p in pts], [p["y"] for p in pts], color=f"C{i}", marker=markers[j % len(markers)],
-                           label=f"{variant}, {lab}", s=40)
+                ax.scatter(
+                    [p["x"] for p in pts],
+                    [p["y"] for p in pts],
+                    color=f"C{i}",
+                    marker=markers[j % len(markers)],
+                    label=f"{variant}, {lab}",
+                    s=40,
+                )
     ax.set_title("t-SNE of flattened adapters (one point per seed)", fontsize=9)
     ax.legend(fontsize=7)
 
@@ -349,23 +459,35 @@ def _tsne(summary: dict, ax, variants: list[str]) -> None:
 def render(summary: dict) -> str:
     c = summary["config"]
     geometry = "cosine_mean" in (summary["points"][0] if summary["points"] else {})
-    lines = [f"### Sweep `{summary['name']}` on {summary['task']}", "",
-             f"Seeds {c['seeds']} ({len(c['seeds'])} adapters per setting; merged = fusion at alpha={c['alpha']} "
-             f"of every seed pair), {c['shots']} shots/class, {c['steps']} steps unless swept, lr {c['lr']:g} unless "
-             f"swept, {c['eval_examples']} evaluation examples. Wall time {summary['wall_seconds']:.0f} s.", "",
-             "| variant | setting | single acc. (%) | merged acc. (%) | s/step" + (" | cos (seeds) | L2 (seeds)" if geometry else "")
-             + " |", "|---|---|---|---|---" + ("|---|---" if geometry else "") + "|"]
+    lines = [
+        f"### Sweep `{summary['name']}` on {summary['task']}",
+        "",
+        f"Seeds {c['seeds']} ({len(c['seeds'])} adapters per setting; merged = fusion at alpha={c['alpha']} "
+        f"of every seed pair), {c['shots']} shots/class, {c['steps']} steps unless swept, lr {c['lr']:g} unless "
+        f"swept, {c['eval_examples']} evaluation examples. Wall time {summary['wall_seconds']:.0f} s.",
+        "",
+        "| variant | setting | single acc. (%) | merged acc. (%) | s/step"
+        + (" | cos (seeds) | L2 (seeds)" if geometry else "")
+        + " |",
+        "|---|---|---|---|---" + ("|---|---" if geometry else "") + "|",
+    ]
     for r in summary["points"]:
-        line = (f"| {r['variant']} | {r['label']} | {100 * r['single_mean']:.1f} ± {100 * r['single_std']:.1f} | "
-                f"{100 * r['merged_mean']:.1f} ± {100 * r['merged_std']:.1f} | {r['seconds_per_step']:.3f}")
+        line = (
+            f"| {r['variant']} | {r['label']} | {100 * r['single_mean']:.1f} ± {100 * r['single_std']:.1f} | "
+            f"{100 * r['merged_mean']:.1f} ± {100 * r['merged_std']:.1f} | {r['seconds_per_step']:.3f}"
+        )
         if geometry:
             line += f" | {r['cosine_mean']:.3f} | {r['l2_mean']:.3f}"
         lines.append(line + " |")
     for r in (r for r in summary["points"] if "curve" in r):
         c = r["curve"]
-        lines += ["", f"{r['variant']} {r['label']} over training steps (merged / single, %): " + ", ".join(
-            f"step {s}: {100 * m:.1f} / {100 * v:.1f}" for s, m, v in zip(c["steps"], c["merged_mean"], c["single_mean"]))]
+        lines += [
+            "",
+            f"{r['variant']} {r['label']} over training steps (merged / single, %): "
+            + ", ".join(
+                f"step {s}: {100 * m:.1f} / {100 * v:.1f}"
+                for s, m, v in zip(c["steps"], c["merged_mean"], c["single_mean"])
+            ),
+        ]
     lines += ["", f"![{summary['name']}]({summary['name']}.png)", ""]
     return "\n".join(lines)
-
-

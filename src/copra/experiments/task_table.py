@@ -17,8 +17,14 @@ from tqdm.auto import tqdm
 from copra.utils.errors import UserError
 
 
-def task_rows(names: Sequence[str], zero_shot: bool = False, eval_examples: int | None = 500,
-              model: str = "embedded:minilm", progress: bool = True, max_length: int = 64) -> list[dict[str, Any]]:
+def task_rows(
+    names: Sequence[str],
+    zero_shot: bool = False,
+    eval_examples: int | None = 500,
+    model: str = "embedded:minilm",
+    progress: bool = True,
+    max_length: int = 64,
+) -> list[dict[str, Any]]:
     """One row per task: name, classes, train, test, template, zero_shot (None if not asked), error."""
     from copra.data.text_tasks import load_task
 
@@ -29,8 +35,17 @@ def task_rows(names: Sequence[str], zero_shot: bool = False, eval_examples: int 
         except UserError as error:  # a missing data wheel: say so on the task's row, list the others
             rows.append(dict(name=name, error=str(error)))
             continue
-        rows.append(dict(name=name, classes=task.num_classes, train=len(task.train_texts),
-                         test=len(task.test_texts), template=task.template, zero_shot=None, error=None))
+        rows.append(
+            dict(
+                name=name,
+                classes=task.num_classes,
+                train=len(task.train_texts),
+                test=len(task.test_texts),
+                template=task.template,
+                zero_shot=None,
+                error=None,
+            )
+        )
     if zero_shot:
         settings = dict(model=model, eval_examples=eval_examples, max_length=max_length)
         _add_zero_shot([r for r in rows if not r["error"]], settings, progress)

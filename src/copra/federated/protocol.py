@@ -37,8 +37,12 @@ def split_clients(data: FewShotData, clients: int, seed: int) -> list[FewShotDat
         raise UserError(f"clients must be an integer from 1 to the number of training examples ({n}), got {clients!r}")
     order = np.random.default_rng(seed).permutation(n)
     parts = [sorted(int(i) for i in part) for part in np.array_split(order, clients)]
-    return [dataclasses.replace(data, train_x=tuple(data.train_x[i] for i in part),
-                                train_y=tuple(data.train_y[i] for i in part)) for part in parts]
+    return [
+        dataclasses.replace(
+            data, train_x=tuple(data.train_x[i] for i in part), train_y=tuple(data.train_y[i] for i in part)
+        )
+        for part in parts
+    ]
 
 
 def client_seed(seed: int, round_index: int, client: int) -> int:
@@ -81,8 +85,10 @@ class FederatedConfig(PerMethodLR):
                 raise UserError(f"{name} must be an integer from 1 to {limit}, got {value!r}")
         setting_options(self.merge_method, self.merge_density)
         if self.merge_method in RANK_CHANGING:
-            raise UserError(f"merge_method {self.merge_method!r} changes the rank; the next round trains from the "
-                            "merged adapter, so federated learning needs a rank-keeping method")
+            raise UserError(
+                f"merge_method {self.merge_method!r} changes the rank; the next round trains from the "
+                "merged adapter, so federated learning needs a rank-keeping method"
+            )
         if not isinstance(self.train_overrides, dict):
             raise UserError(f"train_overrides must be a mapping, got {self.train_overrides!r}")
         check_lrs(self.lrs, self.methods)
@@ -93,13 +99,28 @@ class FederatedConfig(PerMethodLR):
             self.client_config(method, self.seeds[0], 0, 0)
 
     def _shared(self) -> dict[str, Any]:
-        return dict(task=self.task, shots=self.shots, steps=self.steps, batch_size=self.batch_size, lr=self.lr,
-                    eval_examples=self.eval_examples, model=self.model, progress=self.progress)
+        return dict(
+            task=self.task,
+            shots=self.shots,
+            steps=self.steps,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            eval_examples=self.eval_examples,
+            model=self.model,
+            progress=self.progress,
+        )
 
     def client_config(self, method: str, seed: int, round_index: int, client: int) -> TrainConfig:
         """The TrainConfig of one client's local training in one round."""
-        return make_config({**self.train_overrides, **self._shared(), "method": method, "lr": self.lr_of(method),
-                            "seed": client_seed(seed, round_index, client)})
+        return make_config(
+            {
+                **self.train_overrides,
+                **self._shared(),
+                "method": method,
+                "lr": self.lr_of(method),
+                "seed": client_seed(seed, round_index, client),
+            }
+        )
 
     def data_config(self, seed: int) -> TrainConfig:
         """The config whose seed draws the run's few-shot sample (before the split)."""

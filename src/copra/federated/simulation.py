@@ -93,8 +93,12 @@ def train_reply(msg, config: FederatedConfig, method: str, seed: int, client: in
     start = from_record(arrays) if len(arrays) else None
     result = train(config.client_config(method, seed, round_index, client), data=part, initial_state=start)
     metrics = MetricRecord({NUM_EXAMPLES: len(part.train_x), "accuracy": result.accuracy})
-    return Message(RecordDict({"arrays": to_record(result.state), "metrics": metrics,
-                               "client": ConfigRecord({"partition-id": client})}), reply_to=msg)
+    return Message(
+        RecordDict(
+            {"arrays": to_record(result.state), "metrics": metrics, "client": ConfigRecord({"partition-id": client})}
+        ),
+        reply_to=msg,
+    )
 
 
 _STRATEGY: type | None = None
@@ -141,16 +145,24 @@ def fusion_strategy_class() -> type:
             sizes = [float(next(iter(c.metric_records.values()))[self.weighted_by_key]) for c in contents]
             merged = fusion(states, [n / sum(sizes) for n in sizes])
             self.history[-1].update(
-                clients=[int(c["client"]["partition-id"]) for c in contents], client_states=states,
-                client_sizes=[int(n) for n in sizes], client_accuracy=[float(c["metrics"]["accuracy"]) for c in contents])
+                clients=[int(c["client"]["partition-id"]) for c in contents],
+                client_states=states,
+                client_sizes=[int(n) for n in sizes],
+                client_accuracy=[float(c["metrics"]["accuracy"]) for c in contents],
+            )
             return to_record(merged), self.train_metrics_aggr_fn(contents, self.weighted_by_key)
 
     _STRATEGY = FusionFedAvg
     return FusionFedAvg
 
 
-def server_app(config: FederatedConfig, data: FewShotData, classifier: torch.nn.Module, outcome: dict,
-               initial: Adapter | None = None):
+def server_app(
+    config: FederatedConfig,
+    data: FewShotData,
+    classifier: torch.nn.Module,
+    outcome: dict,
+    initial: Adapter | None = None,
+):
     """A Flower ServerApp running `config.rounds` rounds of FusionFedAvg; results go into `outcome`.
 
     Merged adapters are evaluated centrally (every client shares the evaluation set): loaded into
@@ -165,11 +177,16 @@ def server_app(config: FederatedConfig, data: FewShotData, classifier: torch.nn.
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        strategy = fusion_strategy_class()(fraction_evaluate=0.0, min_train_nodes=config.clients,
-                                           min_available_nodes=config.clients)
+        strategy = fusion_strategy_class()(
+            fraction_evaluate=0.0, min_train_nodes=config.clients, min_available_nodes=config.clients
+        )
         outcome["strategy"] = strategy
-        outcome["result"] = strategy.start(grid=grid, initial_arrays=to_record(initial) if initial else ArrayRecord(),
-                                       num_rounds=config.rounds, evaluate_fn=evaluate)
+        outcome["result"] = strategy.start(
+            grid=grid,
+            initial_arrays=to_record(initial) if initial else ArrayRecord(),
+            num_rounds=config.rounds,
+            evaluate_fn=evaluate,
+        )
 
     return app
 
@@ -190,8 +207,13 @@ def merged_accuracy(classifier: torch.nn.Module, data: FewShotData):
     return evaluate
 
 
-def run_flower_simulation(config: FederatedConfig, method: str | None = None, seed: int | None = None,
-                          backend_config: dict | None = None, data: FewShotData | None = None) -> dict:
+def run_flower_simulation(
+    config: FederatedConfig,
+    method: str | None = None,
+    seed: int | None = None,
+    backend_config: dict | None = None,
+    data: FewShotData | None = None,
+) -> dict:
     """One (method, seed) of `config` on Flower's Ray simulation engine; default: the first of each.
 
     Returns {"method", "seed", "merged_state", "rounds": [{round, clients, client_sizes,
@@ -211,15 +233,20 @@ def run_flower_simulation(config: FederatedConfig, method: str | None = None, se
     if config.shared_init:
         initial = initial_state(config, method, seed, data)
     cpus = min(config.clients, os.cpu_count() or 1)
-    backend_config = backend_config or {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                        "init_args": {"num_cpus": cpus, "include_dashboard": False}}
+    backend_config = backend_config or {
+        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        "init_args": {"num_cpus": cpus, "include_dashboard": False},
+    }
     outcome: dict = {}
     started_ray = not ray.is_initialized()
     start = time.perf_counter()
     try:
-        run_simulation(server_app=server_app(config, data, classifier, outcome, initial),
-                       client_app=client_app(config, method, seed, partitions),
-                       num_supernodes=config.clients, backend_config=backend_config)
+        run_simulation(
+            server_app=server_app(config, data, classifier, outcome, initial),
+            client_app=client_app(config, method, seed, partitions),
+            num_supernodes=config.clients,
+            backend_config=backend_config,
+        )
     finally:
         if started_ray and ray.is_initialized():
             ray.shutdown()
@@ -228,11 +255,25 @@ def run_flower_simulation(config: FederatedConfig, method: str | None = None, se
     history = outcome["strategy"].history
     failed = [h for h in history if h["failures"] or len(h.get("clients", [])) != config.clients]
     if failed:
-        raise RuntimeError(f"round {failed[0]['round']}: {len(failed[0]['failures'])} client(s) failed: "
-                           f"{failed[0]['failures'][:1]}")
+        raise RuntimeError(
+            f"round {failed[0]['round']}: {len(failed[0]['failures'])} client(s) failed: {failed[0]['failures'][:1]}"
+        )
     result = outcome["result"]
-    rounds = [{"round": h["round"], "clients": h["clients"], "client_sizes": h["client_sizes"],
-               "client_accuracy": h["client_accuracy"],
-               "merged_accuracy": float(result.evaluate_metrics_serverapp[h["round"]]["accuracy"])} for h in history]
-    return {"method": method, "seed": seed, "merged_state": from_record(result.arrays), "rounds": rounds,
-            "client_states": history[-1]["client_states"], "seconds": time.perf_counter() - start}
+    rounds = [
+        {
+            "round": h["round"],
+            "clients": h["clients"],
+            "client_sizes": h["client_sizes"],
+            "client_accuracy": h["client_accuracy"],
+            "merged_accuracy": float(result.evaluate_metrics_serverapp[h["round"]]["accuracy"]),
+        }
+        for h in history
+    ]
+    return {
+        "method": method,
+        "seed": seed,
+        "merged_state": from_record(result.arrays),
+        "rounds": rounds,
+        "client_states": history[-1]["client_states"],
+        "seconds": time.perf_counter() - start,
+    }

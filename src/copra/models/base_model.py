@@ -47,5 +47,5 @@ def hub_name(name: str) -> str:
     parts = Path(name).parts
     for i, part in enumerate(parts[:-2]):
         if part.startswith("models--") and parts[i + 1] == "snapshots" and len(part) > len("models--"):
-            return part[len("models--"):].replace("--", "/")
+            return part[len("models--") :].replace("--", "/")
     return name

@@ -76,8 +76,9 @@ def center_crop(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
-def random_resized_crop_box(width: int, height: int, scale: Sequence[float] = CROP_SCALE,
-                            ratio: Sequence[float] = CROP_RATIO) -> tuple[int, int, int, int]:
+def random_resized_crop_box(
+    width: int, height: int, scale: Sequence[float] = CROP_SCALE, ratio: Sequence[float] = CROP_RATIO
+) -> tuple[int, int, int, int]:
     """(top, left, h, w) of a random crop, drawn from torch's global RNG as torchvision's get_params does."""
     area = height * width
     log_ratio = torch.log(torch.tensor(ratio))
@@ -128,9 +129,16 @@ class ClipClassifier(PromptScoring, nn.Module):
     calls through the wrapped model use them). Call `set_prompts` before use.
     """
 
-    def __init__(self, encoder: nn.Module, tokenizer, scale: float = 100.0, image_size: int = 224,
-                 mean: Sequence[float] = OPENAI_CLIP_MEAN, std: Sequence[float] = OPENAI_CLIP_STD,
-                 max_length: int = 77):
+    def __init__(
+        self,
+        encoder: nn.Module,
+        tokenizer,
+        scale: float = 100.0,
+        image_size: int = 224,
+        mean: Sequence[float] = OPENAI_CLIP_MEAN,
+        std: Sequence[float] = OPENAI_CLIP_STD,
+        max_length: int = 77,
+    ):
         super().__init__()
         self.encoder = encoder
         self.tokenizer = tokenizer
@@ -156,8 +164,9 @@ class ClipClassifier(PromptScoring, nn.Module):
         if not prompts:
             raise UserError("a classifier needs at least one class prompt")
         self.prompts = list(prompts)
-        batch = self.tokenizer(self.prompts, padding=True, truncation=True, max_length=self.max_length,
-                               return_tensors="pt")
+        batch = self.tokenizer(
+            self.prompts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
         self._prompt_inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
     def class_embeddings(self) -> torch.Tensor:
@@ -238,6 +247,11 @@ def build_clip_classifier(config) -> ClipClassifier:
     encoder = attach_lora(backbone, config)
     mean, std = _normalization(name)
     return ClipClassifier(
-        encoder, tokenizer, scale=config.logit_scale, image_size=int(model_config.vision_config.image_size),
-        mean=mean, std=std, max_length=int(model_config.text_config.max_position_embeddings),
+        encoder,
+        tokenizer,
+        scale=config.logit_scale,
+        image_size=int(model_config.vision_config.image_size),
+        mean=mean,
+        std=std,
+        max_length=int(model_config.text_config.max_position_embeddings),
     )

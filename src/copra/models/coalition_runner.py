@@ -40,8 +40,14 @@ class PrefixSharing:
     version counters, which inference tensors do not keep) with the classifier in eval mode.
     """
 
-    def __init__(self, classifier: nn.Module, gates: CopRA, runner: LayerRunner, block_players: list[list[int]],
-                 block_modules: list[list[LoraLayer]]):
+    def __init__(
+        self,
+        classifier: nn.Module,
+        gates: CopRA,
+        runner: LayerRunner,
+        block_players: list[list[int]],
+        block_modules: list[list[LoraLayer]],
+    ):
         self.classifier, self.gates, self.runner = classifier, gates, runner
         self.block_players = block_players  # per block: indices of the players inside it
         self.block_modules = block_modules  # per block: its LoRA modules
@@ -56,8 +62,14 @@ class PrefixSharing:
         attention = inputs["attention_mask"].to(device)
         with autocast_of(self.classifier, device):  # blocks in the classifier's precision, embeddings in fp32
             hidden, layer_mask = self.runner.start(inputs["input_ids"].to(device), attention)
-        self._descend(hidden, layer_mask, masks, np.arange(len(masks)), 0,
-                      lambda last, rows: leaf(sentence_embedding(last, attention), rows))
+        self._descend(
+            hidden,
+            layer_mask,
+            masks,
+            np.arange(len(masks)),
+            0,
+            lambda last, rows: leaf(sentence_embedding(last, attention), rows),
+        )
 
     def _descend(self, hidden, layer_mask, masks: np.ndarray, rows: np.ndarray, depth: int, leaf) -> None:
         if depth == self.runner.num_layers:

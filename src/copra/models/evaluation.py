@@ -57,8 +57,9 @@ def eval_batches(classifier: nn.Module, examples: Sequence[Any], batch_size: int
         yield rows, classifier.inputs_for([examples[i] for i in rows])
 
 
-def predict(classifier: nn.Module, examples: Sequence[Any], batch_size: int = 64,
-            batches: Iterable[Batch] | None = None) -> torch.Tensor:
+def predict(
+    classifier: nn.Module, examples: Sequence[Any], batch_size: int = 64, batches: Iterable[Batch] | None = None
+) -> torch.Tensor:
     """Predicted class ids for `examples`: argmax of `classifier.scores`, in eval mode.
 
     Runs under `torch.inference_mode` in the classifier's precision; the class prompts are embedded
@@ -78,8 +79,13 @@ def fraction_correct(predicted: torch.Tensor, labels: Sequence[int] | torch.Tens
     return float((predicted == labels).double().mean())
 
 
-def accuracy(classifier: nn.Module, examples: Sequence[Any], labels: Sequence[int], batch_size: int = 64,
-             batches: Iterable[Batch] | None = None) -> float:
+def accuracy(
+    classifier: nn.Module,
+    examples: Sequence[Any],
+    labels: Sequence[int],
+    batch_size: int = 64,
+    batches: Iterable[Batch] | None = None,
+) -> float:
     """Fraction of `examples` classified correctly (0..1); NaN for an empty set."""
     return fraction_correct(predict(classifier, examples, batch_size, batches), labels)
 
@@ -96,7 +102,9 @@ def load_adapter_state(classifier: nn.Module, state: dict[str, torch.Tensor]) ->
     missing = [k for k in result.missing_keys if "lora_" in k]
     if result.unexpected_keys or missing:
         bad = (result.unexpected_keys or missing)[0]
-        raise UserError(f"adapter does not fit the model: {'unexpected' if result.unexpected_keys else 'missing'} key {bad!r}")
+        raise UserError(
+            f"adapter does not fit the model: {'unexpected' if result.unexpected_keys else 'missing'} key {bad!r}"
+        )
 
 
 def adapter_state(classifier: nn.Module) -> dict[str, torch.Tensor]:
@@ -114,5 +122,18 @@ def state_accuracy(classifier: nn.Module, state: dict[str, torch.Tensor], data: 
     return accuracy(classifier, data.eval_x, data.eval_y)
 
 
-__all__ = ["Batch", "FewShotData", "accuracy", "adapter_state", "eval_batches", "evaluating", "fraction_correct",
-           "length_order", "load_adapter_state", "predict", "prepare_data", "prepare_validation", "state_accuracy"]
+__all__ = [
+    "Batch",
+    "FewShotData",
+    "accuracy",
+    "adapter_state",
+    "eval_batches",
+    "evaluating",
+    "fraction_correct",
+    "length_order",
+    "load_adapter_state",
+    "predict",
+    "prepare_data",
+    "prepare_validation",
+    "state_accuracy",
+]

@@ -49,7 +49,9 @@ class LayerRunner:
             )
         config = getattr(model, "config", None)
         if config is None or getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
-            raise UserError(f"cannot run {type(model).__name__} layer by layer: only bidirectional encoders are supported")
+            raise UserError(
+                f"cannot run {type(model).__name__} layer by layer: only bidirectional encoders are supported"
+            )
         self.model = model
         self.embeddings: nn.Module = model.embeddings
         self.layers: nn.ModuleList = layers
@@ -70,7 +72,9 @@ class LayerRunner:
 
     # -- running --------------------------------------------------------------------------------
     def start(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, Any]:
         """(hidden states after the embeddings [B, T, H], the mask every block takes)."""

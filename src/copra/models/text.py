@@ -94,7 +94,9 @@ class PromptClassifier(PromptScoring, nn.Module):
             if self.prefix_cache is not None and self.training:
                 hidden = self.prefix_cache.last_hidden_state(input_ids, attention_mask)  # [B, T, H]
             else:
-                hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, T, H]
+                hidden = self.encoder(
+                    input_ids=input_ids, attention_mask=attention_mask
+                ).last_hidden_state  # [B, T, H]
         return sentence_embedding(hidden, attention_mask)
 
     def class_embeddings(self) -> torch.Tensor:
@@ -149,13 +151,19 @@ def build_text_classifier(config) -> PromptClassifier:
         with quiet_loading():  # the sentence-transformers checkpoint has no pooler: expected
             tokenizer = AutoTokenizer.from_pretrained(path)
             # safetensors only: a pickled pytorch_model.bin is never unpickled
-            backbone = AutoModel.from_pretrained(path, add_pooling_layer=False, use_safetensors=True,
-                                                 attn_implementation=attention_implementation(resolve(config.precision)))
+            backbone = AutoModel.from_pretrained(
+                path,
+                add_pooling_layer=False,
+                use_safetensors=True,
+                attn_implementation=attention_implementation(resolve(config.precision)),
+            )
     except (OSError, ValueError) as error:
         detail = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise UserError(f"cannot load the text encoder {config.model!r}: {detail}") from None
     encoder = attach_lora(backbone, config)
     positions = getattr(backbone.config, "max_position_embeddings", None)
     if isinstance(positions, int) and config.max_length > positions:
-        raise UserError(f"max_length={config.max_length} exceeds the {positions} positions of the encoder {config.model!r}")
+        raise UserError(
+            f"max_length={config.max_length} exceeds the {positions} positions of the encoder {config.model!r}"
+        )
     return PromptClassifier(encoder, tokenizer, scale=config.logit_scale, max_length=config.max_length)

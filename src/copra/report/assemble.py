@@ -88,15 +88,29 @@ def find_summaries(results_dir: str | Path) -> list[Entry]:
         if name:
             entries.append(Entry(name, path, data))
     if not entries:
-        raise UserError(f"{root}: no experiment summaries under it (*.json naming an \"experiment\"); "
-                        "run `copra demo` or an experiment first")
+        raise UserError(
+            f'{root}: no experiment summaries under it (*.json naming an "experiment"); '
+            "run `copra demo` or an experiment first"
+        )
     return sorted(entries, key=lambda e: (e.place()[1], str(e.path)))
 
 
 # ----------------------------------------------------------------------------- one section
 IMAGE = re.compile(r"!\[([^\]]*)\]\(([^)\s]+)\)")
-CONFIG_KEYS = ("methods", "shots", "steps", "batch_size", "lr", "clients", "rounds", "alpha", "estimator", "samples",
-               "grid", "model")
+CONFIG_KEYS = (
+    "methods",
+    "shots",
+    "steps",
+    "batch_size",
+    "lr",
+    "clients",
+    "rounds",
+    "alpha",
+    "estimator",
+    "samples",
+    "grid",
+    "model",
+)
 
 
 def _registered_render(name: str) -> Callable[[dict], str] | None:
@@ -145,8 +159,11 @@ def meta(entry: Entry, root: Path) -> str:
     config = entry.summary.get("config") if isinstance(entry.summary.get("config"), dict) else {}
     parts = [f"seeds {_plain(config['seeds'])}" if "seeds" in config else "seeds not recorded"]
     parts += [f"{key.replace('_', ' ')} {_plain(config[key])}" for key in CONFIG_KEYS if key in config]
-    parts.append(f"precision {entry.summary['precision']}" if isinstance(entry.summary.get("precision"), str)
-                 else "precision not recorded")
+    parts.append(
+        f"precision {entry.summary['precision']}"
+        if isinstance(entry.summary.get("precision"), str)
+        else "precision not recorded"
+    )
     wall = entry.summary.get("wall_seconds")
     parts.append(f"wall time {_duration(wall)}" if isinstance(wall, (int, float)) else "wall time not recorded")
     return " · ".join(parts + [f"from {entry.path.relative_to(root).as_posix()}"])
@@ -170,14 +187,28 @@ def table_one(entries: list[Entry]) -> str | None:
         s = e.summary
         try:
             if e.name == "federated":
-                columns.append((f"FL: {s['task']}", {(kind, m): (row[f"{key}_mean"], row[f"{key}_std"])
-                                                     for m, row in s["summary"].items()
-                                                     for kind, key in (("origin", "client"), ("merge", "merged"))}))
+                columns.append(
+                    (
+                        f"FL: {s['task']}",
+                        {
+                            (kind, m): (row[f"{key}_mean"], row[f"{key}_std"])
+                            for m, row in s["summary"].items()
+                            for kind, key in (("origin", "client"), ("merge", "merged"))
+                        },
+                    )
+                )
             elif e.name == "multitask":
-                columns += [(f"MTL: {t}", {(kind, m): (row[key][t]["mean"], row[key][t]["std"])
-                                           for m, row in s["methods"].items()
-                                           for kind, key in (("origin", "original"), ("merge", "merged"))})
-                            for t in s["tasks"]]
+                columns += [
+                    (
+                        f"MTL: {t}",
+                        {
+                            (kind, m): (row[key][t]["mean"], row[key][t]["std"])
+                            for m, row in s["methods"].items()
+                            for kind, key in (("origin", "original"), ("merge", "merged"))
+                        },
+                    )
+                    for t in s["tasks"]
+                ]
         except (KeyError, TypeError, AttributeError):
             continue  # an incomplete summary: its own section says what it has
     if not columns:
@@ -203,6 +234,7 @@ def _rel(path: Path, out: Path) -> str:
 
 def _images(text: str, folder: Path, out: Path, embed: dict[str, str] | None) -> str:
     """Image links relative to `out` (Markdown), or tokens for data URIs collected in `embed` (HTML)."""
+
     def swap(match: re.Match) -> str:
         alt, ref = match.groups()
         if re.match(r"[a-zA-Z][a-zA-Z0-9+.-]+:", ref):  # a URL: kept in Markdown, never fetched by the page
@@ -224,8 +256,13 @@ def _badge(status: str, as_html: bool) -> str:
     return f'<span class="v {status.replace(" ", "-")}">{status}</span>' if as_html else f"**{status}**"
 
 
-def document(entries: list[Entry], root: Path, out: Path, embed: dict[str, str] | None = None,
-             figures: dict[str, tuple[Path, dict, dict, bytes]] | None = None) -> str:
+def document(
+    entries: list[Entry],
+    root: Path,
+    out: Path,
+    embed: dict[str, str] | None = None,
+    figures: dict[str, tuple[Path, dict, dict, bytes]] | None = None,
+) -> str:
     """The report as Markdown; with `embed` (a dict to fill), the variant the HTML page is built from."""
     as_html = embed is not None
     toc = ["| paper | section | paper's direction here |", "|---|---|---|"]
@@ -236,19 +273,36 @@ def document(entries: list[Entry], root: Path, out: Path, embed: dict[str, str] 
         if label.startswith("Table 1") and not table_done:
             table_done, table = True, table_one(entries)
             if table:
-                parts += ['<a id="table-1"></a>', "", "## Table 1: accuracy (%) before and after merging", "",
-                          "As in the paper: *origin* = the single adapters (FL: the clients' mean), *merge* = the "
-                          "fused adapter; mean ± std over seeds, the better method in bold.", "", table, ""]
+                parts += [
+                    '<a id="table-1"></a>',
+                    "",
+                    "## Table 1: accuracy (%) before and after merging",
+                    "",
+                    "As in the paper: *origin* = the single adapters (FL: the clients' mean), *merge* = the "
+                    "fused adapter; mean ± std over seeds, the better method in bold.",
+                    "",
+                    table,
+                    "",
+                ]
                 toc.append("| Table 1 | [FL and MTL side by side](#table-1) | see FL and MTL |")
         anchor = f"s{n}-{re.sub(r'[^a-z0-9]+', '-', entry.name.lower())}"
         heading = title(entry)
         toc.append(f"| {label} | [{heading}](#{anchor}) | {_badge(overall(checks), as_html)} |")
         line = meta(entry, root)
-        parts += [f'<a id="{anchor}"></a>', "", f"## {label}: {heading}", "",
-                  f'<p class="meta">{html.escape(line)}</p>' if as_html else f"*{line}*", "",
-                  f"**Paper's direction:** {entry.section.claim}. Here: {_badge(overall(checks), as_html)}.", "",
-                  *[f"- {claim}: {_badge(status, as_html)}; {numbers}" for claim, status, numbers in checks], "",
-                  _images(body(entry), entry.path.parent, out, embed), ""]
+        parts += [
+            f'<a id="{anchor}"></a>',
+            "",
+            f"## {label}: {heading}",
+            "",
+            f'<p class="meta">{html.escape(line)}</p>' if as_html else f"*{line}*",
+            "",
+            f"**Paper's direction:** {entry.section.claim}. Here: {_badge(overall(checks), as_html)}.",
+            "",
+            *[f"- {claim}: {_badge(status, as_html)}; {numbers}" for claim, status, numbers in checks],
+            "",
+            _images(body(entry), entry.path.parent, out, embed),
+            "",
+        ]
     runs = convergence.section(convergence.scan(root))
     if runs:
         toc.insert(2, "| Runs | [Did every training run converge?](#convergence) | see the section |")
@@ -258,11 +312,19 @@ def document(entries: list[Entry], root: Path, out: Path, embed: dict[str, str] 
         toc.insert(2, "| Crossover | [From what training length does CopRA pay?](#crossover) | see the figure |")
         parts = first + parts
     found = f"{len(entries)} experiment {'summary' if len(entries) == 1 else 'summaries'} under `{root}`."
-    head = ["# CopRA vs LoRA: the paper's experiments, run here", "",
-            f"{found} Each section shows the experiment's own tables and figure, its seeds, key config and wall "
-            "time, and whether the paper's direction (CopRA vs LoRA) held here.", "",
-            f"**Rules.** {RULES}", "",
-            "## Contents", "", *toc, ""]
+    head = [
+        "# CopRA vs LoRA: the paper's experiments, run here",
+        "",
+        f"{found} Each section shows the experiment's own tables and figure, its seeds, key config and wall "
+        "time, and whether the paper's direction (CopRA vs LoRA) held here.",
+        "",
+        f"**Rules.** {RULES}",
+        "",
+        "## Contents",
+        "",
+        *toc,
+        "",
+    ]
     return "\n".join(head + parts)
 
 
@@ -294,8 +356,10 @@ def to_html(text: str, images: dict[str, str], page_title: str) -> str:
     page = page.replace("<table>", '<div class="scroll"><table>').replace("</table>", "</table></div>")
     for token, uri in images.items():
         page = page.replace(f'src="{token}"', f'src="{uri}"')
-    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{html.escape(page_title)}'
-            f"</title>\n<style>{CSS}</style>\n</head>\n<body>\n{page}\n</body>\n</html>\n")
+    return (
+        f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{html.escape(page_title)}'
+        f"</title>\n<style>{CSS}</style>\n</head>\n<body>\n{page}\n</body>\n</html>\n"
+    )
 
 
 def build_report(results_dir: str | Path, output_dir: str | Path | None = None) -> tuple[str, str]:
@@ -326,6 +390,7 @@ def write_report(results_dir: str | Path, output: str | Path | None = None) -> t
             for path, text in zip(paths, (markdown_text, page)):
                 write_text(path, text)
         except OSError as error:
-            raise resource_error(error, out, "cannot write the report into") or \
-                UserError(f"cannot write the report into {out}: {error.strerror or error}") from None
+            raise resource_error(error, out, "cannot write the report into") or UserError(
+                f"cannot write the report into {out}: {error.strerror or error}"
+            ) from None
     return paths

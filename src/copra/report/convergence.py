@@ -32,10 +32,18 @@ def scan(root: str | Path) -> list[dict]:
             continue
         config = data.get("config") if isinstance(data.get("config"), dict) else {}
         statistic = data.get("plateau") if isinstance(data.get("plateau"), dict) else {}
-        rows.append({"run": path.parent.relative_to(root).as_posix(), "method": config.get("method"),
-                     "task": config.get("task"), "seed": config.get("seed"), "steps": config.get("steps"),
-                     "converged": data.get("converged"), "improvement": statistic.get("improvement"),
-                     "final_loss": data.get("final_loss")})
+        rows.append(
+            {
+                "run": path.parent.relative_to(root).as_posix(),
+                "method": config.get("method"),
+                "task": config.get("task"),
+                "seed": config.get("seed"),
+                "steps": config.get("steps"),
+                "converged": data.get("converged"),
+                "improvement": statistic.get("improvement"),
+                "final_loss": data.get("final_loss"),
+            }
+        )
     return rows + _federated_clients(root)
 
 
@@ -49,11 +57,19 @@ def _federated_clients(root: Path) -> list[dict]:
                 for run in runs:
                     for r in run["rounds"]:
                         for i, converged in enumerate(r.get("client_converged") or []):
-                            rows.append({"run": f"{path.relative_to(root).as_posix()}: seed {run['seed']} round "
-                                                f"{r['round']} client {i}", "method": method,
-                                         "task": summary.get("task"), "seed": run["seed"],
-                                         "steps": summary["config"]["steps"], "converged": converged,
-                                         "improvement": None, "final_loss": r["client_final_loss"][i]})
+                            rows.append(
+                                {
+                                    "run": f"{path.relative_to(root).as_posix()}: seed {run['seed']} round "
+                                    f"{r['round']} client {i}",
+                                    "method": method,
+                                    "task": summary.get("task"),
+                                    "seed": run["seed"],
+                                    "steps": summary["config"]["steps"],
+                                    "converged": converged,
+                                    "improvement": None,
+                                    "final_loss": r["client_final_loss"][i],
+                                }
+                            )
         except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
             continue  # an older or partial summary: its clients were not tested
     return rows
@@ -68,24 +84,38 @@ def section(rows: list[dict]) -> str | None:
     if not rows:
         return None
     methods = sorted({str(r["method"]) for r in rows})
-    status = lambda r: "converged" if r["converged"] is True else "did not converge" if r["converged"] is False \
-        else "not tested"  # noqa: E731
+    status = lambda r: (
+        "converged" if r["converged"] is True else "did not converge" if r["converged"] is False else "not tested"
+    )  # noqa: E731
     counts = ["| method | runs | converged | did not converge | not tested |", "|---|---|---|---|---|"]
     for method in methods:
         mine = [status(r) for r in rows if str(r["method"]) == method]
-        counts.append(f"| {method} | {len(mine)} | {mine.count('converged')} | {mine.count('did not converge')} | "
-                      f"{mine.count('not tested')} |")
-    lines = ["Plateau test (`copra.analysis.stats.plateau`): the mean training loss of the last tenth of a run (at least 5 "
-             "steps) improved on the tenth before it by less than 2% (or is at most 0.05). A cosine schedule "
-             "flattens any curve near its end, so *converged* means no more progress at this length.", "",
-             *counts, ""]
+        counts.append(
+            f"| {method} | {len(mine)} | {mine.count('converged')} | {mine.count('did not converge')} | "
+            f"{mine.count('not tested')} |"
+        )
+    lines = [
+        "Plateau test (`copra.analysis.stats.plateau`): the mean training loss of the last tenth of a run (at least 5 "
+        "steps) improved on the tenth before it by less than 2% (or is at most 0.05). A cosine schedule "
+        "flattens any curve near its end, so *converged* means no more progress at this length.",
+        "",
+        *counts,
+        "",
+    ]
     for kind in ("did not converge", "not tested"):
         listed = [r for r in rows if status(r) == kind]
         if listed:
-            lines += [f"Runs that {'did not converge' if kind == 'did not converge' else 'were not tested'} "
-                      f"({len(listed)}):", "", "| run | method | task | seed | steps | improvement | final loss |",
-                      "|---|---|---|---|---|---|---|"]
-            lines += [f"| {r['run']} | {r['method']} | {r['task']} | {r['seed']} | {r['steps']} | "
-                      f"{_cell(r['improvement'])} | {_cell(r['final_loss'])} |" for r in listed[:SHOWN]]
+            lines += [
+                f"Runs that {'did not converge' if kind == 'did not converge' else 'were not tested'} "
+                f"({len(listed)}):",
+                "",
+                "| run | method | task | seed | steps | improvement | final loss |",
+                "|---|---|---|---|---|---|---|",
+            ]
+            lines += [
+                f"| {r['run']} | {r['method']} | {r['task']} | {r['seed']} | {r['steps']} | "
+                f"{_cell(r['improvement'])} | {_cell(r['final_loss'])} |"
+                for r in listed[:SHOWN]
+            ]
             lines += ([f"| … and {len(listed) - SHOWN} more | | | | | | |"] if len(listed) > SHOWN else []) + [""]
     return "\n".join(lines)

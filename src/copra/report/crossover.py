@@ -46,15 +46,21 @@ def curves(summary: dict) -> dict | None:
     keep = disjoint_pairs(list(itertools.combinations(range(seeds), 2)))
     c, lo = copra["curve"], lora["curve"]
     schemes = [k for k in c.get("pruned") or {} if k in (lo.get("pruned") or {})]
-    out = {"steps": [], "merged": [], "single": [], "pruned": {k: [] for k in schemes},
-           "names": (copra["variant"], lora["variant"])}
+    out = {
+        "steps": [],
+        "merged": [],
+        "single": [],
+        "pruned": {k: [] for k in schemes},
+        "names": (copra["variant"], lora["variant"]),
+    }
     try:
         for step in (k for k in c["steps"] if k in lo["steps"]):
             i, j = c["steps"].index(step), lo["steps"].index(step)
             if not keep or {len(c["merged"][i]), len(lo["merged"][j])} != {seeds * (seeds - 1) // 2}:
                 return None  # the pairs do not match the seeds: nothing to pair
-            out["merged"].append(compare([c["merged"][i][k] for k in keep], [lo["merged"][j][k] for k in keep],
-                                         CONFIDENCE))
+            out["merged"].append(
+                compare([c["merged"][i][k] for k in keep], [lo["merged"][j][k] for k in keep], CONFIDENCE)
+            )
             out["single"].append(compare(c["single"][i], lo["single"][j], CONFIDENCE))
             for scheme in schemes:
                 out["pruned"][scheme].append(compare(c["pruned"][scheme][i], lo["pruned"][scheme][j], CONFIDENCE))
@@ -74,8 +80,14 @@ def _multitask_curves(summary: dict) -> dict | None:
         merged = [compare(c, lo, CONFIDENCE) for c, lo in zip(copra, lora)]
     except (KeyError, TypeError, ValueError):
         return None  # no curve, or one method missing
-    return {"steps": steps, "merged": merged, "single": [], "pruned": {}, "names": ("CopRA", "LoRA"),
-            "merged_label": "merged (task adapters fused per seed, mean over tasks)"}
+    return {
+        "steps": steps,
+        "merged": merged,
+        "single": [],
+        "pruned": {},
+        "names": ("CopRA", "LoRA"),
+        "merged_label": "merged (task adapters fused per seed, mean over tasks)",
+    }
 
 
 def _cell(c: Comparison) -> str:
@@ -93,10 +105,14 @@ def _columns(data: dict) -> list[tuple[str, list[Comparison]]]:
 
 def table(data: dict) -> str:
     columns = _columns(data)
-    lines = ["| step | " + " | ".join(f"{name}: CopRA − LoRA, 95% CI" for name, _ in columns) + " |",
-             "|---" * (len(columns) + 1) + "|"]
-    lines += [f"| {step} | " + " | ".join(_cell(values[n]) for _, values in columns) + " |"
-              for n, step in enumerate(data["steps"])]
+    lines = [
+        "| step | " + " | ".join(f"{name}: CopRA − LoRA, 95% CI" for name, _ in columns) + " |",
+        "|---" * (len(columns) + 1) + "|",
+    ]
+    lines += [
+        f"| {step} | " + " | ".join(_cell(values[n]) for _, values in columns) + " |"
+        for n, step in enumerate(data["steps"])
+    ]
     return "\n".join(lines)
 
 
@@ -109,15 +125,21 @@ def summary_line(data: dict) -> str:
 def _merged_line(data: dict) -> str:
     steps = data["steps"]
     held = [s for s, m in zip(steps, data["merged"]) if m.verdict == "held"]
-    if held and held == steps[steps.index(held[0]):]:
-        return f"CopRA's merged accuracy is shown higher than LoRA's from step {held[0]} on ({len(held)} of " \
-               f"{len(steps)} steps)."
+    if held and held == steps[steps.index(held[0]) :]:
+        return (
+            f"CopRA's merged accuracy is shown higher than LoRA's from step {held[0]} on ({len(held)} of "
+            f"{len(steps)} steps)."
+        )
     if held:
-        return f"CopRA's merged accuracy is shown higher than LoRA's at steps {', '.join(map(str, held))} only " \
-               f"({len(held)} of {len(steps)} steps)."
+        return (
+            f"CopRA's merged accuracy is shown higher than LoRA's at steps {', '.join(map(str, held))} only "
+            f"({len(held)} of {len(steps)} steps)."
+        )
     closest = max(zip(data["steps"], data["merged"]), key=lambda x: x[1].difference)
-    return (f"CopRA's merged accuracy is not shown higher than LoRA's at any length here; it comes closest at step "
-            f"{closest[0]} ({100 * closest[1].difference:+.1f} points).")
+    return (
+        f"CopRA's merged accuracy is not shown higher than LoRA's at any length here; it comes closest at step "
+        f"{closest[0]} ({100 * closest[1].difference:+.1f} points)."
+    )
 
 
 def _pruned_line(data: dict) -> str:
@@ -162,11 +184,14 @@ def figures(summaries: list[tuple[Path, dict]]) -> dict[str, tuple[Path, dict, d
     and multitask summaries with a snapshot curve."""
     sweeps = [(path, summary) for path, summary in summaries if summary.get("experiment", "sweep") == "sweep"]
     named = [(path, summary) for path, summary in sweeps if str(summary.get("name", "")).startswith("crossover")]
-    chosen = (named or sweeps) + [(path, summary) for path, summary in summaries
-                                  if summary.get("experiment") == "multitask"]
+    chosen = (named or sweeps) + [
+        (path, summary) for path, summary in summaries if summary.get("experiment") == "multitask"
+    ]
     found = [(path, summary, data) for path, summary in chosen if (data := curves(summary))]
-    return {f"paper_report_crossover{'' if n == 0 else f'-{n}'}.png": (path, summary, data, png(data))
-            for n, (path, summary, data) in enumerate(found)}
+    return {
+        f"paper_report_crossover{'' if n == 0 else f'-{n}'}.png": (path, summary, data, png(data))
+        for n, (path, summary, data) in enumerate(found)
+    }
 
 
 def sections(found: dict[str, tuple[Path, dict, dict, bytes]], root: Path, embed: dict[str, str] | None) -> list[str]:
@@ -179,12 +204,24 @@ def sections(found: dict[str, tuple[Path, dict, dict, bytes]], root: Path, embed
             embed[ref] = "data:image/png;base64," + base64.b64encode(image).decode("ascii")
         what = "multitask" if summary.get("experiment") == "multitask" else summary.get("name", "sweep")
         task = ", ".join(summary["tasks"]) if isinstance(summary.get("tasks"), list) else summary.get("task")
-        parts += [f"*{what} on {task}, from {path.relative_to(root).as_posix()}. "
-                  f"{summary_line(data)}*", "", f"![crossover]({ref})", "", table(data), ""]
+        parts += [
+            f"*{what} on {task}, from {path.relative_to(root).as_posix()}. {summary_line(data)}*",
+            "",
+            f"![crossover]({ref})",
+            "",
+            table(data),
+            "",
+        ]
     if not parts:
         return []
-    return ['<a id="crossover"></a>', "", "## Crossover: from what training length does CopRA pay?", "",
-            "CopRA minus LoRA (accuracy points) at each snapshot step of the same runs, with 95% paired "
-            "t-intervals: merged = fused disjoint seed pairs (multitask: each seed's task adapters fused), single = "
-            "each seed's adapter, pruned = each seed's adapter structurally pruned (where the sweep scored it).",
-            "", *parts]
+    return [
+        '<a id="crossover"></a>',
+        "",
+        "## Crossover: from what training length does CopRA pay?",
+        "",
+        "CopRA minus LoRA (accuracy points) at each snapshot step of the same runs, with 95% paired "
+        "t-intervals: merged = fused disjoint seed pairs (multitask: each seed's task adapters fused), single = "
+        "each seed's adapter, pruned = each seed's adapter structurally pruned (where the sweep scored it).",
+        "",
+        *parts,
+    ]

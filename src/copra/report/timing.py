@@ -86,8 +86,12 @@ def planned_evaluations(experiment: str, config: Any, model: ModelFacts | None =
     c, model = config, model or ModelFacts()
     methods = list(getattr(c, "methods", ["lora", "copra"]))
     if experiment == "lr_select":
-        return [(c.run_config(m, lr, s).replace(eval_examples=c.validation_examples), 1)
-                for m in methods for lr in c.lr_grid for s in c.seeds]
+        return [
+            (c.run_config(m, lr, s).replace(eval_examples=c.validation_examples), 1)
+            for m in methods
+            for lr in c.lr_grid
+            for s in c.seeds
+        ]
     if experiment == "federated":  # each client's run scores the full evaluation set, then the server's merge
         return [(c.data_config(c.seeds[0]), len(methods) * len(c.seeds) * c.rounds * (c.clients + 1))]
     if experiment == "landscape":
@@ -96,7 +100,9 @@ def planned_evaluations(experiment: str, config: Any, model: ModelFacts | None =
     if experiment == "multitask":
         per_task = 1 + len(methods) * len(c.seeds) * 2  # zero-shot; each seed's own and merged adapter
         if c.snapshot_curve:
-            per_task += len(methods) * len(c.seeds) * len(snapshot_schedule(c.run_config(c.tasks[0], methods[0], c.seeds[0])))
+            per_task += (
+                len(methods) * len(c.seeds) * len(snapshot_schedule(c.run_config(c.tasks[0], methods[0], c.seeds[0])))
+            )
         return [(c.run_config(t, methods[0], c.seeds[0]), per_task) for t in c.tasks]
     if experiment == "pruning":
         schemes = [s for s in c.schemes if s != "shapley" and (s not in PROJECTIONS or s in model.projections)]
@@ -177,12 +183,19 @@ def evaluation_seconds(passes: dict[str, Passes], seconds_per_example: float) ->
 
 def estimate(plan: dict[str, list[tuple[int, int]]], seconds_per_step: float, batch_size: int) -> dict[str, float]:
     """Expected training seconds per suite step: steps x seconds per step x (batch / probed batch)."""
-    return {name: sum(steps * seconds_per_step * batch / batch_size for batch, steps in runs)
-            for name, runs in plan.items()}
+    return {
+        name: sum(steps * seconds_per_step * batch / batch_size for batch, steps in runs)
+        for name, runs in plan.items()
+    }
 
 
-def describe(training: dict[str, float], seconds_per_step: float, batch_size: int,
-             evaluation: dict[str, float] | None = None, seconds_per_example: float | None = None) -> str:
+def describe(
+    training: dict[str, float],
+    seconds_per_step: float,
+    batch_size: int,
+    evaluation: dict[str, float] | None = None,
+    seconds_per_example: float | None = None,
+) -> str:
     """One paragraph for the log: the expected wall time, its training and evaluation parts, each step's share."""
     evaluation = evaluation or {}
     both = {name: training.get(name, 0.0) + evaluation.get(name, 0.0) for name in {**training, **evaluation}}
@@ -191,7 +204,9 @@ def describe(training: dict[str, float], seconds_per_step: float, batch_size: in
     probed = f"{seconds_per_step:.3f} s per LoRA step at batch {batch_size}"
     if seconds_per_example is not None:
         probed += f", {1000 * seconds_per_example:.1f} ms per evaluation example"
-    return (f"timing probe: {probed}; expected wall time {(train_total + eval_total) / 3600:.1f} h (training "
-            f"{train_total / 3600:.1f} h, evaluation {eval_total / 3600:.1f} h; {parts}); CopRA counted at LoRA's "
-            "cost, Shapley coalitions as full passes and a repeated evaluation again (upper bounds); finished runs and "
-            "stored accuracies are reused")
+    return (
+        f"timing probe: {probed}; expected wall time {(train_total + eval_total) / 3600:.1f} h (training "
+        f"{train_total / 3600:.1f} h, evaluation {eval_total / 3600:.1f} h; {parts}); CopRA counted at LoRA's "
+        "cost, Shapley coalitions as full passes and a repeated evaluation again (upper bounds); finished runs and "
+        "stored accuracies are reused"
+    )

@@ -126,8 +126,10 @@ def load_checkpoint(folder: str | Path) -> Checkpoint:
     if not tensors_path.is_file() or not state_path.is_file():
         pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES) if folder.is_dir() else []
         if pickles:
-            raise UserError(f"{folder}: only safetensors and JSON checkpoints are read; refusing {pickles[0]} "
-                            "(pickle files are never loaded)")
+            raise UserError(
+                f"{folder}: only safetensors and JSON checkpoints are read; refusing {pickles[0]} "
+                "(pickle files are never loaded)"
+            )
         missing = TENSORS_FILE if not tensors_path.is_file() else STATE_FILE
         raise UserError(f"{folder}: incomplete checkpoint, missing {missing}")
     try:
@@ -157,8 +159,13 @@ def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     return tensors, {
         "python": [version, list(internal), gauss],
-        "numpy": {"kind": kind, "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
-                  "cached_gaussian": float(cached)},
+        "numpy": {
+            "kind": kind,
+            "keys": keys.tolist(),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
     }
 
 
@@ -171,8 +178,15 @@ def set_rng_state(tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> No
     version, internal, gauss = state["python"]
     random.setstate((int(version), tuple(int(x) for x in internal), gauss))
     numpy = state["numpy"]
-    np.random.set_state((numpy["kind"], np.asarray(numpy["keys"], dtype=np.uint32), int(numpy["pos"]),
-                         int(numpy["has_gauss"]), float(numpy["cached_gaussian"])))
+    np.random.set_state(
+        (
+            numpy["kind"],
+            np.asarray(numpy["keys"], dtype=np.uint32),
+            int(numpy["pos"]),
+            int(numpy["has_gauss"]),
+            float(numpy["cached_gaussian"]),
+        )
+    )
 
 
 # ----------------------------------------------------------------------------- optimizer state
@@ -191,12 +205,16 @@ def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.T
     return tensors, {"param_groups": groups}
 
 
-def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+def load_optimizer_state(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], state: dict[str, Any]
+) -> None:
     """Put what `optimizer_state` returned back into an optimizer over the same parameters."""
     groups = []
     for group, mine in zip(state["param_groups"], optimizer.param_groups, strict=True):
         if len(group["params"]) != len(mine["params"]):
-            raise ValueError(f"a parameter group has {len(group['params'])} parameters, the model {len(mine['params'])}")
+            raise ValueError(
+                f"a parameter group has {len(group['params'])} parameters, the model {len(mine['params'])}"
+            )
         groups.append({k: tuple(v) if k == "betas" else v for k, v in group.items()})
     params = [p for group in optimizer.param_groups for p in group["params"]]
     per_param: dict[int, dict[str, torch.Tensor]] = {}

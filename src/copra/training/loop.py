@@ -93,8 +93,13 @@ def build_run(config: TrainConfig, data: FewShotData | None = None):
     return classifier, data
 
 
-def train(config: TrainConfig, data: FewShotData | None = None, output_dir: str | Path | None = None,
-          initial_state: dict[str, torch.Tensor] | None = None, resume: bool = False) -> RunResult:
+def train(
+    config: TrainConfig,
+    data: FewShotData | None = None,
+    output_dir: str | Path | None = None,
+    initial_state: dict[str, torch.Tensor] | None = None,
+    resume: bool = False,
+) -> RunResult:
     """Train one adapter and evaluate it; write it (and the early one) if `output_dir` is given.
 
     `initial_state` (PEFT keys) replaces the fresh LoRA init, e.g. a federated round's merged adapter.
@@ -126,13 +131,21 @@ def train(config: TrainConfig, data: FewShotData | None = None, output_dir: str 
         except (MemoryError, RuntimeError) as error:  # torch.OutOfMemoryError is a RuntimeError
             if not isinstance(error, MemoryError) and not _out_of_memory(error):
                 raise
-            raise UserError(f"out of memory training {config.method} on {config.task} with batch_size "
-                            f"{config.batch_size} (max_length {config.max_length}): lower batch_size and raise "
-                            f"grad_accum to keep the effective batch; {kept_note(out)}") from None
+            raise UserError(
+                f"out of memory training {config.method} on {config.task} with batch_size "
+                f"{config.batch_size} (max_length {config.max_length}): lower batch_size and raise "
+                f"grad_accum to keep the effective batch; {kept_note(out)}"
+            ) from None
 
 
-def _train(config: TrainConfig, data: FewShotData | None, out: Path | None,
-           initial_state: dict[str, torch.Tensor] | None, resume: bool, precision: str) -> RunResult:
+def _train(
+    config: TrainConfig,
+    data: FewShotData | None,
+    out: Path | None,
+    initial_state: dict[str, torch.Tensor] | None,
+    resume: bool,
+    precision: str,
+) -> RunResult:
     checkpoint = None
     if resume:
         point = resume_point(out, config)
@@ -140,8 +153,10 @@ def _train(config: TrainConfig, data: FewShotData | None, out: Path | None,
             return point
         checkpoint = point
         if checkpoint is not None and checkpoint.state.get("precision", precision) != precision:
-            raise UserError(f"{checkpoint.folder} was trained in {checkpoint.state['precision']}, but this machine runs "
-                            f"precision={config.precision} as {precision}; set precision to match or use --force")
+            raise UserError(
+                f"{checkpoint.folder} was trained in {checkpoint.state['precision']}, but this machine runs "
+                f"precision={config.precision} as {precision}; set precision to match or use --force"
+            )
     loop = _Loop(config, data, out, initial_state, precision)
     loop.start(checkpoint)
     for step in loop.bar:
@@ -157,14 +172,23 @@ def _train(config: TrainConfig, data: FewShotData | None, out: Path | None,
 class _Loop:
     """One run's model, optimizer and progress; `train` drives it a step at a time."""
 
-    def __init__(self, config: TrainConfig, data: FewShotData | None, out: Path | None,
-                 initial_state: dict[str, torch.Tensor] | None, precision: str):
+    def __init__(
+        self,
+        config: TrainConfig,
+        data: FewShotData | None,
+        out: Path | None,
+        initial_state: dict[str, torch.Tensor] | None,
+        precision: str,
+    ):
         self.config = config
         self.classifier, self.data = build_run(config, data)
         if initial_state is not None:
             load_adapter_state(self.classifier, initial_state)
-        self.gates = CopRA(self.classifier.encoder, config.gate_schedule(), granularity=config.granularity,
-                           seed=config.seed) if config.method == "copra" else None
+        self.gates = (
+            CopRA(self.classifier.encoder, config.gate_schedule(), granularity=config.granularity, seed=config.seed)
+            if config.method == "copra"
+            else None
+        )
         if self.gates is not None and config.prefix_cache and hasattr(self.classifier, "enable_prefix_cache"):
             self.classifier.enable_prefix_cache(self.gates)
         self.named = [(n, p) for n, p in self.classifier.named_parameters() if p.requires_grad]
@@ -177,8 +201,13 @@ class _Loop:
         self.labels = torch.tensor(self.data.train_y)
         self.order = batches(len(self.data.train_x), config.batch_size, config.seed)
         self.early_step = math.ceil(config.steps / 4) if config.save_early else None
-        self.result = RunResult(config=config.to_dict(), accuracy=float("nan"), seconds_per_step=0.0,
-                                train_seconds=0.0, precision=precision)
+        self.result = RunResult(
+            config=config.to_dict(),
+            accuracy=float("nan"),
+            seconds_per_step=0.0,
+            train_seconds=0.0,
+            precision=precision,
+        )
         self.scaler = grad_scaler(precision, self.accelerator.device.type)  # fp16 only
         self.previous_seconds, self.last_checkpoint = 0.0, None
 
@@ -186,8 +215,9 @@ class _Loop:
         """Continue from `checkpoint` (replaying the batch order to its step), or start a fresh folder."""
         first_step = 0
         if checkpoint is not None:
-            first_step, self.previous_seconds = restore(checkpoint, self.named, self.optimizer, self.gates,
-                                                        self.result, self.scaler)
+            first_step, self.previous_seconds = restore(
+                checkpoint, self.named, self.optimizer, self.gates, self.result, self.scaler
+            )
             self.last_checkpoint = checkpoint.folder
             for _ in range(first_step * self.config.grad_accum):  # the batch order continues where it stopped
                 next(self.order)
@@ -196,8 +226,14 @@ class _Loop:
         self.result.resumed_from = first_step if checkpoint is not None else None
         self.classifier.train()
         config = self.config
-        self.bar = tqdm(range(first_step, config.steps), desc=f"{config.method} {self.data.task} seed {config.seed}",
-                        disable=not config.progress, leave=False, initial=first_step, total=config.steps)
+        self.bar = tqdm(
+            range(first_step, config.steps),
+            desc=f"{config.method} {self.data.task} seed {config.seed}",
+            disable=not config.progress,
+            leave=False,
+            initial=first_step,
+            total=config.steps,
+        )
         self.start_time = time.perf_counter()
 
     def step(self, step: int) -> float:
@@ -244,17 +280,25 @@ class _Loop:
             self.result.early_accuracy, self.result.early_dir = self._save_early()
         if out is not None and steps_done in snapshot_schedule(config):
             save_snapshot(out, self.classifier.encoder, config, self.data, steps_done)
-        if out is not None and config.checkpoint_every and steps_done % config.checkpoint_every == 0 and steps_done < config.steps:
+        if (
+            out is not None
+            and config.checkpoint_every
+            and steps_done % config.checkpoint_every == 0
+            and steps_done < config.steps
+        ):
             seconds = self.previous_seconds + time.perf_counter() - self.start_time
-            self.last_checkpoint = _save_checkpoint(out, steps_done, self.named, self.optimizer, self.gates, self.result,
-                                                    seconds, self.scaler)
+            self.last_checkpoint = _save_checkpoint(
+                out, steps_done, self.named, self.optimizer, self.gates, self.result, seconds, self.scaler
+            )
 
     def finish(self) -> RunResult:
         """Timing, convergence, the all-on evaluation; the adapter and result.json when there is a folder."""
         result, config = self.result, self.config
         loss_value = result.losses[-1] if result.losses else float("nan")
         result.train_seconds = self.previous_seconds + time.perf_counter() - self.start_time
-        result.seconds_per_step = float(np.mean(result.step_seconds))  # optimizer steps only (no early-checkpoint eval)
+        result.seconds_per_step = float(
+            np.mean(result.step_seconds)
+        )  # optimizer steps only (no early-checkpoint eval)
         result.final_loss = loss_value
         result.plateau = plateau(result.losses).to_dict()
         result.converged = result.plateau["converged"]
@@ -266,9 +310,16 @@ class _Loop:
         result.accuracy = accuracy(self.classifier, self.data.eval_x, self.data.eval_y)
         result.state = adapter_state(self.classifier)
         if self.out is not None:
-            meta = metadata(config, self.data, accuracy=result.accuracy, precision=result.precision,
-                            seconds_per_step=result.seconds_per_step, train_seconds=result.train_seconds,
-                            final_loss=loss_value, early_accuracy=result.early_accuracy)
+            meta = metadata(
+                config,
+                self.data,
+                accuracy=result.accuracy,
+                precision=result.precision,
+                seconds_per_step=result.seconds_per_step,
+                train_seconds=result.train_seconds,
+                final_loss=loss_value,
+                early_accuracy=result.early_accuracy,
+            )
             save_finished(self.out, self.classifier.encoder, meta, result)
         return result
 
@@ -283,7 +334,9 @@ class _Loop:
         return acc, folder
 
     def _diverged(self, what: str) -> TrainingDiverged:
-        where = f"; the last good checkpoint is kept in {self.last_checkpoint}" if self.last_checkpoint is not None else ""
+        where = (
+            f"; the last good checkpoint is kept in {self.last_checkpoint}" if self.last_checkpoint is not None else ""
+        )
         return TrainingDiverged(f"{what}; lower lr (now {self.config.lr}){where}")
 
 

@@ -66,7 +66,9 @@ class RunResult:
     losses: list[float] = field(default_factory=list)  # training loss of each optimizer step
     masks: list[list[bool]] = field(default_factory=list)  # CopRA gates of each step (empty for LoRA)
     resumed_from: int | None = None  # the step a resumed run continued from (steps: it had already finished)
-    converged: bool | None = None  # the training loss plateaued (copra.analysis.stats.plateau); None: too short to tell
+    converged: bool | None = (
+        None  # the training loss plateaued (copra.analysis.stats.plateau); None: too short to tell
+    )
     plateau: dict | None = None  # the plateau test's statistic: window, improvement, last_mean, threshold
     precision: str | None = None  # the precision the run used ("fp32", "bf16", "fp16"; config "auto" resolved)
     state: dict | None = field(default=None, repr=False)  # the trained adapter (PEFT keys), in memory only
@@ -82,9 +84,15 @@ def metadata(config: TrainConfig, data, **results) -> dict:
         schedule = {k: v for k, v in vars(config.gate_schedule()).items() if k != "total_steps"}
         schedule["granularity"] = config.granularity
     return {
-        "method": config.method, "task": data.task, "seed": config.seed, "steps": config.steps,
-        "shots": config.shots, "schedule": schedule, "classes": list(data.class_names),
-        "config": config.to_dict(), **results,
+        "method": config.method,
+        "task": data.task,
+        "seed": config.seed,
+        "steps": config.steps,
+        "shots": config.shots,
+        "schedule": schedule,
+        "classes": list(data.class_names),
+        "config": config.to_dict(),
+        **results,
     }
 
 
@@ -108,10 +116,14 @@ def check_fresh_output(out: str | Path) -> None:
     """UserError if `out` already holds something (the CLI's guard without --resume / --force)."""
     out = Path(out)
     if out.is_dir() and any(out.iterdir()):
-        kind = "a finished run" if (out / RESULT_FILE).exists() else (
-            "an unfinished run" if latest_checkpoint(out / CHECKPOINTS_DIR) else "files")
-        raise UserError(f"output_dir {out} already holds {kind}; pass --resume to continue or reuse it, "
-                        "or --force to start over")
+        kind = (
+            "a finished run"
+            if (out / RESULT_FILE).exists()
+            else ("an unfinished run" if latest_checkpoint(out / CHECKPOINTS_DIR) else "files")
+        )
+        raise UserError(
+            f"output_dir {out} already holds {kind}; pass --resume to continue or reuse it, or --force to start over"
+        )
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir {out} is a file, not a folder")
 
@@ -130,8 +142,10 @@ def same_run(stored: dict, config: TrainConfig, where: Path) -> None:
             continue
         theirs = stored.get(key, before.get(key, "<unset>"))
         if key not in mine or theirs != mine[key]:
-            raise UserError(f"{where} belongs to a run with {key}={theirs!r}, but this run has "
-                            f"{key}={mine.get(key, '<unset>')!r}; resume with the same config or use --force to start over")
+            raise UserError(
+                f"{where} belongs to a run with {key}={theirs!r}, but this run has "
+                f"{key}={mine.get(key, '<unset>')!r}; resume with the same config or use --force to start over"
+            )
 
 
 def resume_point(out: Path, config: TrainConfig) -> RunResult | Checkpoint | None:
@@ -204,8 +218,9 @@ def save_finished(out: Path, encoder, meta: dict, result: RunResult) -> None:
     remove_leftovers(out)
 
 
-def save_training_checkpoint(out: Path, step: int, named, optimizer, gates: CopRA | None, result: RunResult,
-                             seconds: float, scaler=None) -> Path:
+def save_training_checkpoint(
+    out: Path, step: int, named, optimizer, gates: CopRA | None, result: RunResult, seconds: float, scaler=None
+) -> Path:
     """Parameters, AdamW and RNG states and progress after `step` steps, as `checkpoints/step-N`."""
     tensors = {f"param.{name}": p.detach() for name, p in named}
     if gates is not None:  # reseeded from (seed, step) at every step anyway; kept for inspection
@@ -213,16 +228,24 @@ def save_training_checkpoint(out: Path, step: int, named, optimizer, gates: CopR
     optim_tensors, optim_json = optimizer_state(optimizer)
     rng_tensors, rng_json = rng_state()
     state = {
-        "config": result.config, "optimizer": optim_json, "rng": rng_json, "train_seconds": seconds,
-        "losses": result.losses, "step_seconds": result.step_seconds, "masks": result.masks,
-        "early_accuracy": result.early_accuracy, "early_dir": result.early_dir, "precision": result.precision,
+        "config": result.config,
+        "optimizer": optim_json,
+        "rng": rng_json,
+        "train_seconds": seconds,
+        "losses": result.losses,
+        "step_seconds": result.step_seconds,
+        "masks": result.masks,
+        "early_accuracy": result.early_accuracy,
+        "early_dir": result.early_dir,
+        "precision": result.precision,
         "scaler": scaler.state_dict() if scaler is not None else None,
     }
     return save_checkpoint(out / CHECKPOINTS_DIR, step, {**tensors, **optim_tensors, **rng_tensors}, state)
 
 
-def restore(checkpoint: Checkpoint, named, optimizer, gates: CopRA | None, result: RunResult,
-            scaler=None) -> tuple[int, float]:
+def restore(
+    checkpoint: Checkpoint, named, optimizer, gates: CopRA | None, result: RunResult, scaler=None
+) -> tuple[int, float]:
     """Parameters, optimizer, RNG states and progress from `checkpoint`; (first step, seconds so far)."""
     state, tensors, step = checkpoint.state, checkpoint.tensors, checkpoint.step
     try:
@@ -238,11 +261,17 @@ def restore(checkpoint: Checkpoint, named, optimizer, gates: CopRA | None, resul
         result.masks = [[bool(x) for x in mask] for mask in state["masks"]]
         result.early_accuracy, result.early_dir = state["early_accuracy"], state["early_dir"]
         seconds = float(state["train_seconds"])
-        if len(result.losses) != step or len(result.step_seconds) != step or (gates is not None and len(result.masks) != step):
+        if (
+            len(result.losses) != step
+            or len(result.step_seconds) != step
+            or (gates is not None and len(result.masks) != step)
+        ):
             raise ValueError(f"progress lists do not have {step} entries")
     except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as error:
-        raise UserError(f"{checkpoint.folder}: checkpoint does not fit this run ({type(error).__name__}: {error}); "
-                        "use --force to start over") from None
+        raise UserError(
+            f"{checkpoint.folder}: checkpoint does not fit this run ({type(error).__name__}: {error}); "
+            "use --force to start over"
+        ) from None
     return step, seconds
 
 
@@ -251,8 +280,10 @@ def _restore_parameters(named, tensors: dict[str, torch.Tensor]) -> None:
         for name, param in named:
             saved = tensors[f"param.{name}"]
             if saved.shape != param.shape or saved.dtype != param.dtype:
-                raise ValueError(f"parameter {name!r} is {tuple(saved.shape)} {saved.dtype} in the checkpoint, "
-                                 f"{tuple(param.shape)} {param.dtype} in the model")
+                raise ValueError(
+                    f"parameter {name!r} is {tuple(saved.shape)} {saved.dtype} in the checkpoint, "
+                    f"{tuple(param.shape)} {param.dtype} in the model"
+                )
             param.copy_(saved)
 
 

@@ -106,8 +106,12 @@ def memoized_forward(modules: Sequence[nn.Module]) -> Iterator[None]:
             if args or kwargs or not isinstance(x, torch.Tensor):
                 return _original(x, *args, **kwargs)
             last = _memo.get("last")
-            if last is not None and last[0] is x and last[1] == tensor_version(x) \
-                    and last[3] == tensor_version(last[2]):
+            if (
+                last is not None
+                and last[0] is x
+                and last[1] == tensor_version(x)
+                and last[3] == tensor_version(last[2])
+            ):
                 return last[2]
             out = _original(x)
             _memo["last"] = (x, tensor_version(x), out, tensor_version(out))
@@ -137,7 +141,6 @@ def checkpoint_file(path: str, filename: str) -> str | None:
         return None
 
 
-
 # -- peft: add_weighted_adapter's merged scaling with rsLoRA -----------------------------------------------
 def fold_rslora_scaling(peft_model: nn.Module, adapter_name: str) -> bool:
     """Make the merged adapter `adapter_name` scale by 1, as `add_weighted_adapter` means it to; True if changed.
@@ -151,7 +154,7 @@ def fold_rslora_scaling(peft_model: nn.Module, adapter_name: str) -> bool:
     config = peft_model.peft_config[adapter_name]
     if not getattr(config, "use_rslora", False):
         return False
-    scaling = config.lora_alpha / config.r ** 0.5
+    scaling = config.lora_alpha / config.r**0.5
     if abs(scaling - 1.0) < 1e-12:
         return False
     config.use_rslora = False
@@ -162,6 +165,7 @@ def fold_rslora_scaling(peft_model: nn.Module, adapter_name: str) -> bool:
             # set_scale(s) gives s * alpha / sqrt(r) under the layer's rsLoRA flag: choose s for scaling 1
             module.set_scale(adapter_name, module.r[adapter_name] ** 0.5 / module.lora_alpha[adapter_name])
     return True
+
 
 # -- warnings from other libraries that are not the user's concern ----------------------------------
 # peft 0.17-0.21 calls `is_gradient_checkpointing`, which transformers 5 deprecates.
@@ -175,7 +179,14 @@ def quiet_known_warnings() -> None:
 
 
 __all__ = [
-    "KNOWN_WARNINGS", "attention_mask_builder", "bidirectional_mask_builder",
-    "checkpoint_file", "legacy_mask_builder", "memoized_forward", "quiet_known_warnings",
-    "switch_adapters_off", "switch_adapters_on", "tensor_version",
+    "KNOWN_WARNINGS",
+    "attention_mask_builder",
+    "bidirectional_mask_builder",
+    "checkpoint_file",
+    "legacy_mask_builder",
+    "memoized_forward",
+    "quiet_known_warnings",
+    "switch_adapters_off",
+    "switch_adapters_on",
+    "tensor_version",
 ]

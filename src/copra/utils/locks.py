@@ -103,6 +103,7 @@ def folder_lock(folder: str | Path) -> Iterator[Path]:
 
 def locks_output(function: Callable) -> Callable:
     """Decorator: `function(..., output=folder)` runs holding `folder`'s lock."""
+
     @functools.wraps(function)
     def locked(*args, output, **kwargs):
         with folder_lock(output):
@@ -127,8 +128,10 @@ def check_owned(target: str | Path, replaced: bool = False) -> None:
                 continue
             now = _ident(entry.folder)
             if entry.ident is not None and now != entry.ident and not (replaced and entry.folder == target):
-                raise ResourceError(f"{entry.folder} was deleted or replaced while this process was writing to it; "
-                                    "nothing more is written there")
+                raise ResourceError(
+                    f"{entry.folder} was deleted or replaced while this process was writing to it; "
+                    "nothing more is written there"
+                )
             entry.ident = now if now is not None else entry.ident
 
 
@@ -172,8 +175,10 @@ def _acquire(path: Path, folder: Path) -> int:
         except BlockingIOError:
             info = _read_holder(fd)
             os.close(fd)
-            raise FolderInUse(f"{folder} is in use by another copra process ({_describe(info)}); "
-                              "wait for it to finish or stop it, then run again") from None
+            raise FolderInUse(
+                f"{folder} is in use by another copra process ({_describe(info)}); "
+                "wait for it to finish or stop it, then run again"
+            ) from None
         except OSError as error:  # e.g. ENOLCK on a file system without locks
             os.close(fd)
             raise _cannot_lock(folder, error) from None
@@ -206,8 +211,12 @@ def _same_file(fd: int, path: Path) -> bool:
 
 
 def _write_holder(fd: int) -> None:
-    record = {"pid": os.getpid(), "host": socket.gethostname(),
-              "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "command": " ".join(sys.argv)[:300]}
+    record = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "command": " ".join(sys.argv)[:300],
+    }
     data = (json.dumps(record) + "\n").encode("utf-8")
     os.ftruncate(fd, 0)
     os.pwrite(fd, data, 0)

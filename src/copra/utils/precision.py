@@ -134,5 +134,16 @@ def grad_scaler(precision: str, device_type: str):
     return torch.amp.GradScaler(device_type)
 
 
-__all__ = ["ATTENTION", "DTYPES", "PRECISIONS", "attention_implementation", "autocast", "autocast_of", "bf16_supported", "cast_frozen",
-           "default_device_type", "grad_scaler", "resolve"]
+__all__ = [
+    "ATTENTION",
+    "DTYPES",
+    "PRECISIONS",
+    "attention_implementation",
+    "autocast",
+    "autocast_of",
+    "bf16_supported",
+    "cast_frozen",
+    "default_device_type",
+    "grad_scaler",
+    "resolve",
+]

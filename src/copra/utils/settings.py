@@ -101,9 +101,11 @@ def coerce_fields(instance: Any) -> None:
 def dataclass_defaults(cls: type) -> dict[str, Any]:
     """Every field's default (required fields left out), as JSON stores them: what a field that a
     stored config lacks stands for."""
-    found = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-             for f in dataclasses.fields(cls)
-             if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
+    found = {
+        f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        for f in dataclasses.fields(cls)
+        if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+    }
     return json.loads(json.dumps(found))
 
 

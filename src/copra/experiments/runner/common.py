@@ -52,8 +52,12 @@ class RunExecution:
     output_dir: str = "results"  #: where adapters, JSON, PNG and Markdown go
     progress: bool = True  #: progress bars
     jobs: int = 1  #: training runs in parallel processes (finished runs in output_dir are reused)
-    executor: str = "local"  #: where training runs go: local (this process or `jobs` processes) or ray (one Ray task each)
-    ray_address: str | None = None  #: Ray cluster to join (else $COPRA_RAY_ADDRESS, else a private local Ray of `jobs` CPUs)
+    executor: str = (
+        "local"  #: where training runs go: local (this process or `jobs` processes) or ray (one Ray task each)
+    )
+    ray_address: str | None = (
+        None  #: Ray cluster to join (else $COPRA_RAY_ADDRESS, else a private local Ray of `jobs` CPUs)
+    )
 
 
 def mean_std(values: Iterable[float]) -> tuple[float, float]:
@@ -90,9 +94,13 @@ def lora_fields(adapter_config: dict, where: str) -> dict[str, Any]:
         raise UserError(f"{where}: target_modules must be a list of module names, got {targets!r}")
     if adapter_config.get("rank_pattern") or adapter_config.get("alpha_pattern"):
         raise UserError(f"{where}: per-module rank_pattern/alpha_pattern adapters cannot be evaluated here")
-    return dict(rank=int(adapter_config["r"]), lora_alpha=float(adapter_config.get("lora_alpha", 8)),
-                use_rslora=bool(adapter_config.get("use_rslora", False)),
-                use_dora=bool(adapter_config.get("use_dora", False)), target_modules=sorted(targets))
+    return dict(
+        rank=int(adapter_config["r"]),
+        lora_alpha=float(adapter_config.get("lora_alpha", 8)),
+        use_rslora=bool(adapter_config.get("use_rslora", False)),
+        use_dora=bool(adapter_config.get("use_dora", False)),
+        target_modules=sorted(targets),
+    )
 
 
 def load_for_eval(folder: str | Path, task: str | None = None, model: str | None = None) -> tuple[Adapter, dict]:
@@ -193,14 +201,23 @@ class Evaluator:
         from copra.utils.precision import default_device_type, resolve
 
         if id(data) not in self._data_keys:  # keeps `data` alive so its id is not reused
-            self._data_keys[id(data)] = (data, eval_cache.data_digest(data.task, data.eval_x, data.eval_y, data.prompts))
+            self._data_keys[id(data)] = (
+                data,
+                eval_cache.data_digest(data.task, data.eval_x, data.eval_y, data.prompts),
+            )
         data_hash = self._data_keys[id(data)][1]
         if data_hash is None:
             return None
         lora = lora_fields(adapter_config, "adapter")
         device_type = default_device_type()
-        return eval_cache.key(eval_cache.state_digest(state), lora, self.base, resolve(self.base.precision, device_type),
-                              device_type, data_hash)
+        return eval_cache.key(
+            eval_cache.state_digest(state),
+            lora,
+            self.base,
+            resolve(self.base.precision, device_type),
+            device_type,
+            data_hash,
+        )
 
 
 def run_precision(config: dict) -> str:

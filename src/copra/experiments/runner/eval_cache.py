@@ -35,8 +35,10 @@ from copra.utils.atomic import write_json, write_text
 
 KEY_VERSION = 1
 CACHE_TAG = "CACHEDIR.TAG"
-CACHE_TAG_TEXT = ("Signature: 8a477f597d28d172789f06886806bc55\n"
-                  "# copra's evaluation cache: accuracies by content hash; safe to delete.\n")
+CACHE_TAG_TEXT = (
+    "Signature: 8a477f597d28d172789f06886806bc55\n"
+    "# copra's evaluation cache: accuracies by content hash; safe to delete.\n"
+)
 _FOLDER: ContextVar[Path | None] = ContextVar("copra_eval_cache", default=None)
 
 # TrainConfig fields that change what a classifier scores (with the adapter state, its LoRA settings and
@@ -44,12 +46,42 @@ _FOLDER: ContextVar[Path | None] = ContextVar("copra_eval_cache", default=None)
 # tests/test_eval_cache.py fails when a new TrainConfig field is in neither tuple.
 EVAL_IDENTITY = ("backbone", "model", "max_length", "logit_scale", "precision")
 NOT_EVAL_IDENTITY = (
-    "task", "data_root", "train_file", "test_file", "text_column", "label_column", "prompt", "shots",
+    "task",
+    "data_root",
+    "train_file",
+    "test_file",
+    "text_column",
+    "label_column",
+    "prompt",
+    "shots",
     "eval_examples",  # the data: keyed by the examples themselves
-    "rank", "lora_alpha", "use_rslora", "use_dora", "target_modules",  # keyed from the adapter's own config
-    "method", "seed", "lora_dropout", "backbone_dropout", "steps", "batch_size", "grad_accum", "lr", "weight_decay",
-    "min_lr", "lr_schedule", "initial_p", "final_p", "ramp_fraction", "ramp", "granularity", "prefix_cache",
-    "output_dir", "checkpoint_every", "save_early", "snapshot_every", "progress",  # training only
+    "rank",
+    "lora_alpha",
+    "use_rslora",
+    "use_dora",
+    "target_modules",  # keyed from the adapter's own config
+    "method",
+    "seed",
+    "lora_dropout",
+    "backbone_dropout",
+    "steps",
+    "batch_size",
+    "grad_accum",
+    "lr",
+    "weight_decay",
+    "min_lr",
+    "lr_schedule",
+    "initial_p",
+    "final_p",
+    "ramp_fraction",
+    "ramp",
+    "granularity",
+    "prefix_cache",
+    "output_dir",
+    "checkpoint_every",
+    "save_early",
+    "snapshot_every",
+    "progress",  # training only
 )
 
 
@@ -87,7 +119,9 @@ def data_digest(task: str, examples, labels, prompts) -> str | None:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def key(state_hash: str, lora: dict[str, Any], base: TrainConfig, precision: str, device_type: str, data_hash: str) -> str:
+def key(
+    state_hash: str, lora: dict[str, Any], base: TrainConfig, precision: str, device_type: str, data_hash: str
+) -> str:
     """The cache key of one accuracy: what it was measured on, with which adapter and classifier.
 
     `precision` is the resolved one ("auto" means bf16 on one machine, fp32 on another) and
@@ -95,8 +129,11 @@ def key(state_hash: str, lora: dict[str, Any], base: TrainConfig, precision: str
     """
     classifier = {name: getattr(base, name) for name in EVAL_IDENTITY}
     classifier.update(precision=precision, device=device_type)
-    payload = json.dumps({"version": KEY_VERSION, "state": state_hash, "lora": lora, "classifier": classifier,
-                          "data": data_hash}, sort_keys=True, default=str)
+    payload = json.dumps(
+        {"version": KEY_VERSION, "state": state_hash, "lora": lora, "classifier": classifier, "data": data_hash},
+        sort_keys=True,
+        default=str,
+    )
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -125,5 +162,17 @@ def is_cache(folder: Path) -> bool:
     return (folder / CACHE_TAG).is_file()
 
 
-__all__ = ["CACHE_TAG", "EVAL_IDENTITY", "KEY_VERSION", "NOT_EVAL_IDENTITY", "active_folder", "cached_evaluations",
-           "data_digest", "is_cache", "key", "lookup", "record", "state_digest"]
+__all__ = [
+    "CACHE_TAG",
+    "EVAL_IDENTITY",
+    "KEY_VERSION",
+    "NOT_EVAL_IDENTITY",
+    "active_folder",
+    "cached_evaluations",
+    "data_digest",
+    "is_cache",
+    "key",
+    "lookup",
+    "record",
+    "state_digest",
+]

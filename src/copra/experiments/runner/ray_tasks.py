@@ -32,7 +32,9 @@ MAX_RETRIES = 3  # Ray re-runs a task whose worker died this often; each retry r
 def resolve_address(address: str | None) -> str | None:
     """The Ray address to join: the setting, else $COPRA_RAY_ADDRESS, else None (a private local Ray)."""
     if address is not None and (not isinstance(address, str) or not address.strip()):
-        raise UserError(f"ray_address must be a non-empty string such as 'auto' or 'ray://host:10001', got {address!r}")
+        raise UserError(
+            f"ray_address must be a non-empty string such as 'auto' or 'ray://host:10001', got {address!r}"
+        )
     return address or os.environ.get(ADDRESS_ENV) or None
 
 
@@ -81,8 +83,9 @@ def train_task(config: TrainConfig, output_dir: str) -> str:
     return output_dir
 
 
-def run_on_ray(runs: Sequence[tuple[TrainConfig, str | Path]], missing: Sequence[int], address: str | None,
-               num_cpus: int) -> None:
+def run_on_ray(
+    runs: Sequence[tuple[TrainConfig, str | Path]], missing: Sequence[int], address: str | None, num_cpus: int
+) -> None:
     """Train runs[i] for every i in `missing` as Ray tasks (one CPU each); returns when all finished.
 
     A task's UserError comes back as the same one-line UserError; other failures propagate.

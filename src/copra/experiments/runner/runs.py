@@ -127,11 +127,17 @@ def check_executor(executor: str, ray_address: str | None = None) -> None:
     if executor not in EXECUTORS:
         raise UserError(f"executor must be one of {list(EXECUTORS)}, got {executor!r}")
     if ray_address is not None and (not isinstance(ray_address, str) or not ray_address.strip()):
-        raise UserError(f"ray_address must be a non-empty string such as 'auto' or 'ray://host:10001', got {ray_address!r}")
+        raise UserError(
+            f"ray_address must be a non-empty string such as 'auto' or 'ray://host:10001', got {ray_address!r}"
+        )
 
 
-def run_all(runs: Sequence[tuple[TrainConfig, str | Path]], jobs: int = 1, executor: str = "local",
-            ray_address: str | None = None) -> list[RunResult]:
+def run_all(
+    runs: Sequence[tuple[TrainConfig, str | Path]],
+    jobs: int = 1,
+    executor: str = "local",
+    ray_address: str | None = None,
+) -> list[RunResult]:
     """Results of every (config, output folder), in order; finished runs are reused, the rest trained.
 
     With `jobs` > 1 the missing runs train in that many spawned processes; with `executor="ray"`
@@ -157,8 +163,12 @@ def run_all(runs: Sequence[tuple[TrainConfig, str | Path]], jobs: int = 1, execu
             results[i] = train(runs[i][0], output_dir=runs[i][1], resume=bool(states[i]))
     else:
         threads = max(1, (os.cpu_count() or 1) // jobs)
-        with ProcessPoolExecutor(max_workers=min(jobs, len(missing)), mp_context=get_context("spawn"),
-                                 initializer=_worker_init, initargs=(threads,)) as pool:
+        with ProcessPoolExecutor(
+            max_workers=min(jobs, len(missing)),
+            mp_context=get_context("spawn"),
+            initializer=_worker_init,
+            initargs=(threads,),
+        ) as pool:
             futures = [pool.submit(_train_in_worker, runs[i][0], str(runs[i][1]), bool(states[i])) for i in missing]
             for future in futures:
                 future.result()  # re-raises a worker's error (a UserError stays one)

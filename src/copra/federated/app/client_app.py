@@ -30,7 +30,7 @@ def node_partition(node_config: dict, clients: int) -> int:
     try:
         partition, total = int(node_config["partition-id"]), int(node_config["num-partitions"])
     except (KeyError, TypeError, ValueError):
-        raise UserError("this SuperNode needs --node-config \"partition-id=I num-partitions=K\" (integers)") from None
+        raise UserError('this SuperNode needs --node-config "partition-id=I num-partitions=K" (integers)') from None
     if total != clients:
         raise UserError(f"num-partitions={total} on this SuperNode, but the run has clients={clients}")
     if not 0 <= partition < clients:

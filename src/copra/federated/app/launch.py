@@ -59,15 +59,33 @@ class Tls:
     server_key: Path
 
 
-def superlink_command(port: int, host: str = "127.0.0.1", tls: Tls | None = None, node_auth: bool = False,
-                      database: str | Path | None = None) -> list[str]:
+def superlink_command(
+    port: int,
+    host: str = "127.0.0.1",
+    tls: Tls | None = None,
+    node_auth: bool = False,
+    database: str | Path | None = None,
+) -> list[str]:
     """`flower-superlink` serving Fleet, Control and Runtime APIs on host:port, no runtime `uv sync`."""
-    command = [tool("flower-superlink"), "--host", host, "--port", str(port), "--disable-runtime-dependency-installation"]
+    command = [
+        tool("flower-superlink"),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--disable-runtime-dependency-installation",
+    ]
     if tls is None:
         command.append("--insecure")
     else:
-        command += ["--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile", str(tls.server_cert),
-                    "--ssl-keyfile", str(tls.server_key)]
+        command += [
+            "--ssl-ca-certfile",
+            str(tls.ca_cert),
+            "--ssl-certfile",
+            str(tls.server_cert),
+            "--ssl-keyfile",
+            str(tls.server_key),
+        ]
     if node_auth:
         command.append("--enable-supernode-auth")
     if database is not None:
@@ -75,11 +93,27 @@ def superlink_command(port: int, host: str = "127.0.0.1", tls: Tls | None = None
     return command
 
 
-def supernode_command(superlink: str, port: int, partition: int, partitions: int, root_cert: Path | None = None,
-                      private_key: Path | None = None, max_wait: float | None = None) -> list[str]:
+def supernode_command(
+    superlink: str,
+    port: int,
+    partition: int,
+    partitions: int,
+    root_cert: Path | None = None,
+    private_key: Path | None = None,
+    max_wait: float | None = None,
+) -> list[str]:
     """`flower-supernode` for partition `partition` of `partitions`; its ClientApps talk to 127.0.0.1:port."""
-    command = [tool("flower-supernode"), "--superlink", superlink, "--host", "127.0.0.1", "--port", str(port),
-               "--node-config", f"partition-id={partition} num-partitions={partitions}"]
+    command = [
+        tool("flower-supernode"),
+        "--superlink",
+        superlink,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--node-config",
+        f"partition-id={partition} num-partitions={partitions}",
+    ]
     command += ["--insecure"] if root_cert is None else ["--root-certificates", str(root_cert)]
     if private_key is not None:
         command += ["--auth-supernode-private-key", str(private_key)]
@@ -114,15 +148,73 @@ def make_tls(folder: str | Path, hosts: tuple[str, ...] = ("127.0.0.1", "localho
     ca_key, ca, key, csr, cert = (folder / n for n in ("ca.key", "ca.crt", "server.key", "server.csr", "server.pem"))
     names = ",".join(("IP:" if h.replace(".", "").isdigit() or ":" in h else "DNS:") + h for h in hosts)
     ext = folder / "server.ext"
-    ext.write_text(f"subjectAltName={names}\nbasicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n"
-                   "extendedKeyUsage=serverAuth\nauthorityKeyIdentifier=keyid\nsubjectKeyIdentifier=hash\n")
-    _run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-          "-keyout", str(ca_key), "-out", str(ca), "-days", str(days), "-subj", "/CN=copra-flower-ca",
-          "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign"])
-    _run(["openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-          "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={hosts[0]}"])
-    _run(["openssl", "x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial",
-          "-out", str(cert), "-days", str(days), "-sha256", "-extfile", str(ext)])
+    ext.write_text(
+        f"subjectAltName={names}\nbasicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n"
+        "extendedKeyUsage=serverAuth\nauthorityKeyIdentifier=keyid\nsubjectKeyIdentifier=hash\n"
+    )
+    _run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            str(ca_key),
+            "-out",
+            str(ca),
+            "-days",
+            str(days),
+            "-subj",
+            "/CN=copra-flower-ca",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ]
+    )
+    _run(
+        [
+            "openssl",
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(csr),
+            "-subj",
+            f"/CN={hosts[0]}",
+        ]
+    )
+    _run(
+        [
+            "openssl",
+            "x509",
+            "-req",
+            "-in",
+            str(csr),
+            "-CA",
+            str(ca),
+            "-CAkey",
+            str(ca_key),
+            "-CAcreateserial",
+            "-out",
+            str(cert),
+            "-days",
+            str(days),
+            "-sha256",
+            "-extfile",
+            str(ext),
+        ]
+    )
     return Tls(ca, cert, key)
 
 

@@ -44,8 +44,15 @@ class RunRecord:
 
     def __init__(self, settings: DeploySettings, out: Path, run_id: int) -> None:
         self.settings, self.out, self.started = settings, out, time.monotonic()
-        self.data = {"run_id": run_id, "status": "running", "error": None, "settings": settings.to_dict(),
-                     "output_dir": str(out), "rounds": [], "wall_seconds": 0.0}
+        self.data = {
+            "run_id": run_id,
+            "status": "running",
+            "error": None,
+            "settings": settings.to_dict(),
+            "output_dir": str(out),
+            "rounds": [],
+            "wall_seconds": 0.0,
+        }
         self.write()
 
     def write(self) -> None:
@@ -58,11 +65,20 @@ class RunRecord:
         merged = adapter_state(evaluator)
         for answer, state in zip(entry["answered"], states):
             load_adapter_state(evaluator, state)
-            save_peft_model(evaluator.encoder, self.out / "clients" / f"round-{entry['round']}" /
-                            f"partition-{answer['partition_id']}", {"round": entry["round"], **answer})
+            save_peft_model(
+                evaluator.encoder,
+                self.out / "clients" / f"round-{entry['round']}" / f"partition-{answer['partition_id']}",
+                {"round": entry["round"], **answer},
+            )
         load_adapter_state(evaluator, merged)
-        meta = {"merge": "fusion", "federated": True, "round": entry["round"], "accuracy": accuracy,
-                "clients": [a["partition_id"] for a in entry["answered"]], "settings": self.settings.to_dict()}
+        meta = {
+            "merge": "fusion",
+            "federated": True,
+            "round": entry["round"],
+            "accuracy": accuracy,
+            "clients": [a["partition_id"] for a in entry["answered"]],
+            "settings": self.settings.to_dict(),
+        }
         save_peft_model(evaluator.encoder, self.out / ADAPTER_DIR, meta)
         keep = ("round", "sent_to", "answered", "failed", "seconds")
         self.data["rounds"].append({k: entry[k] for k in keep} | {"merged_accuracy": accuracy})
@@ -95,8 +111,12 @@ def main(grid: Grid, context: Context) -> None:
             return MetricRecord({"accuracy": accuracy})
 
         # the reply wait is DeploymentFusion.gather's (round-timeout, straggler-timeout), not start's `timeout`
-        strategy.start(grid=grid, initial_arrays=to_record(start) if start else ArrayRecord(),
-                       num_rounds=settings.rounds, evaluate_fn=evaluate)
+        strategy.start(
+            grid=grid,
+            initial_arrays=to_record(start) if start else ArrayRecord(),
+            num_rounds=settings.rounds,
+            evaluate_fn=evaluate,
+        )
     except BaseException as error:
         record.data["failed_round"] = strategy.stopped  # the round that stopped the run, if one did
         record.finish(error)

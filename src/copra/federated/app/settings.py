@@ -60,11 +60,23 @@ class DeploySettings:
 
     def federated(self) -> FederatedConfig:
         """The in-process protocol's config: clients and rounds train exactly as `experiments.federated`."""
-        return FederatedConfig(task=self.task, methods=[self.method], clients=self.clients, rounds=self.rounds,
-                               seeds=[self.seed], shots=self.shots, steps=self.steps, batch_size=self.batch_size,
-                               lr=self.lr, eval_examples=self.eval_examples or None, model=self.model,
-                               shared_init=self.shared_init, train_overrides=parse_sets(shlex.split(self.train_sets)),
-                               output_dir=self.output_dir or ".", progress=False)
+        return FederatedConfig(
+            task=self.task,
+            methods=[self.method],
+            clients=self.clients,
+            rounds=self.rounds,
+            seeds=[self.seed],
+            shots=self.shots,
+            steps=self.steps,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            eval_examples=self.eval_examples or None,
+            model=self.model,
+            shared_init=self.shared_init,
+            train_overrides=parse_sets(shlex.split(self.train_sets)),
+            output_dir=self.output_dir or ".",
+            progress=False,
+        )
 
     @property
     def wanted_nodes(self) -> int:
@@ -77,7 +89,9 @@ class DeploySettings:
         return max(1, math.ceil(self.min_reply_fraction * self.clients - 1e-9))
 
     def output(self, run_id: int) -> Path:
-        return Path(self.output_dir).expanduser() if self.output_dir else Path.home() / "copra-flower" / f"run-{run_id}"
+        return (
+            Path(self.output_dir).expanduser() if self.output_dir else Path.home() / "copra-flower" / f"run-{run_id}"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

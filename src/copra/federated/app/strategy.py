@@ -36,8 +36,12 @@ class DeploymentFusion(fusion_strategy_class()):
     def __init__(self, settings: DeploySettings) -> None:
         self.settings = settings
         self.min_train = settings.min_train_nodes or settings.needed_replies
-        super().__init__(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=self.min_train,
-                         min_available_nodes=settings.wanted_nodes)
+        super().__init__(
+            fraction_train=1.0,
+            fraction_evaluate=0.0,
+            min_train_nodes=self.min_train,
+            min_available_nodes=settings.wanted_nodes,
+        )
         self.sent: dict[int, list[int]] = {}  # round -> node ids asked
         self.asked: dict[int, dict[str, int]] = {}  # round -> {message id: node id}
         self.closed: dict[int, str] = {}  # round -> why the reply wait ended
@@ -52,8 +56,10 @@ class DeploymentFusion(fusion_strategy_class()):
             time.sleep(1.0)
         if len(nodes) < self.min_train:
             self.stopped = {"round": len(self.sent) + 1, "connected": nodes}
-            raise RoundFailed(f"{len(nodes)} node(s) connected after {self.settings.node_wait_timeout:g} s, "
-                              f"min-train-nodes is {self.min_train}")
+            raise RoundFailed(
+                f"{len(nodes)} node(s) connected after {self.settings.node_wait_timeout:g} s, "
+                f"min-train-nodes is {self.min_train}"
+            )
         return nodes
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
@@ -102,9 +108,11 @@ class DeploymentFusion(fusion_strategy_class()):
         record = {"round": server_round, "sent_to": self.sent[server_round], "answered": answered, "failed": failed}
         if len(answered) < self.settings.needed_replies:
             self.stopped = record
-            raise RoundFailed(f"round {server_round}: {len(answered)} of {self.settings.clients} clients answered, "
-                              f"{self.settings.needed_replies} needed (min-reply-fraction "
-                              f"{self.settings.min_reply_fraction:g}); failed: {failed}")
+            raise RoundFailed(
+                f"round {server_round}: {len(answered)} of {self.settings.clients} clients answered, "
+                f"{self.settings.needed_replies} needed (min-reply-fraction "
+                f"{self.settings.min_reply_fraction:g}); failed: {failed}"
+            )
         arrays, metrics = super().aggregate_train(server_round, [m for m in replies if not m.has_error()])
         self.history[-1].pop("failures", None)  # FusionFedAvg saw only the good replies; "failed" says it all
         self.history[-1].update(record)  # beside the clients and states FusionFedAvg appended
@@ -128,8 +136,14 @@ class DeploymentFusion(fusion_strategy_class()):
                 raise RoundFailed(f"round {server_round}: two nodes answered for partition-id {partition}")
             self.partition_of[node] = partition
             metrics = msg.content["metrics"]
-            answered.append({"node_id": node, "partition_id": partition,
-                             "num_examples": int(metrics[self.weighted_by_key]), "accuracy": float(metrics["accuracy"])})
+            answered.append(
+                {
+                    "node_id": node,
+                    "partition_id": partition,
+                    "num_examples": int(metrics[self.weighted_by_key]),
+                    "accuracy": float(metrics["accuracy"]),
+                }
+            )
         for node in self.sent[server_round]:
             if node not in seen:
                 failed.append(self._failure(node, f"no reply when the round closed ({self.closed.get(server_round)})"))
