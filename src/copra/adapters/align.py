@@ -87,6 +87,7 @@ def _best_p(b1, a1, b2, a2, steps: int, lr: float) -> torch.Tensor:
         if step == steps:
             break
         loss.backward()
+        assert x.grad is not None  # backward() has just filled it: loss depends on x, which requires grad
         if not torch.isfinite(x.grad).all():  # spectral gradient broke down: smooth surrogate
             opt.zero_grad()
             _gap(p0 @ (eye + x), b1, a1, b2, a2, "fro").backward()

@@ -125,7 +125,7 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 def check_lora_state(state: dict[str, torch.Tensor], config: dict, where: str) -> None:
     """UserError naming the first tensor of `state` that does not make a valid LoRA adapter under `config`."""
-    dtypes = {}
+    dtypes: dict[torch.dtype, str] = {}  # dtype -> the first key that has it
     for key, tensor in state.items():
         if tensor.dtype not in FLOAT_DTYPES:
             raise UserError(

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -32,7 +33,7 @@ Adapter = dict[str, torch.Tensor]
 # A-factor name -> its B-factor name, as a dotted key component.
 _PAIRS = {"lora_A": "lora_B", "lora_embedding_A": "lora_embedding_B"}
 # Config fields that must agree for two adapters to be merged (missing = PEFT's default).
-_CONFIG_FIELDS = {
+_CONFIG_FIELDS: dict[str, Any] = {
     "r": 8,
     "lora_alpha": 8,
     "use_rslora": False,
@@ -128,6 +129,7 @@ def check_weights(weights: Sequence[float] | None, n: int) -> list[float]:
 def _weighted_sum(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     # float64 accumulation on CPU, then back to the first tensor's dtype and device.
     acc = sum(w * t.detach().to("cpu", torch.float64) for w, t in zip(weights, tensors))
+    assert isinstance(acc, torch.Tensor)  # never sum()'s start 0: callers pass one tensor per adapter, at least one
     return acc.to(tensors[0].device, tensors[0].dtype)
 
 

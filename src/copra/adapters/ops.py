@@ -65,10 +65,10 @@ def merge_folders(
     """
     from copra.adapters.align import align_many, bound
 
-    folders = [Path(f) for f in folders]
+    paths = [Path(f) for f in folders]
     output = Path(output)
-    if len(folders) < 2:
-        raise UserError(f"merging needs at least two adapter folders, got {len(folders)}")
+    if len(paths) < 2:
+        raise UserError(f"merging needs at least two adapter folders, got {len(paths)}")
     if method not in MERGE_METHODS:
         raise UserError(f"unknown merge method {method!r}; choose one of {list(MERGE_METHODS)}")
     if method in PEFT_METHODS:
@@ -79,14 +79,14 @@ def merge_folders(
         raise UserError(f"align must be true or false, got {align!r}")
     if isinstance(align_steps, bool) or not isinstance(align_steps, int) or align_steps < 1:
         raise UserError(f"align steps must be a positive integer, got {align_steps!r}")
-    resolved = [f.resolve() for f in folders]
+    resolved = [f.resolve() for f in paths]
     if output.resolve() in resolved:
         raise UserError(f"output {output} is one of the input adapters; choose another folder")
     if output.exists() and not overwrite:
         raise UserError(f"output {output} already exists; remove it or pass overwrite")
-    w = check_weights(weights, len(folders))
-    loaded = [load_adapter(f) for f in folders]  # UserError names the folder or file
-    inputs_meta = [_metadata(f) for f in folders]
+    w = check_weights(weights, len(paths))
+    loaded = [load_adapter(f) for f in paths]  # UserError names the folder or file
+    inputs_meta = [_metadata(f) for f in paths]
     states, configs = [s for s, _ in loaded], [c for _, c in loaded]
     try:
         if method in PEFT_METHODS and not align:
@@ -94,7 +94,7 @@ def merge_folders(
         else:
             check_compatible(states, configs)
     except UserError as error:
-        raise UserError(f"{error} ({_describe(folders)})") from None
+        raise UserError(f"{error} ({_describe(paths)})") from None
     same_shape = all(s[k].shape == v.shape for s in states for k, v in states[0].items() if k in s)
     before = [bound(states[0], s) for s in states[1:]] if same_shape else None
     after = None
@@ -166,6 +166,7 @@ def prune_folder(
     if keep_values is not None:
         players, values = keep_values if isinstance(keep_values, tuple) else read_values(keep_values, folder)
         players, values = list(players), list(values)
+        assert keep is not None  # checked above: K comes with the values
         kept = choose_players(state, players, values, keep)
         pruned = keep_players(state, kept)
         metadata["keep_by_shapley"] = {
@@ -175,8 +176,11 @@ def prune_folder(
             "players": players,
             "values": values,
         }
+    elif scheme is not None:
+        pruned = structured(state, scheme)
     else:
-        pruned = structured(state, scheme) if scheme is not None else magnitude(state, sparsity, scope)
+        assert sparsity is not None  # checked above: exactly one of scheme, sparsity, keep_values
+        pruned = magnitude(state, sparsity, scope)
     return save_adapter(pruned, config, output, metadata)
 
 

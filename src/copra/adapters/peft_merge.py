@@ -32,6 +32,7 @@ import dataclasses
 import math
 import re
 from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -153,6 +154,7 @@ def skeleton(
                 child = nn.Module()
                 parent.add_module(name, child)
             parent = child
+        layer: nn.Module  # a Conv1D or an nn.Linear
         if conv1d:
             from transformers.pytorch_utils import Conv1D
 
@@ -177,6 +179,13 @@ def _lora_config(config: dict, shapes: dict[str, tuple[int, int]]):
     return LoraConfig(**values)
 
 
+class _LoadResult(Protocol):
+    """What set_peft_model_state_dict returns (torch's load_state_dict result; PEFT annotates a bare namedtuple)."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
 def _load(states: Sequence[Adapter], configs: Sequence[dict], shapes: dict, dtype: torch.dtype):
     """PEFT over a skeleton, holding adapter n as `a<n>` (loaded through PEFT's set_peft_model_state_dict)."""
     from peft import PeftModel, set_peft_model_state_dict
@@ -189,7 +198,7 @@ def _load(states: Sequence[Adapter], configs: Sequence[dict], shapes: dict, dtyp
         else:
             model.add_adapter(f"a{n}", lora)
         keys = {k if k.startswith(_PREFIX) else _PREFIX + k: v for k, v in state.items()}
-        result = set_peft_model_state_dict(model, keys, adapter_name=f"a{n}")
+        result: _LoadResult = set_peft_model_state_dict(model, keys, adapter_name=f"a{n}")
         missing = [k for k in result.missing_keys if f".a{n}." in k]
         if result.unexpected_keys or missing:
             raise UserError(

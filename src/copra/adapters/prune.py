@@ -52,6 +52,13 @@ def _module(key: str) -> str | None:
     return ".".join(parts[: hits[-1]]) if hits else None
 
 
+def _lora_module(key: str) -> str:
+    """The LoRA module of a key known to be an A/B matrix (from `_lora_keys`, or one `_zeroed` passes to `drop`)."""
+    module = _module(key)
+    assert module is not None, key
+    return module
+
+
 def _lora_keys(adapter: Adapter) -> list[str]:
     keys = [k for k in adapter if _module(k) is not None]
     if not keys:
@@ -143,7 +150,7 @@ def projection_of(module: str) -> str | None:
 
 def projections(adapter: Adapter) -> list[str]:
     """The attention projections that have LoRA modules in `adapter`, in PROJECTIONS order."""
-    present = {projection_of(_module(key)) for key in _lora_keys(adapter)}
+    present = {projection_of(_lora_module(key)) for key in _lora_keys(adapter)}
     return [name for name in PROJECTIONS if name in present]
 
 
@@ -161,7 +168,7 @@ def _select(adapter: Adapter, names: Iterable[str] | str, keep: bool) -> Adapter
     present = projections(adapter)
     if not wanted & set(present):
         raise UserError(f"the adapter has no {sorted(wanted)} LoRA modules; its projections are {present}")
-    return _zeroed(adapter, lambda key: (projection_of(_module(key)) in wanted) != keep)
+    return _zeroed(adapter, lambda key: (projection_of(_lora_module(key)) in wanted) != keep)
 
 
 def keep_projections(adapter: Adapter, names: Iterable[str] | str) -> Adapter:
@@ -257,11 +264,11 @@ def players_of(adapter: Adapter, granularity: str = "layer") -> list[str]:
     """
     if granularity not in ("layer", "module"):
         raise UserError(f"unknown granularity {granularity!r}; choose layer or module")
-    modules = list(dict.fromkeys(_module(k) for k in _lora_keys(adapter)))
+    modules = list(dict.fromkeys(_lora_module(k) for k in _lora_keys(adapter)))
     rank = {block: i for i, block in enumerate(layer_ids(adapter))} if any(_block(m) for m in modules) else {}
     position = lambda m: rank.get((_block(m) or ("",))[0], len(rank))  # noqa: E731
     modules.sort(key=position)  # stable: key order inside a block
-    names = [m if granularity == "module" or not _block(m) else _block(m)[0] for m in modules]
+    names = [m if granularity == "module" else (_block(m) or (m,))[0] for m in modules]
     return [_strip(n) for n in dict.fromkeys(names)]
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -34,6 +35,16 @@ from copra.models.evaluation import Batch, FewShotData, accuracy, eval_batches, 
 from copra.utils.errors import UserError
 
 METRICS = ("accuracy", "neg_loss")
+
+
+class _Scoring(Protocol):
+    """What the evaluator calls on a classifier besides nn.Module's (PromptScoring's methods, and set_prompts)."""
+
+    def set_prompts(self, prompts: list[str]) -> None: ...
+    def class_embeddings(self) -> torch.Tensor: ...
+    def logits(self, inputs: dict[str, Any], classes: torch.Tensor | None = None) -> torch.Tensor: ...
+    def scores_of(self, embedded: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor: ...
+    def logits_of(self, embedded: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
 class CoalitionEvaluator:
@@ -49,6 +60,8 @@ class CoalitionEvaluator:
         if not data.eval_x or len(data.eval_x) != len(data.eval_y):
             raise UserError("the evaluation set is empty (or its examples and labels differ in number)")
         self.classifier, self.gates, self.data = classifier, gates, data
+        # the classifier itself, typed by what is called on it: nn.Module's types give those methods as Tensor | Module
+        self._scoring = cast(_Scoring, classifier)
         self.metric, self.batch_size = metric, batch_size
         self.players = list(gates.players)
         self.labels = torch.tensor(list(data.eval_y), dtype=torch.long)
@@ -95,12 +108,12 @@ class CoalitionEvaluator:
     # -- the reference path ------------------------------------------------------------------------
     @torch.inference_mode()
     def _naive_loss(self) -> float:
-        classifier = self.classifier
+        classifier, scoring = self.classifier, self._scoring
         with evaluating(classifier):
-            prompts = classifier.class_embeddings()  # [C, H]
+            prompts = scoring.class_embeddings()  # [C, H]
             total = 0.0
             for rows, inputs in self._eval_batches():
-                logits = classifier.logits(inputs, prompts)
+                logits = scoring.logits(inputs, prompts)
                 total += float(F.cross_entropy(logits, self.labels[rows].to(logits.device), reduction="sum"))
             return total / len(self.data.eval_x)
 
@@ -115,13 +128,14 @@ class CoalitionEvaluator:
         """The evaluation set as `copra.models.evaluation.eval_batches`, collated once for every coalition."""
         if self._batches is None:
             if not getattr(self.classifier, "prompts", None):
-                self.classifier.set_prompts(list(self.data.prompts))
+                self._scoring.set_prompts(list(self.data.prompts))
             self._batches = list(eval_batches(self.classifier, self.data.eval_x, self.batch_size))
         return self._batches
 
     @torch.no_grad()  # not inference_mode: the model part memoizes by version counters (coalition_runner)
     def _fast_values(self, masks: np.ndarray) -> np.ndarray:
-        classifier = self.classifier
+        classifier, scoring, sharing = self.classifier, self._scoring, self.sharing
+        assert sharing is not None  # values() comes here only when self.fast
         with evaluating(classifier):
             batches = self._eval_batches()
             device = next(classifier.parameters()).device
@@ -135,12 +149,12 @@ class CoalitionEvaluator:
                 def score(texts: torch.Tensor, rows: np.ndarray) -> None:
                     for r in rows.tolist():
                         if accurate:
-                            predicted[r, examples] = classifier.scores_of(texts, prompts[r]).argmax(-1).cpu()
+                            predicted[r, examples] = scoring.scores_of(texts, prompts[r]).argmax(-1).cpu()
                         else:
-                            logits = classifier.logits_of(texts, prompts[r])
+                            logits = scoring.logits_of(texts, prompts[r])
                             loss[r] += float(F.cross_entropy(logits, labels, reduction="sum"))
 
-                self.sharing.embeddings(inputs, masks, score)
+                sharing.embeddings(inputs, masks, score)
             if accurate:
                 return np.array([fraction_correct(row, self.labels) for row in predicted])
             return -loss / len(self.data.eval_x)
@@ -153,8 +167,9 @@ class CoalitionEvaluator:
             for r in rows.tolist():
                 prompts[r] = embedded
 
+        assert self.sharing is not None  # only _fast_values comes here
         self.sharing.class_embeddings(masks, keep)
-        return prompts
+        return cast("list[torch.Tensor]", prompts)  # the sharing calls keep for every row: none is left None
 
 
 @dataclass

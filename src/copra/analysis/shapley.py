@@ -39,7 +39,7 @@ import numpy as np
 from copra.utils.errors import UserError
 
 Value = Callable[[tuple], float]
-Values = Callable[[np.ndarray], Sequence[float]]
+Values = Callable[[np.ndarray], Sequence[float] | np.ndarray]  # [m] values; Game.evaluate reads either by np.asarray
 
 
 class Game:
@@ -79,6 +79,7 @@ class Game:
                 if got.shape[0] != len(missing):
                     raise UserError(f"values(masks) returned {got.shape[0]} values for {len(missing)} coalitions")
             else:
+                assert self.value is not None  # __init__ refuses a Game with neither value nor values
                 got = np.array([float(self.value(k)) for k in missing], dtype=np.float64)
             for key, v in zip(missing, got.tolist()):
                 if not math.isfinite(v):
@@ -270,7 +271,12 @@ def multilinear(
     return ShapleyResult(phi, stderr, v_empty, v_full, game.evaluations, "multilinear", used)
 
 
-ESTIMATORS = {"exact": exact, "permutation": permutation, "multilinear": multilinear}
+# their signatures differ past (value, n): exact takes no samples or seed
+ESTIMATORS: dict[str, Callable[..., ShapleyResult]] = {
+    "exact": exact,
+    "permutation": permutation,
+    "multilinear": multilinear,
+}
 
 __all__ = [
     "ESTIMATORS",

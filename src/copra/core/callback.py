@@ -48,7 +48,9 @@ class CopRACallback(TrainerCallback):
         self.gates = CopRA(model, schedule, granularity=self.granularity, seed=self.seed)
 
     def on_step_begin(self, args, state, control, **kwargs):
+        assert self.gates is not None  # made by on_train_begin, which the Trainer calls first
         self.masks.append(self.gates.step(state.global_step))
 
     def on_train_end(self, args, state, control, **kwargs):
+        assert self.gates is not None  # made by on_train_begin
         self.gates.remove()  # the trained model is plain PEFT LoRA again

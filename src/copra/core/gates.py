@@ -100,6 +100,7 @@ class CopRA:
         self._handles = []
         for index, modules in enumerate(self._groups):
             for module in modules:
+                assert isinstance(module, nn.Module)  # found by model.named_modules(); LoraLayer is a mixin
                 self._handles.append(module.register_forward_pre_hook(partial(self._before_forward, index)))
                 self._handles.append(module.register_forward_hook(self._after_forward, always_call=True))
 
@@ -208,12 +209,12 @@ class CopRA:
             return True
         return self._mask[index]
 
-    def _before_forward(self, index: int, module: LoraLayer, args) -> None:
+    def _before_forward(self, index: int, module: nn.Module, args) -> None:
         if not self.is_on(index, module.training):
             switch_adapters_off(module)  # PEFT's forward then runs the base layer only
 
     @staticmethod
-    def _after_forward(module: LoraLayer, args, output) -> None:
+    def _after_forward(module: nn.Module, args, output) -> None:
         switch_adapters_on(module)  # a no-op unless the pre-hook switched this module off
 
     def __repr__(self) -> str:

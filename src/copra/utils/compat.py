@@ -16,10 +16,13 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 MaskBuilder = Callable[[torch.Tensor, torch.Tensor], Any]
 
@@ -62,6 +65,9 @@ def switch_adapters_off(module: nn.Module) -> list[tuple[torch.nn.Parameter, boo
     second half puts them back exactly: a frozen (inference) adapter stays frozen, a trainable one
     trainable. A layer the user already disabled is left alone (nothing saved, nothing restored).
     """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    assert isinstance(module, BaseTunerLayer)  # as said above; nn.Module's types know none of its methods
     if module.disable_adapters:
         return []
     saved = [(p, p.requires_grad) for name, p in module.named_parameters() if not name.startswith("base_layer.")]
@@ -75,6 +81,9 @@ def switch_adapters_on(module: nn.Module) -> None:
     saved = module.__dict__.pop("_copra_requires_grad", None)
     if saved is None:
         return
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    assert isinstance(module, BaseTunerLayer)  # switch_adapters_off saved flags for it: a tuner layer
     module.enable_adapters(True)
     for param, flag in saved:
         param.requires_grad_(flag)
@@ -100,7 +109,9 @@ def memoized_forward(modules: Sequence[nn.Module]) -> Iterator[None]:
     for module in modules:
         if "forward" in vars(module):
             continue
-        original, memo = module.forward, {}
+        original = module.forward
+        # "last": (x, its version counter, the output, its version counter)
+        memo: dict[str, tuple[torch.Tensor, int, torch.Tensor, int]] = {}
 
         def forward(x, *args, _original=original, _memo=memo, **kwargs):
             if args or kwargs or not isinstance(x, torch.Tensor):
@@ -142,7 +153,7 @@ def checkpoint_file(path: str, filename: str) -> str | None:
 
 
 # -- peft: add_weighted_adapter's merged scaling with rsLoRA -----------------------------------------------
-def fold_rslora_scaling(peft_model: nn.Module, adapter_name: str) -> bool:
+def fold_rslora_scaling(peft_model: PeftModel, adapter_name: str) -> bool:
     """Make the merged adapter `adapter_name` scale by 1, as `add_weighted_adapter` means it to; True if changed.
 
     `add_weighted_adapter` folds every input's scaling into the merged factors and sets r = lora_alpha
@@ -151,9 +162,12 @@ def fold_rslora_scaling(peft_model: nn.Module, adapter_name: str) -> bool:
     huggingface/peft#3449, #3761). Turning rsLoRA off on the merged adapter's config (and scaling, via
     the public `set_scale`) gives the update PEFT computed. A no-op where PEFT already did so.
     """
+    from peft.tuners.lora import LoraConfig, LoraLayer
+
     config = peft_model.peft_config[adapter_name]
     if not getattr(config, "use_rslora", False):
         return False
+    assert isinstance(config, LoraConfig)  # the only PEFT config with use_rslora
     scaling = config.lora_alpha / config.r**0.5
     if abs(scaling - 1.0) < 1e-12:
         return False
@@ -162,6 +176,7 @@ def fold_rslora_scaling(peft_model: nn.Module, adapter_name: str) -> bool:
     for module in peft_model.modules():
         scaling = getattr(module, "scaling", None)  # a LoRA layer's dict (attention modules have a float)
         if isinstance(scaling, dict) and adapter_name in scaling and hasattr(module, "set_scale"):
+            assert isinstance(module, LoraLayer)  # it holds the LoRA adapter `adapter_name`
             # set_scale(s) gives s * alpha / sqrt(r) under the layer's rsLoRA flag: choose s for scaling 1
             module.set_scale(adapter_name, module.r[adapter_name] ** 0.5 / module.lora_alpha[adapter_name])
     return True

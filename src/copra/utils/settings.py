@@ -102,7 +102,7 @@ def dataclass_defaults(cls: type) -> dict[str, Any]:
     """Every field's default (required fields left out), as JSON stores them: what a field that a
     stored config lacks stands for."""
     found = {
-        f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         for f in dataclasses.fields(cls)
         if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
     }
