@@ -2,7 +2,8 @@
 
 Zhuang et al., "CopRA: A Progressive LoRA Training Strategy" (2024). Each LoRA layer is switched on
 per optimizer step with probability p(t) = min(4t/3T, 1); the adapters that come out merge, prune
-and share credit (Shapley values) better than plain LoRA's. See docs/architecture.md for the map.
+and share credit (Shapley values) better than plain LoRA's. docs/architecture.md has the layers,
+docs/paper-map.md where each idea of the paper lives.
 
 The public surface is `__all__`. Names that pull in heavy machinery (transformers' Trainer, the
 training loop) are imported on first use, so `import copra` and `copra --help` stay fast.

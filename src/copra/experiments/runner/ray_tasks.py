@@ -5,7 +5,7 @@ them over many. Each missing run is one Ray task that trains into its own run fo
 that folder's path, exactly as the local worker processes do (`runs.run_all`): the parent reads the
 result and adapter back from the folder, so nothing but a config and a path crosses the wire.
 
-Assumptions (documented in the README): every Ray node sees the results folder at the same path (a
+Assumptions (documented in docs/scaling.md): every Ray node sees the results folder at the same path (a
 shared file system) and has copra installed; a task resumes its run from the newest checkpoint in
 its folder, so a task Ray retries after its worker died (SIGKILL, lost node) continues where it
 stopped. The address comes from `ray_address`, else `COPRA_RAY_ADDRESS`; with neither, copra starts

@@ -12,8 +12,8 @@ and SuperNodes on separate machines. Its `pyproject.toml` names the components a
   * `launch`: commands, environment, TLS certificates and SuperNode keys (used by the tests and
     for trying the engine on one machine).
 
-Run it with `flwr run $(python -m copra.federated.app) <connection>` (README: "Federated learning on
-real machines").
+Run it with `flwr run $(python -m copra.federated.app) <connection>` (docs/federated.md: "On real
+machines").
 """
 
 from pathlib import Path

@@ -1,6 +1,6 @@
 """Commands, environment and credentials for Flower's deployment engine, offline (tests, one-machine trials).
 
-On real machines run the same commands by hand (README: "Federated learning on real machines").
+On real machines run the same commands by hand (docs/federated.md: "On real machines").
 What flwr 1.42 expects, read from its `--help` and source:
 
   * SuperLink: one HTTP port (`--host`, `--port`) serves the Fleet, Control and Runtime APIs; TLS
