@@ -13,7 +13,7 @@ UV_FLAGS = -c requirements/torch-cpu.txt $(if $(FIND_LINKS),--find-links $(FIND_
 VERSIONS = import importlib.metadata as m; print(*(f"{p}=={m.version(p)}" for p in \
 	("torch", "transformers", "peft", "accelerate", "flwr", "numpy", "safetensors")))
 
-.PHONY: demo test test-fast test-latest test-lowest bench lock clean
+.PHONY: demo test test-fast quality format docs test-latest test-lowest bench lock clean
 
 $(STAMP): pyproject.toml Makefile $(LOCKS)
 	rm -rf $(VENV)
@@ -30,6 +30,23 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The checks CI runs before the tests: lint, formatting, types of the core packages, the docs site.
+QUALITY_PATHS := src tests benchmarks
+quality: $(STAMP)
+	$(VENV)/bin/ruff check $(QUALITY_PATHS)
+	$(VENV)/bin/ruff format --check $(QUALITY_PATHS)
+	$(VENV)/bin/mypy
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet --site-dir .site
+
+# Apply ruff's fixes and formatting.
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix $(QUALITY_PATHS)
+	$(VENV)/bin/ruff format $(QUALITY_PATHS)
+
+# The docs site (mkdocs-material, API pages from the docstrings), served at http://127.0.0.1:8000.
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs serve
 
 # The fast loop while editing: everything but the process-spawning tests.
 test-fast: $(STAMP)
@@ -61,7 +78,7 @@ test-lowest: $(STAMP)
 
 # Refresh the locks with uv (a real resolver); run `make test-latest` first.
 lock: $(STAMP)
-	$(VENV)/bin/uv pip compile pyproject.toml requirements/tools.in --extra test --extra federated --extra files \
+	$(VENV)/bin/uv pip compile pyproject.toml requirements/tools.in --extra test --extra federated --extra files --extra quality \
 		$(UV_FLAGS) -o requirements.lock
 	$(VENV)/bin/uv pip compile requirements/embedded.in --no-deps $(UV_FLAGS) -o requirements-embedded.lock
 
@@ -69,4 +86,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/step_time.py
 
 clean:
-	rm -rf $(VENV) .venv-latest .venv-lowest .venv-lowest.txt results
+	rm -rf $(VENV) .venv-latest .venv-lowest .venv-lowest.txt results .site
