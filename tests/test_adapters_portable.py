@@ -10,7 +10,7 @@ import torch
 
 from copra.adapters.io import CONFIG_FILE, load_adapter, save_peft_model
 from copra.adapters.ops import merge_folders, prune_folder
-from copra.models.text import EMBEDDED_HUB_ID, embedded_model_path, hub_name
+from copra.models.base_model import EMBEDDED_HUB_ID, embedded_model_path, hub_name
 from copra.training.loop import build_run
 
 from conftest import tiny_run_config

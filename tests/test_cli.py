@@ -161,3 +161,37 @@ def test_a_closed_pipe_ends_quietly():
     finally:
         os.close(write_end)
     assert finished.returncode == 141 and finished.stderr == ""  # 128 + SIGPIPE, no traceback
+
+
+def test_train_help_lists_every_config_key_with_its_help(capsys):
+    from dataclasses import fields
+
+    from copra.core.config import TrainConfig
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    lines = capsys.readouterr().out.split("config keys", 1)[1].splitlines()
+    for f in fields(TrainConfig):
+        row = next((line for line in lines if line.split(" = ")[0].strip() == f.name), None)
+        assert row is not None, f.name
+        assert len(row.split("  ")) > 1 and row.rstrip() != row.split(" = ")[0], f"{f.name} has no help"
+    assert any(line.strip().startswith("rank = 2") and "LoRA rank r" in line for line in lines)
+
+
+def test_every_experiment_takes_quiet(capsys, monkeypatch, tmp_path):
+    """`-q` sets progress=false on any experiment, as on `copra train`; its keys show in --help."""
+    from copra import experiments
+
+    seen = {}
+    real = experiments.EXPERIMENTS["sweep"]
+
+    def fake_run(config):
+        seen["progress"] = config.progress
+        return {}
+
+    monkeypatch.setitem(experiments.EXPERIMENTS, "sweep", lambda: (real()[0], fake_run, lambda summary: "done"))
+    assert main(["sweep", "-q", "-o", str(tmp_path / "out")]) == 0
+    assert seen == {"progress": False}
+    with pytest.raises(SystemExit):
+        main(["sweep", "--help"])
+    assert "curve_every = 0" in capsys.readouterr().out

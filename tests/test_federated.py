@@ -40,7 +40,7 @@ def fed_config(model: str, tmp_path, **overrides) -> FederatedConfig:
         steps=4,
         batch_size=4,
         eval_examples=20,
-        train_overrides={"max_length": 16},
+        overrides={"max_length": 16},
         output_dir=str(tmp_path / "fed"),
         progress=False,
     )
@@ -80,7 +80,7 @@ def test_split_clients_refuses_bad_k(k):
         dict(seeds=[]),
         dict(methods=["lora", "lora"]),
         dict(methods=["sgd"]),
-        dict(train_overrides={"seed": 3}),
+        dict(overrides={"seed": 3}),
         dict(lr=-1.0),
     ],
 )

@@ -51,7 +51,7 @@ def test_app_pyproject_is_valid_and_its_defaults_are_the_settings():
         {"output-dir": "relative/out"},
         {"clients": 0},
         {"method": "sgd"},
-        {"train-sets": "seed=3"},
+        {"overrides": "seed=3"},
         {"min-train-nodes": -1},
     ],
 )
@@ -61,7 +61,7 @@ def test_settings_refuse_bad_run_config(bad):
 
 
 def test_settings_give_the_in_process_protocol_and_the_policy():
-    s = from_run_config({"clients": 5, "eval-examples": 0, "train-sets": "max_length=32 rank=4", "lr": 1})
+    s = from_run_config({"clients": 5, "eval-examples": 0, "overrides": "max_length=32 rank=4", "lr": 1})
     fed = s.federated()
     assert (fed.clients, fed.methods, fed.seeds, fed.eval_examples, fed.lr) == (5, ["copra"], [0], None, 1.0)
     assert fed.client_config("copra", 0, 0, 0).max_length == 32 and fed.client_config("copra", 0, 0, 0).rank == 4

@@ -24,7 +24,7 @@ TINY_RUN = {
     "steps": 4,
     "batch-size": 4,
     "eval-examples": 20,
-    "train-sets": "max_length=16",
+    "overrides": "max_length=16",
     "clients": 2,
     "method": "copra",
     "seed": 0,
@@ -89,7 +89,7 @@ def in_process_rounds(model: str, survivors_in_round_2: list[int]):
         steps=4,
         batch_size=4,
         eval_examples=20,
-        train_overrides={"max_length": 16},
+        overrides={"max_length": 16},
         progress=False,
     )
     data = prepare_data(config.data_config(0))

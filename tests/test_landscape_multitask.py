@@ -208,7 +208,7 @@ def test_multitask_table_and_merged_accuracy_on_each_task(model, tmp_path):
 def test_multitask_snapshot_curve_merges_every_snapshot(model, tmp_path):
     """Issue 12's crossover for MTL: each seed's task adapters at step t merged and scored, t = each snapshot."""
     from copra.report import crossover
-    from copra.training.loop import SNAPSHOTS_DIR
+    from copra.training.run_folder import SNAPSHOTS_DIR
 
     config = multitask.MultitaskConfig(
         model=model,

@@ -217,4 +217,4 @@ def test_demo_and_experiment_summaries_carry_the_precision(monkeypatch):
     monkeypatch.setattr(precision, "bf16_supported", lambda device_type="cpu": True)
     assert run_precision({}) == "bf16" and run_precision({"overrides": {"precision": "fp32"}}) == "fp32"
     monkeypatch.setattr(precision, "bf16_supported", lambda device_type="cpu": False)
-    assert run_precision({"train_overrides": {}}) == "fp32"
+    assert run_precision({"overrides": {}}) == "fp32"

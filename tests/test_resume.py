@@ -262,7 +262,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_text_model, tmp_
 
 def test_a_run_recorded_before_a_field_existed_is_reused_only_when_it_computed_the_same(tiny_text_model, tmp_path):
     """A missing key reads as what older runs used: the default (use_dora), or fp32 for precision."""
-    from copra.training.loop import same_run
+    from copra.training.run_folder import same_run
 
     config = tiny_run_config(tiny_text_model, precision="fp32")
     stored = {k: v for k, v in config.to_dict().items() if k not in ("use_dora", "precision")}

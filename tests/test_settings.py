@@ -41,3 +41,27 @@ def test_one_unknown_key_check_for_every_config():
 def test_dataclass_defaults_as_json_stores_them():
     assert dataclass_defaults(_Example) == {"seeds": [0, 1], "ratio": 0.5, "pair": [1, 2]}
     assert dataclass_defaults(TrainConfig) == TrainConfig.defaults() == TrainConfig().to_dict()
+
+
+def test_field_help_reads_each_fields_comment_inherited_ones_too():
+    from copra.utils.settings import field_help, keys_help
+
+    @dataclass
+    class Base:
+        shots: int = 8  #: examples per class
+
+    @dataclass
+    class Child(Base):
+        name: str = "x"  #: a name
+        values: list = field(  #: spread over
+            default_factory=list  #: two lines
+        )
+        bare: int = 0
+
+    assert field_help(Child) == {"shots": "examples per class", "name": "a name", "values": "spread over two lines"}
+    assert keys_help(Child).splitlines() == [
+        "  shots = 8    examples per class",
+        "  name = 'x'   a name",
+        "  values = []  spread over two lines",
+        "  bare = 0",
+    ]

@@ -202,7 +202,8 @@ def test_curve_prune_scores_each_snapshot_pruned(tiny_text_model, tmp_path):
     from copra.adapters.io import load_adapter
     from copra.adapters.prune import structured
     from copra.models.evaluation import prepare_data, state_accuracy
-    from copra.training.loop import SNAPSHOTS_DIR, build_run
+    from copra.training.loop import build_run
+    from copra.training.run_folder import SNAPSHOTS_DIR
 
     config = sweep.SweepConfig(
         name="pruned",

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from copra.utils.compat import quiet_known_warnings
@@ -19,7 +20,8 @@ from copra.utils.precision import PRECISIONS
 
 def _cmd_train(args) -> int:
     from copra.core.config import load_config
-    from copra.training.loop import check_fresh_output, check_writable, train
+    from copra.training.loop import check_writable, train
+    from copra.training.run_folder import check_fresh_output
     from copra.utils.locks import folder_lock
 
     config = with_output(load_config(args.config, args.set), args)
@@ -68,8 +70,8 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_experiment(args) -> int:
-    from copra.core.config import load_dataclass
     from copra.experiments import EXPERIMENTS
+    from copra.utils.settings import load_dataclass
 
     config_class, run, render = EXPERIMENTS[args.command]()
     sets = list(args.set)
@@ -79,6 +81,8 @@ def _cmd_experiment(args) -> int:
         sets += [f"executor={args.executor or 'ray'}"] + (
             [f"ray_address={args.ray_address}"] if args.ray_address else []
         )
+    if args.quiet:
+        sets.append("progress=false")
     config = with_output(load_dataclass(config_class, args.config, sets), args)
     summary = run(config)
     print(render(summary))
@@ -92,7 +96,7 @@ def with_output(config, args):
     The path goes in as given, not parsed as YAML like a --set value (`-o 2024` stays a folder name);
     `dataclasses.replace` runs the config's own checks on it again.
     """
-    from copra.core.config import parse_sets
+    from copra.utils.settings import parse_sets
 
     if args.output is None:
         return config
@@ -190,8 +194,8 @@ def _cmd_report(args) -> int:
 
 
 def _cmd_reproduce(args) -> int:
-    from copra.core.config import parse_sets
     from copra.report.suite import reproduce
+    from copra.utils.settings import parse_sets
 
     result = reproduce(
         args.suite,
@@ -231,8 +235,18 @@ class _ArgumentError(UserError):
 
 
 class _Parser(argparse.ArgumentParser):
+    config_class: Callable[[], type] | None = None  # whose keys `--help` lists (loaded only when asked)
+
     def error(self, message: str):  # argparse prints usage + message and exits; copra prints one line
         raise _ArgumentError(f"{message} (see {self.prog} --help)")
+
+    def format_help(self) -> str:
+        if self.config_class is not None and self.epilog is None:
+            from copra.utils.settings import keys_help
+
+            self.formatter_class = argparse.RawDescriptionHelpFormatter
+            self.epilog = "config keys (--set KEY=VALUE, or a YAML file):\n" + keys_help(self.config_class())
+        return super().format_help()
 
 
 def _executor_arguments(p: argparse.ArgumentParser) -> None:
@@ -248,11 +262,18 @@ def _executor_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _train_config() -> type:
+    from copra.core.config import TrainConfig
+
+    return TrainConfig
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="copra", description="CopRA: progressive, randomly gated LoRA training")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("train", help="train one LoRA or CopRA adapter")
+    p.config_class = _train_config
     p.add_argument("--config", help="YAML file overriding the defaults")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config key")
     p.add_argument("-o", "--output", help="run folder (the config's output_dir; default runs/default)")
@@ -350,7 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", help="YAML file overriding the experiment's defaults")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one key")
         p.add_argument("-o", "--output", help="results folder (the config's output_dir)")
+        p.add_argument("-q", "--quiet", action="store_true", help="no progress bars (as --set progress=false)")
         _executor_arguments(p)
+        p.config_class = functools.partial(lambda load: load()[0], loader)
         p.set_defaults(func=_cmd_experiment)
 
     p = sub.add_parser("report", help="every experiment's results in one Markdown + HTML report, in paper order")

@@ -46,7 +46,7 @@ def save_peft_model(peft_model, folder: str | Path, metadata: dict | None = None
     """`peft_model.save_pretrained` into `folder` atomically, with copra's metadata beside it.
 
     save_embedding_layers=False: copra never resizes the base's embeddings, and PEFT's "auto" would ask
-    the hub about `base_model_name_or_path` (a hub id now, see `models.text.hub_name`) on every save.
+    the hub about `base_model_name_or_path` (a hub id now, see `models.base_model.hub_name`) on every save.
     """
     with atomic_folder(folder) as tmp:
         peft_model.save_pretrained(str(tmp), safe_serialization=True, save_embedding_layers=False)

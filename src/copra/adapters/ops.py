@@ -164,7 +164,7 @@ def prune_folder(
         "input_metadata": {k: _metadata(folder).get(k) for k in ("method", "task", "seed", "accuracy")},
     }
     if keep_values is not None:
-        players, values = keep_values if isinstance(keep_values, tuple) else read_values(keep_values, folder)
+        players, values = keep_values if isinstance(keep_values, tuple) else read_player_values(keep_values, folder)
         players, values = list(players), list(values)
         assert keep is not None  # checked above: K comes with the values
         kept = choose_players(state, players, values, keep)
@@ -205,7 +205,7 @@ def choose_players(state: dict, players: list[str], values: list[float], keep: i
     return [players[i] for i in top_k(values, check_k(keep, len(players)))]
 
 
-def read_values(path: str | Path, adapter: Path) -> tuple[list[str], list[float]]:
+def read_player_values(path: str | Path, adapter: Path) -> tuple[list[str], list[float]]:
     """(players, values) from a VALUES.json: {"players", "values"}, or a `copra shapley` summary.
 
     From a summary: the run whose folder is `adapter`; else the mean over seeds of the method the

@@ -21,20 +21,18 @@ from copra.utils.errors import UserError
 from copra.utils.precision import PRECISIONS
 
 # the generic loader, re-exported here where callers have always found it
-from copra.utils.settings import (  # noqa: F401
-    build_dataclass,
+from copra.utils.settings import (
     check_known,
     check_names,
     coerce_fields,
     dataclass_defaults,
-    load_dataclass,
-    parse_sets,
     read_values,
-    read_yaml,
     short,
 )
 
 METHODS = ("lora", "copra")
+# TrainConfig keys an experiment sets for each of its runs; its `overrides` may not set them
+RESERVED_KEYS = ("task", "method", "seed", "output_dir", "progress", "train_file", "test_file")
 BACKBONES = ("text", "clip")
 
 

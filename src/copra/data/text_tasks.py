@@ -14,13 +14,11 @@ from collections.abc import Callable
 from urllib.parse import urlparse
 
 from copra.data.mtl15 import LOADERS as MTL15_LOADERS
-from copra.data.sources import (  # noqa: F401
-    INSTALL_LINES,
+from copra.data.sources import (
     TextTask,
     build_presplit,
     build_split,
     data_file,
-    package_dir,
     read_zip_rows,
 )
 from copra.utils.errors import UserError

@@ -34,13 +34,12 @@ from copra.adapters.align import align, bound
 from copra.adapters.io import finite_or_none
 from copra.adapters.merge import check_compatible, delta_weights, fusion, mixture
 from copra.adapters.peft_merge import MERGE_METHODS, merge_states, setting_options
-from copra.core.config import METHODS, PerMethodLR, TrainConfig, make_config
+from copra.core.config import METHODS, PerMethodLR, TrainConfig, check_lrs, make_config
 from copra.experiments.runner.common import (
     Evaluator,
     RunExecution,
     TrainingBudget,
     barrier,
-    check_lrs,
     check_overrides,
     check_unique,
     load_for_eval,

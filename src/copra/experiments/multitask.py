@@ -28,12 +28,11 @@ from copra.adapters.align import align_many
 from copra.adapters.io import load_adapter
 from copra.adapters.merge import check_compatible
 from copra.adapters.peft_merge import merge_states, setting_options
-from copra.core.config import METHODS, PerMethodLR, TrainConfig, make_config
+from copra.core.config import METHODS, PerMethodLR, TrainConfig, check_lrs, make_config
 from copra.experiments.runner.common import (
     Evaluator,
     RunExecution,
     TrainingBudget,
-    check_lrs,
     check_overrides,
     check_unique,
     load_for_eval,

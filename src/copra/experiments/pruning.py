@@ -18,12 +18,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from copra.adapters.prune import PROJECTIONS, STRUCTURED, magnitude, projections, structured
-from copra.core.config import PerMethodLR, make_config
+from copra.core.config import PerMethodLR, check_lrs, make_config
 from copra.experiments.runner.common import (
     Evaluator,
     RunExecution,
     TrainingBudget,
-    check_lrs,
     check_overrides,
     check_unique,
     load_for_eval,

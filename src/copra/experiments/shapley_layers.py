@@ -23,13 +23,12 @@ import numpy as np
 
 from copra.adapters.prune import projection_of
 from copra.analysis.shapley import ESTIMATORS, affordable
-from copra.core.config import METHODS, PerMethodLR, make_config
+from copra.core.config import METHODS, PerMethodLR, check_lrs, make_config
 from copra.core.gates import GRANULARITIES, player_of
 from copra.experiments.runner.common import (
     Evaluator,
     RunExecution,
     TrainingBudget,
-    check_lrs,
     check_overrides,
     check_unique,
     load_for_eval,

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from copra.adapters.peft_merge import setting_options
-from copra.core.config import PerMethodLR, TrainConfig, check_lrs, make_config
+from copra.core.config import RESERVED_KEYS, PerMethodLR, TrainConfig, check_lrs, make_config
 from copra.models.evaluation import FewShotData, adapter_state
 from copra.training.loop import build_run
 from copra.utils.errors import UserError
@@ -69,7 +69,7 @@ class FederatedConfig(PerMethodLR):
     shared_init: bool = False  #: round 0 starts every client from one LoRA init (classic FedAvg), not its own
     merge_method: str = "fusion"  #: server aggregation: fusion (FedAvg of A and B) or a rank-keeping PEFT method (ties, dare_ties, svd, ...)
     merge_density: float = 0.5  #: density of TIES / DARE / magnitude merges (unused by the other methods)
-    train_overrides: dict[str, Any] = field(default_factory=dict)  #: other TrainConfig fields for every client
+    overrides: dict[str, Any] = field(default_factory=dict)  #: other TrainConfig fields for every client
     output_dir: str = "results/federated"  #: where federated.json/.md/.png and merged adapters go
     progress: bool = True  #: progress bars
 
@@ -89,12 +89,12 @@ class FederatedConfig(PerMethodLR):
                 f"merge_method {self.merge_method!r} changes the rank; the next round trains from the "
                 "merged adapter, so federated learning needs a rank-keeping method"
             )
-        if not isinstance(self.train_overrides, dict):
-            raise UserError(f"train_overrides must be a mapping, got {self.train_overrides!r}")
+        if not isinstance(self.overrides, dict):
+            raise UserError(f"overrides must be a mapping, got {self.overrides!r}")
         check_lrs(self.lrs, self.methods)
-        owned = sorted(set(self.train_overrides) & (set(self._shared()) | {"method", "seed", "output_dir"}))
+        owned = sorted(set(self.overrides) & (set(self._shared()) | set(RESERVED_KEYS)))
         if owned:
-            raise UserError(f"train_overrides sets {owned[0]!r}; set it on the federated config instead")
+            raise UserError(f"overrides sets {owned[0]!r}; set it on the federated config instead")
         for method in self.methods:  # TrainConfig validates the rest (method names, shots, lr, ...)
             self.client_config(method, self.seeds[0], 0, 0)
 
@@ -114,7 +114,7 @@ class FederatedConfig(PerMethodLR):
         """The TrainConfig of one client's local training in one round."""
         return make_config(
             {
-                **self.train_overrides,
+                **self.overrides,
                 **self._shared(),
                 "method": method,
                 "lr": self.lr_of(method),
@@ -124,7 +124,7 @@ class FederatedConfig(PerMethodLR):
 
     def data_config(self, seed: int) -> TrainConfig:
         """The config whose seed draws the run's few-shot sample (before the split)."""
-        return make_config({**self.train_overrides, **self._shared(), "method": self.methods[0], "seed": seed})
+        return make_config({**self.overrides, **self._shared(), "method": self.methods[0], "seed": seed})
 
 
 def initial_state(config: FederatedConfig, method: str, seed: int, data: FewShotData) -> Adapter:

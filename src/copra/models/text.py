@@ -17,15 +17,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from copra.models.base_model import (  # noqa: F401 (re-exported)
-    EMBEDDED_HUB_ID,
-    EMBEDDED_MODEL,
-    EMBEDDED_PACKAGE,
-    embedded_model_path,
-    hub_name,
+from copra.models.base_model import (
     resolve_model_path,
 )
-from copra.models.scoring import PromptScoring, mean_pool, sentence_embedding  # noqa: F401 (re-exported)
+from copra.models.scoring import PromptScoring, sentence_embedding
 from copra.utils.errors import UserError
 from copra.utils.precision import autocast_of
 

@@ -17,7 +17,7 @@ SHOWN = 20  # runs listed by name per kind; the rest are counted
 
 def scan(root: str | Path) -> list[dict]:
     """One row per `result.json` under `root`: where, method, task, seed, steps, converged, statistic."""
-    from copra.training.loop import RESULT_FILE  # lazily: `copra report` needs no model code otherwise
+    from copra.training.run_folder import RESULT_FILE
 
     root = Path(root)
     rows = []

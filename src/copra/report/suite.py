@@ -35,7 +35,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from copra.core.config import TrainConfig
+from copra.core.config import RESERVED_KEYS, TrainConfig
 from copra.experiments import EXPERIMENTS
 from copra.experiments.multitask import expand_tasks
 from copra.experiments.runner.eval_cache import cached_evaluations
@@ -303,22 +303,21 @@ def resolve(suite: str, sets: dict[str, Any]) -> list[tuple[Step, Any]]:
     for step in SUITES[suite]():
         config_cls = EXPERIMENTS[step.experiment]()[0]
         names = {f.name for f in fields(config_cls)}
-        overrides_key = "train_overrides" if "train_overrides" in names else "overrides"
         values = dict(step.settings)
-        overrides = dict(values.pop(overrides_key, {}))
+        overrides = dict(values.pop("overrides", {}))
         if suite == "clip":
             overrides.update(preset="clip-lora", backbone="clip")
         for key, value in sets.items():
             if key == "tasks" and "task" in names and "tasks" not in names:
                 values["task"] = expand_tasks(value)[0]  # "mtl15": its first task, bbc_news
                 used.add(key)
-            elif key in names and key not in ("output_dir", overrides_key):
+            elif key in names and key not in ("output_dir", "overrides"):
                 values[key] = value
                 used.add(key)
-            elif key in train_keys and key not in ("task", "method", "seed", "output_dir", "progress"):
+            elif key in train_keys and key not in RESERVED_KEYS:
                 overrides[key] = value
                 used.add(key)
-        values[overrides_key] = overrides
+        values["overrides"] = overrides
         values.setdefault("output_dir", step.name)
         resolved.append((step, values))
     unused = [k for k in sets if k not in used]

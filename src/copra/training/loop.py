@@ -31,20 +31,14 @@ from copra.core.config import TrainConfig
 from copra.core.gates import CopRA
 from copra.core.schedule import learning_rate
 from copra.models.evaluation import FewShotData, accuracy, adapter_state, load_adapter_state, prepare_data
-from copra.training.run_folder import (  # noqa: F401
-    RECORDED_BEFORE,
-    RESULT_FILE,
-    RESUME_IGNORED,
-    SNAPSHOTS_DIR,
+from copra.training.run_folder import (
     RunResult,
-    check_fresh_output,
     check_writable,
     clear_run,
     kept_note,
     metadata,
     restore,
     resume_point,
-    same_run,
     save_finished,
     save_snapshot,
     snapshot_schedule,

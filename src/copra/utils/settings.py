@@ -8,8 +8,13 @@ training run's schema; this module knows nothing of it.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
+import io
 import json
+import textwrap
+import tokenize
 import typing
 from pathlib import Path
 from typing import Any
@@ -155,6 +160,49 @@ def _scalar(name: str, value: Any, annotation: Any) -> Any:
     if annotation is str and not isinstance(value, str):
         raise UserError(f"{name} must be a string, got {short(value)}")
     return value
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """Each field's help: its `#:` comment on the field's lines, the one place it is written (as Sphinx reads it).
+
+    Read from the source of the class and of the dataclasses it inherits fields from, so `--help` and the
+    docs site show what the code says; a class whose source is not available (a frozen install) gives {}.
+    """
+    found: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            found.update(_own_field_help(klass))
+    return found
+
+
+def _own_field_help(cls: type) -> dict[str, str]:
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    comments: dict[int, str] = {}
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.COMMENT and token.string.startswith("#:"):
+            comments[token.start[0]] = token.string[2:].strip()
+    found = {}
+    statement = ast.parse(source).body[0]
+    for node in statement.body if isinstance(statement, ast.ClassDef) else []:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            lines = range(node.lineno, (node.end_lineno or node.lineno) + 1)
+            text = " ".join(comments[line] for line in lines if line in comments)
+            if text:
+                found[node.target.id] = text
+    return found
+
+
+def keys_help(cls: type) -> str:
+    """Every field of `cls` as "key = default  help" lines: the keys `--set` and a YAML file take."""
+    helps, defaults = field_help(cls), dataclass_defaults(cls)
+    rows = [
+        (f.name, short(defaults[f.name], 30) if f.name in defaults else "(required)") for f in dataclasses.fields(cls)
+    ]
+    width = max(len(f"{name} = {default}") for name, default in rows)
+    return "\n".join(f"  {f'{name} = {default}':<{width}}  {helps.get(name, '')}".rstrip() for name, default in rows)
 
 
 def short(value: Any, limit: int = 80) -> str:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from copra.adapters.io import load_adapter, read_metadata
-from copra.core.config import TrainConfig, check_lrs  # noqa: F401  (check_lrs: re-exported for the experiments)
+from copra.core.config import RESERVED_KEYS, TrainConfig
 from copra.experiments.runner import eval_cache
 from copra.models.evaluation import Batch, FewShotData, accuracy, eval_batches, load_adapter_state
 from copra.utils.errors import UserError
@@ -29,7 +29,6 @@ from copra.utils.errors import UserError
 Adapter = dict[str, torch.Tensor]
 BATCH = 64  # evaluation batch size, copra.models.evaluation's default
 MAX_CACHED_IMAGES = 512  # image evaluation sets up to this size keep their decoded inputs in memory
-RESERVED = ("task", "method", "seed", "output_dir", "progress", "train_file", "test_file")  # set by the experiment
 
 
 @dataclass
@@ -69,7 +68,7 @@ def mean_std(values: Iterable[float]) -> tuple[float, float]:
 def check_overrides(overrides: dict[str, Any]) -> None:
     if not isinstance(overrides, dict):
         raise UserError(f"overrides must be a mapping of TrainConfig keys, got {overrides!r}")
-    clash = [k for k in overrides if k in RESERVED]
+    clash = [k for k in overrides if k in RESERVED_KEYS]
     if clash:
         raise UserError(f"overrides may not set {clash[0]!r}: the experiment sets it")
 
@@ -224,7 +223,7 @@ def run_precision(config: dict) -> str:
     """The precision an experiment's runs use on this machine: its TrainConfig overrides' or "auto", resolved."""
     from copra.utils.precision import resolve
 
-    for where in (config, config.get("overrides"), config.get("train_overrides")):
+    for where in (config, config.get("overrides")):
         if isinstance(where, dict) and isinstance(where.get("precision"), str):
             return resolve(where["precision"])
     return resolve("auto")

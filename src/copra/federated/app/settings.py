@@ -14,28 +14,28 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from copra.core.config import parse_sets
 from copra.federated.protocol import FederatedConfig
 from copra.utils.errors import UserError
+from copra.utils.settings import parse_sets
 
 
 @dataclass(frozen=True)
 class DeploySettings:
     """One federated run on Flower's deployment engine (run-config keys are the field names, `-` for `_`)."""
 
-    model: str = "embedded:minilm"  #: backbone, as TrainConfig.model; must exist on every machine
-    task: str = "bbc_news"  #: task name, as TrainConfig.task
+    model: str = FederatedConfig.model  #: backbone, as TrainConfig.model; must exist on every machine
+    task: str = FederatedConfig.task  #: task name, as TrainConfig.task
     method: str = "copra"  #: "lora" or "copra"
     seed: int = 0  #: run seed: few-shot sample, split and client seeds (`client_seed`)
     clients: int = 2  #: partitions K; each SuperNode's node_config gives partition-id < K, num-partitions = K
     rounds: int = 2  #: server rounds
-    shots: int = 16  #: examples per class in the whole federation, before the split
-    steps: int = 30  #: optimizer steps per client per round
-    batch_size: int = 16  #: examples per step
-    lr: float = 5e-3  #: peak learning rate
+    shots: int = FederatedConfig.shots  #: examples per class in the whole federation, before the split
+    steps: int = FederatedConfig.steps  #: optimizer steps per client per round
+    batch_size: int = FederatedConfig.batch_size  #: examples per step
+    lr: float = FederatedConfig.lr  #: peak learning rate
     eval_examples: int = 240  #: server-side evaluation subset (0: the whole test split)
-    shared_init: bool = False  #: round 1 starts every client from one LoRA init
-    train_sets: str = ""  #: other TrainConfig fields, "key=value key=value" (e.g. "max_length=32")
+    shared_init: bool = FederatedConfig.shared_init  #: round 1 starts every client from one LoRA init
+    overrides: str = ""  #: other TrainConfig fields, "key=value key=value" (e.g. "max_length=32")
     output_dir: str = ""  #: absolute folder on the ServerApp's machine ("": ~/copra-flower/run-<run id>)
     min_available_nodes: int = 0  #: connected nodes a round waits for (0: clients)
     min_train_nodes: int = 0  #: nodes a round trains on at least (0: clients)
@@ -73,7 +73,7 @@ class DeploySettings:
             eval_examples=self.eval_examples or None,
             model=self.model,
             shared_init=self.shared_init,
-            train_overrides=parse_sets(shlex.split(self.train_sets)),
+            overrides=parse_sets(shlex.split(self.overrides)),
             output_dir=self.output_dir or ".",
             progress=False,
         )
