@@ -189,7 +189,9 @@ def test_every_experiment_takes_quiet(capsys, monkeypatch, tmp_path):
         seen["progress"] = config.progress
         return {}
 
-    monkeypatch.setitem(experiments.EXPERIMENTS, "sweep", lambda: (real()[0], fake_run, lambda summary: "done"))
+    monkeypatch.setitem(
+        experiments.EXPERIMENTS, "sweep", lambda: real()._replace(run=fake_run, render=lambda s: "done")
+    )
     assert main(["sweep", "-q", "-o", str(tmp_path / "out")]) == 0
     assert seen == {"progress": False}
     with pytest.raises(SystemExit):

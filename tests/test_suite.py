@@ -75,7 +75,7 @@ def test_reduced_suite_runs_resumes_with_two_jobs_and_refuses_other_settings(
     def killed():
         raise KeyboardInterrupt  # the suite dies in its second step
 
-    monkeypatch.setitem(suite.EXPERIMENTS, "sweep", lambda: (real_run()[0], lambda c: killed(), real_run()[2]))
+    monkeypatch.setitem(suite.EXPERIMENTS, "sweep", lambda: real_run()._replace(run=lambda c: killed()))
     assert main(argv) == 130
     assert (out / "pruning" / "pruning.json").is_file() and not (out / "sweep_lr" / "sweep_lr.json").exists()
     monkeypatch.setitem(suite.EXPERIMENTS, "sweep", real_run)

@@ -373,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("-o", "--output", help="results folder (the config's output_dir)")
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bars (as --set progress=false)")
         _executor_arguments(p)
-        p.config_class = functools.partial(lambda load: load()[0], loader)
+        p.config_class = functools.partial(lambda load: load().config, loader)
         p.set_defaults(func=_cmd_experiment)
 
     p = sub.add_parser("report", help="every experiment's results in one Markdown + HTML report, in paper order")

@@ -1,8 +1,10 @@
-"""One module per paper experiment family; each is a config dataclass plus `run(config) -> dict`.
+"""One module per paper experiment family, each with one shape (`Experiment`).
 
-`EXPERIMENTS` maps the CLI name to a loader returning (config class, run, render), imported lazily
-so `copra --help` stays fast. The `run` it returns holds the lock of `config.output_dir`
-(`copra.utils.locks`) for the whole experiment: the CLI and the suite both go through it.
+A module holds a config dataclass (one `#:` comment per field: `--help` and the docs show them),
+`run(config) -> dict` (writes its JSON, Markdown and PNG through `runner.common.write_outputs`, the one
+shared ending) and `render(summary) -> str`. `EXPERIMENTS` maps the CLI name to a loader returning its
+`Experiment`, imported lazily so `copra --help` stays fast. The `run` it returns holds the lock of
+`config.output_dir` (`copra.utils.locks`) for the whole experiment: the CLI and the suite both go through it.
 """
 
 from __future__ import annotations
@@ -10,12 +12,21 @@ from __future__ import annotations
 import functools
 import importlib
 from collections.abc import Callable
+from typing import Any, NamedTuple
 
 
-def _loader(module: str, config_class: str) -> Callable[[], tuple]:
-    def load() -> tuple:
+class Experiment(NamedTuple):
+    """What the CLI, the suite and the report need of an experiment."""
+
+    config: type  # its config dataclass
+    run: Callable[[Any], dict]  # run(config) -> summary, holding the output folder's lock
+    render: Callable[[dict], str]  # render(summary) -> Markdown
+
+
+def _loader(module: str, config_class: str) -> Callable[[], Experiment]:
+    def load() -> Experiment:
         loaded = importlib.import_module(f"copra.experiments.{module}")
-        return getattr(loaded, config_class), locked(loaded.run), loaded.render
+        return Experiment(getattr(loaded, config_class), locked(loaded.run), loaded.render)
 
     return load
 
@@ -33,7 +44,7 @@ def locked(run: Callable) -> Callable:
     return run_locked
 
 
-EXPERIMENTS: dict[str, Callable[[], tuple]] = {
+EXPERIMENTS: dict[str, Callable[[], Experiment]] = {
     "landscape": _loader("landscape", "LandscapeConfig"),  # paper Fig. 3
     "federated": _loader("federated", "FederatedConfig"),  # paper Table 1 (FL)
     "multitask": _loader("multitask", "MultitaskConfig"),  # paper Table 1 (MTL)

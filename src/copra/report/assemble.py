@@ -116,7 +116,7 @@ CONFIG_KEYS = (
 def _registered_render(name: str) -> Callable[[dict], str] | None:
     from copra.experiments import EXPERIMENTS
 
-    return EXPERIMENTS[name]()[2] if name in EXPERIMENTS else None
+    return EXPERIMENTS[name]().render if name in EXPERIMENTS else None
 
 
 def body(entry: Entry) -> str:

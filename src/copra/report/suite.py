@@ -301,7 +301,7 @@ def resolve(suite: str, sets: dict[str, Any]) -> list[tuple[Step, Any]]:
     resolved = []
     used: set[str] = set()
     for step in SUITES[suite]():
-        config_cls = EXPERIMENTS[step.experiment]()[0]
+        config_cls = EXPERIMENTS[step.experiment]().config
         names = {f.name for f in fields(config_cls)}
         values = dict(step.settings)
         overrides = dict(values.pop("overrides", {}))
@@ -323,7 +323,7 @@ def resolve(suite: str, sets: dict[str, Any]) -> list[tuple[Step, Any]]:
     unused = [k for k in sets if k not in used]
     if unused:
         raise UserError(f"--set {unused[0]}: no step of the {suite!r} suite takes that key")
-    return [(step, build_dataclass(EXPERIMENTS[step.experiment]()[0], values)) for step, values in resolved]
+    return [(step, build_dataclass(EXPERIMENTS[step.experiment]().config, values)) for step, values in resolved]
 
 
 def use_selected_lr(config: Any, best: dict[str, float]) -> None:
@@ -549,7 +549,7 @@ def _run_steps(
         else:
             log(f"[{step.name}] {step.experiment} ({step.paper}) ...")
             started = time.perf_counter()
-            EXPERIMENTS[step.experiment]()[1](config)
+            EXPERIMENTS[step.experiment]().run(config)
             timings[step.name] = time.perf_counter() - started
             log(f"[{step.name}] {timings[step.name]:.0f} s")
         if step.experiment == "lr_select":
