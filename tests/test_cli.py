@@ -197,3 +197,15 @@ def test_every_experiment_takes_quiet(capsys, monkeypatch, tmp_path):
     with pytest.raises(SystemExit):
         main(["sweep", "--help"])
     assert "curve_every = 0" in capsys.readouterr().out
+
+
+def test_top_level_help_lists_every_command_once_by_group(capsys):
+    assert main(["nosuch"]) == 2
+    choices = capsys.readouterr().err.split("choose from", 1)[1]
+    commands = {c.strip(" '\"()") for c in choices.split("(see")[0].split(",")}
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    listed = [line.split()[0] for line in out.splitlines() if line.startswith("  ") and line.split()[0] in commands]
+    assert len(commands) >= 14 and sorted(listed) == sorted(commands)
+    assert "adapters:" in out and "paper experiments" in out

@@ -269,10 +269,21 @@ def _train_config() -> type:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="copra", description="CopRA: progressive, randomly gated LoRA training")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = _Parser(
+        prog="copra",
+        description="CopRA: progressive, randomly gated LoRA training",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(
+        dest="command", required=True, parser_class=_Parser, metavar="COMMAND", help="one of the commands below"
+    )
+    summaries: dict[str, str] = {}
 
-    p = sub.add_parser("train", help="train one LoRA or CopRA adapter")
+    def command(name: str, summary: str) -> _Parser:
+        summaries[name] = summary  # listed by group below, not in argparse's one flat list
+        return sub.add_parser(name, description=summary)
+
+    p = command("train", "train one LoRA or CopRA adapter")
     p.config_class = _train_config
     p.add_argument("--config", help="YAML file overriding the defaults")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config key")
@@ -287,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     existing_run.add_argument("--force", action="store_true", help="start over even if output_dir already holds a run")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("demo", help="the main job: LoRA vs CopRA on the embedded default")
+    p = command("demo", "the main job: LoRA vs CopRA on the embedded default")
     p.add_argument("-o", "--output", default="results", help="results folder (default: results)")
     p.add_argument("--tasks", help="comma-separated task names")
     p.add_argument("--seeds", help="comma-separated seeds")
@@ -307,9 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from copra.adapters.peft_merge import MERGE_METHODS
 
-    p = sub.add_parser(
-        "merge", help="merge LoRA adapter folders (fusion, mixture or PEFT's methods) into one PEFT folder"
-    )
+    p = command("merge", "merge LoRA adapter folders (fusion, mixture or PEFT's methods) into one PEFT folder")
     p.add_argument("adapters", nargs="+", help="PEFT adapter folders (two or more)")
     p.add_argument(
         "--method",
@@ -330,9 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace the output folder if it exists")
     p.set_defaults(func=_cmd_merge)
 
-    p = sub.add_parser(
-        "prune", help="prune a LoRA adapter folder (structured scheme, magnitude sparsity or keep K by Shapley)"
-    )
+    p = command("prune", "prune a LoRA adapter folder (structured scheme, magnitude sparsity or keep K by Shapley)")
     p.add_argument("adapter", help="PEFT adapter folder")
     how = p.add_mutually_exclusive_group(required=True)
     how.add_argument("--scheme", help="all, every_other, low, middle, high, query, key, value, output")
@@ -364,10 +371,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace the output folder if it exists")
     p.set_defaults(func=_cmd_prune)
 
-    from copra.experiments import EXPERIMENTS
+    from copra.experiments import EXPERIMENTS, SUMMARIES
 
     for name, loader in EXPERIMENTS.items():
-        p = sub.add_parser(name, help=f"the {name} experiment (see copra.experiments.{name})")
+        p = command(name, SUMMARIES[name])
         p.add_argument("--config", help="YAML file overriding the experiment's defaults")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one key")
         p.add_argument("-o", "--output", help="results folder (the config's output_dir)")
@@ -376,12 +383,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.config_class = functools.partial(lambda load: load().config, loader)
         p.set_defaults(func=_cmd_experiment)
 
-    p = sub.add_parser("report", help="every experiment's results in one Markdown + HTML report, in paper order")
+    p = command("report", "every experiment's results in one Markdown + HTML report, in paper order")
     p.add_argument("results", help="results folder, searched recursively for experiment summaries")
     p.add_argument("-o", "--output", help="folder for paper_report.md / .html (default: the results folder)")
     p.set_defaults(func=_cmd_report)
 
-    p = sub.add_parser("reproduce", help="every paper table and figure as one resumable suite, then the report")
+    p = command("reproduce", "every paper table and figure as one resumable suite, then the report")
     p.add_argument(
         "--suite",
         choices=["full", "converged", "clip"],
@@ -409,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     _executor_arguments(p)
     p.set_defaults(func=_cmd_reproduce)
 
-    p = sub.add_parser("tasks", help="list the embedded text tasks (MTL15): classes, sizes, zero-shot accuracy")
+    p = command("tasks", "list the embedded text tasks (MTL15): classes, sizes, zero-shot accuracy")
     p.add_argument("names", nargs="*", help="tasks to list (default: all 15)")
     p.add_argument(
         "--zero-shot", action="store_true", help="also evaluate the untrained encoder on each task (minutes)"
@@ -418,6 +425,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="embedded:minilm", help="encoder for --zero-shot (TrainConfig.model)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_tasks)
+    groups = {
+        "adapters": ["train", "merge", "prune"],
+        "paper experiments (one table or figure each)": list(EXPERIMENTS),
+        "everything at once": ["demo", "reproduce", "report"],
+        "data": ["tasks"],
+    }
+    assert sorted(sum(groups.values(), [])) == sorted(summaries), "a command without a group"
+    width = max(map(len, summaries))
+    parser.epilog = (
+        "\n\n".join(
+            f"{title}:\n" + "\n".join(f"  {name:<{width}}  {summaries[name]}" for name in names)
+            for title, names in groups.items()
+        )
+        + "\n\n`copra COMMAND --help` tells more; docs/commands.md has them all."
+    )
     return parser
 
 

@@ -45,11 +45,21 @@ def locked(run: Callable) -> Callable:
 
 
 EXPERIMENTS: dict[str, Callable[[], Experiment]] = {
-    "landscape": _loader("landscape", "LandscapeConfig"),  # paper Fig. 3
-    "federated": _loader("federated", "FederatedConfig"),  # paper Table 1 (FL)
-    "multitask": _loader("multitask", "MultitaskConfig"),  # paper Table 1 (MTL)
-    "pruning": _loader("pruning", "PruningConfig"),  # paper Fig. 4
-    "shapley": _loader("shapley_layers", "ShapleyConfig"),  # paper Fig. 2
-    "sweep": _loader("sweep", "SweepConfig"),  # paper Fig. 5 and 6 (lr, iterations, schedules, baselines, t-SNE)
-    "lr_select": _loader("lr_select", "LrSelectConfig"),  # each method's lr on a validation split (issue 12)
+    "landscape": _loader("landscape", "LandscapeConfig"),
+    "federated": _loader("federated", "FederatedConfig"),
+    "multitask": _loader("multitask", "MultitaskConfig"),
+    "pruning": _loader("pruning", "PruningConfig"),
+    "shapley": _loader("shapley_layers", "ShapleyConfig"),
+    "sweep": _loader("sweep", "SweepConfig"),
+    "lr_select": _loader("lr_select", "LrSelectConfig"),
+}
+# what each one is, for `copra --help`
+SUMMARIES = {
+    "landscape": "paper Fig. 3: accuracy along the merge of two seeds' adapters (fusion, mixture, LoRA Align)",
+    "federated": "paper Table 1 (FL): federated LoRA vs CopRA, client and merged accuracy",
+    "multitask": "paper Table 1 (MTL): one adapter per task, merged into one",
+    "pruning": "paper Fig. 4: structured and unstructured pruning of trained adapters",
+    "shapley": "paper Fig. 2: Shapley values of the LoRA layers",
+    "sweep": "paper Fig. 5 and 6: lr, iterations, schedules, baselines, t-SNE",
+    "lr_select": "each method's own lr, chosen on a validation split of the training pool",
 }
