@@ -16,7 +16,7 @@ from pathlib import Path
 
 from copra.core.config import TrainConfig, make_config
 from copra.experiments import locked
-from copra.experiments.runner.common import mean_std, run_precision
+from copra.experiments.runner.common import TrainingBudget, mean_std, run_precision
 from copra.experiments.runner.eval_cache import cached_evaluations
 from copra.experiments.runner.runs import run_all
 from copra.models.evaluation import accuracy, prepare_data
@@ -35,10 +35,10 @@ class DemoConfig:
     tasks: list[str] = field(default_factory=lambda: ["bbc_news", "news_outlets"])  #: tasks to run
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  #: one run per seed and method
     methods: list[str] = field(default_factory=lambda: ["lora", "copra"])  #: methods compared
-    shots: int = 8  #: examples per class
-    steps: int = 30  #: optimizer steps per run
-    batch_size: int = 16  #: examples per step
-    lr: float = 5e-3  #: peak learning rate, same for both methods
+    shots: int = TrainingBudget.shots  #: examples per class
+    steps: int = TrainingBudget.steps  #: optimizer steps per run
+    batch_size: int = TrainingBudget.batch_size  #: examples per step
+    lr: float = TrainingBudget.lr  #: peak learning rate, same for both methods
     eval_examples: int = 150  #: fixed evaluation subset per task (core table)
     section_eval_examples: int = 100  #: smaller evaluation subset for the sections (many evaluations each)
     sections: list[str] = field(default_factory=lambda: list(SECTIONS))  #: extra sections after the core table
