@@ -8,6 +8,7 @@ API pages show every config key with its meaning. Used by mkdocs.yml only; not p
 from __future__ import annotations
 
 import ast
+from pathlib import Path
 from typing import Any
 
 import griffe
@@ -19,6 +20,13 @@ class InlineComments(griffe.Extension):
     def on_attribute_instance(self, *, node: Any, attr: griffe.Attribute, agent: Any, **kwargs: Any) -> None:
         if attr.docstring is not None or not isinstance(node, ast.AST):
             return
-        parts = [line.split("#:", 1)[1].strip() for line in attr.lines if "#:" in line]
+        above = []  # `#:` lines right above the attribute belong to it too (as copra.utils.settings.field_help reads them)
+        path = attr.filepath
+        source = attr.lines_collection[path] if isinstance(path, Path) and path in attr.lines_collection else None
+        index = (attr.lineno or 1) - 2
+        while source and index >= 0 and source[index].lstrip().startswith("#:"):
+            above.insert(0, source[index])
+            index -= 1
+        parts = [line.split("#:", 1)[1].strip() for line in [*above, *attr.lines] if "#:" in line]
         if parts:
             attr.docstring = griffe.Docstring(" ".join(parts), parent=attr)

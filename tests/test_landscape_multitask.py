@@ -103,8 +103,8 @@ def test_landscape_config_and_adapter_checks(model, folders, tmp_path):
         landscape.LandscapeConfig(model=model, seeds=[0])
     with pytest.raises(UserError, match="alpha"):
         landscape.LandscapeConfig(model=model, alphas=[0.0, 1.5])
-    with pytest.raises(UserError, match="mergers"):
-        landscape.LandscapeConfig(model=model, mergers=["average"])
+    with pytest.raises(UserError, match="merge_methods"):
+        landscape.LandscapeConfig(model=model, merge_methods=["average"])
     with pytest.raises(UserError, match="overrides may not set 'task'"):
         landscape.LandscapeConfig(model=model, overrides={"task": "x"})
     assert landscape.LandscapeConfig(model=model, seeds=[3, 1, 2]).pairs() == [(3, 1), (1, 2)]
@@ -126,7 +126,7 @@ def test_landscape_takes_peft_merge_methods(land, folders, model, tmp_path):
         model=model,
         seeds=[0, 1],
         alphas=[0.0, 0.3, 1.0],
-        mergers=["ties", "cat"],
+        merge_methods=["ties", "cat"],
         align=False,
         merge_density=0.7,
         output_dir=str(tmp_path / "peft"),
@@ -148,7 +148,7 @@ def test_landscape_takes_peft_merge_methods(land, folders, model, tmp_path):
         accuracy(peft_classifier, data.eval_x, data.eval_y), abs=0.051
     )
     with pytest.raises(UserError, match="density must be a number in"):
-        landscape.LandscapeConfig(model=model, mergers=["dare_ties"], merge_density=0.0)
+        landscape.LandscapeConfig(model=model, merge_methods=["dare_ties"], merge_density=0.0)
 
 
 # ---- multitask (Table 1, MTL) -----------------------------------------------------------------

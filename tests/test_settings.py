@@ -57,11 +57,19 @@ def test_field_help_reads_each_fields_comment_inherited_ones_too():
             default_factory=list  #: two lines
         )
         bare: int = 0
+        #: said above
+        above: int = 1  # a plain comment is not help
 
-    assert field_help(Child) == {"shots": "examples per class", "name": "a name", "values": "spread over two lines"}
+    assert field_help(Child) == {
+        "shots": "examples per class",
+        "name": "a name",
+        "values": "spread over two lines",
+        "above": "said above",
+    }
     assert keys_help(Child).splitlines() == [
         "  shots = 8    examples per class",
         "  name = 'x'   a name",
         "  values = []  spread over two lines",
         "  bare = 0",
+        "  above = 1    said above",
     ]

@@ -15,7 +15,7 @@ an exact rank-2r adapter (`copra.adapters.merge.mixture`), which a rank-r model 
 in a second classifier built from `mixture_config` (r -> 2r, lora_alpha -> 2 alpha, or sqrt(2) alpha
 with rsLoRA, so the scaling is unchanged). That is exactly the model PEFT builds when it loads the
 saved mixture folder, and it reuses the library's own `mixture`. PEFT's combination types (ties,
-dare_ties, svd, ...) are further `mergers`, computed by PEFT's `add_weighted_adapter` through
+dare_ties, svd, ...) are further `merge_methods`, computed by PEFT's `add_weighted_adapter` through
 `copra.adapters.peft_merge.merge_states` and evaluated with the config PEFT gives the merged adapter.
 """
 
@@ -63,9 +63,8 @@ class LandscapeConfig(TrainingBudget, RunExecution, PerMethodLR):
     methods: list[str] = field(default_factory=lambda: ["lora", "copra"])  #: training methods compared
     seeds: list[int] = field(default_factory=lambda: [0, 1])  #: one adapter per seed; pairs are consecutive seeds
     alphas: list[float] = field(default_factory=lambda: list(ALPHAS))  #: interpolation coefficients in [0, 1]
-    mergers: list[str] = field(
-        default_factory=lambda: ["fusion", "mixture"]
-    )  #: merge methods evaluated (this experiment's merge_method setting: fusion, mixture, or PEFT's ties, dare_ties, ...)
+    #: merge methods evaluated, one curve each: fusion, mixture, or PEFT's ties, dare_ties, ... (merge_method elsewhere)
+    merge_methods: list[str] = field(default_factory=lambda: ["fusion", "mixture"])
     merge_density: float = 0.5  #: density of TIES / DARE / magnitude merges (unused by the other methods)
     align: bool = True  #: also fuse after LoRA Align (curves "lora+align/fusion", "copra+align/fusion")
     align_steps: int = 200  #: Adam steps of LoRA Align per module
@@ -74,8 +73,8 @@ class LandscapeConfig(TrainingBudget, RunExecution, PerMethodLR):
 
     def __post_init__(self) -> None:
         check_unique("methods", self.methods, METHODS)
-        check_unique("mergers", self.mergers, MERGE_METHODS)
-        for merger in self.mergers:
+        check_unique("merge_methods", self.merge_methods, MERGE_METHODS)
+        for merger in self.merge_methods:
             setting_options(merger, self.merge_density)
         check_unique("seeds", self.seeds, minimum=2)
         if not all(isinstance(s, int) and not isinstance(s, bool) for s in self.seeds):
@@ -159,7 +158,7 @@ def run_from_adapters(
     data = data or prepare_data(base)
     evaluator = Evaluator(base)
     alphas = config.alphas
-    n_curves = len(config.mergers) + int(config.align)
+    n_curves = len(config.merge_methods) + int(config.align)
     bar = tqdm(
         total=sum(len(p) for p in pairs.values()) * (2 + n_curves * len(alphas)),
         disable=not config.progress,
@@ -181,7 +180,7 @@ def run_from_adapters(
                 {"alpha_1": evaluator.accuracy(sa, ca, data), "alpha_0": evaluator.accuracy(sb, cb, data)}
             )
             bar.update(2)
-            variants = [(f"{method}/{m}", m, False, sb) for m in config.mergers]
+            variants = [(f"{method}/{m}", m, False, sb) for m in config.merge_methods]
             bounds = {"before": bound(sa, sb), "gap_before": gap(sa, sb)}
             if config.align:
                 aligned = align(sa, sb, steps=config.align_steps)

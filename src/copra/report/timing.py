@@ -95,7 +95,7 @@ def planned_evaluations(experiment: str, config: Any, model: ModelFacts | None =
     if experiment == "federated":  # each client's run scores the full evaluation set, then the server's merge
         return [(c.data_config(c.seeds[0]), len(methods) * len(c.seeds) * c.rounds * (c.clients + 1))]
     if experiment == "landscape":
-        curves = len(c.mergers) + int(c.align)
+        curves = len(c.merge_methods) + int(c.align)
         return [(c.run_config(methods[0], c.seeds[0]), len(methods) * len(c.pairs()) * (2 + curves * len(c.alphas)))]
     if experiment == "multitask":
         per_task = 1 + len(methods) * len(c.seeds) * 2  # zero-shot; each seed's own and merged adapter

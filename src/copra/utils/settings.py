@@ -163,7 +163,7 @@ def _scalar(name: str, value: Any, annotation: Any) -> Any:
 
 
 def field_help(cls: type) -> dict[str, str]:
-    """Each field's help: its `#:` comment on the field's lines, the one place it is written (as Sphinx reads it).
+    """Each field's help: its `#:` comments (on the field's lines or right above it), written nowhere else.
 
     Read from the source of the class and of the dataclasses it inherits fields from, so `--help` and the
     docs site show what the code says; a class whose source is not available (a frozen install) gives {}.
@@ -185,10 +185,14 @@ def _own_field_help(cls: type) -> dict[str, str]:
         if token.type == tokenize.COMMENT and token.string.startswith("#:"):
             comments[token.start[0]] = token.string[2:].strip()
     found = {}
+    source_lines = source.splitlines()
     statement = ast.parse(source).body[0]
     for node in statement.body if isinstance(statement, ast.ClassDef) else []:
         if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            lines = range(node.lineno, (node.end_lineno or node.lineno) + 1)
+            first = node.lineno  # `#:` lines right above the field belong to it too (Sphinx's rule)
+            while first - 1 in comments and source_lines[first - 2].lstrip().startswith("#:"):
+                first -= 1
+            lines = range(first, (node.end_lineno or node.lineno) + 1)
             text = " ".join(comments[line] for line in lines if line in comments)
             if text:
                 found[node.target.id] = text
