@@ -34,12 +34,13 @@ from copra.adapters.align import align, bound
 from copra.adapters.io import finite_or_none
 from copra.adapters.merge import check_compatible, delta_weights, fusion, mixture
 from copra.adapters.peft_merge import MERGE_METHODS, merge_states, setting_options
-from copra.core.config import METHODS, PerMethodLR, TrainConfig, check_lrs, make_config
+from copra.core.config import METHODS, PerMethodLR, TrainConfig, check_lrs
 from copra.experiments.runner.common import (
     Evaluator,
     RunExecution,
     TrainingBudget,
     barrier,
+    budget_config,
     check_overrides,
     check_unique,
     load_for_eval,
@@ -93,23 +94,7 @@ class LandscapeConfig(TrainingBudget, RunExecution, PerMethodLR):
         self.run_config(self.methods[0], self.seeds[0])  # validates every TrainConfig field
 
     def run_config(self, method: str, seed: int) -> TrainConfig:
-        return make_config(
-            {
-                **self.overrides,
-                **dict(
-                    task=self.task,
-                    method=method,
-                    seed=seed,
-                    shots=self.shots,
-                    steps=self.steps,
-                    batch_size=self.batch_size,
-                    lr=self.lr_of(method),
-                    model=self.model,
-                    eval_examples=self.eval_examples,
-                    progress=self.progress,
-                ),
-            }
-        )
+        return budget_config(self, task=self.task, method=method, seed=seed, lr=self.lr_of(method))
 
     def pairs(self) -> list[tuple[int, int]]:
         """Consecutive seeds: [0, 1, 2] -> (0, 1), (1, 2)."""

@@ -28,11 +28,12 @@ from copra.adapters.align import align_many
 from copra.adapters.io import load_adapter
 from copra.adapters.merge import check_compatible
 from copra.adapters.peft_merge import merge_states, setting_options
-from copra.core.config import METHODS, PerMethodLR, TrainConfig, check_lrs, make_config
+from copra.core.config import METHODS, PerMethodLR, TrainConfig, check_lrs
 from copra.experiments.runner.common import (
     Evaluator,
     RunExecution,
     TrainingBudget,
+    budget_config,
     check_overrides,
     check_unique,
     load_for_eval,
@@ -90,23 +91,7 @@ class MultitaskConfig(TrainingBudget, RunExecution, PerMethodLR):
         self.run_config(self.tasks[0], self.methods[0], self.seeds[0])  # validates every TrainConfig field
 
     def run_config(self, task: str, method: str, seed: int) -> TrainConfig:
-        return make_config(
-            {
-                **self.overrides,
-                **dict(
-                    task=task,
-                    method=method,
-                    seed=seed,
-                    shots=self.shots,
-                    steps=self.steps,
-                    batch_size=self.batch_size,
-                    lr=self.lr_of(method),
-                    model=self.model,
-                    eval_examples=self.eval_examples,
-                    progress=self.progress,
-                ),
-            }
-        )
+        return budget_config(self, task=task, method=method, seed=seed, lr=self.lr_of(method))
 
 
 def expand_tasks(tasks: list[str]) -> list[str]:

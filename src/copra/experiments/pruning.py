@@ -18,11 +18,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from copra.adapters.prune import PROJECTIONS, STRUCTURED, magnitude, projections, structured
-from copra.core.config import PerMethodLR, check_lrs, make_config
+from copra.core.config import PerMethodLR, check_lrs
 from copra.experiments.runner.common import (
     Evaluator,
     RunExecution,
     TrainingBudget,
+    budget_config,
     check_overrides,
     check_unique,
     load_for_eval,
@@ -81,21 +82,7 @@ class PruningConfig(TrainingBudget, RunExecution, PerMethodLR):
 
     def base_config(self):
         """The TrainConfig every run starts from."""
-        return make_config(
-            {
-                **self.overrides,
-                **dict(
-                    task=self.task,
-                    shots=self.shots,
-                    steps=self.steps,
-                    batch_size=self.batch_size,
-                    lr=self.lr,
-                    eval_examples=self.eval_examples,
-                    model=self.model,
-                    progress=self.progress,
-                ),
-            }
-        )
+        return budget_config(self, task=self.task)
 
     def run_config(self, method: str, seed: int):
         """One trained run: CopRA's keep the Early CopRA checkpoint (pruned too), each method at its lr."""

@@ -23,12 +23,13 @@ import numpy as np
 
 from copra.adapters.prune import projection_of
 from copra.analysis.shapley import ESTIMATORS, affordable
-from copra.core.config import METHODS, PerMethodLR, check_lrs, make_config
+from copra.core.config import METHODS, PerMethodLR, check_lrs
 from copra.core.gates import GRANULARITIES, player_of
 from copra.experiments.runner.common import (
     Evaluator,
     RunExecution,
     TrainingBudget,
+    budget_config,
     check_overrides,
     check_unique,
     load_for_eval,
@@ -73,23 +74,7 @@ class ShapleyConfig(TrainingBudget, RunExecution, PerMethodLR):
         self.run_config("lora", self.seeds[0])
 
     def run_config(self, method: str, seed: int):
-        return make_config(
-            {
-                **self.overrides,
-                **dict(
-                    task=self.task,
-                    method=method,
-                    seed=seed,
-                    shots=self.shots,
-                    steps=self.steps,
-                    batch_size=self.batch_size,
-                    lr=self.lr_of(method),
-                    model=self.model,
-                    eval_examples=self.eval_examples,
-                    progress=self.progress,
-                ),
-            }
-        )
+        return budget_config(self, task=self.task, method=method, seed=seed, lr=self.lr_of(method))
 
 
 def run(config: ShapleyConfig) -> dict:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from copra.adapters.io import load_adapter, read_metadata
-from copra.core.config import RESERVED_KEYS, TrainConfig
+from copra.core.config import RESERVED_KEYS, TrainConfig, make_config
 from copra.experiments.runner import eval_cache
 from copra.models.evaluation import Batch, FewShotData, accuracy, eval_batches, load_adapter_state
 from copra.utils.errors import UserError
@@ -57,6 +57,21 @@ class RunExecution:
     ray_address: str | None = (
         None  #: Ray cluster to join (else $COPRA_RAY_ADDRESS, else a private local Ray of `jobs` CPUs)
     )
+
+
+def budget_config(config: Any, **run: Any) -> TrainConfig:
+    """One run's TrainConfig: the experiment's `overrides`, then its budget (`TrainingBudget` fields and
+    `progress`), then what `run` says of this run (task, method, seed, the method's own lr)."""
+    budget = dict(
+        shots=config.shots,
+        steps=config.steps,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        model=config.model,
+        eval_examples=config.eval_examples,
+        progress=config.progress,
+    )
+    return make_config({**config.overrides, **budget, **run})
 
 
 def mean_std(values: Iterable[float]) -> tuple[float, float]:
