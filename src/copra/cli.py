@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -380,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("-o", "--output", help="results folder (the config's output_dir)")
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bars (as --set progress=false)")
         _executor_arguments(p)
-        p.config_class = functools.partial(lambda load: load().config, loader)
+        p.config_class = lambda load=loader: load().config
         p.set_defaults(func=_cmd_experiment)
 
     p = command("report", "every experiment's results in one Markdown + HTML report, in paper order")

@@ -16,13 +16,14 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
 
 if TYPE_CHECKING:
     from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
 MaskBuilder = Callable[[torch.Tensor, torch.Tensor], Any]
 
@@ -65,14 +66,12 @@ def switch_adapters_off(module: nn.Module) -> list[tuple[torch.nn.Parameter, boo
     second half puts them back exactly: a frozen (inference) adapter stays frozen, a trainable one
     trainable. A layer the user already disabled is left alone (nothing saved, nothing restored).
     """
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    assert isinstance(module, BaseTunerLayer)  # as said above; nn.Module's types know none of its methods
-    if module.disable_adapters:
+    tuner = cast("BaseTunerLayer", module)  # as said above; a forward hook's hot path, so no runtime check
+    if tuner.disable_adapters:
         return []
     saved = [(p, p.requires_grad) for name, p in module.named_parameters() if not name.startswith("base_layer.")]
     module.__dict__["_copra_requires_grad"] = saved
-    module.enable_adapters(False)
+    tuner.enable_adapters(False)
     return saved
 
 
@@ -81,10 +80,7 @@ def switch_adapters_on(module: nn.Module) -> None:
     saved = module.__dict__.pop("_copra_requires_grad", None)
     if saved is None:
         return
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    assert isinstance(module, BaseTunerLayer)  # switch_adapters_off saved flags for it: a tuner layer
-    module.enable_adapters(True)
+    cast("BaseTunerLayer", module).enable_adapters(True)  # switch_adapters_off saved flags for it: a tuner layer
     for param, flag in saved:
         param.requires_grad_(flag)
 
