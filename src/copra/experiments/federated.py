@@ -34,9 +34,9 @@ import numpy as np
 import torch
 
 from copra.adapters.io import save_peft_model
-from copra.adapters.merge import fusion
 from copra.adapters.peft_merge import lora_scaling, merge_states, rescaled, setting_options
 from copra.experiments.runner.common import mean_std, save_figure, write_outputs, zoom_bars
+from copra.federated import robust
 from copra.federated.protocol import (
     MAX_CLIENTS,
     MAX_ROUNDS,
@@ -47,8 +47,10 @@ from copra.federated.protocol import (
     initial_state,
     split_clients,
 )
-from copra.models.evaluation import FewShotData, load_adapter_state, prepare_data, state_accuracy
+from copra.federated.resume import Progress
+from copra.models.evaluation import FewShotData, adapter_state, load_adapter_state, prepare_data, state_accuracy
 from copra.training.loop import build_run, train
+from copra.utils.errors import UserError
 
 __all__ = [
     "MAX_CLIENTS",
@@ -62,6 +64,7 @@ __all__ = [
     "initial_state",
     "plot",
     "render",
+    "resume_settings",
     "run",
     "save_merged",
     "simulate",
@@ -96,22 +99,47 @@ def simulate(
     seed: int,
     data: FewShotData | None = None,
     classifier: torch.nn.Module | None = None,
+    progress: Progress | None = None,
 ) -> FederatedRun:
-    """Run the federated protocol for one method and seed in this process."""
+    """Run the federated protocol for one method and seed in this process.
+
+    Each round the server screens the replies (`copra.federated.robust.screen`: keys, shapes, dtypes,
+    finite values, update norm), merges the accepted ones and records the rejected ones. With
+    `progress`, the run continues after its last recorded round and records each round it completes.
+    """
     data = data or prepare_data(config.data_config(seed))
     parts = split_clients(data, config.clients, seed)
-    weights = size_weights(parts)
+    sizes = [len(p.train_x) for p in parts]
     if classifier is None:
         classifier, _ = build_run(config.client_config(method, seed, 0, 0), data)
+    reference = adapter_state(classifier)  # the keys, shapes and dtypes every reply must have
     start_state = initial_state(config, method, seed, data) if config.shared_init else None
-    run = FederatedRun(method, seed, [len(p.train_x) for p in parts])
-    for r in range(config.rounds):
+    run = FederatedRun(method, seed, sizes)
+    name = f"{method}-seed{seed}"
+    if progress is not None:
+        run.rounds, merged = progress.load(name)
+        if merged is not None:
+            start_state = run.merged_state = merged
+    for r in range(len(run.rounds), config.rounds):
         results = [
             train(config.client_config(method, seed, r, i), data=part, initial_state=start_state)
             for i, part in enumerate(parts)
         ]
-        run.client_states = [res.state for res in results]
-        start_state = run.merged_state = aggregate(config, classifier, run.client_states, weights)
+        sent = [robust.apply_fault(res.state, config.fault_of(i, r)) for i, res in enumerate(results)]
+        reasons = robust.screen(reference, sent, config.policy(), start=start_state)
+        accepted = [i for i, why in enumerate(reasons) if why is None]
+        rejected = [{"client": i, "reason": why} for i, why in enumerate(reasons) if why is not None]
+        if len(accepted) < config.needed_replies:
+            raise UserError(
+                f"{method} seed {seed} round {r + 1}: {len(accepted)} of {config.clients} replies accepted, "
+                f"{config.needed_replies} needed (min_reply_fraction {config.min_reply_fraction:g}); "
+                f"first rejected: {rejected[0]}"
+            )
+        total = sum(sizes[i] for i in accepted)
+        run.client_states = sent
+        start_state = run.merged_state = aggregate(
+            config, classifier, [sent[i] for i in accepted], [sizes[i] / total for i in accepted], start_state
+        )
         accs = [res.accuracy for res in results]
         run.rounds.append(
             {
@@ -121,21 +149,32 @@ def simulate(
                 "merged_accuracy": state_accuracy(classifier, run.merged_state, data),
                 "client_converged": [res.converged for res in results],  # the plateau test per client
                 "client_final_loss": [res.final_loss for res in results],
+                "accepted": accepted,
+                "rejected": rejected,
             }
         )
+        if progress is not None:
+            progress.save(name, run.rounds, run.merged_state)
     return run
 
 
 def aggregate(
-    config: FederatedConfig, classifier: torch.nn.Module, states: list[Adapter], weights: list[float]
+    config: FederatedConfig,
+    classifier: torch.nn.Module,
+    states: list[Adapter],
+    weights: list[float],
+    start: Adapter | None = None,
 ) -> Adapter:
-    """The server's merge of the client adapters, in the clients' own LoRA scaling (so round r+1 starts from it).
+    """The server's merge of the accepted client adapters, in the clients' own LoRA scaling (so round r+1 starts from it).
 
-    fusion is FedAvg of A and B; a PEFT method's merged adapter has scaling 1, so its B is rescaled to
-    the clients' alpha/r (or alpha/sqrt(r)): the same update, in the shape the clients train.
+    `config.aggregate` other than fusion is a robust rule (`copra.federated.robust.aggregate`); fusion
+    is FedAvg of A and B unless `merge_method` names a PEFT method, whose merged adapter has scaling 1,
+    so its B is rescaled to the clients' alpha/r (or alpha/sqrt(r)): the same update, in the shape the
+    clients train. `clip_norm` clips each update (adapter minus `start`) first.
     """
-    if config.merge_method == "fusion":
-        return fusion(states, weights)
+    if config.aggregate != "fusion" or config.merge_method == "fusion":
+        return robust.aggregate(states, weights, config.aggregate, config.clip_norm, start, config.num_malicious)
+    states = [robust.clip_update(s, start, config.clip_norm) for s in states]
     client = {
         k: (sorted(v) if isinstance(v, set) else v)
         for k, v in classifier.encoder.peft_config["default"].to_dict().items()
@@ -169,7 +208,11 @@ def summarize(runs: dict[str, list[dict]], rounds: int) -> dict[str, dict]:
 
 
 def run(config: FederatedConfig) -> dict:
-    """Every (method, seed) in process; writes federated.json/.md/.png and the merged adapters."""
+    """Every (method, seed) in process; writes federated.json/.md/.png and the merged adapters.
+
+    Started again on the same `output_dir` with the same settings, it continues after the last round
+    recorded in `output_dir/progress` (`copra.federated.resume`); other settings are refused.
+    """
     out = Path(config.output_dir)
     started = time.perf_counter()
     datas = {seed: prepare_data(config.data_config(seed)) for seed in config.seeds}  # fail before any training
@@ -182,10 +225,12 @@ def run(config: FederatedConfig) -> dict:
         "eval_examples": len(datas[config.seeds[0]].eval_x),
         "runs": {},
     }
+    progress = Progress(out / "progress")
+    progress.start(resume_settings(config))  # another run's progress there: refused before anything is written
     for method in config.methods:
         summary["runs"][method] = []
         for seed in config.seeds:
-            fed = simulate(config, method, seed, datas[seed], classifier)
+            fed = simulate(config, method, seed, datas[seed], classifier, progress)
             folder = save_merged(classifier, fed, out / "adapters" / method / f"seed{seed}", config)
             summary["runs"][method].append(
                 {"seed": seed, "client_sizes": fed.client_sizes, "rounds": fed.rounds, "adapter_dir": str(folder)}
@@ -194,6 +239,11 @@ def run(config: FederatedConfig) -> dict:
     summary["wall_seconds"] = time.perf_counter() - started
     write_outputs(out, "federated", summary, plot, render)
     return summary
+
+
+def resume_settings(config: FederatedConfig) -> dict[str, Any]:
+    """The settings a run in the same output folder must share to continue it (all but progress bars and the folder)."""
+    return {k: v for k, v in dataclasses.asdict(config).items() if k not in ("progress", "output_dir")}
 
 
 def save_merged(classifier: torch.nn.Module, fed: FederatedRun, folder: Path, config: FederatedConfig) -> Path:

@@ -9,6 +9,8 @@ here (training layer), so the Flower runner never imports an experiment.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +19,7 @@ import torch
 
 from copra.adapters.peft_merge import setting_options
 from copra.core.config import RESERVED_KEYS, PerMethodLR, TrainConfig, check_lrs, make_config
+from copra.federated.robust import FAULTS, Policy
 from copra.models.evaluation import FewShotData, adapter_state
 from copra.training.loop import build_run
 from copra.utils.errors import UserError
@@ -69,6 +72,20 @@ class FederatedConfig(PerMethodLR):
     shared_init: bool = False  #: round 0 starts every client from one LoRA init (classic FedAvg), not its own
     merge_method: str = "fusion"  #: server aggregation: fusion (FedAvg of A and B) or a rank-keeping PEFT method (ties, dare_ties, svd, ...)
     merge_density: float = 0.5  #: density of TIES / DARE / magnitude merges (unused by the other methods)
+    aggregate: str = "fusion"  #: how the server combines accepted replies: fusion (as merge_method says), trimmed_mean, median or krum
+    clip_norm: float = (
+        0.0  #: scale each client's update (adapter minus the round's start) down to this L2 norm first (0: off)
+    )
+    norm_factor: float = (
+        10.0  #: reject a reply whose update norm is off the round's median by more than this factor (0: off)
+    )
+    num_malicious: int = 1  #: bad replies trimmed_mean and krum withstand (cut per end; Krum's f)
+    min_reply_fraction: float = (
+        0.5  #: a round is kept when at least this fraction of the clients' replies was accepted
+    )
+    faults: list[str] = field(
+        default_factory=list
+    )  #: test clients that misbehave: "CLIENT=FAULT" or "CLIENT=FAULT@ROUND" (nan, scale100)
     overrides: dict[str, Any] = field(default_factory=dict)  #: other TrainConfig fields for every client
     output_dir: str = "results/federated"  #: where federated.json/.md/.png and merged adapters go
     progress: bool = True  #: progress bars
@@ -89,6 +106,14 @@ class FederatedConfig(PerMethodLR):
                 f"merge_method {self.merge_method!r} changes the rank; the next round trains from the "
                 "merged adapter, so federated learning needs a rank-keeping method"
             )
+        policy = self.policy()  # aggregate, clip_norm, norm_factor, num_malicious
+        if policy.aggregate != "fusion" and self.merge_method != "fusion":
+            raise UserError(
+                f"aggregate {self.aggregate!r} replaces merge_method {self.merge_method!r}; set one of them to fusion"
+            )
+        if isinstance(self.min_reply_fraction, bool) or not 0 < self.min_reply_fraction <= 1:
+            raise UserError(f"min_reply_fraction must be in (0, 1], got {self.min_reply_fraction!r}")
+        parse_faults(self.faults, self.clients, self.rounds)
         if not isinstance(self.overrides, dict):
             raise UserError(f"overrides must be a mapping, got {self.overrides!r}")
         check_lrs(self.lrs, self.methods)
@@ -97,6 +122,20 @@ class FederatedConfig(PerMethodLR):
             raise UserError(f"overrides sets {owned[0]!r}; set it on the federated config instead")
         for method in self.methods:  # TrainConfig validates the rest (method names, shots, lr, ...)
             self.client_config(method, self.seeds[0], 0, 0)
+
+    def policy(self) -> Policy:
+        """How the server screens and aggregates replies (validated there)."""
+        return Policy(self.aggregate, self.clip_norm, self.norm_factor, self.num_malicious)
+
+    @property
+    def needed_replies(self) -> int:
+        """Accepted replies a round needs: ceil(min_reply_fraction * clients), at least 1."""
+        return max(1, math.ceil(self.min_reply_fraction * self.clients - 1e-9))
+
+    def fault_of(self, client: int, round_index: int) -> str | None:
+        """The fault test client `client` injects in round `round_index` (0-based), if any."""
+        faults = parse_faults(self.faults, self.clients, self.rounds)
+        return faults.get((client, round_index + 1), faults.get((client, None)))
 
     def _shared(self) -> dict[str, Any]:
         return dict(
@@ -125,6 +164,24 @@ class FederatedConfig(PerMethodLR):
     def data_config(self, seed: int) -> TrainConfig:
         """The config whose seed draws the run's few-shot sample (before the split)."""
         return make_config({**self.overrides, **self._shared(), "method": self.methods[0], "seed": seed})
+
+
+def parse_faults(faults: list[str], clients: int, rounds: int) -> dict[tuple[int, int | None], str]:
+    """{(client, round or None for every round): fault} from "CLIENT=FAULT[@ROUND]" items; one-line UserErrors."""
+    if not isinstance(faults, list):
+        raise UserError(f"faults must be a list of CLIENT=FAULT[@ROUND] items, got {faults!r}")
+    out: dict[tuple[int, int | None], str] = {}
+    for item in faults:
+        match = re.fullmatch(r"(\d+)=(\w+)(?:@(\d+))?", item) if isinstance(item, str) else None
+        if match is None:
+            raise UserError(f"faults: {item!r} is not CLIENT=FAULT or CLIENT=FAULT@ROUND (e.g. 2=scale100@3)")
+        client, fault, round_ = int(match[1]), match[2], None if match[3] is None else int(match[3])
+        if fault not in FAULTS:
+            raise UserError(f"faults: unknown fault {fault!r} in {item!r}; choose from {', '.join(FAULTS)}")
+        if client >= clients or (round_ is not None and not 1 <= round_ <= rounds):
+            raise UserError(f"faults: {item!r} names client {client} or round {round_} outside the run")
+        out[(client, round_)] = fault
+    return out
 
 
 def initial_state(config: FederatedConfig, method: str, seed: int, data: FewShotData) -> Adapter:

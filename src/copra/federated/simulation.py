@@ -32,24 +32,13 @@ from typing import Any
 import torch
 
 from copra.adapters.merge import fusion
+from copra.federated.flower import FLOWER_ENV, require_flwr  # noqa: F401 (FLOWER_ENV: re-exported for launch)
 from copra.federated.protocol import Adapter, FederatedConfig, initial_state, split_clients
 from copra.models.evaluation import FewShotData, prepare_data, state_accuracy
 from copra.training.loop import build_run, train
-from copra.utils.errors import UserError
 
 NUM_EXAMPLES = "num-examples"  # Flower's default weighting key
-
-
-FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}  # no phoning home
-
-
-def _require_flwr() -> None:
-    for key, value in FLOWER_ENV.items():
-        os.environ.setdefault(key, value)
-    try:
-        import flwr  # noqa: F401
-    except ImportError:
-        raise UserError("the Flower integration needs flwr: pip install 'flwr[simulation]'") from None
+_require_flwr = require_flwr  # the name the app modules import
 
 
 def to_record(state: Adapter):

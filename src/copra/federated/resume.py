@@ -1,0 +1,95 @@
+"""Continuing a federated run from its output folder: the last completed round, the same settings only.
+
+Federated rounds are deterministic given the settings (client seeds are `client_seed(seed, round,
+client)`, the split and the few-shot sample come from the run seed, aggregation has no randomness),
+so what a round leaves behind (the merged adapter and the round records) is all the state there is:
+a run started again with the same settings continues after the last completed round and ends with
+the adapter an uninterrupted run gives. Settings that differ are refused with one line, before
+anything is written.
+
+`copra federated` keeps, under `<output_dir>/progress/`:
+
+    settings.json                        the run's settings (what must match to continue)
+    <method>-seed<S>.json                {"rounds": [...], "adapter": "<method>-seed<S>-round<R>.safetensors"}
+    <method>-seed<S>-round<R>.safetensors  the merged adapter after round R (safetensors, never pickle)
+
+The adapter of round R is written (atomically) before the record that names it, and the older one is
+removed after, so a kill at any point leaves a record whose adapter exists. The deployment ServerApp
+keeps the same two things in its own layout (history.json, adapter/) and checks settings with
+`first_difference`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save
+
+from copra.adapters.io import read_safetensors
+from copra.utils.atomic import write_bytes, write_json
+from copra.utils.errors import UserError
+
+SETTINGS_FILE = "settings.json"
+
+
+def first_difference(saved: dict[str, Any], now: dict[str, Any]) -> str | None:
+    """The first key (sorted) whose value differs between two settings dicts, else None."""
+    for key in sorted(set(saved) | set(now)):
+        if saved.get(key, "<unset>") != now.get(key, "<unset>"):
+            return key
+    return None
+
+
+def refuse_other_settings(saved: dict[str, Any], now: dict[str, Any], where: Path) -> None:
+    """UserError naming the first setting that differs from the run recorded in `where`."""
+    key = first_difference(saved, now)
+    if key is not None:
+        raise UserError(
+            f"{where} holds a federated run with {key}={saved.get(key)!r}, now {now.get(key)!r}; "
+            "continue it with the same settings or use another output folder"
+        )
+
+
+def _json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise UserError(f"{path}: cannot resume from it ({type(error).__name__}); use another output folder") from None
+
+
+class Progress:
+    """The resumable state of `copra federated` runs in `folder` (`<output_dir>/progress`)."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+
+    def check(self, settings: dict[str, Any]) -> None:
+        """Refuse a folder holding another run's progress (nothing is written here)."""
+        path = self.folder / SETTINGS_FILE
+        if path.exists():
+            refuse_other_settings(_json(path), json.loads(json.dumps(settings)), self.folder.parent)
+
+    def start(self, settings: dict[str, Any]) -> None:
+        """Check the settings, then record them (first start only)."""
+        self.check(settings)
+        if not (self.folder / SETTINGS_FILE).exists():
+            write_json(self.folder / SETTINGS_FILE, settings)
+
+    def load(self, name: str) -> tuple[list[dict], dict[str, torch.Tensor] | None]:
+        """(completed rounds, merged adapter after the last of them) of run `name`; ([], None) if none."""
+        path = self.folder / f"{name}.json"
+        if not path.exists():
+            return [], None
+        record = _json(path)
+        return record["rounds"], read_safetensors(self.folder / record["adapter"])
+
+    def save(self, name: str, rounds: list[dict], merged: dict[str, torch.Tensor]) -> None:
+        """Record run `name` after its round len(rounds): the adapter first, then the record, then drop the old adapter."""
+        adapter = f"{name}-round{len(rounds)}.safetensors"
+        write_bytes(self.folder / adapter, save({k: v.detach().cpu().contiguous() for k, v in merged.items()}))
+        write_json(self.folder / f"{name}.json", {"rounds": rounds, "adapter": adapter})
+        old = self.folder / f"{name}-round{len(rounds) - 1}.safetensors"
+        old.unlink(missing_ok=True)
