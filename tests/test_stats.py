@@ -1,18 +1,20 @@
-"""copra.analysis.stats: the t quantile against printed tables, paired intervals by hand, the three verdicts."""
+"""copra.analysis.stats and .protocol: the t quantile against printed tables, paired intervals by hand, the three
+verdicts; the merge protocol's bootstrap (coverage by simulation), exact sign flips, Holm and random effects by hand."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
+from copra.analysis.protocol import bootstrap_paired, holm, random_effects, sign_flip_test
 from copra.analysis.stats import (
     HELD,
     NO_DIFFERENCE,
     REVERSED,
     compare,
     disjoint_pairs,
-    incomplete_beta,
     plateau,
     t_cdf,
     t_quantile,
@@ -47,16 +49,8 @@ def test_t_distribution_closed_forms():
         assert t_cdf(t, 1) == pytest.approx(0.5 + math.atan(t) / math.pi, abs=1e-12)  # Cauchy
         assert t_cdf(t, 2) == pytest.approx(0.5 + t / (2 * math.sqrt(2 + t * t)), abs=1e-12)
     assert t_quantile(0.975, 1e6) == pytest.approx(1.959964, abs=1e-5)  # the normal limit
-    assert incomplete_beta(2.0, 3.0, 0.4) == pytest.approx(0.5248, abs=1e-12)  # 1 - sum_{k<2} C(4,k) .4^k .6^(4-k)
     with pytest.raises(ValueError):
         t_quantile(1.0, 3)
-
-
-def test_t_quantile_agrees_with_scipy_when_present():
-    stats = pytest.importorskip("scipy.stats")
-    for df in (1, 2, 3, 4, 7, 19, 50):
-        for p in (0.6, 0.9, 0.975, 0.999):
-            assert t_quantile(p, df) == pytest.approx(stats.t.ppf(p, df), rel=1e-9)
 
 
 def test_hand_checked_interval():
@@ -130,3 +124,149 @@ def test_plateau_on_constructed_losses():
     assert plateau([1.975] * 25 + [1.908] * 25, window=25).converged is False
     assert plateau([1.0] * 25 + [0.99] * 25, window=25).converged is True
     assert plateau([1.86] * 25 + [0.61] * 25, window=25).converged is False
+
+
+# ----------------------------------------------------------------------------- the merge protocol
+def _paired_scores(rng, delta, seeds=10, examples=200, seed_sd=0.05, example_sd=1.0, noise_sd=0.5):
+    """[seeds, examples] scores of two methods: the treatment gains `delta` on average, plus a per-seed shift,
+    a per-example gain shared by every seed (the fixed evaluation set) and cell noise."""
+    control = rng.normal(0.0, 1.0, (seeds, examples))
+    gain = delta + rng.normal(0.0, seed_sd, (seeds, 1)) + rng.normal(0.0, example_sd, (1, examples))
+    return control + gain + rng.normal(0.0, noise_sd, (seeds, examples)), control
+
+
+def test_bootstrap_covers_the_true_difference_and_a_t_over_seeds_does_not():
+    rng, delta, covered, t_covered = np.random.default_rng(12), 0.1, 0, 0
+    for simulation in range(200):
+        treatment, control = _paired_scores(rng, delta)
+        b = bootstrap_paired(treatment, control, resamples=2000, seed=simulation)
+        covered += b.low <= delta <= b.high
+        c = compare(treatment.mean(axis=1), control.mean(axis=1))  # the per-seed t ignores the shared examples
+        t_covered += c.low <= delta <= c.high
+    assert covered >= 180  # at least 90% of 200 (nominal 95%)
+    assert t_covered < 140  # the t over seeds misses the example-level noise: far below 95%
+
+
+def test_bootstrap_by_hand():
+    # identical methods: every resample's difference is 0
+    same = np.arange(12.0).reshape(3, 4)
+    b = bootstrap_paired(same, same, resamples=50)
+    assert (b.difference, b.low, b.high, b.se, b.verdict) == (0.0, 0.0, 0.0, 0.0, NO_DIFFERENCE)
+    # a constant gain of 0.25 on every cell: the interval is that point; one row resamples examples only
+    b = bootstrap_paired(same + 0.25, same, resamples=50)
+    assert b.low == pytest.approx(0.25) and b.high == pytest.approx(0.25) and b.verdict == HELD
+    one_row = bootstrap_paired([[1.0, 0.0, 1.0, 1.0]], [[0.0, 0.0, 1.0, 0.0]], resamples=4000, seed=3)
+    assert (one_row.rows, one_row.examples, one_row.difference) == (1, 4, 0.5)
+    assert 0.0 <= one_row.low < 0.5 < one_row.high <= 1.0  # means of 4 drawn 0/1 differences lie in [0, 1]
+    # deterministic in the seed; a wider confidence, a wider interval
+    rng = np.random.default_rng(0)
+    treatment, control = _paired_scores(rng, 0.1, seeds=4, examples=30)
+    assert bootstrap_paired(treatment, control, seed=5) == bootstrap_paired(treatment, control, seed=5)
+    narrow = bootstrap_paired(treatment, control, 0.8, resamples=3000)
+    wide = bootstrap_paired(treatment, control, 0.99, resamples=3000)
+    assert wide.low < narrow.low < narrow.high < wide.high
+    # rows may be disjoint merged pairs instead of seeds: only their independence matters, not their name
+    assert bootstrap_paired(treatment[:2], control[:2], resamples=100).rows == 2
+
+
+def test_bootstrap_resamples_in_batches_like_in_one():
+    rng = np.random.default_rng(4)
+    treatment, control = _paired_scores(rng, 0.0, seeds=3, examples=8)
+    import copra.analysis.protocol as protocol
+
+    whole = bootstrap_paired(treatment, control, resamples=64, seed=9)
+    old, protocol._CHUNK_CELLS = protocol._CHUNK_CELLS, 8 * 5  # 5 resamples a batch
+    try:
+        batched = bootstrap_paired(treatment, control, resamples=64, seed=9)
+    finally:
+        protocol._CHUNK_CELLS = old
+    assert batched.rows == whole.rows and np.isfinite([batched.low, batched.high]).all()
+    assert abs(batched.difference - whole.difference) < 1e-12
+
+
+@pytest.mark.parametrize(
+    "differences, expected",
+    [
+        ([1.0, 2.0, 3.0], 2 / 8),  # only all-plus and all-minus reach |mean| 2
+        ([-1.0, -2.0, -3.0], 2 / 8),  # two-sided
+        ([1.0, -1.0], 1.0),  # |mean| 0: every pattern is as extreme
+        ([0.0, 0.0, 0.0], 1.0),
+        ([1.0, 1.0, 1.0, 1.0, 1.0], 2 / 32),
+        ([3.0, 1.0, -1.0], 6 / 8),  # sums +-3 +-1 +-1: 5, 3, 3, 1 and their negatives; |sum| >= 3: 6 of 8
+        ([5.0], 1.0),  # one difference: +5 and -5 are both as extreme
+    ],
+)
+def test_sign_flip_exact_values(differences, expected):
+    assert sign_flip_test(differences) == pytest.approx(expected, abs=1e-12)
+
+
+def test_sign_flip_counts_every_pattern_at_twelve():
+    d = np.array([0.3, -0.1, 0.4, 0.2, 0.5, -0.2, 0.1, 0.6, 0.3, 0.2, -0.05, 0.25])
+    signs = 1 - 2 * ((np.arange(2**12)[:, None] >> np.arange(12)) & 1)  # [4096, 12]: every sign pattern
+    means = (signs * d).mean(axis=1)
+    expected = np.mean(np.abs(means) >= abs(d.mean()) - 1e-12)
+    assert sign_flip_test(d) == pytest.approx(expected, abs=1e-12)
+    mc = sign_flip_test(d, max_exact=10, resamples=20_000, seed=1)  # random patterns beyond max_exact
+    assert mc == pytest.approx(expected, abs=0.01)
+
+
+def test_holm_by_hand():
+    # sorted 0.005, 0.01, 0.03, 0.04 times 4, 3, 2, 1: 0.02, 0.03, 0.06, 0.04 -> made monotone: 0.06
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.5, 0.4]) == pytest.approx([0.8, 0.8])  # 0.4 * 2 = 0.8, then max(0.8, 0.5 * 1)
+    assert holm([0.3, 0.6, 0.9]) == pytest.approx([0.9, 1.0, 1.0])  # capped at 1
+    assert holm([0.02]) == pytest.approx([0.02])  # one endpoint: unchanged
+    assert holm([0.01, 0.01]) == pytest.approx([0.02, 0.02])  # ties
+
+
+def test_random_effects_by_hand():
+    # y = 0, 2, 6; se = 1, 1, 2: w = 1, 1, 1/4, fixed = 3.5 / 2.25 = 14/9, Q = (196 + 16 + 400) / 81 = 68/9,
+    # C = 2.25 - 2.0625 / 2.25 = 4/3, tau2 = (68/9 - 2) / (4/3) = 25/6; w* = 6/31, 6/31, 6/49:
+    # pooled = (12/31 + 36/49) / (12/31 + 6/49) = 1704/774, se = sqrt(1519/774), I2 = (50/9) / (68/9) = 50/68
+    r = random_effects([0.0, 2.0, 6.0], [1.0, 1.0, 2.0])
+    assert (r.k, r.q, r.tau2) == (3, pytest.approx(68 / 9), pytest.approx(25 / 6))
+    assert r.pooled == pytest.approx(1704 / 774) and r.se == pytest.approx(math.sqrt(1519 / 774))
+    assert r.i2 == pytest.approx(50 / 68)
+    assert (r.low, r.high) == (pytest.approx(r.pooled - 1.959964 * r.se), pytest.approx(r.pooled + 1.959964 * r.se))
+    # two studies y = 0, 3, se = 1: Q = 4.5, C = 1, tau2 = 3.5, pooled 1.5, se = sqrt(4.5 / 2) = 1.5, I2 = 7/9
+    r = random_effects([0.0, 3.0], [1.0, 1.0], confidence=0.9)
+    assert (r.pooled, r.se, r.tau2, r.i2) == (1.5, 1.5, pytest.approx(3.5), pytest.approx(7 / 9))
+    assert r.high == pytest.approx(1.5 + 1.644854 * 1.5, abs=1e-6)
+
+
+def test_random_effects_without_spread_is_the_fixed_effect_pool():
+    r = random_effects([0.02, 0.02, 0.02], [0.01, 0.02, 0.04])
+    w = np.array([1 / 0.01**2, 1 / 0.02**2, 1 / 0.04**2])
+    assert (r.tau2, r.i2, r.q) == (0.0, 0.0, pytest.approx(0.0, abs=1e-20))
+    assert r.pooled == pytest.approx(0.02) and r.se == pytest.approx(math.sqrt(1 / w.sum()))
+    # spread below chance (Q < k - 1): tau2 is clipped at 0, also the fixed-effect answer
+    r = random_effects([0.0, 0.1], [1.0, 1.0])
+    assert r.tau2 == 0.0 and r.pooled == pytest.approx(0.05) and r.se == pytest.approx(math.sqrt(0.5))
+    assert random_effects([0.3], [0.1]).tau2 == 0.0  # one task: nothing to spread
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: bootstrap_paired([], []), "non-empty"),
+        (lambda: bootstrap_paired([1.0, 2.0], [1.0, 2.0]), "rows, examples"),  # one-dimensional
+        (lambda: bootstrap_paired([[1.0, 2.0]], [[1.0, 2.0, 3.0]]), "same"),
+        (lambda: bootstrap_paired([[1.0, float("nan")]], [[1.0, 2.0]]), "finite"),
+        (lambda: bootstrap_paired([[1.0]], [[1.0]], confidence=1.0), "confidence"),
+        (lambda: bootstrap_paired([[1.0]], [[1.0]], resamples=0), "resamples"),
+        (lambda: sign_flip_test([]), "non-empty"),
+        (lambda: sign_flip_test([1.0, float("inf")]), "finite"),
+        (lambda: holm([]), "non-empty"),
+        (lambda: holm([0.1, 1.5]), "[0, 1]"),
+        (lambda: holm([0.1, float("nan")]), "finite"),
+        (lambda: random_effects([], []), "non-empty"),
+        (lambda: random_effects([0.1, 0.2], [0.1]), "same length"),
+        (lambda: random_effects([0.1], [0.0]), "positive"),
+        (lambda: random_effects([0.1], [float("nan")]), "finite"),
+        (lambda: random_effects([0.1], [0.1], confidence=0.0), "confidence"),
+    ],
+)
+def test_protocol_rejects_bad_input_in_one_line(call, message):
+    with pytest.raises(ValueError) as error:
+        call()
+    assert message in str(error.value) and "\n" not in str(error.value)

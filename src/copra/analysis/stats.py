@@ -1,6 +1,6 @@
 """Paired comparisons of CopRA against LoRA over seeds: mean difference, confidence interval, verdict.
 
-Why a paired t-interval over seeds (and not a bootstrap):
+Why a paired t-interval over seeds:
 
 * The seed is the unit of replication. One seed fixes the few-shot sample, the initial A, the batch
   order and the evaluation set for *both* methods, so CopRA's and LoRA's scores of one seed are a
@@ -9,8 +9,8 @@ Why a paired t-interval over seeds (and not a bootstrap):
   interval is known to be too narrow at such sizes; the t-interval is exact when the differences
   are normal and stays honest (wide) with few seeds: t_{0.975} is 12.7 with 2 seeds, 2.78 with 5.
 * The evaluation examples' noise is inside each seed's score, and the evaluation set is fixed, so
-  the interval speaks about this test split. A bootstrap over examples would need every example's
-  prediction stored; the summaries keep per-seed scores only.
+  the interval speaks about this test split. The summaries keep per-seed scores only; where every
+  example's score is stored, `copra.analysis.protocol.bootstrap_paired` resamples examples as well.
 
     d_bar = mean(d),  s = stdev(d),  interval = d_bar -/+ t_{(1+c)/2, n-1} * s / sqrt(n)
 
@@ -19,9 +19,8 @@ below 0, "no difference shown" otherwise. One seed has no interval: "no differen
 must come from independent seeds: merged accuracies of overlapping seed pairs ((0,1), (1,2), ...)
 share adapters and are not independent (`disjoint_pairs` picks the pairs that are).
 
-Pure Python (math only): the t quantile inverts Student's t distribution function, written with
-the regularized incomplete beta function (continued fraction, Numerical Recipes Sec. 6.4), by
-bisection. torch.distributions.StudentT has no icdf, and scipy is not a dependency.
+The t quantile is scipy's (`scipy.stats.t.ppf`), imported on first use: `import copra` loads this
+module, and scipy.stats costs most of a second to import.
 """
 
 from __future__ import annotations
@@ -34,59 +33,20 @@ HELD, REVERSED, NO_DIFFERENCE = "held", "reversed", "no difference shown"
 VERDICTS = (HELD, REVERSED, NO_DIFFERENCE)
 
 
-def _beta_fraction(a: float, b: float, x: float) -> float:
-    """Continued fraction of the incomplete beta function (modified Lentz), x < (a+1)/(a+b+2)."""
-    tiny, qab, qap, qam = 1e-300, a + b, a + 1.0, a - 1.0
-    c, d = 1.0, 1.0 - qab * x / qap
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 300):
-        m2 = 2 * m
-        for numerator in (
-            m * (b - m) * x / ((qam + m2) * (a + m2)),
-            -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2)),
-        ):
-            d = 1.0 + numerator * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + numerator / c
-            c = c if abs(c) > tiny else tiny
-            h *= d * c
-        if abs(d * c - 1.0) < 1e-15:
-            break
-    return h
-
-
-def incomplete_beta(a: float, b: float, x: float) -> float:
-    """Regularized incomplete beta I_x(a, b) for a, b > 0 and x in [0, 1]."""
-    if x <= 0.0 or x >= 1.0:
-        return 0.0 if x <= 0.0 else 1.0
-    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    if x < (a + 1.0) / (a + b + 2.0):
-        return math.exp(log_front) * _beta_fraction(a, b, x) / a
-    return 1.0 - math.exp(log_front) * _beta_fraction(b, a, 1.0 - x) / b  # symmetry: converges fast there
-
-
 def t_cdf(t: float, df: float) -> float:
-    """P(T <= t) for Student's t with `df` degrees of freedom."""
-    tail = 0.5 * incomplete_beta(df / 2.0, 0.5, df / (df + t * t))  # P(T > |t|)
-    return 1.0 - tail if t >= 0 else tail
+    """P(T <= t) for Student's t with `df` degrees of freedom (`scipy.stats.t.cdf`)."""
+    from scipy.stats import t as student_t
+
+    return float(student_t.cdf(t, df))
 
 
 def t_quantile(p: float, df: float) -> float:
-    """The t with P(T <= t) = p, by bisection on `t_cdf` (to ~1e-12 relative)."""
+    """The t with P(T <= t) = p (`scipy.stats.t.ppf`); ValueError outside 0 < p < 1, df > 0."""
     if not 0.0 < p < 1.0 or not df > 0:
         raise ValueError(f"t_quantile needs 0 < p < 1 and df > 0, got p={p!r}, df={df!r}")
-    if p < 0.5:
-        return -t_quantile(1.0 - p, df)
-    low, high = 0.0, 1.0
-    while t_cdf(high, df) < p:
-        low, high = high, 2.0 * high
-    for _ in range(200):
-        middle = 0.5 * (low + high)
-        if middle in (low, high):
-            break
-        low, high = (middle, high) if t_cdf(middle, df) < p else (low, middle)
-    return 0.5 * (low + high)
+    from scipy.stats import t as student_t
+
+    return float(student_t.ppf(p, df))
 
 
 @dataclass(frozen=True)
