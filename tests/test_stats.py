@@ -169,19 +169,19 @@ def test_bootstrap_by_hand():
     assert bootstrap_paired(treatment[:2], control[:2], resamples=100).rows == 2
 
 
-def test_bootstrap_resamples_in_batches_like_in_one():
-    rng = np.random.default_rng(4)
-    treatment, control = _paired_scores(rng, 0.0, seeds=3, examples=8)
+def test_bootstrap_in_batches_fills_every_resample(monkeypatch):
     import copra.analysis.protocol as protocol
 
-    whole = bootstrap_paired(treatment, control, resamples=64, seed=9)
-    old, protocol._CHUNK_CELLS = protocol._CHUNK_CELLS, 8 * 5  # 5 resamples a batch
-    try:
-        batched = bootstrap_paired(treatment, control, resamples=64, seed=9)
-    finally:
-        protocol._CHUNK_CELLS = old
-    assert batched.rows == whole.rows and np.isfinite([batched.low, batched.high]).all()
-    assert abs(batched.difference - whole.difference) < 1e-12
+    rng = np.random.default_rng(4)
+    treatment, control = _paired_scores(rng, 0.0, seeds=3, examples=8)
+    whole = bootstrap_paired(treatment, control, resamples=4000, seed=9)
+    monkeypatch.setattr(protocol, "_CHUNK_CELLS", 8 * 37)  # 37 resamples a batch, a short last one
+    batched = bootstrap_paired(treatment, control, resamples=4000, seed=9)
+    assert batched.difference == pytest.approx(whole.difference, abs=1e-12)
+    assert batched.se == pytest.approx(whole.se, rel=0.1)  # other draws, the same distribution
+    assert batched.low == pytest.approx(whole.low, abs=0.5 * whole.se)
+    constant = bootstrap_paired(treatment + 0.25, treatment, resamples=100)  # no slot left unfilled
+    assert constant.low == pytest.approx(0.25) and constant.high == pytest.approx(0.25)
 
 
 @pytest.mark.parametrize(
