@@ -193,6 +193,19 @@ def delta_weights(adapter: Adapter) -> dict[str, torch.Tensor]:
     return {prefix: adapter[b].flatten(1) @ adapter[a].flatten(1) for prefix, a, b in module_pairs(adapter)}
 
 
+def scale_update(adapter: Adapter, factor: float) -> Adapter:
+    """The same adapter with every update B A multiplied by `factor` (B scaled; A and other keys kept).
+
+    The shrinkage control of a merge: fusing two adapters at 1/2 keeps (B1/2)(A1/2), a quarter of each
+    one's own update, so `scale_update(adapter, 0.25)` shows how much of a merge's loss shrinking alone
+    explains; the rest is the cross terms B1 A2 and B2 A1 (misalignment).
+    """
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor):
+        raise UserError(f"scale_update needs a finite number, got {factor!r}")
+    b_keys = _b_keys(adapter)
+    return {k: (v * factor if k in b_keys else v) for k, v in adapter.items()}
+
+
 MERGERS = {"fusion": fusion, "mixture": mixture}
 
 
@@ -206,4 +219,5 @@ __all__ = [
     "mixture",
     "mixture_config",
     "module_pairs",
+    "scale_update",
 ]

@@ -167,6 +167,29 @@ def prepare_validation(config: TrainConfig, examples: int = 200) -> FewShotData:
     return replace(data, eval_x=tuple(pool[i] for i in chosen), eval_y=tuple(labels[i] for i in chosen))
 
 
+def prepare_shared_validation(configs: Sequence[TrainConfig], examples: int = 200) -> FewShotData:
+    """One validation set for runs that are compared or merged with each other (seeds, methods, cells).
+
+    As `prepare_validation`, but the excluded examples are the union of every run's few-shot sample,
+    and the draw does not depend on any run's seed: every run of one task is scored on the same
+    examples, so per-example outcomes pair up across seeds and methods (a paired bootstrap needs that),
+    and no run is scored on an example another run of the merge trained on.
+    """
+    if not configs:
+        raise UserError("a shared validation set needs at least one run")
+    tasks = {c.task for c in configs}
+    if len(tasks) != 1:
+        raise UserError(f"a shared validation set is for runs of one task, got {sorted(tasks)}")
+    data = prepare_data(configs[0])
+    trained = set().union(*(prepare_data(c).train_x for c in configs))
+    task = _load(configs[0])
+    pool, labels = _examples(task, "train"), task.train_labels
+    test = set(_examples(task, "test"))
+    exclude = [i for i, x in enumerate(pool) if x in trained or x in test]
+    chosen = validation_indices(labels, exclude, examples, seed=0)
+    return replace(data, eval_x=tuple(pool[i] for i in chosen), eval_y=tuple(labels[i] for i in chosen))
+
+
 def _load(config: TrainConfig):
     """The task a run names: CoOp images for CLIP, else a built-in text task or the user's file."""
     if config.backbone == "clip":

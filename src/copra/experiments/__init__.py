@@ -52,6 +52,7 @@ EXPERIMENTS: dict[str, Callable[[], Experiment]] = {
     "shapley": _loader("shapley_layers", "ShapleyConfig"),
     "sweep": _loader("sweep", "SweepConfig"),
     "lr_select": _loader("lr_select", "LrSelectConfig"),
+    "merge_map": _loader("merge_map", "MergeMapConfig"),
 }
 # what each one is, for `copra --help`
 SUMMARIES = {
@@ -62,4 +63,5 @@ SUMMARIES = {
     "shapley": "paper Fig. 2: Shapley values of the LoRA layers",
     "sweep": "paper Fig. 5 and 6: lr, iterations, schedules, baselines, t-SNE",
     "lr_select": "each method's own lr, chosen on a validation split of the training pool",
+    "merge_map": "where LoRA's merges break: seed-pair merge barrier over lr, length, rank, targets, depth",
 }

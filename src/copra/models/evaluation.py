@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -73,6 +73,46 @@ def predict(
         return predicted
 
 
+class Scored(NamedTuple):
+    """Per-example outcome of one evaluation: what paired bootstraps and cross-entropy need."""
+
+    correct: torch.Tensor  # [N] bool: the argmax of the scores is the label (as `predict`)
+    nll: torch.Tensor  # [N] float64: cross-entropy of the label under the training logits (scale * cosine)
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.correct.double().mean())
+
+    @property
+    def cross_entropy(self) -> float:
+        return float(self.nll.mean())
+
+
+def score_examples(
+    classifier: nn.Module,
+    examples: Sequence[Any],
+    labels: Sequence[int],
+    batch_size: int = 64,
+    batches: Iterable[Batch] | None = None,
+) -> Scored:
+    """Per-example correctness and cross-entropy of `examples`, in eval mode (one forward per batch).
+
+    Correctness is `predict`'s (argmax of the cosines); the cross-entropy reads the logits training
+    optimises, so a merge that keeps the argmax but blurs the margins shows here first.
+    """
+    target = torch.tensor(list(labels))
+    with evaluating(classifier), torch.inference_mode():
+        classes = classifier.class_embeddings()  # [C, H], once for all batches
+        correct = torch.empty(len(examples), dtype=torch.bool)
+        nll = torch.empty(len(examples), dtype=torch.float64)
+        for rows, inputs in eval_batches(classifier, examples, batch_size) if batches is None else batches:
+            embedded = classifier.embed_batch(inputs)  # [B, H]
+            correct[rows] = classifier.scores_of(embedded, classes).argmax(-1).cpu() == target[rows]
+            logits = classifier.logits_of(embedded, classes).float().cpu()  # [B, C]
+            nll[rows] = torch.nn.functional.cross_entropy(logits, target[rows], reduction="none").double()
+        return Scored(correct, nll)
+
+
 def fraction_correct(predicted: torch.Tensor, labels: Sequence[int] | torch.Tensor) -> float:
     """Share of predictions equal to their label (0..1): the exact count / N, in float64."""
     labels = labels if isinstance(labels, torch.Tensor) else torch.tensor(list(labels))
@@ -125,6 +165,7 @@ def state_accuracy(classifier: nn.Module, state: dict[str, torch.Tensor], data: 
 __all__ = [
     "Batch",
     "FewShotData",
+    "Scored",
     "accuracy",
     "adapter_state",
     "eval_batches",
@@ -135,5 +176,6 @@ __all__ = [
     "predict",
     "prepare_data",
     "prepare_validation",
+    "score_examples",
     "state_accuracy",
 ]

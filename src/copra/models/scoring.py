@@ -28,13 +28,14 @@ class PromptScoring:
     def scores(self, inputs: dict[str, Any], classes: torch.Tensor | None = None) -> torch.Tensor:
         """Cosines [B, C] of a collated batch (`inputs_for`) with the class prompts (`classes`: [C, H], or
         embedded now); the argmax is the predicted class."""
-        return self.scores_of(self._embed_batch(inputs), classes)
+        return self.scores_of(self.embed_batch(inputs), classes)
 
     def logits(self, inputs: dict[str, Any], classes: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, C] of a collated batch, as `forward` computes them (for a loss)."""
-        return self.logits_of(self._embed_batch(inputs), classes)
+        return self.logits_of(self.embed_batch(inputs), classes)
 
-    def _embed_batch(self, inputs: dict[str, Any]) -> torch.Tensor:
+    def embed_batch(self, inputs: dict[str, Any]) -> torch.Tensor:
+        """Unit-norm embeddings [B, H] of a collated batch, moved to the model's device."""
         device = next(self.parameters()).device
         return self.embed(**{k: v.to(device) for k, v in inputs.items()})
 

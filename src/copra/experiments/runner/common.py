@@ -23,7 +23,15 @@ from torch import nn
 from copra.adapters.io import load_adapter, read_metadata
 from copra.core.config import RESERVED_KEYS, TrainConfig, make_config
 from copra.experiments.runner import eval_cache
-from copra.models.evaluation import Batch, FewShotData, accuracy, eval_batches, load_adapter_state
+from copra.models.evaluation import (
+    Batch,
+    FewShotData,
+    Scored,
+    accuracy,
+    eval_batches,
+    load_adapter_state,
+    score_examples,
+)
 from copra.utils.errors import UserError
 
 Adapter = dict[str, torch.Tensor]
@@ -210,6 +218,16 @@ class Evaluator:
         if folder is not None and entry is not None:
             eval_cache.record(folder, entry, value, {"task": data.task, "examples": len(data.eval_y)})
         return value
+
+    def scored(self, state: Adapter, adapter_config: dict, data: FewShotData) -> Scored:
+        """Per-example correctness and cross-entropy on `data`'s evaluation set (not cached: callers keep them)."""
+        classifier = self.classifier(adapter_config)
+        if classifier.prompts != list(data.prompts):
+            classifier.set_prompts(list(data.prompts))
+        with torch.no_grad():
+            load_adapter_state(classifier, state)
+        self.measured += 1
+        return score_examples(classifier, data.eval_x, data.eval_y, BATCH, self._batches(classifier, data))
 
     def _cache_key(self, state: Adapter, adapter_config: dict, data: FewShotData) -> str | None:
         from copra.utils.precision import default_device_type, resolve
