@@ -123,3 +123,13 @@ def test_fold_rslora_scaling_gives_the_update_add_weighted_adapter_folds_in():
     if not torch.allclose(before, want):  # this PEFT has the sqrt(r) overscaling (peft#3449)
         torch.testing.assert_close(before, want * 2**0.5)
     assert model.peft_config["same"].use_rslora is False and not compat.fold_rslora_scaling(model, "same")
+
+
+def test_supported_attention_falls_back_to_eager_where_an_architecture_has_no_sdpa(tiny_text_model, tmp_path):
+    from tests.test_embedded_models import tiny_mpnet_folder
+
+    mpnet = tiny_mpnet_folder(tmp_path / "mpnet")
+    assert compat.supported_attention(tiny_text_model, "sdpa") == "sdpa"  # BERT has it
+    assert compat.supported_attention(str(mpnet), "sdpa") == "eager"
+    assert compat.supported_attention(str(mpnet), "eager") == "eager"
+    assert compat.supported_attention(str(tmp_path / "missing"), "sdpa") == "sdpa"  # from_pretrained reports it

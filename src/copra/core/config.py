@@ -67,7 +67,7 @@ class TrainConfig:
     method: str = "copra"  #: "lora" (plain PEFT LoRA) or "copra" (progressive random layer gating)
     seed: int = 0  #: seeds the few-shot sample, LoRA init, dropout, batch order and gates
     backbone: str = "text"  #: "text" (sentence encoder, head-free) or "clip" (CLIPModel)
-    model: str = "embedded:minilm"  #: "embedded:minilm" (the wheel), a local folder or a hub name
+    model: str = "embedded:minilm"  #: "embedded:minilm", "embedded:mpnet" (wheels), a local folder or a hub name
     data_root: str | None = None  #: clip only: folder with split_zhou_*.json and the images
     # your own data (text backbone): task=file:PATH, or train_file (+ test_file)
     train_file: str | None = None  #: a local CSV/TSV, JSON Lines or Parquet file as the task (same as task=file:PATH)
@@ -191,6 +191,8 @@ class TrainConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     # The embedded default, as above.
     "minilm": {},
+    # all-mpnet-base-v2 (12 layers, from its five wheels): the deeper encoder; its projections are q, k, v.
+    "mpnet": dict(model="embedded:mpnet", target_modules=["q", "k", "v"]),
     # CLIP-LoRA's defaults (ViT-B/16, r=2, alpha=1, lr 2e-4, batch 32, 16 shots, wd 1e-2,
     # cosine to 1e-6, 500 x shots iterations, logit scale 100, LoRA on q/k/v of both towers).
     "clip-lora": dict(

@@ -139,6 +139,7 @@ def build_text_classifier(config) -> PromptClassifier:
 
     from copra.models.loading import quiet_loading
     from copra.models.lora import attach_lora
+    from copra.utils.compat import supported_attention
     from copra.utils.precision import attention_implementation, resolve
 
     path = resolve_model_path(config.model)
@@ -150,7 +151,7 @@ def build_text_classifier(config) -> PromptClassifier:
                 path,
                 add_pooling_layer=False,
                 use_safetensors=True,
-                attn_implementation=attention_implementation(resolve(config.precision)),
+                attn_implementation=supported_attention(path, attention_implementation(resolve(config.precision))),
             )
     except (OSError, ValueError) as error:
         detail = (str(error).strip().splitlines() or [type(error).__name__])[0]

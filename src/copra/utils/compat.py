@@ -28,6 +28,25 @@ if TYPE_CHECKING:
 MaskBuilder = Callable[[torch.Tensor, torch.Tensor], Any]
 
 
+# -- transformers: which attention kernels an architecture has ----------------------------------------
+def supported_attention(path: str, preferred: str) -> str:
+    """`preferred` if the architecture at `path` has that kernel, else "eager" (MPNet has no SDPA).
+
+    transformers has no public "does this class support SDPA" query: it raises on load instead. The
+    class flag `_supports_sdpa` (checked on transformers 4.45-5.24) answers before loading; any
+    failure to read it keeps `preferred`, and from_pretrained then says what is wrong.
+    """
+    if preferred != "sdpa":
+        return preferred
+    from transformers import MODEL_MAPPING, AutoConfig
+
+    try:
+        model_class = MODEL_MAPPING[type(AutoConfig.from_pretrained(path))]
+    except (KeyError, OSError, ValueError):
+        return preferred
+    return preferred if getattr(model_class, "_supports_sdpa", True) else "eager"
+
+
 # -- transformers: the attention mask an encoder block takes -----------------------------------------
 def bidirectional_mask_builder(model: nn.Module) -> MaskBuilder | None:
     """`(hidden [B, T, H], mask [B, T]) -> block mask` through transformers' public mask API.
