@@ -132,7 +132,7 @@ def test_strategy_merges_who_answered_records_who_failed_and_stops_below_the_fra
     assert [x["partition_id"] for x in entry["answered"]] == [0, 1] and entry["clients"] == [0, 1]
     assert entry["failed"] == [{"node_id": 12, "partition_id": None, "reason": "error reply: boom"}]
     _ask(strategy, 2, [10, 11, 12])
-    with pytest.raises(RoundFailed, match="1 of 3 clients answered, 2 needed"):
+    with pytest.raises(RoundFailed, match=r"1 of 3 clients' replies accepted, 2 needed"):
         strategy.aggregate_train(2, [_reply(10, 0, 3, a, server_round=2)])
     failed = {f["node_id"]: f for f in strategy.stopped["failed"]}
     assert (

@@ -31,26 +31,15 @@ from typing import Any
 
 import torch
 
-from copra.adapters.merge import fusion
 from copra.federated.flower import FLOWER_ENV, require_flwr  # noqa: F401 (FLOWER_ENV: re-exported for launch)
 from copra.federated.protocol import Adapter, FederatedConfig, initial_state, split_clients
-from copra.models.evaluation import FewShotData, prepare_data, state_accuracy
+from copra.federated.replies import NUM_EXAMPLES, from_record, lora_settings, merge_replies, read_reply, screen_round
+from copra.federated.replies import to_record as to_record
+from copra.federated.robust import Policy, apply_fault
+from copra.models.evaluation import FewShotData, adapter_state, prepare_data, state_accuracy
 from copra.training.loop import build_run, train
 
-NUM_EXAMPLES = "num-examples"  # Flower's default weighting key
 _require_flwr = require_flwr  # the name the app modules import
-
-
-def to_record(state: Adapter):
-    """An adapter state dict as a Flower ArrayRecord (numpy arrays, keys sorted)."""
-    from flwr.app import ArrayRecord
-
-    return ArrayRecord({k: state[k].detach().cpu().contiguous() for k in sorted(state)})
-
-
-def from_record(record) -> Adapter:
-    """A Flower ArrayRecord back to an adapter state dict (torch tensors)."""
-    return {k: v.clone() for k, v in record.to_torch_state_dict().items()}
 
 
 def client_app(config: FederatedConfig, method: str, seed: int, partitions: list[FewShotData]):
@@ -80,11 +69,18 @@ def train_reply(msg, config: FederatedConfig, method: str, seed: int, client: in
     round_index = int(msg.content["config"]["server-round"]) - 1
     arrays = msg.content["arrays"]
     start = from_record(arrays) if len(arrays) else None
-    result = train(config.client_config(method, seed, round_index, client), data=part, initial_state=start)
+    client_config = config.client_config(method, seed, round_index, client)
+    result = train(client_config, data=part, initial_state=start)
+    sent = apply_fault(result.state, config.fault_of(client, round_index))  # `faults`: a test client misbehaves
     metrics = MetricRecord({NUM_EXAMPLES: len(part.train_x), "accuracy": result.accuracy})
     return Message(
         RecordDict(
-            {"arrays": to_record(result.state), "metrics": metrics, "client": ConfigRecord({"partition-id": client})}
+            {
+                "arrays": to_record(sent),
+                "metrics": metrics,
+                "client": ConfigRecord({"partition-id": client}),
+                "lora": ConfigRecord(lora_settings(client_config)),
+            }
         ),
         reply_to=msg,
     )
@@ -110,36 +106,78 @@ def fusion_strategy_class() -> type:
     from flwr.serverapp.strategy import FedAvg
 
     class FusionFedAvg(FedAvg):
-        """FedAvg whose ArrayRecord aggregation is `copra.adapters.merge.fusion`, weights num-examples / total.
+        """FedAvg that screens every reply and merges the accepted ones with `robust.aggregate` (default: fusion).
 
-        `history` keeps, per round, the clients' adapters, sizes and accuracies (by partition id)
-        and the failures, for the caller to inspect.
+        `reference` (the round's adapter structure), `policy`, `expected_lora` (the LoRA settings
+        replies must report) and `sizes` (example count per partition) set the screening
+        (`copra.federated.replies.screen_round`). `history` keeps, per round, the accepted clients'
+        adapters, sizes and accuracies (by partition id), the rejected replies with their reasons and
+        the failures, for the caller to inspect.
         """
 
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
+        def __init__(
+            self,
+            *args: Any,
+            reference: Adapter | None = None,
+            policy: Policy | None = None,
+            expected_lora: dict | None = None,
+            sizes: list[int] | None = None,
+            **kwargs: Any,
+        ) -> None:
             super().__init__(*args, **kwargs)
             self.history: list[dict] = []
+            self.reference, self.policy = reference, policy or Policy()
+            self.expected_lora, self.sizes = expected_lora, sizes
+            self.starts: dict[int, Adapter | None] = {}  # round -> the adapter it sent (None: clients' own inits)
+
+        def remember_start(self, server_round: int, arrays: ArrayRecord) -> None:
+            self.starts[server_round] = from_record(arrays) if len(arrays) else None
+
+        def configure_train(self, server_round: int, arrays: ArrayRecord, config, grid):
+            self.remember_start(server_round, arrays)
+            return super().configure_train(server_round, arrays, config, grid)
+
+        def node_of(self, server_round: int, msg: Message) -> int:
+            return int(msg.metadata.src_node_id)
+
+        def screen_replies(self, server_round: int, messages: list[Message]) -> tuple[list, list[dict]]:
+            """(accepted `Reply`s by partition, rejected as {node_id, partition_id, reason}); never raises."""
+            readable, rejected = [], []
+            clients = None if self.sizes is None else len(self.sizes)
+            for msg in messages:
+                node = self.node_of(server_round, msg)
+                got = read_reply(msg.content, node, clients)
+                if isinstance(got, tuple):
+                    rejected.append({"node_id": node, "partition_id": got[0], "reason": got[1]})
+                else:
+                    readable.append(got)
+            accepted, refused = screen_round(
+                readable, self.reference, self.policy, self.starts.get(server_round), self.expected_lora, self.sizes
+            )
+            rejected += [{"node_id": r.node_id, "partition_id": r.partition_id, "reason": why} for r, why in refused]
+            return accepted, rejected
+
+        def merge(self, server_round: int, accepted: list) -> tuple[ArrayRecord, MetricRecord]:
+            """The accepted replies' aggregate, and their example-weighted accuracy."""
+            merged = merge_replies(accepted, self.policy, self.starts.get(server_round))
+            total = sum(r.num_examples for r in accepted)
+            accuracy = sum(r.num_examples * r.accuracy for r in accepted) / total
+            return to_record(merged), MetricRecord({NUM_EXAMPLES: total, "accuracy": accuracy})
 
         def aggregate_train(self, server_round: int, replies) -> tuple[ArrayRecord | None, MetricRecord | None]:
             replies = list(replies)
-            valid: list[Message] = [m for m in replies if not m.has_error()]
             failures = [str(m.error.reason) for m in replies if m.has_error()]
-            self.history.append({"round": server_round, "failures": failures})
-            if not valid:
+            accepted, rejected = self.screen_replies(server_round, [m for m in replies if not m.has_error()])
+            self.history.append({"round": server_round, "failures": failures, "rejected": rejected})
+            if not accepted:
                 return None, None
-            # fix the order (replies come as clients finish), then merge with copra's formula
-            valid.sort(key=lambda m: int(m.content["client"]["partition-id"]))
-            contents = [m.content for m in valid]
-            states = [from_record(next(iter(c.array_records.values()))) for c in contents]
-            sizes = [float(next(iter(c.metric_records.values()))[self.weighted_by_key]) for c in contents]
-            merged = fusion(states, [n / sum(sizes) for n in sizes])
             self.history[-1].update(
-                clients=[int(c["client"]["partition-id"]) for c in contents],
-                client_states=states,
-                client_sizes=[int(n) for n in sizes],
-                client_accuracy=[float(c["metrics"]["accuracy"]) for c in contents],
+                clients=[r.partition_id for r in accepted],
+                client_states=[r.state for r in accepted],
+                client_sizes=[r.num_examples for r in accepted],
+                client_accuracy=[r.accuracy for r in accepted],
             )
-            return to_record(merged), self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+            return self.merge(server_round, accepted)
 
     _STRATEGY = FusionFedAvg
     return FusionFedAvg
@@ -151,8 +189,11 @@ def server_app(
     classifier: torch.nn.Module,
     outcome: dict,
     initial: Adapter | None = None,
+    sizes: list[int] | None = None,
 ):
     """A Flower ServerApp running `config.rounds` rounds of FusionFedAvg; results go into `outcome`.
+
+    `sizes`: the example count of each partition, which replies must report (None: not checked).
 
     Merged adapters are evaluated centrally (every client shares the evaluation set): loaded into
     `classifier` and scored by `copra.models.evaluation.state_accuracy`, the one scoring path.
@@ -167,7 +208,13 @@ def server_app(
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         strategy = fusion_strategy_class()(
-            fraction_evaluate=0.0, min_train_nodes=config.clients, min_available_nodes=config.clients
+            fraction_evaluate=0.0,
+            min_train_nodes=config.clients,
+            min_available_nodes=config.clients,
+            reference=adapter_state(classifier),
+            policy=config.policy(),
+            expected_lora=lora_settings(config.client_config(config.methods[0], config.seeds[0], 0, 0)),
+            sizes=sizes,
         )
         outcome["strategy"] = strategy
         outcome["result"] = strategy.start(
@@ -231,7 +278,7 @@ def run_flower_simulation(
     start = time.perf_counter()
     try:
         run_simulation(
-            server_app=server_app(config, data, classifier, outcome, initial),
+            server_app=server_app(config, data, classifier, outcome, initial, [len(p.train_x) for p in partitions]),
             client_app=client_app(config, method, seed, partitions),
             num_supernodes=config.clients,
             backend_config=backend_config,
@@ -242,7 +289,7 @@ def run_flower_simulation(
     if "result" not in outcome:
         raise RuntimeError("the Flower simulation ended without a result (see Flower's log above)")
     history = outcome["strategy"].history
-    failed = [h for h in history if h["failures"] or len(h.get("clients", [])) != config.clients]
+    failed = [h for h in history if h["failures"] or len(h.get("clients", [])) + len(h["rejected"]) != config.clients]
     if failed:
         raise RuntimeError(
             f"round {failed[0]['round']}: {len(failed[0]['failures'])} client(s) failed: {failed[0]['failures'][:1]}"
@@ -254,6 +301,7 @@ def run_flower_simulation(
             "clients": h["clients"],
             "client_sizes": h["client_sizes"],
             "client_accuracy": h["client_accuracy"],
+            "rejected": h["rejected"],
             "merged_accuracy": float(result.evaluate_metrics_serverapp[h["round"]]["accuracy"]),
         }
         for h in history

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from copra.federated.protocol import FederatedConfig
+from copra.federated.robust import Policy
 from copra.utils.errors import UserError
 from copra.utils.settings import parse_sets
 
@@ -42,7 +43,20 @@ class DeploySettings:
     node_wait_timeout: float = 300.0  #: seconds a round waits for min_available_nodes before it goes on or stops
     round_timeout: float = 600.0  #: seconds a round waits for replies at most; late or dead nodes count as failed
     straggler_timeout: float = 120.0  #: seconds a round still waits for the others once enough clients answered
-    min_reply_fraction: float = 0.5  #: a round is kept when at least this fraction of the clients answered
+    min_reply_fraction: float = (
+        0.5  #: a round is kept when at least this fraction of the clients' replies was accepted
+    )
+    aggregate: str = FederatedConfig.aggregate  #: fusion, trimmed_mean, median or krum (copra.federated.robust)
+    clip_norm: float = (
+        FederatedConfig.clip_norm
+    )  #: each update scaled down to this L2 norm before aggregating (0: off)
+    norm_factor: float = (
+        FederatedConfig.norm_factor
+    )  #: reject a reply whose update norm is off the round's median by more than this factor (0: off)
+    num_malicious: int = FederatedConfig.num_malicious  #: bad replies trimmed_mean and krum withstand
+    faults: str = (
+        ""  #: test clients that misbehave, "CLIENT=FAULT[@ROUND] ..." (nan, scale100); for trying the defence
+    )
 
     def __post_init__(self) -> None:
         for name in ("node_wait_timeout", "round_timeout", "straggler_timeout"):
@@ -51,6 +65,8 @@ class DeploySettings:
                 raise UserError(f"{name.replace('_', '-')} must be a positive number of seconds, got {value!r}")
         if not 0 < self.min_reply_fraction <= 1:
             raise UserError(f"min-reply-fraction must be in (0, 1], got {self.min_reply_fraction!r}")
+        if self.clip_norm < 0 or not math.isfinite(self.clip_norm):
+            raise UserError(f"clip-norm must be a finite number >= 0 (0: off), got {self.clip_norm!r}")
         for name in ("min_available_nodes", "min_train_nodes", "eval_examples"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name.replace('_', '-')} must be >= 0, got {getattr(self, name)!r}")
@@ -74,6 +90,12 @@ class DeploySettings:
             model=self.model,
             shared_init=self.shared_init,
             overrides=parse_sets(shlex.split(self.overrides)),
+            aggregate=self.aggregate,
+            clip_norm=self.clip_norm,
+            norm_factor=self.norm_factor,
+            num_malicious=self.num_malicious,
+            min_reply_fraction=self.min_reply_fraction,
+            faults=self.faults.split(),
             output_dir=self.output_dir or ".",
             progress=False,
         )
@@ -87,6 +109,10 @@ class DeploySettings:
     def needed_replies(self) -> int:
         """Replies a round needs to be kept: ceil(min_reply_fraction * clients), at least 1."""
         return max(1, math.ceil(self.min_reply_fraction * self.clients - 1e-9))
+
+    def policy(self) -> Policy:
+        """How the ServerApp screens and aggregates replies."""
+        return Policy(self.aggregate, self.clip_norm, self.norm_factor, self.num_malicious)
 
     def output(self, run_id: int) -> Path:
         return (

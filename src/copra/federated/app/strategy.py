@@ -8,8 +8,14 @@ Flower's own FedAvg waits for `min_available_nodes` without a time limit (`sampl
   * the server pulls replies until all came, or `round_timeout` passed, or `straggler_timeout` passed
     since enough clients answered (a dead node then costs seconds, not Flower's 35-60 s heartbeat
     patience); a node that sent nothing by then, or replied with an error, is recorded as failed;
-  * a round is merged (copra's `fusion`, weights n_i / N over the clients that answered) when at
-    least ceil(min_reply_fraction * clients) clients answered, else the run stops (`RoundFailed`).
+  * every reply is screened (`FusionFedAvg.screen_replies`: partition claims, example counts, keys,
+    shapes, dtypes, LoRA settings, finite values, update norm); a rejected one is recorded (node,
+    partition, reason) and not merged;
+  * a round is merged (the settings' `aggregate`, fusion weights n_i / N over the accepted replies)
+    when at least ceil(min_reply_fraction * clients) replies were accepted, else the run stops
+    (`RoundFailed`).
+  * `first_round` > 1 continues a run (the ServerApp's resume): Flower's round r is the run's round
+    r + first_round - 1, in the clients' messages and in every record.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid  # noqa: E402
 
 from copra.federated.app.settings import DeploySettings  # noqa: E402
+from copra.federated.protocol import Adapter  # noqa: E402
 
 
 class RoundFailed(RuntimeError):
@@ -33,7 +40,14 @@ class RoundFailed(RuntimeError):
 class DeploymentFusion(fusion_strategy_class()):
     """FusionFedAvg with deadlines and a per-round record of who was asked, who answered, who failed."""
 
-    def __init__(self, settings: DeploySettings) -> None:
+    def __init__(
+        self,
+        settings: DeploySettings,
+        reference: Adapter | None = None,
+        expected_lora: dict | None = None,
+        sizes: list[int] | None = None,
+        first_round: int = 1,
+    ) -> None:
         self.settings = settings
         self.min_train = settings.min_train_nodes or settings.needed_replies
         super().__init__(
@@ -41,7 +55,12 @@ class DeploymentFusion(fusion_strategy_class()):
             fraction_evaluate=0.0,
             min_train_nodes=self.min_train,
             min_available_nodes=settings.wanted_nodes,
+            reference=reference,
+            policy=settings.policy(),
+            expected_lora=expected_lora,
+            sizes=sizes,
         )
+        self.offset = first_round - 1  # a resumed run: Flower counts from 1, the run from first_round
         self.sent: dict[int, list[int]] = {}  # round -> node ids asked
         self.asked: dict[int, dict[str, int]] = {}  # round -> {message id: node id}
         self.closed: dict[int, str] = {}  # round -> why the reply wait ended
@@ -55,7 +74,7 @@ class DeploymentFusion(fusion_strategy_class()):
         while len(nodes := sorted(grid.get_node_ids())) < self.settings.wanted_nodes and time.monotonic() < deadline:
             time.sleep(1.0)
         if len(nodes) < self.min_train:
-            self.stopped = {"round": len(self.sent) + 1, "connected": nodes}
+            self.stopped = {"round": len(self.sent) + 1 + self.offset, "connected": nodes}
             raise RoundFailed(
                 f"{len(nodes)} node(s) connected after {self.settings.node_wait_timeout:g} s, "
                 f"min-train-nodes is {self.min_train}"
@@ -64,9 +83,10 @@ class DeploymentFusion(fusion_strategy_class()):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         self.round_started[server_round] = time.monotonic()
+        self.remember_start(server_round, arrays)
         nodes = self.wait_for_nodes(grid)
         self.sent[server_round] = nodes
-        config["server-round"] = server_round
+        config["server-round"] = server_round + self.offset  # the clients' seeds follow the run's round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         return [Message(content=record, message_type=MessageType.TRAIN, dst_node_id=node) for node in nodes]
 
@@ -76,7 +96,7 @@ class DeploymentFusion(fusion_strategy_class()):
 
     def gather(self, grid: Grid, messages: list[Message]) -> list[Message]:
         """Push the round's messages; pull replies until all came, round-timeout passed, or straggler-timeout
-        passed since enough clients answered."""
+        passed since enough replies that pass the screening came."""
         if not messages:
             return []
         server_round = max(self.sent)
@@ -90,8 +110,8 @@ class DeploymentFusion(fusion_strategy_class()):
             replies += got
             waiting -= {m.metadata.reply_to_message_id for m in got}
             now = time.monotonic()
-            if quorum_at is None and sum(not m.has_error() for m in replies) >= self.settings.needed_replies:
-                quorum_at = now
+            if quorum_at is None and got and self._accepted(server_round, replies) >= self.settings.needed_replies:
+                quorum_at = now  # enough replies that would be merged, not just any replies
             if waiting and now - start >= self.settings.round_timeout:
                 self.closed[server_round] = f"round-timeout {self.settings.round_timeout:g} s"
                 break
@@ -102,55 +122,68 @@ class DeploymentFusion(fusion_strategy_class()):
                 time.sleep(0.5)
         return replies
 
+    def _accepted(self, server_round: int, replies: list[Message]) -> int:
+        return len(self.screen_replies(server_round, [m for m in replies if not m.has_error()])[0])
+
     def aggregate_train(self, server_round: int, replies) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        answered, failed = self.sort_replies(server_round, replies)
-        record = {"round": server_round, "sent_to": self.sent[server_round], "answered": answered, "failed": failed}
-        if len(answered) < self.settings.needed_replies:
+        accepted, rejected = self.screen_replies(server_round, [m for m in replies if not m.has_error()])
+        for reply in accepted:
+            self.partition_of[reply.node_id] = reply.partition_id
+        failed = self.failures(server_round, replies)
+        answered = [
+            {
+                "node_id": r.node_id,
+                "partition_id": r.partition_id,
+                "num_examples": r.num_examples,
+                "accuracy": r.accuracy,
+            }
+            for r in accepted
+        ]
+        record = {
+            "round": server_round + self.offset,
+            "sent_to": self.sent[server_round],
+            "answered": answered,
+            "rejected": rejected,
+            "failed": failed,
+        }
+        if len(accepted) < self.settings.needed_replies:
             self.stopped = record
             raise RoundFailed(
-                f"round {server_round}: {len(answered)} of {self.settings.clients} clients answered, "
-                f"{self.settings.needed_replies} needed (min-reply-fraction "
-                f"{self.settings.min_reply_fraction:g}); failed: {failed}"
+                f"round {server_round + self.offset}: {len(accepted)} of {self.settings.clients} clients' replies "
+                f"accepted, {self.settings.needed_replies} needed (min-reply-fraction "
+                f"{self.settings.min_reply_fraction:g}); rejected: {rejected}; failed: {failed}"
             )
-        arrays, metrics = super().aggregate_train(server_round, [m for m in replies if not m.has_error()])
-        self.history[-1].pop("failures", None)  # FusionFedAvg saw only the good replies; "failed" says it all
-        self.history[-1].update(record)  # beside the clients and states FusionFedAvg appended
-        self.history[-1]["seconds"] = time.monotonic() - self.round_started[server_round]
+        arrays, metrics = self.merge(server_round, accepted)
+        self.history.append(
+            record
+            | {
+                "clients": [r.partition_id for r in accepted],
+                "client_states": [r.state for r in accepted],
+                "seconds": time.monotonic() - self.round_started[server_round],
+            }
+        )
         return arrays, metrics
 
-    def sort_replies(self, server_round: int, replies: list[Message]) -> tuple[list[dict], list[dict]]:
-        """Who answered (partition, examples, accuracy) and who failed (error reason or no reply)."""
-        answered, failed, seen = [], [], set()
+    def node_of(self, server_round: int, msg: Message) -> int:
         # the SuperLink's own error replies (e.g. a node's heartbeat stopped) come from node 0: find the
         # node from the message they answer
-        to_node = self.asked.get(server_round, {})
+        return int(self.asked.get(server_round, {}).get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id))
+
+    def failures(self, server_round: int, replies: list[Message]) -> list[dict]:
+        """Who failed: an error reply, no reply by the round's end, or gone since an earlier round."""
+        failed, seen = [], set()
         for msg in replies:
-            node = int(to_node.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id))
+            node = self.node_of(server_round, msg)
             seen.add(node)
             if msg.has_error():
                 failed.append(self._failure(node, f"error reply: {msg.error.reason}"))
-                continue
-            partition = int(msg.content["client"]["partition-id"])
-            if partition in {a["partition_id"] for a in answered}:
-                raise RoundFailed(f"round {server_round}: two nodes answered for partition-id {partition}")
-            self.partition_of[node] = partition
-            metrics = msg.content["metrics"]
-            answered.append(
-                {
-                    "node_id": node,
-                    "partition_id": partition,
-                    "num_examples": int(metrics[self.weighted_by_key]),
-                    "accuracy": float(metrics["accuracy"]),
-                }
-            )
         for node in self.sent[server_round]:
             if node not in seen:
                 failed.append(self._failure(node, f"no reply when the round closed ({self.closed.get(server_round)})"))
         for node in sorted(set(self.partition_of) - set(self.sent[server_round]) - seen):
             failed.append(self._failure(node, "answered before, not connected when the round started"))
-        answered.sort(key=lambda a: a["partition_id"])
-        return answered, failed
+        return failed
 
     def _failure(self, node: int, reason: str) -> dict:
         return {"node_id": node, "partition_id": self.partition_of.get(node), "reason": reason}
