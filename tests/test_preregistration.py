@@ -1,4 +1,4 @@
-"""copra.report.preregistration: the spec's hash, registering once, refusing a change after results exist."""
+"""copra.experiments.runner.preregistration: the spec's hash, registering once, refusing a change after results exist."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from copra.report.preregistration import FILENAME, check, fingerprint, has_results, register
+from copra.experiments.runner.preregistration import FILENAME, check, fingerprint, has_results, register
 from copra.utils.errors import UserError
 
 SPEC = {

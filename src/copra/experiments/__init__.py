@@ -53,6 +53,7 @@ EXPERIMENTS: dict[str, Callable[[], Experiment]] = {
     "sweep": _loader("sweep", "SweepConfig"),
     "lr_select": _loader("lr_select", "LrSelectConfig"),
     "merge_map": _loader("merge_map", "MergeMapConfig"),
+    "merge_protocol": _loader("merge_protocol", "MergeProtocolConfig"),
 }
 # what each one is, for `copra --help`
 SUMMARIES = {
@@ -64,4 +65,5 @@ SUMMARIES = {
     "sweep": "paper Fig. 5 and 6: lr, iterations, schedules, baselines, t-SNE",
     "lr_select": "each method's own lr, chosen on a validation split of the training pool",
     "merge_map": "where LoRA's merges break: seed-pair merge barrier over lr, length, rank, targets, depth",
+    "merge_protocol": "pre-registered CopRA vs LoRA: seed fusion, one-shot FL, MTL retention, pruning (Holm)",
 }
