@@ -390,10 +390,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("reproduce", "every paper table and figure as one resumable suite, then the report")
     p.add_argument(
         "--suite",
-        choices=["full", "converged", "clip"],
+        choices=["full", "converged", "merge-regimes", "clip"],
         default="full",
         help="full: the embedded default, more seeds (hours on CPU); converged: per-method lr, 16 shots, 5 "
-        "seeds, converged runs, statistics (hours on CPU; prints its expected time first); clip: CLIP-LoRA",
+        "seeds, converged runs, statistics (hours on CPU; prints its expected time first); merge-regimes: "
+        "where LoRA's merges break, then the pre-registered CopRA vs LoRA endpoints there; clip: CLIP-LoRA",
     )
     p.add_argument(
         "--set",

@@ -90,6 +90,7 @@ class Step:
     settings: dict[str, Any] = field(default_factory=dict)
     paper: str = ""  #: which table or figure it reproduces
     selected_lr: bool = False  #: train each method at the lr an earlier `lr_select` step picked
+    kept_cell: bool = False  #: train at the cell an earlier `merge_map` step kept (`kept_cell`)
 
 
 def full_suite() -> list[Step]:
@@ -277,7 +278,64 @@ def converged_suite() -> list[Step]:
     ]
 
 
-SUITES = {"full": full_suite, "clip": clip_suite, "converged": converged_suite}
+# The merge-regimes suite (issue 23): the map, then the protocol at the cell it keeps. Its budget: 8 shots,
+# 300 steps at the paper's lr 5e-4 (500 x shots would be 4000: the steps axis goes to 1000, and to 4000
+# with --set), three seeds per map cell, ten per protocol task.
+REGIME_TASKS = ["covid_intents", "hwu64", "banking77"]
+REGIME_BUDGET = dict(shots=8, steps=300, lr=5e-4, batch_size=16)
+REGIME_BASE = {"rank": 2, "target_modules": ["query", "key", "value"]}
+
+
+def merge_regimes_suite() -> list[Step]:
+    """Issue 23: where LoRA's merges break (validation only), then the pre-registered endpoints there (test)."""
+    return [
+        Step(
+            "merge_map",
+            "merge_map",
+            dict(
+                REGIME_BUDGET,
+                tasks=REGIME_TASKS,
+                seeds=[0, 1, 2],
+                base=REGIME_BASE,
+                axes={
+                    "lr": [5e-5, 5e-3, 2e-2],
+                    "steps": [1000],
+                    "rank": [8],
+                    "target_modules": [["query", "key", "value", "dense"]],
+                },
+                eval_examples=100,  # the runs' own test score is not used: the map reads validation only
+            ),
+            "where LoRA's merges break (validation split)",
+        ),
+        Step(
+            "merge_protocol",
+            "merge_protocol",
+            dict(REGIME_BUDGET, tasks=REGIME_TASKS, seeds=list(range(10)), cell=REGIME_BASE),
+            "the answer: pre-registered endpoints at the kept cell (test split)",
+            kept_cell=True,
+        ),
+    ]
+
+
+def kept_cell(summary: dict) -> dict[str, Any]:
+    """The map cell the protocol asks at: kept (LoRA's barrier >= keep_barrier) in the most tasks, ties broken
+    by the larger mean LoRA barrier; with none kept, the cell of the largest mean LoRA barrier. Fixed before
+    any result exists (this function is the pre-registered rule), returned as the protocol's `cell`."""
+    rows = [r for r in summary["rows"] if r["method"] == "lora"]
+    kept = {(k["task"], k["cell"]) for k in summary.get("kept", [])}
+    cells = list(dict.fromkeys(r["cell"] for r in rows))
+
+    def rank(cell: str) -> tuple[int, float]:
+        mine = [r for r in rows if r["cell"] == cell]
+        return sum((r["task"], cell) in kept for r in mine), sum(r["barrier"] for r in mine) / len(mine)
+
+    best = max(cells, key=rank)
+    base = dict(summary["config"]["base"])
+    overrides = next(r["overrides"] for r in rows if r["cell"] == best)
+    return {**base, **overrides}
+
+
+SUITES = {"full": full_suite, "clip": clip_suite, "converged": converged_suite, "merge-regimes": merge_regimes_suite}
 HOW = ("progress", "jobs", "executor", "ray_address")  # how runs execute, not what they compute: never compared
 # settings that only add measurements to a step's summary (its runs stay the same): a results folder accepts a
 # change of them, and the step runs again, reusing its runs and every accuracy already measured (`eval_cache`)
@@ -353,6 +411,18 @@ def first_difference(old: dict, new: dict, defaults: dict, ignore: tuple[str, ..
         if key not in ignore and old.get(key, defaults.get(key, absent)) != new.get(key, defaults.get(key, absent)):
             return key
     return None
+
+
+def _kept(out: Path, steps: list[tuple[Step, Any]]) -> dict[str, Any]:
+    """`kept_cell` of the suite's finished `merge_map` step (UserError if it has not run)."""
+    for step, config in steps:
+        if step.experiment == "merge_map":
+            path = out / step.name / f"{config.name}.json"
+            try:
+                return kept_cell(json.loads(path.read_text(encoding="utf-8")))
+            except (OSError, ValueError):
+                break
+    raise UserError("the merge_protocol step asks at the cell merge_map keeps: run the merge_map step first")
 
 
 def _stem(step: Step, config: Any) -> str:
@@ -459,6 +529,31 @@ def _expected_time(steps: list[tuple[Step, Any]]) -> str:
     )
 
 
+def _expected_regime_time(steps: list[tuple[Step, Any]]) -> str:
+    """The timing probe's estimate for the merge-regimes suite: optimizer steps x the probed seconds per step."""
+    from copra.report import timing
+
+    total, probe = 0, None
+    for step, config in steps:
+        if step.experiment == "merge_map":
+            for task in config.tasks:
+                for _, cell in config.cells():
+                    run = config.run_config(task, cell, "lora", config.seeds[0])
+                    probe = probe or run
+                    total += run.steps * len(config.methods) * len(config.seeds)
+        elif step.experiment == "merge_protocol":
+            run = config.run_config(config.tasks[0], "lora", config.seeds[0])
+            client_steps = (config.client_steps or max(1, run.steps // config.clients)) * config.clients
+            total += (run.steps + client_steps) * 2 * len(config.seeds) * len(config.tasks)
+    if probe is None:
+        return "timing probe: no step to probe"
+    seconds = timing.probe(probe)
+    return (
+        f"timing probe: {seconds:.2f} s per optimizer step on {probe.task} here; {total} steps to train: about "
+        f"{total * seconds / 3600:.1f} h of training (tasks with more classes take longer per step; evaluation extra)"
+    )
+
+
 def reproduce(
     suite: str,
     output_dir: str | Path,
@@ -479,8 +574,14 @@ def reproduce(
     check_jobs(jobs)  # before anything is written
     check_executor(executor, ray_address)
     out = Path(output_dir)
-    steps = skipped(resolve(suite, dict(sets or {})), skip, suite)
+    every = resolve(suite, dict(sets or {}))
+    steps = skipped(every, skip, suite)
     with folder_lock(out):  # the results folder; each step and each run folder inside has its own lock
+        if suite == "merge-regimes":  # what decides the answer, skipped steps too, before any result exists
+            from copra.experiments.runner import preregistration
+
+            digest = preregistration.register(out, _manifest(suite, every))
+            log(f"pre-registered: sha256 {digest[:16]} ({out / preregistration.FILENAME})")
         return _reproduce(out, suite, steps, jobs, progress, log, executor, ray_address)
 
 
@@ -515,6 +616,8 @@ def _reproduce(
     write_json(out / "suite.json", _with_saved_steps(out, manifest))
     if suite == "converged":
         log(_expected_time(steps))
+    if suite == "merge-regimes":
+        log(_expected_regime_time(steps))
     timings: dict[str, float] = {}
     shared = shared_runs(out / "runs") if suite == "converged" else nullcontext()
     with shared, cached_evaluations(out / "evaluations"):  # a step started again reuses what it measured
@@ -544,6 +647,8 @@ def _run_steps(
             config.jobs, config.executor, config.ray_address = jobs, executor, ray_address
         if step.selected_lr and best:
             use_selected_lr(config, best)
+        if step.kept_cell:
+            config.cell = _kept(out, steps)
         if _finished(step, config, out / step.name):
             log(f"[{step.name}] done before, kept ({step.paper})")
         else:

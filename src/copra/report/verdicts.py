@@ -353,6 +353,42 @@ def _lr_select(summary: dict) -> list[Check]:
     ]
 
 
+def _merge_map(summary: dict) -> list[Check]:
+    kept = summary.get("kept", [])
+    threshold = summary["config"]["keep_barrier"]
+    lora = [r["barrier"] for r in summary["rows"] if r["method"] == "lora"]
+    found = ", ".join(f"{k['task']} {k['cell']} ({k['lora_barrier']:.1f})" for k in kept) or "none"
+    fit = summary.get("where", {}).get("fit")
+    where = (
+        f"; CopRA's fused gain vs LoRA's barrier: slope {fit['slope']:.2f} (95% CI {fit['low']:.2f} to {fit['high']:.2f})"
+        if fit
+        else ""
+    )
+    return [
+        (
+            f"no claim: where LoRA's seed-pair fusion loses at least {threshold:g} points (validation split)",
+            PROTOCOL,
+            f"LoRA's barrier {min(lora):.1f} to {max(lora):.1f} points over {len(lora)} cells; kept: {found}{where}",
+        )
+    ]
+
+
+def _merge_protocol(summary: dict) -> list[Check]:
+    checks = []
+    for endpoint, e in summary["analysis"]["endpoints"].items():
+        pooled = e["pooled"]
+        interval = f", 95% CI {pooled['low']:+.2f} to {pooled['high']:+.2f}" if pooled else ""
+        checks.append(
+            (
+                f"CopRA beats LoRA on {endpoint} (primary, Holm-adjusted)",
+                e["verdict"],
+                f"{e['mean_difference']:+.2f} points over {e['rows']} rows{interval}; p {e['p']:.4f}, "
+                f"Holm {e['p_holm']:.4f}",
+            )
+        )
+    return checks
+
+
 def _render_demo(summary: dict) -> str:
     from copra.experiments.demo import render
 
@@ -381,6 +417,14 @@ SECTIONS: dict[str, Section] = {
         _demo,
         render=_render_demo,
     ),
+    "merge_protocol": Section(
+        "Answer",
+        "Do CopRA's adapters merge and prune better? The pre-registered endpoints",
+        -1.0,
+        "CopRA's adapters merge (seed pairs, FL, MTL) and prune better than LoRA's where LoRA's merges break",
+        _merge_protocol,
+    ),
+    "merge_map": Section("Map", "Where LoRA's merges break", -0.5, "no claim (it finds where to ask)", _merge_map),
     "lr_select": Section("Protocol", "Learning rate per method", 0.5, "no claim (a protocol step)", _lr_select),
     "federated": Section(
         "Table 1 (FL)",
