@@ -60,6 +60,8 @@ def small_map(tiny_text_model, tmp_path_factory):
         base={"rank": 2},
         axes={"lr": [0.01, 0.3], "deeper": [{"rank": 4, "lora_alpha": 16.0}]},
         validation_examples=30,
+        merges=["seeds", "fl_dirichlet_1"],
+        clients=2,
         keep_barrier=-100.0,  # every cell kept: the test checks the bookkeeping, not a result
         lr=0.01,
         output_dir=str(tmp_path_factory.mktemp("map")),
@@ -147,6 +149,8 @@ def test_a_rerun_reuses_runs_and_evaluations_and_outputs_are_written(small_map):
         (dict(base={"shots": 4}), "'shots' is not a TrainConfig key"),
         (dict(axes={"x": [{"bogus": 1}]}), "'bogus' is not a TrainConfig key"),
         (dict(seeds=[0]), "seeds"),
+        (dict(merges=["seeds", "fl_skewed"]), "unknown client partition"),
+        (dict(merges=["tasks"]), "unknown merge"),
         (dict(methods=["lora", "nope"]), "nope"),
     ],
 )
@@ -156,3 +160,24 @@ def test_bad_settings_are_one_line_errors(tiny_text_model, tmp_path, change, mes
             **{"model": tiny_text_model, "tasks": ["bbc_news"], "output_dir": str(tmp_path), **change}
         )
     assert list(tmp_path.iterdir()) == []
+
+
+def test_fl_merges_are_the_fusion_of_each_seeds_clients(small_map):
+    from copra.experiments.runner.clients import dirichlet_shares
+
+    config, summary = small_map
+    out = Path(config.output_dir)
+    row = summary["rows"][1]  # base, copra
+    folder = out / "runs/bbc_news/base/copra/seed1"
+    clients = [load_adapter(folder / f"client{k}of2-dirichlet_1" / "adapter") for k in range(2)]
+    run = json.loads((folder / "client0of2-dirichlet_1" / "result.json").read_text())
+    data = prepare_data(config.run_config("bbc_news", {}, "copra", 1))
+    share = dirichlet_shares(data.train_y, 2, 1.0, seed=1)[0]
+    assert run["config"]["steps"] == 2 and len(share) >= 1
+    stored = json.loads((out / "cells/bbc_news/base/copra-fl_dirichlet_1.json").read_text())
+    configs = [config.run_config("bbc_news", {}, "lora", s) for s in config.seeds]
+    validation = prepare_shared_validation(configs, config.validation_examples)
+    merged = Evaluator(configs[0]).scored(fusion([c[0] for c in clients], [0.5, 0.5]), clients[0][1], validation)
+    assert stored["outcomes"][1]["accuracy"] == pytest.approx(merged.accuracy)
+    assert row["barrier_fl_dirichlet_1"] == pytest.approx(row["single"] - row["fl_dirichlet_1"])
+    assert "| fl_dirichlet_1 | barrier |" in (out / "merge_map.md").read_text()

@@ -38,14 +38,6 @@ def protocol(tiny_text_model, tmp_path_factory):
     return config, merge_protocol.run(config)
 
 
-def test_iid_shares_deal_every_class_round_robin():
-    labels = (0, 0, 0, 1, 1, 1, 2, 2)
-    shares = merge_protocol.iid_shares(labels, 3, seed=4)
-    assert sorted(i for s in shares for i in s) == list(range(8))
-    assert all(2 <= len(s) <= 3 for s in shares)
-    assert shares == merge_protocol.iid_shares(labels, 3, seed=4) != merge_protocol.iid_shares(labels, 3, seed=5)
-
-
 def test_every_endpoint_has_its_rows_and_a_holm_adjusted_verdict(protocol):
     config, summary = protocol
     endpoints = summary["analysis"]["endpoints"]

@@ -31,6 +31,7 @@ from typing import Any
 from copra.adapters.io import load_adapter
 from copra.core.config import METHODS, TrainConfig, make_config
 from copra.data.fewshot import prepare_shared_validation
+from copra.experiments.runner.clients import one_shot_fl, shares_of
 from copra.experiments.runner.common import (
     Evaluator,
     RunExecution,
@@ -41,7 +42,7 @@ from copra.experiments.runner.common import (
     save_figure,
     write_outputs,
 )
-from copra.experiments.runner.diagnostics import pair_diagnostics, summarise
+from copra.experiments.runner.diagnostics import outcome, pair_diagnostics, summarise
 from copra.experiments.runner.runs import run_all
 from copra.utils.atomic import write_json
 from copra.utils.errors import UserError
@@ -69,6 +70,9 @@ class MergeMapConfig(TrainingBudget, RunExecution):
             "target_modules": [["query", "key", "value", "dense"]],
         }
     )
+    #: kinds of merge mapped: seeds (every seed pair fused), fl_iid, fl_dirichlet_<alpha> (one-shot FL, `clients`)
+    merges: list[str] = field(default_factory=lambda: ["seeds"])
+    clients: int = 5  #: clients of an FL merge (shares of each run's few-shot sample, the run's init)
     validation_examples: int = 400  #: shared validation set per task (class-balanced, from the training pool)
     keep_barrier: float = 3.0  #: a cell is kept when LoRA's barrier is at least this many points
     shots: int = 8  #: training examples per class
@@ -81,6 +85,14 @@ class MergeMapConfig(TrainingBudget, RunExecution):
         check_unique("methods", self.methods, METHODS)
         check_unique("seeds", self.seeds, minimum=2)
         check_overrides(self.overrides)
+        check_unique("merges", self.merges)
+        for merge in self.merges:
+            if merge != "seeds" and not merge.startswith("fl_"):
+                raise UserError(f"unknown merge {merge!r}; choose from seeds, fl_iid, fl_dirichlet_<alpha>")
+            if merge != "seeds":
+                shares_of(merge.removeprefix("fl_"), [0, 1], 2, 0)  # a bad partition name fails here
+        if isinstance(self.clients, bool) or not isinstance(self.clients, int) or self.clients < 2:
+            raise UserError(f"clients must be an integer >= 2, got {self.clients!r}")
         known = {f.name for f in fields(TrainConfig)}
         self._check_overrides("base", self.base, known)
         if not isinstance(self.axes, dict):
@@ -167,10 +179,18 @@ def run(config: MergeMapConfig) -> dict:
             results = dict(zip(plan, run_all(runs, config.jobs, config.executor, config.ray_address)))
             for method in config.methods:
                 seed_runs = [results[method, s] for s in config.seeds]
-                summary["rows"].append(
-                    diagnose(out / "cells" / task / _slug(label) / f"{method}.json", evaluator, data, seed_runs)
-                    | {"task": task, "cell": label, "method": method, "overrides": cell}
-                )
+                where = out / "cells" / task / _slug(label)
+                row = diagnose(where / f"{method}.json", evaluator, data, seed_runs)
+                for merge in (m for m in config.merges if m != "seeds"):
+                    runs_of = [
+                        (config.run_config(task, cell, method, s), folder)
+                        for (m, s), (_, folder) in zip(plan, runs)
+                        if m == method
+                    ]
+                    row |= fl_barrier(
+                        where / f"{method}-{merge}.json", evaluator, data, runs_of, merge, config.clients, row
+                    )
+                summary["rows"].append(row | {"task": task, "cell": label, "method": method, "overrides": cell})
             done += 1
             if config.progress:
                 row = {r["method"]: r for r in summary["rows"][-len(config.methods) :]}
@@ -201,6 +221,31 @@ def diagnose(path: Path, evaluator: Evaluator, data, seed_runs: list) -> dict[st
     }
     write_json(path, stored)
     return stored["summary"] | {"seconds_per_step": stored["seconds_per_step"]}
+
+
+def fl_barrier(path: Path, evaluator: Evaluator, data, runs: list, merge: str, clients: int, row: dict) -> dict:
+    """LoRA's (or CopRA's) one-shot FL barrier: mean single minus the mean of each seed's FL merge (points)."""
+    partition = merge.removeprefix("fl_")
+    if path.exists():
+        stored = json.loads(path.read_text())
+        if stored.get("validation") == list(data.eval_y) and stored.get("runs") == [str(f) for _, f in runs]:
+            return stored["summary"]
+    scored = [
+        evaluator.scored(one_shot_fl(c, Path(f), clients, partition), load_adapter(Path(f) / "adapter")[1], data)
+        for c, f in runs
+    ]
+    fl = 100 * sum(s.accuracy for s in scored) / len(scored)
+    result = {merge: fl, f"barrier_{merge}": row["single"] - fl}
+    write_json(
+        path,
+        {
+            "validation": list(data.eval_y),
+            "runs": [str(f) for _, f in runs],
+            "summary": result,
+            "outcomes": [outcome(s) for s in scored],
+        },
+    )
+    return result
 
 
 def finish(summary: dict, config: MergeMapConfig, started: float) -> None:
@@ -310,6 +355,21 @@ def render(summary: dict) -> str:
             f"| {r['mixture']:.1f} | {r['barrier']:.1f} | {r['averaging']:.1f} | {r['misalignment']:.1f} "
             f"| {r['shrinkage']:.1f} | {r['barrier_ce']:.3f} | {r['seconds_per_step']:.2f} |"
         )
+    fl = [m for m in c.get("merges", []) if m != "seeds"]
+    if fl:
+        lines += [
+            "",
+            "One-shot FL merges (" + f"{c['clients']} clients from each run's init; barrier = single - merged):",
+            "",
+            "| task | cell | method | " + " | ".join(f"{m} | barrier" for m in fl) + " |",
+            "|---|---|---|" + "---|---|" * len(fl),
+        ]
+        for r in summary["rows"]:
+            lines.append(
+                f"| {r['task']} | {r['cell']} | {r['method']} | "
+                + " | ".join(f"{r[m]:.1f} | {r[f'barrier_{m}']:.1f}" for m in fl)
+                + " |"
+            )
     kept = summary.get("kept", [])
     lines += [
         "",

@@ -22,10 +22,9 @@ only when its adjusted p is below `alpha`. Everything else is exploratory.
 from __future__ import annotations
 
 import json
-import random
 import statistics
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,7 @@ from copra.analysis.stats import HELD, NO_DIFFERENCE, REVERSED, compare
 from copra.core.config import TrainConfig, make_config
 from copra.data.fewshot import prepare_data, prepare_shared_validation
 from copra.experiments.runner import preregistration
+from copra.experiments.runner.clients import one_shot_fl
 from copra.experiments.runner.common import (
     Evaluator,
     RunExecution,
@@ -49,7 +49,7 @@ from copra.experiments.runner.common import (
     write_outputs,
 )
 from copra.experiments.runner.diagnostics import outcome
-from copra.experiments.runner.runs import finished, run_all
+from copra.experiments.runner.runs import run_all
 from copra.utils.errors import UserError
 
 ENDPOINTS = ("seed_fusion", "fl_one_shot", "mtl_retention", "prune_every_other")
@@ -110,20 +110,6 @@ class MergeProtocolConfig(TrainingBudget, RunExecution):
         return {"protocol": "merge_protocol/1", "correction": "holm", "test": "sign_flip", **decided}
 
 
-def iid_shares(labels: tuple[int, ...] | list[int], clients: int, seed: int) -> list[list[int]]:
-    """Indices of each client's share: every class's examples shuffled (seeded) and dealt round-robin."""
-    rng = random.Random(f"clients-{seed}")
-    shares: list[list[int]] = [[] for _ in range(clients)]
-    turn = 0
-    for label in sorted(set(labels)):
-        members = [i for i, y in enumerate(labels) if y == label]
-        rng.shuffle(members)
-        for i in members:
-            shares[turn % clients].append(i)
-            turn += 1
-    return [sorted(s) for s in shares]
-
-
 def run(config: MergeProtocolConfig) -> dict:
     """Register the spec, train every run, score the four endpoints, then the statistics."""
     started = time.perf_counter()
@@ -155,7 +141,18 @@ def run(config: MergeProtocolConfig) -> dict:
                 got["prune_every_other"] = [outcome(ev.scored(structured(s, "every_other"), c, data)) for s, c in mine]
             if "fl_one_shot" in rows:
                 got["fl_one_shot"] = [
-                    outcome(ev.scored(one_shot_fl(config, out, task, method, seed), mine[0][1], data))
+                    outcome(
+                        ev.scored(
+                            one_shot_fl(
+                                config.run_config(task, method, seed),
+                                out / "runs" / task / method / f"seed{seed}",
+                                config.clients,
+                                steps=config.client_steps,
+                            ),
+                            mine[0][1],
+                            data,
+                        )
+                    )
                     for seed in config.seeds
                 ]
             got["single"] = [outcome(ev.scored(s, c, data)) for s, c in mine]
@@ -174,27 +171,6 @@ def run(config: MergeProtocolConfig) -> dict:
     summary["wall_seconds"] = time.perf_counter() - started
     write_outputs(out, config.name, summary, plot, render)
     return summary
-
-
-def one_shot_fl(config: MergeProtocolConfig, out: Path, task: str, method: str, seed: int) -> dict:
-    """The server's one fusion of `clients` adapters, each trained from the seed's init on its IID share."""
-    base = config.run_config(task, method, seed)
-    steps = config.client_steps or max(1, base.steps // config.clients)
-    client_config = base.replace(steps=steps)
-    data = prepare_data(client_config)
-    states = []
-    for k, share in enumerate(iid_shares(data.train_y, config.clients, seed)):
-        folder = out / "runs" / task / method / f"seed{seed}" / f"client{k}of{config.clients}"
-        result = finished(client_config, folder)
-        if result is None:
-            from copra.training.loop import train
-
-            part = replace(
-                data, train_x=tuple(data.train_x[i] for i in share), train_y=tuple(data.train_y[i] for i in share)
-            )
-            result = train(client_config, data=part, output_dir=folder)
-        states.append(load_adapter(result.adapter_dir)[0])
-    return fusion(states, [1 / len(states)] * len(states))
 
 
 def mtl_rows(config, adapters, evaluators, tests, single) -> dict[str, dict[str, list[dict]]]:
