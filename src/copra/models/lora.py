@@ -21,6 +21,8 @@ def lora_config(config: TrainConfig) -> LoraConfig:
         use_dora=config.use_dora,
         target_modules=list(config.target_modules),
         bias="none",
+        # a decoder LLM's adapter says so, for PEFT's AutoPeftModelForCausalLM and TRL
+        task_type="CAUSAL_LM" if config.backbone == "causal" else None,
     )
 
 

@@ -78,11 +78,20 @@ class RunResult:
 
 
 def metadata(config: TrainConfig, data, **results) -> dict:
-    """The small JSON stored beside every adapter (`copra.json`)."""
+    """The small JSON stored beside every adapter (`copra.json`).
+
+    An embedded base whose weights are not the hub's (SmolLM2 dequantised from a GGUF) adds `base_model`:
+    its hub id and how its weights differ, so an adapter is not taken for one trained on the hub's weights.
+    """
+    from copra.models.base_model import EMBEDDED
+
     schedule = None
     if config.method == "copra":
         schedule = {k: v for k, v in vars(config.gate_schedule()).items() if k != "total_steps"}
         schedule["granularity"] = config.granularity
+    embedded = EMBEDDED.get(config.model)
+    if embedded is not None and embedded.weights:
+        results = {"base_model": {"hub_id": embedded.hub_id, "weights": embedded.weights}, **results}
     return {
         "method": config.method,
         "task": data.task,

@@ -47,6 +47,14 @@ def supported_attention(path: str, preferred: str) -> str:
     return preferred if getattr(model_class, "_supports_sdpa", True) else "eager"
 
 
+def additive_mask(model: nn.Module) -> bool:
+    """Whether `model`'s attention adds a custom 4D mask to its scores (eager: 0 / -inf floats) rather
+    than taking it as a bool (SDPA: True = attend). transformers passes a 4D mask through unchanged
+    (`masking_utils`, 4.45-5.24) and names the kernel only in the private `config._attn_implementation`.
+    """
+    return getattr(getattr(model, "config", None), "_attn_implementation", "eager") == "eager"
+
+
 # -- transformers: the attention mask an encoder block takes -----------------------------------------
 def bidirectional_mask_builder(model: nn.Module) -> MaskBuilder | None:
     """`(hidden [B, T, H], mask [B, T]) -> block mask` through transformers' public mask API.
