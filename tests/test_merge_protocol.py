@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from copra.adapters.io import load_adapter
 from copra.adapters.merge import fusion, scale_update
@@ -119,3 +120,41 @@ def test_bad_settings_are_one_line_errors_and_write_nothing(tiny_text_model, tmp
     with pytest.raises(UserError, match=message):
         small_config(tiny_text_model, tmp_path / "out", **change)
     assert not (tmp_path / "out").exists()
+
+
+def test_control_arms_are_exploratory_comparisons_beside_the_primary_ones(tiny_text_model, tmp_path):
+    controls = {"LoRA, half the steps": {"method": "lora", "steps_scale": 0.5}}
+    config = small_config(tiny_text_model, tmp_path, endpoints=["seed_fusion"], controls=controls)
+    run = config.run_config("bbc_news", "LoRA, half the steps", 1)
+    assert run.method == "lora" and run.steps == 2 and run.seed == 1
+    summary = merge_protocol.run(config)
+    assert list(summary["analysis"]["endpoints"]) == ["seed_fusion"]  # the controls never enter Holm
+    asked = {(x["endpoint"], x["treatment"], x["control"]) for x in summary["exploratory"]}
+    assert asked == {("seed_fusion", "LoRA, half the steps", "lora"), ("seed_fusion", "copra", "LoRA, half the steps")}
+    rows = summary["rows"]["seed_fusion"]["drug_reviews"]
+    x = next(x for x in summary["exploratory"] if x["control"] == "lora")
+    d = [
+        100 * (b["accuracy"] - a["accuracy"])
+        for t in config.tasks
+        for a, b in zip(
+            summary["rows"]["seed_fusion"][t]["lora"], summary["rows"]["seed_fusion"][t]["LoRA, half the steps"]
+        )
+    ]
+    assert x["difference"] == pytest.approx(sum(d) / len(d)) and len(rows["LoRA, half the steps"]) == 2
+    assert "Exploratory (no correction" in (tmp_path / "merge_protocol.md").read_text()
+    with pytest.raises(UserError, match="steps_scale"):
+        small_config(tiny_text_model, tmp_path / "x", controls={"bad": {"method": "lora", "steps_scale": 2}})
+
+
+def test_fl_clients_with_their_own_inits_are_the_shared_init_control(tiny_text_model, tmp_path):
+    from copra.experiments.runner.clients import one_shot_fl
+
+    base = small_config(tiny_text_model, tmp_path).run_config("bbc_news", "lora", 3).replace(steps=4)
+    shared = one_shot_fl(base, tmp_path / "run", 2)
+    own = one_shot_fl(base, tmp_path / "run", 2, distinct_inits=True)
+    seeds = [
+        json.loads((tmp_path / f"run/client{k}of2-own-init/result.json").read_text())["config"]["seed"] for k in (0, 1)
+    ]
+    assert seeds == [3001, 3002]
+    assert json.loads((tmp_path / "run/client0of2/result.json").read_text())["config"]["seed"] == 3
+    assert any(not torch.equal(shared[k], own[k]) for k in shared if "lora_A" in k)  # other inits, other A

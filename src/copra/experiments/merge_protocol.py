@@ -68,6 +68,10 @@ class MergeProtocolConfig(TrainingBudget, RunExecution):
     clients: int = 5  #: FL clients per seed (IID shares of the seed's few-shot sample)
     client_steps: int | None = None  #: optimizer steps per client (default: steps / clients, at least 1)
     mtl_scales: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0])  #: lambda grid (validation)
+    #: exploratory mechanism arms: name -> TrainConfig overrides (`steps_scale` scales the run's steps), each scored
+    #: on seed_fusion, fl_one_shot and prune_every_other against LoRA and against CopRA (see CONTROLS)
+    controls: dict[str, dict[str, Any]] = field(default_factory=dict)
+    fl_distinct_inits: bool = False  #: exploratory: also the FL merge of clients that do not share the init
     validation_examples: int = 400  #: per task, for the MTL lambda
     alpha: float = 0.05  #: family-wise error of the primary endpoints (Holm)
     confidence: float = 0.95  #: intervals
@@ -96,12 +100,32 @@ class MergeProtocolConfig(TrainingBudget, RunExecution):
         for name in ("alpha", "confidence"):
             if not isinstance(getattr(self, name), float) or not 0 < getattr(self, name) < 1:
                 raise UserError(f"{name} must be a number in (0, 1), got {getattr(self, name)!r}")
+        if not isinstance(self.controls, dict) or any(k in METHODS for k in self.controls):
+            raise UserError(f"controls must map new arm names to TrainConfig overrides, got {self.controls!r}")
+        for name, overrides in self.controls.items():
+            check_overrides(
+                {k: v for k, v in overrides.items() if k != "method"} if isinstance(overrides, dict) else overrides
+            )
+        if not isinstance(self.fl_distinct_inits, bool):
+            raise UserError(f"fl_distinct_inits must be true or false, got {self.fl_distinct_inits!r}")
         for task in self.tasks:
-            self.run_config(task, "lora", self.seeds[0])  # validates every run
+            for arm in self.arms():
+                self.run_config(task, arm, self.seeds[0])  # validates every run
 
-    def run_config(self, task: str, method: str, seed: int) -> TrainConfig:
-        config = budget_config(self, task=task, method=method, seed=seed)
-        return make_config({**config.to_dict(), **self.cell, "progress": False})
+    def arms(self) -> list[str]:
+        return [*METHODS, *self.controls]
+
+    def run_config(self, task: str, arm: str, seed: int) -> TrainConfig:
+        """One run: LoRA or CopRA, or a control arm's overrides, at the cell."""
+        extra = dict(self.controls.get(arm, {"method": arm}))
+        scale = extra.pop("steps_scale", None)
+        config = budget_config(self, task=task, method=extra.pop("method", "lora"), seed=seed)
+        config = make_config({**config.to_dict(), **self.cell, **extra, "progress": False})
+        if scale is not None:
+            if not isinstance(scale, (int, float)) or not 0 < scale <= 1:
+                raise UserError(f"control {arm!r}: steps_scale must be in (0, 1], got {scale!r}")
+            config = config.replace(steps=max(1, round(config.steps * scale)))
+        return config
 
     def spec(self) -> dict[str, Any]:
         """What is pre-registered: everything that decides the primary answer (not how runs execute)."""
@@ -116,7 +140,7 @@ def run(config: MergeProtocolConfig) -> dict:
     out = Path(config.output_dir)
     spec = config.spec()
     digest = preregistration.register(out, spec)
-    plan = [(t, m, s) for t in config.tasks for m in METHODS for s in config.seeds]
+    plan = [(t, m, s) for t in config.tasks for m in config.arms() for s in config.seeds]
     runs = [(config.run_config(t, m, s), out / "runs" / t / m / f"seed{s}") for t, m, s in plan]
     adapters = {
         key: load_adapter(r.adapter_dir)
@@ -129,7 +153,7 @@ def run(config: MergeProtocolConfig) -> dict:
         evaluators[task], tests[task] = Evaluator(first), prepare_data(first)
     for task in config.tasks:
         ev, data = evaluators[task], tests[task]
-        for method in METHODS:
+        for method in config.arms():
             mine = [adapters[task, method, s] for s in config.seeds]
             got = {}
             if "seed_fusion" in rows:
@@ -139,6 +163,23 @@ def run(config: MergeProtocolConfig) -> dict:
                 ]
             if "prune_every_other" in rows:
                 got["prune_every_other"] = [outcome(ev.scored(structured(s, "every_other"), c, data)) for s, c in mine]
+            if config.fl_distinct_inits and method in METHODS:
+                got["fl_distinct_inits"] = [
+                    outcome(
+                        ev.scored(
+                            one_shot_fl(
+                                config.run_config(task, method, seed),
+                                out / "runs" / task / method / f"seed{seed}",
+                                config.clients,
+                                steps=config.client_steps,
+                                distinct_inits=True,
+                            ),
+                            mine[0][1],
+                            data,
+                        )
+                    )
+                    for seed in config.seeds
+                ]
             if "fl_one_shot" in rows:
                 got["fl_one_shot"] = [
                     outcome(
@@ -168,6 +209,7 @@ def run(config: MergeProtocolConfig) -> dict:
         "rows": rows,
     }
     summary["analysis"] = analyse(rows, config)
+    summary["exploratory"] = exploratory(rows, config)
     summary["wall_seconds"] = time.perf_counter() - started
     write_outputs(out, config.name, summary, plot, render)
     return summary
@@ -245,6 +287,46 @@ def analyse(rows: dict, config: MergeProtocolConfig) -> dict[str, Any]:
     return result
 
 
+CONTROLS = {
+    # CopRA's mean keep rate under p(t) = min(4t/3T, 1) is 3/4 * 1/2 + 1/4 = 0.625: the same expected number of
+    # adapter-steps with a constant p. Does the ramp matter, or only dropping layers?
+    "constant p=0.625": {"method": "copra", "initial_p": 0.625, "final_p": 0.625},
+    # LoRA with as many adapter-steps as CopRA takes: does CopRA merge better only because it trains less?
+    "LoRA, 5/8 of the steps": {"method": "lora", "steps_scale": 0.625},
+}
+
+
+def exploratory(rows: dict, config: MergeProtocolConfig) -> list[dict[str, Any]]:
+    """Every comparison outside the primary four: each control against LoRA and against CopRA, and CopRA against
+    LoRA for FL clients with their own inits. Paired t per task and the sign-flip p over all rows, unadjusted."""
+    pairs = [(arm, "lora") for arm in config.controls] + [("copra", arm) for arm in config.controls]
+    asked = [(e, t, c) for t, c in pairs for e in ("seed_fusion", "fl_one_shot", "prune_every_other") if e in rows]
+    if "fl_distinct_inits" in rows:
+        asked.append(("fl_distinct_inits", "copra", "lora"))
+    out = []
+    for endpoint, treatment, control in asked:
+        d = [
+            100 * (b["accuracy"] - a["accuracy"])
+            for by in rows[endpoint].values()
+            for a, b in zip(by[control], by[treatment])
+        ]
+        per_task = {
+            task: compare([100 * r["accuracy"] for r in by[treatment]], [100 * r["accuracy"] for r in by[control]])
+            for task, by in rows[endpoint].items()
+        }
+        out.append(
+            {
+                "endpoint": endpoint,
+                "treatment": treatment,
+                "control": control,
+                "difference": statistics.fmean(d),
+                "p": sign_flip_test(d),
+                "tasks": {t: {"difference": c.difference, "low": c.low, "high": c.high} for t, c in per_task.items()},
+            }
+        )
+    return out
+
+
 # ----------------------------------------------------------------------------- outputs
 def plot(summary: dict, path: str | Path) -> Path:
     """Per endpoint: each task's difference with its bootstrap (else t) interval, and the pooled one."""
@@ -299,5 +381,17 @@ def render(summary: dict) -> str:
             f"{ci(pooled['low'], pooled['high']) if pooled else '—'} (random effects) | | {e['p']:.4f} | "
             f"{e['p_holm']:.4f} | **{e['verdict']}** |"
         )
+    if summary.get("exploratory"):
+        lines += [
+            "",
+            "Exploratory (no correction; not part of the answer): treatment - control, all rows, sign-flip p.",
+            "",
+            "| endpoint | treatment | control | difference | p |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {x['endpoint']} | {x['treatment']} | {x['control']} | {x['difference']:+.2f} | {x['p']:.4f} |"
+            for x in summary["exploratory"]
+        ]
     lines += ["", f"![{summary['name']}]({summary['name']}.png)", ""]
     return "\n".join(lines)

@@ -37,6 +37,7 @@ from typing import Any
 
 from copra.core.config import RESERVED_KEYS, TrainConfig
 from copra.experiments import EXPERIMENTS
+from copra.experiments.merge_protocol import CONTROLS
 from copra.experiments.multitask import expand_tasks
 from copra.experiments.runner.eval_cache import cached_evaluations
 from copra.experiments.runner.runs import check_executor, check_jobs, shared_runs, store_config, store_name
@@ -310,7 +311,14 @@ def merge_regimes_suite() -> list[Step]:
         Step(
             "merge_protocol",
             "merge_protocol",
-            dict(REGIME_BUDGET, tasks=REGIME_TASKS, seeds=list(range(10)), cell=REGIME_BASE),
+            dict(
+                REGIME_BUDGET,
+                tasks=REGIME_TASKS,
+                seeds=list(range(10)),
+                cell=REGIME_BASE,
+                controls=CONTROLS,  # exploratory: constant-p layer drop, LoRA at CopRA's adapter-steps
+                fl_distinct_inits=True,  # exploratory: what the clients' shared init buys
+            ),
             "the answer: pre-registered endpoints at the kept cell (test split)",
             kept_cell=True,
         ),
@@ -542,9 +550,11 @@ def _expected_regime_time(steps: list[tuple[Step, Any]]) -> str:
                     probe = probe or run
                     total += run.steps * len(config.methods) * len(config.seeds)
         elif step.experiment == "merge_protocol":
-            run = config.run_config(config.tasks[0], "lora", config.seeds[0])
-            client_steps = (config.client_steps or max(1, run.steps // config.clients)) * config.clients
-            total += (run.steps + client_steps) * 2 * len(config.seeds) * len(config.tasks)
+            for arm in config.arms():
+                run = config.run_config(config.tasks[0], arm, config.seeds[0])
+                clients = (config.client_steps or max(1, run.steps // config.clients)) * config.clients
+                inits = clients if config.fl_distinct_inits and arm in ("lora", "copra") else 0
+                total += (run.steps + clients + inits) * len(config.seeds) * len(config.tasks)
     if probe is None:
         return "timing probe: no step to probe"
     seconds = timing.probe(probe)

@@ -77,26 +77,34 @@ def shares_of(partition: str, labels: Sequence[int], clients: int, seed: int) ->
 
 
 def one_shot_fl(
-    base: TrainConfig, folder: Path, clients: int, partition: str = "iid", steps: int | None = None
+    base: TrainConfig,
+    folder: Path,
+    clients: int,
+    partition: str = "iid",
+    steps: int | None = None,
+    distinct_inits: bool = False,
 ) -> Adapter:
     """The server's one fusion of `clients` adapters, each trained from `base`'s init on its share.
 
     Clients train `steps` optimizer steps (default: base.steps / clients, at least 1: a client holds about
-    1/clients of the data) into `folder/client<k>of<n>[-<partition>]`; finished clients are reused.
+    1/clients of the data) into `folder/client<k>of<n>[-<partition>][-own-init]`; finished clients are reused.
+    `distinct_inits`: client k starts from its own init (seed base.seed * 1000 + k + 1; also its batch order),
+    the control for what a shared init buys; the data stay the shares of `base`'s few-shot sample.
     """
     client_config = base.replace(steps=steps or max(1, base.steps // clients))
     data = prepare_data(client_config)
-    suffix = "" if partition == "iid" else f"-{partition}"
+    suffix = ("" if partition == "iid" else f"-{partition}") + ("-own-init" if distinct_inits else "")
     states = []
     for k, share in enumerate(shares_of(partition, data.train_y, clients, base.seed)):
         where = folder / f"client{k}of{clients}{suffix}"
-        result = finished(client_config, where)
+        mine = client_config.replace(seed=base.seed * 1000 + k + 1) if distinct_inits else client_config
+        result = finished(mine, where)
         if result is None:
             from copra.training.loop import train
 
             part = replace(
                 data, train_x=tuple(data.train_x[i] for i in share), train_y=tuple(data.train_y[i] for i in share)
             )
-            result = train(client_config, data=part, output_dir=where)
+            result = train(mine, data=part, output_dir=where)
         states.append(load_adapter(result.adapter_dir)[0])
     return fusion(states, [1 / len(states)] * len(states))
