@@ -230,3 +230,16 @@ def test_curve_prune_scores_each_snapshot_pruned(tiny_text_model, tmp_path):
         sweep.SweepConfig(curve_prune=["every_other"], **FAST)
     with pytest.raises(UserError, match="curve_prune"):
         sweep.SweepConfig(curve_every=2, curve_prune=["all"], **FAST)
+
+
+def test_a_sweep_with_diagnostics_splits_each_points_barrier(tiny_text_model, tmp_path):
+    config = sweep.SweepConfig(
+        model=tiny_text_model, grid={}, seeds=[0, 1], diagnostics=True, output_dir=str(tmp_path), **FAST
+    )
+    summary = sweep.run(config)
+    for row in summary["points"]:
+        d = row["diagnostics"]
+        assert d["fused"] == pytest.approx(100 * row["merged_mean"])  # the same fused pairs, on the same data
+        assert d["single"] == pytest.approx(100 * row["single_mean"])
+        assert d["barrier"] == pytest.approx(d["averaging"] + d["misalignment"])
+    assert "Merge diagnostics" in (tmp_path / "sweep_lr.md").read_text()

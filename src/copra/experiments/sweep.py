@@ -77,6 +77,8 @@ class SweepConfig(TrainingBudget, RunExecution):
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  #: adapters per setting; every pair is fused
     alpha: float = 0.5  #: fusion coefficient of the merged accuracy
     geometry: bool = False  #: also t-SNE and seed-to-seed cosine / L2 of the adapters (Fig. 5a)
+    #: also each point's merge diagnostics: mixture, shrinkage control, barrier split, cross-entropy (merge_map's)
+    diagnostics: bool = False
     curve_every: int = 0  #: also single and merged accuracy every this many steps (Fig. 6c; 0: off)
     curve_prune: list[str] = field(
         default_factory=list
@@ -126,7 +128,7 @@ class SweepConfig(TrainingBudget, RunExecution):
             raise UserError("snapshot_every is set by the sweep's curve_every")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 <= self.alpha <= 1:
             raise UserError(f"alpha must be a number in [0, 1], got {self.alpha!r}")
-        for name in ("geometry", "progress"):
+        for name in ("geometry", "progress", "diagnostics"):
             if not isinstance(getattr(self, name), bool):
                 raise UserError(f"{name} must be true or false, got {getattr(self, name)!r}")
         for variant in self.variants:
@@ -222,6 +224,10 @@ def run(config: SweepConfig) -> dict:
                 "seconds_per_step": mean_std(r.seconds_per_step for r in seed_runs)[0],
                 "step_seconds": [r.seconds_per_step for r in seed_runs],
             }
+            if config.diagnostics:
+                from copra.experiments.runner.diagnostics import pair_diagnostics, summarise
+
+                row["diagnostics"] = summarise(pair_diagnostics(evaluator, data, loaded))
             if config.curve_every:
                 row["curve"] = curve(evaluator, data, config, runs_of(seed_runs), loaded, seed_runs[0].config["steps"])
             if config.geometry:
@@ -489,5 +495,21 @@ def render(summary: dict) -> str:
                 for s, m, v in zip(c["steps"], c["merged_mean"], c["single_mean"])
             ),
         ]
+    with_diagnostics = [r for r in summary["points"] if "diagnostics" in r]
+    if with_diagnostics:
+        lines += [
+            "",
+            "Merge diagnostics (points; barrier = single - fused = averaging + misalignment; shrinkage = single - "
+            "single x1/4):",
+            "",
+            "| variant | setting | mixture | barrier | averaging | misalignment | shrinkage | CE barrier |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in with_diagnostics:
+            d = r["diagnostics"]
+            lines.append(
+                f"| {r['variant']} | {r['label']} | {d['mixture']:.1f} | {d['barrier']:.1f} | {d['averaging']:.1f} "
+                f"| {d['misalignment']:.1f} | {d['shrinkage']:.1f} | {d['barrier_ce']:.3f} |"
+            )
     lines += ["", f"![{summary['name']}]({summary['name']}.png)", ""]
     return "\n".join(lines)
