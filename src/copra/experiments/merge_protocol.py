@@ -163,39 +163,17 @@ def run(config: MergeProtocolConfig) -> dict:
                 ]
             if "prune_every_other" in rows:
                 got["prune_every_other"] = [outcome(ev.scored(structured(s, "every_other"), c, data)) for s, c in mine]
+
+            def fl(distinct_inits: bool) -> list[dict]:
+                return [
+                    outcome(ev.scored(fl_merge(config, out, task, method, seed, distinct_inits), mine[0][1], data))
+                    for seed in config.seeds
+                ]
+
             if config.fl_distinct_inits and method in METHODS:
-                got["fl_distinct_inits"] = [
-                    outcome(
-                        ev.scored(
-                            one_shot_fl(
-                                config.run_config(task, method, seed),
-                                out / "runs" / task / method / f"seed{seed}",
-                                config.clients,
-                                steps=config.client_steps,
-                                distinct_inits=True,
-                            ),
-                            mine[0][1],
-                            data,
-                        )
-                    )
-                    for seed in config.seeds
-                ]
+                got["fl_distinct_inits"] = fl(True)
             if "fl_one_shot" in rows:
-                got["fl_one_shot"] = [
-                    outcome(
-                        ev.scored(
-                            one_shot_fl(
-                                config.run_config(task, method, seed),
-                                out / "runs" / task / method / f"seed{seed}",
-                                config.clients,
-                                steps=config.client_steps,
-                            ),
-                            mine[0][1],
-                            data,
-                        )
-                    )
-                    for seed in config.seeds
-                ]
+                got["fl_one_shot"] = fl(False)
             got["single"] = [outcome(ev.scored(s, c, data)) for s, c in mine]
             for endpoint, values in got.items():
                 rows.setdefault(endpoint, {}).setdefault(task, {})[method] = values
@@ -213,6 +191,13 @@ def run(config: MergeProtocolConfig) -> dict:
     summary["wall_seconds"] = time.perf_counter() - started
     write_outputs(out, config.name, summary, plot, render)
     return summary
+
+
+def fl_merge(config: MergeProtocolConfig, out: Path, task: str, arm: str, seed: int, distinct_inits: bool):
+    """The arm's one-shot FL merge for `seed`: `clients` IID clients in the seed's run folder."""
+    folder = out / "runs" / task / arm / f"seed{seed}"
+    run = config.run_config(task, arm, seed)
+    return one_shot_fl(run, folder, config.clients, steps=config.client_steps, distinct_inits=distinct_inits)
 
 
 def mtl_rows(config, adapters, evaluators, tests, single) -> dict[str, dict[str, list[dict]]]:
