@@ -9,7 +9,7 @@ import torch
 from causal_models import save_tiny_causal_model, tiny_causal_config
 
 from copra.core.gates import CopRA
-from copra.models.causal import split_prompts
+from copra.models.causal import answer_layout, split_prompts
 from copra.training.loop import build_run
 from copra.utils.errors import UserError
 
@@ -47,6 +47,14 @@ def test_split_prompts_keeps_words_whole():
     assert start == "" and answers == ["sports news.", "arts news."] and names == ["sports", "arts"]
 
 
+def test_answer_layout_feeds_all_but_each_answers_last_token():
+    layout = answer_layout([[5, 6, 7], [8], [9, 10]])
+    assert layout["fed"].tolist() == [5, 6, 9] and layout["owner"].tolist() == [0, 0, 2]
+    assert layout["offset"].tolist() == [0, 1, 0]
+    assert layout["targets"].tolist() == [5, 6, 7, 8, 9, 10] and layout["target_owner"].tolist() == [0, 0, 0, 1, 2, 2]
+    assert layout["source"].tolist() == [-1, 0, 1, -1, -1, 2]  # -1: predicted at the prompt's last token
+
+
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_packed_answers_score_as_one_forward_per_class(tmp_path, attention):
     """All classes in one packed forward (with left padding) = prompt + answer run separately per class."""
@@ -75,7 +83,7 @@ def test_mean_score_divides_by_answer_length(tiny_llama_folder):
 
 
 def test_plain_lm_without_a_chat_template(tmp_path):
-    config = tiny_causal_config(str(save_tiny_causal_model(tmp_path / "plain", chat=False)), list_choices=False)
+    config = tiny_causal_config(str(save_tiny_causal_model(tmp_path / "plain", chat=False)))
     classifier, data = build_run(config)
     classifier.eval()
     tail = classifier.tokenizer.decode(classifier._tail)
@@ -90,7 +98,7 @@ def test_plain_lm_without_a_chat_template(tmp_path):
 
 
 def test_chat_template_formats_the_prompt(tiny_llama_folder):
-    classifier, data = build_run(tiny_causal_config(tiny_llama_folder))
+    classifier, data = build_run(tiny_causal_config(tiny_llama_folder, list_choices=True))
     ids = classifier.inputs_for([data.eval_x[0]])["input_ids"][0].tolist() + classifier._tail
     text = classifier.tokenizer.decode(ids)
     names = ", ".join(split_prompts(list(data.prompts))[2])
@@ -188,3 +196,29 @@ def test_bad_models_are_one_line(tiny_text_model, tiny_llama_folder, tmp_path):
         build_classifier(tiny_causal_config(tiny_text_model))  # BERT loads as a causal LM, with other names
     with pytest.raises(UserError, match="answer_score must be one of"):
         tiny_causal_config(tiny_llama_folder, answer_score="max")
+
+
+def test_zero_shot_table_builds_an_embedded_causal_model(tiny_llama_folder, monkeypatch):
+    """`copra tasks --zero-shot --model embedded:...` takes the model's backbone and LoRA targets from EMBEDDED."""
+    from copra.experiments.task_table import task_rows
+    from copra.models import base_model
+
+    spec = base_model.EmbeddedModel("org/tiny", (), "0", ("q_proj", "k_proj", "v_proj"), backbone="causal")
+    monkeypatch.setitem(base_model.EMBEDDED, tiny_llama_folder, spec)  # its folder stands in for a wheel's name
+    assert base_model.model_settings(tiny_llama_folder)["backbone"] == "causal"
+    rows = task_rows(
+        ["bbc_news", "parl_party"], zero_shot=True, eval_examples=6, model=tiny_llama_folder, progress=False
+    )
+    assert [r["evaluated"] for r in rows] == [6, 6] and all(0 <= r["zero_shot"] <= 1 for r in rows)
+
+
+def test_eval_cache_keys_how_answers_are_scored_for_causal_models_only():
+    from copra.core.config import make_config
+    from copra.experiments.runner.eval_cache import key
+
+    def of(config):
+        return key("state", {"r": 2}, config, "fp32", "cpu", "data")
+
+    causal, text = make_config(dict(preset="smollm2")), make_config({})
+    assert of(causal) != of(causal.replace(answer_score="mean")) != of(causal.replace(list_choices=True))
+    assert of(text) == of(text.replace(answer_score="mean", list_choices=True))  # older text keys stay valid

@@ -83,7 +83,7 @@ class TrainConfig:
     # data
     shots: int = 16  #: training examples per class (few-shot)
     eval_examples: int | None = 500  #: size of the fixed, class-balanced evaluation subset (None: all)
-    max_length: int = 64  #: tokens per text (text backbone)
+    max_length: int = 64  #: tokens per text (text and causal backbones)
     # LoRA (CLIP-LoRA defaults)
     rank: int = 2  #: LoRA rank r
     lora_alpha: float = 1.0  #: LoRA alpha
@@ -95,7 +95,7 @@ class TrainConfig:
     logit_scale: float = 20.0  #: cosine-similarity temperature (CLIP uses 100; not used by causal)
     # decoder LLMs (backbone causal): a class's score is the log-likelihood of its answer
     answer_score: str = "sum"  #: causal: sum of the answer tokens' log-probabilities, or "mean" (length-normalised)
-    list_choices: bool = True  #: causal: the prompt lists the class names ("Choose one of: ...") after the text
+    list_choices: bool = False  #: causal: the prompt also lists the class names ("Choose one of: ...") after the text
     # optimisation
     steps: int = 200  #: optimizer steps T
     batch_size: int = 32  #: examples per micro-batch

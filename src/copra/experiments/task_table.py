@@ -47,7 +47,9 @@ def task_rows(
             )
         )
     if zero_shot:
-        settings = dict(model=model, eval_examples=eval_examples, max_length=max_length)
+        from copra.models.base_model import model_settings
+
+        settings = dict(model=model, eval_examples=eval_examples, max_length=max_length, **model_settings(model))
         _add_zero_shot([r for r in rows if not r["error"]], settings, progress)
     return rows
 

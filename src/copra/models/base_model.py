@@ -193,6 +193,12 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
+def model_settings(name: str) -> dict:
+    """The TrainConfig keys an embedded model needs beside `model` (its backbone, its LoRA targets); {} otherwise."""
+    spec = EMBEDDED.get(name)
+    return {} if spec is None else {"backbone": spec.backbone, "target_modules": list(spec.target_modules)}
+
+
 def hub_name(name: str) -> str:
     """The base model as adapter_config.json records it (`base_model_name_or_path`): a name other machines resolve.
 

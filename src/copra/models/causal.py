@@ -5,15 +5,17 @@ and a class's score is the log-likelihood of its answer tokens given the prompt 
 divides by the answer's length). The class prompts a task already has ("This message ... means: {}.") give
 both: their shared start (cut at a word boundary) ends the prompt, the rest of each is that class's answer.
 
-    user:      {text}\\n\\nChoose one of: donate, hi, myths, ...          (the tokenizer's chat template, if any)
-    assistant: This message to a COVID-19 chatbot means:| donate.         (prompt | answer of class "donate")
+    user:      {text}                                                (the tokenizer's chat template, if any;
+    assistant: This message to a COVID-19 chatbot means:| donate.     list_choices adds "Choose one of: ...")
+                                   (prompt | answer of class "donate")
 
     scores[b, c] = sum_k log p(answer_c[k] | prompt_b, answer_c[:k])
 
 One forward per example scores every class: the prompt is followed by all the answers, packed, with a
 4D attention mask that lets each answer token see the prompt and the earlier tokens of its own answer only
 (and position ids that restart after the prompt for each answer), so the prompt runs once and not once per
-class. The vocabulary head runs only where an answer token is predicted (hidden states are sliced first).
+class. An answer's last token is never fed (it is only predicted), and the vocabulary head runs only where
+an answer token is predicted (hidden states are sliced first).
 
 Training minimises the cross-entropy of the label over these class scores (the training loop's
 `F.cross_entropy(logits, labels)`, unchanged): the same discriminative objective as the encoder classifiers,
@@ -53,6 +55,30 @@ def split_prompts(prompts: list[str]) -> tuple[str, list[str], list[str]]:
     return shared[:cut], answers, names
 
 
+def answer_layout(answers: list[list[int]]) -> dict[str, torch.Tensor]:
+    """Where each class's answer sits in the packed block after the prompt (index tensors, CPU).
+
+    Only an answer's tokens but its last are fed (its last is only ever a target; a one-token answer
+    feeds nothing): `fed` [F] with their `owner` class and `offset` in the answer; `targets` [S] every
+    answer token, `target_owner` its class, `source` the fed token that predicts it (-1: the prompt's last).
+    """
+    fed, owner, offset, targets, target_owner, source = [], [], [], [], [], []
+    for c, ids in enumerate(answers):
+        start = len(fed)
+        for k, token in enumerate(ids):
+            targets.append(token)
+            target_owner.append(c)
+            source.append(start + k - 1 if k else -1)
+        fed += ids[:-1]
+        owner += [c] * (len(ids) - 1)
+        offset += list(range(len(ids) - 1))
+    names = ("fed", "owner", "offset", "targets", "target_owner", "source")
+    return {
+        n: torch.tensor(v, dtype=torch.long)
+        for n, v in zip(names, (fed, owner, offset, targets, target_owner, source))
+    }
+
+
 class CausalClassifier(nn.Module):
     """Classes scored by the log-likelihood of their answers under a (LoRA-adapted) causal LM.
 
@@ -68,7 +94,7 @@ class CausalClassifier(nn.Module):
         tokenizer,
         max_length: int = 64,
         answer_score: str = "sum",
-        list_choices: bool = True,
+        list_choices: bool = False,
         context: int | None = None,
     ):
         super().__init__()
@@ -86,6 +112,7 @@ class CausalClassifier(nn.Module):
         self._head = self._chat_parts()  # token ids before the example text, and the text after it
         self._tail: list[int] = []  # after the example: the choices, the end of the user turn, the answers' start
         self._answers: list[list[int]] = []
+        self._layout: dict[str, torch.Tensor] = {}
         self._token_ids: dict[str, list[int]] = {}
 
     # -- prompts -------------------------------------------------------------------------------------
@@ -121,6 +148,7 @@ class CausalClassifier(nn.Module):
                 "lower max_length or shorten the class prompts"
             )
         self.prompts, self._tail, self._answers = list(prompts), tail, answer_ids
+        self._layout = answer_layout(answer_ids)
 
     def class_embeddings(self) -> torch.Tensor:
         """The answers' token ids [C, A] (-1 pads): what `scores` takes as `classes` (the name is the scoring path's)."""
@@ -163,30 +191,29 @@ class CausalClassifier(nn.Module):
             raise UserError("call set_prompts(task.prompts()) before classifying")
         device = input_ids.device
         batch, width = input_ids.shape
+        layout = {k: v.to(device) for k, v in self._layout.items()}
         tail = torch.tensor(self._tail, dtype=torch.long, device=device)
-        owner = torch.tensor([c for c, a in enumerate(self._answers) for _ in a], device=device)  # [S]
-        offset = torch.tensor([k for a in self._answers for k in range(len(a))], device=device)  # [S]
-        flat = torch.tensor([t for a in self._answers for t in a], dtype=torch.long, device=device)  # [S]
         context = width + len(tail)  # prompt columns (left padding, head, text, tail)
-        ids = torch.cat([input_ids, tail.expand(batch, -1), flat.expand(batch, -1)], 1)  # [B, L]
+        ids = torch.cat([input_ids, tail.expand(batch, -1), layout["fed"].expand(batch, -1)], 1)  # [B, L]
         real = attention_mask.sum(1, keepdim=True)  # [B, 1] real prompt-start tokens
         positions = torch.cat(
             [
                 (attention_mask.cumsum(1) - 1).clamp_min(0),
                 real + torch.arange(len(tail), device=device),
-                real + len(tail) + offset,
+                real + len(tail) + layout["offset"],
             ],
             1,
         )  # [B, L]: each answer restarts right after the prompt
-        mask = self._packed_mask(attention_mask, context, owner)  # [B, 1, L, L]
+        mask = self._packed_mask(attention_mask, context, layout["owner"])  # [B, 1, L, L]
         with autocast_of(self, device):
             hidden = self.lm.get_decoder()(
                 input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False
             ).last_hidden_state  # [B, L, H]
-        # answer token k of a class is predicted at the token before it: the prompt's last, or its own k-1
-        before = torch.where(offset == 0, context - 1, context + torch.arange(len(flat), device=device) - 1)
-        picked = self._token_logprobs(hidden[:, before], flat)  # [B, S]
-        return torch.zeros(batch, len(self._answers), device=device).index_add_(1, owner, picked)
+        # an answer's first token is predicted at the prompt's last column, token k at its own token k-1
+        source = layout["source"]
+        before = torch.where(source < 0, context - 1, context + source)  # [S] columns
+        picked = self._token_logprobs(hidden[:, before], layout["targets"])  # [B, S]
+        return torch.zeros(batch, len(self._answers), device=device).index_add_(1, layout["target_owner"], picked)
 
     def _packed_mask(self, attention_mask: torch.Tensor, context: int, owner: torch.Tensor) -> torch.Tensor:
         """[B, 1, L, L] attention of prompt + packed answers: causal prompt, each answer sees the prompt and itself."""
@@ -288,4 +315,4 @@ def build_causal_classifier(config) -> CausalClassifier:
     )
 
 
-__all__ = ["ANSWER_SCORES", "CausalClassifier", "build_causal_classifier", "split_prompts"]
+__all__ = ["ANSWER_SCORES", "CausalClassifier", "answer_layout", "build_causal_classifier", "split_prompts"]

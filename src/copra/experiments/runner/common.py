@@ -189,7 +189,7 @@ class Evaluator:
         if key in self._inputs:
             return self._inputs[key][1]
         batches = list(eval_batches(classifier, data.eval_x, BATCH))
-        if self.base.backbone == "text" or len(data.eval_x) <= MAX_CACHED_IMAGES:
+        if self.base.backbone != "clip" or len(data.eval_x) <= MAX_CACHED_IMAGES:  # token ids are small
             self._inputs[key] = (data, batches)  # keeps `data` alive so its id is not reused
         return batches
 

@@ -45,6 +45,9 @@ _FOLDER: ContextVar[Path | None] = ContextVar("copra_eval_cache", default=None)
 # the data, which are keyed separately); every other field only shapes training or where output goes.
 # tests/test_eval_cache.py fails when a new TrainConfig field is in neither tuple.
 EVAL_IDENTITY = ("backbone", "model", "max_length", "logit_scale", "precision")
+# ... and for a decoder LLM (backbone causal) also how it scores answers; keyed only there, so the keys
+# of every text and CLIP evaluation recorded before these fields existed stay valid
+CAUSAL_EVAL_IDENTITY = ("answer_score", "list_choices")
 NOT_EVAL_IDENTITY = (
     "task",
     "data_root",
@@ -127,7 +130,8 @@ def key(
     `precision` is the resolved one ("auto" means bf16 on one machine, fp32 on another) and
     `device_type` where it ran: the same weights score slightly differently on a GPU.
     """
-    classifier = {name: getattr(base, name) for name in EVAL_IDENTITY}
+    names = EVAL_IDENTITY + (CAUSAL_EVAL_IDENTITY if base.backbone == "causal" else ())
+    classifier = {name: getattr(base, name) for name in names}
     classifier.update(precision=precision, device=device_type)
     payload = json.dumps(
         {"version": KEY_VERSION, "state": state_hash, "lora": lora, "classifier": classifier, "data": data_hash},
@@ -164,6 +168,7 @@ def is_cache(folder: Path) -> bool:
 
 __all__ = [
     "CACHE_TAG",
+    "CAUSAL_EVAL_IDENTITY",
     "EVAL_IDENTITY",
     "KEY_VERSION",
     "NOT_EVAL_IDENTITY",
