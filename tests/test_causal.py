@@ -222,3 +222,24 @@ def test_eval_cache_keys_how_answers_are_scored_for_causal_models_only():
     causal, text = make_config(dict(preset="smollm2")), make_config({})
     assert of(causal) != of(causal.replace(answer_score="mean")) != of(causal.replace(list_choices=True))
     assert of(text) == of(text.replace(answer_score="mean", list_choices=True))  # older text keys stay valid
+
+
+def test_cli_trains_a_causal_adapter_and_prunes_it_by_shapley_values(tiny_llama_folder, tmp_path, capsys):
+    """`copra train --set preset=smollm2 ...` and `copra prune --keep-by-shapley auto` (coalitions, one forward each)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from copra.adapters.io import load_adapter
+    from copra.cli import main
+
+    sets = dict(preset="smollm2", model=tiny_llama_folder, task="bbc_news", shots=2, steps=3, batch_size=4)
+    sets |= dict(eval_examples=8, max_length=16, precision="fp32", progress="false", output_dir=str(tmp_path / "run"))
+    assert main(["train", *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]]) == 0
+    assert "copra on bbc_news, seed 0: accuracy" in capsys.readouterr().out
+    adapter = tmp_path / "run" / "adapter"
+    args = ["prune", str(adapter), "--keep-by-shapley", "auto", "--keep", "1", "--task", "bbc_news", "--samples", "8"]
+    assert main([*args, "-o", str(tmp_path / "kept")]) == 0
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_folder), str(tmp_path / "kept"))
+    state, _ = load_adapter(tmp_path / "kept")
+    kept = {i for i in range(3) if any(torch.count_nonzero(v) for k, v in state.items() if f".layers.{i}." in k)}
+    assert len(kept) == 1  # one decoder block of three kept
