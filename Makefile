@@ -78,7 +78,7 @@ test-lowest: $(STAMP)
 
 # Refresh the locks with uv (a real resolver); run `make test-latest` first.
 lock: $(STAMP)
-	$(VENV)/bin/uv pip compile pyproject.toml requirements/tools.in --extra test --extra federated --extra files --extra quality \
+	$(VENV)/bin/uv pip compile pyproject.toml requirements/tools.in --extra test --extra federated --extra files --extra quality --extra llm \
 		$(UV_FLAGS) -o requirements.lock
 	$(VENV)/bin/uv pip compile requirements/embedded.in --no-deps $(UV_FLAGS) -o requirements-embedded.lock
 	$(VENV)/bin/uv pip compile requirements/models.in --no-deps $(UV_FLAGS) -o requirements-models.lock
