@@ -13,7 +13,7 @@ UV_FLAGS = -c requirements/torch-cpu.txt $(if $(FIND_LINKS),--find-links $(FIND_
 VERSIONS = import importlib.metadata as m; print(*(f"{p}=={m.version(p)}" for p in \
 	("torch", "transformers", "peft", "accelerate", "flwr", "numpy", "safetensors")))
 
-.PHONY: demo test test-fast quality format docs models test-latest test-lowest bench lock clean
+.PHONY: demo test test-deployment test-fast quality format docs models test-latest test-lowest bench lock clean
 
 $(STAMP): pyproject.toml Makefile $(LOCKS)
 	rm -rf $(VENV)
@@ -29,7 +29,12 @@ demo: $(STAMP)
 	$(VENV)/bin/copra demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not deployment"
+
+# Real Flower deployments on loopback (SuperLink + SuperNodes, nodes and servers killed; about 4 minutes).
+# CI runs them after `make test`, which stays under 10 minutes without them.
+test-deployment: $(STAMP)
+	$(PY) -m pytest -q -m deployment
 
 # The checks CI runs before the tests: lint, formatting, types of the core packages, the docs site.
 QUALITY_PATHS := src tests benchmarks

@@ -67,6 +67,7 @@ def in_process(model: str):
 
 
 @pytest.mark.slow
+@pytest.mark.deployment
 def test_bad_node_killed_node_and_killed_server_leave_the_honest_robust_merge(cluster, tiny_text_model, tmp_path):
     import signal
 

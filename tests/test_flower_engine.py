@@ -106,6 +106,7 @@ def in_process_rounds(model: str, survivors_in_round_2: list[int]):
 
 
 @pytest.mark.slow
+@pytest.mark.deployment
 def test_deployment_run_survives_a_supernode_killed_in_the_last_round(cluster, tiny_text_model, tmp_path):
     from copra.adapters.io import load_adapter
 
@@ -145,6 +146,7 @@ def test_deployment_run_survives_a_supernode_killed_in_the_last_round(cluster, t
 
 
 @pytest.mark.slow
+@pytest.mark.deployment
 def test_tls_and_supernode_auth_admit_registered_nodes_only(cluster, tiny_text_model, tmp_path):
     tls = launch.make_tls(tmp_path / "tls")
     keys = [launch.make_node_key(tmp_path / "keys" / f"node{i}")[0] for i in range(2)]
