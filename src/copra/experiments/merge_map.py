@@ -317,11 +317,12 @@ def draw(summary: dict):
         for j, cell in enumerate(cells):
             lora, copra = by.get((task, cell, "lora")), by.get((task, cell, "copra"))
             text = (f"L {lora['barrier']:.1f}" if lora else "") + (f"\nC {copra['barrier']:.1f}" if copra else "")
-            heat.text(j, i, text, ha="center", va="center", fontsize=7, color="tab:blue")
+            dark = lora is not None and lora["barrier"] > 0.5 * image.norm.vmax
+            heat.text(j, i, text, ha="center", va="center", fontsize=7, color="white" if dark else "black")
     heat.set_xticks(range(len(cells)), cells, rotation=30, ha="right", fontsize=8)
     heat.set_yticks(range(len(tasks)), tasks, fontsize=8)
-    heat.set_title("seed-pair fusion barrier, points (L: LoRA, C: CopRA)", fontsize=9)
-    figure.colorbar(image, ax=heat, shrink=0.8, label="LoRA barrier (points)")
+    heat.set_title("seed-pair fusion barrier (L: LoRA, C: CopRA)", fontsize=9)
+    figure.colorbar(image, ax=heat, shrink=0.8, location="bottom", label="LoRA barrier (points)")
     points = summary.get("where", {}).get("points", [])
     scatter.scatter([p["lora_barrier"] for p in points], [p["gain"] for p in points], s=18)
     fit = summary.get("where", {}).get("fit")
@@ -330,7 +331,7 @@ def draw(summary: dict):
         scatter.plot(xs, [fit["intercept"] + fit["slope"] * x for x in xs], color="C1")
     scatter.axhline(0, color="grey", lw=0.8)
     scatter.set_xlabel("LoRA barrier (points)")
-    scatter.set_ylabel("CopRA fused - LoRA fused (points)")
+    scatter.set_ylabel("CopRA - LoRA, fused (points)")
     scatter.set_title("where does CopRA help?", fontsize=9)
     return figure
 
