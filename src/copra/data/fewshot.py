@@ -158,13 +158,7 @@ def prepare_validation(config: TrainConfig, examples: int = 200) -> FewShotData:
     pool may hold duplicates), so choosing hyperparameters on it cannot see the test split.
     """
     data = prepare_data(config)
-    task = _load(config)
-    pool, labels = _examples(task, "train"), task.train_labels
-    trained = set(data.train_x)
-    test = set(_examples(task, "test"))
-    exclude = [i for i, x in enumerate(pool) if x in trained or x in test]
-    chosen = validation_indices(labels, exclude, examples, seed=config.seed)
-    return replace(data, eval_x=tuple(pool[i] for i in chosen), eval_y=tuple(labels[i] for i in chosen))
+    return _with_validation(data, config, set(data.train_x), examples, seed=config.seed)
 
 
 def prepare_shared_validation(configs: Sequence[TrainConfig], examples: int = 200) -> FewShotData:
@@ -181,12 +175,18 @@ def prepare_shared_validation(configs: Sequence[TrainConfig], examples: int = 20
     if len(tasks) != 1:
         raise UserError(f"a shared validation set is for runs of one task, got {sorted(tasks)}")
     data = prepare_data(configs[0])
-    trained = set().union(*(prepare_data(c).train_x for c in configs))
-    task = _load(configs[0])
+    trained = set(data.train_x).union(*(prepare_data(c).train_x for c in configs[1:]))
+    return _with_validation(data, configs[0], trained, examples, seed=0)
+
+
+def _with_validation(data: FewShotData, config: TrainConfig, trained: set, examples: int, seed: int) -> FewShotData:
+    """`data` with a validation set in place of its evaluation set: from the training pool, none of `trained`
+    and none of the test split (a pool may hold duplicates)."""
+    task = _load(config)
     pool, labels = _examples(task, "train"), task.train_labels
     test = set(_examples(task, "test"))
     exclude = [i for i, x in enumerate(pool) if x in trained or x in test]
-    chosen = validation_indices(labels, exclude, examples, seed=0)
+    chosen = validation_indices(labels, exclude, examples, seed=seed)
     return replace(data, eval_x=tuple(pool[i] for i in chosen), eval_y=tuple(labels[i] for i in chosen))
 
 

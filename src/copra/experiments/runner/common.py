@@ -206,11 +206,7 @@ class Evaluator:
             cached = eval_cache.lookup(folder, entry) if entry is not None else None
             if cached is not None:
                 return cached
-        classifier = self.classifier(adapter_config)
-        if classifier.prompts != list(data.prompts):
-            classifier.set_prompts(list(data.prompts))
-        with torch.no_grad():
-            load_adapter_state(classifier, state)
+        classifier = self._loaded(state, adapter_config, data)
         value = accuracy(classifier, data.eval_x, data.eval_y, BATCH, self._batches(classifier, data))
         if not math.isfinite(value):
             raise UserError(f"accuracy on {data.task} is not finite (empty evaluation set?)")
@@ -219,13 +215,18 @@ class Evaluator:
             eval_cache.record(folder, entry, value, {"task": data.task, "examples": len(data.eval_y)})
         return value
 
-    def scored(self, state: Adapter, adapter_config: dict, data: FewShotData) -> Scored:
-        """Per-example correctness and cross-entropy on `data`'s evaluation set (not cached: callers keep them)."""
+    def _loaded(self, state: Adapter, adapter_config: dict, data: FewShotData) -> nn.Module:
+        """The classifier of this LoRA shape with `state` loaded and `data`'s class prompts set."""
         classifier = self.classifier(adapter_config)
         if classifier.prompts != list(data.prompts):
             classifier.set_prompts(list(data.prompts))
         with torch.no_grad():
             load_adapter_state(classifier, state)
+        return classifier
+
+    def scored(self, state: Adapter, adapter_config: dict, data: FewShotData) -> Scored:
+        """Per-example correctness and cross-entropy on `data`'s evaluation set (not cached: callers keep them)."""
+        classifier = self._loaded(state, adapter_config, data)
         self.measured += 1
         return score_examples(classifier, data.eval_x, data.eval_y, BATCH, self._batches(classifier, data))
 
