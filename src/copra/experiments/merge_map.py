@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from typing import Any
 from copra.adapters.io import load_adapter
 from copra.core.config import METHODS, TrainConfig, make_config
 from copra.data.fewshot import prepare_shared_validation
-from copra.experiments.runner.clients import one_shot_fl, shares_of
+from copra.experiments.runner.clients import client_configs, one_shot_fl, partition_alpha
 from copra.experiments.runner.common import (
     Evaluator,
     RunExecution,
@@ -90,7 +91,7 @@ class MergeMapConfig(TrainingBudget, RunExecution):
             if merge != "seeds" and not merge.startswith("fl_"):
                 raise UserError(f"unknown merge {merge!r}; choose from seeds, fl_iid, fl_dirichlet_<alpha>")
             if merge != "seeds":
-                shares_of(merge.removeprefix("fl_"), [0, 1], 2, 0)  # a bad partition name fails here
+                partition_alpha(merge.removeprefix("fl_"))
         if isinstance(self.clients, bool) or not isinstance(self.clients, int) or self.clients < 2:
             raise UserError(f"clients must be an integer >= 2, got {self.clients!r}")
         known = {f.name for f in fields(TrainConfig)}
@@ -133,6 +134,18 @@ class MergeMapConfig(TrainingBudget, RunExecution):
                 if all(self._at_base(k, v) for k, v in change.items()):
                     continue  # the base point itself
                 out.append((f"{axis}={_show(value)}", change))
+        return out
+
+    def planned_runs(self) -> list[TrainConfig]:
+        """Every run this map trains: each cell's seeds, and their FL clients (`report.timing` counts them)."""
+        out = []
+        for task in self.tasks:
+            for _, cell in self.cells():
+                for method in self.methods:
+                    for seed in self.seeds:
+                        run = self.run_config(task, cell, method, seed)
+                        out.append(run)
+                        out += [c for m in self.merges if m != "seeds" for c in client_configs(run, self.clients)]
         return out
 
     def _at_base(self, key: str, value: Any) -> bool:
@@ -182,11 +195,7 @@ def run(config: MergeMapConfig) -> dict:
                 where = out / "cells" / task / _slug(label)
                 row = diagnose(where / f"{method}.json", evaluator, data, seed_runs)
                 for merge in (m for m in config.merges if m != "seeds"):
-                    runs_of = [
-                        (config.run_config(task, cell, method, s), folder)
-                        for (m, s), (_, folder) in zip(plan, runs)
-                        if m == method
-                    ]
+                    runs_of = [run for (m, _), run in zip(plan, runs) if m == method]
                     row |= fl_barrier(
                         where / f"{method}-{merge}.json", evaluator, data, runs_of, merge, config.clients, row
                     )
@@ -204,48 +213,51 @@ def run(config: MergeMapConfig) -> dict:
     return summary
 
 
+def stored(path: Path, key: dict[str, Any], compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """The record at `path` if it was made for `key` (what it was computed from), else `key | compute()`,
+    written there: an evaluated cell is read back, not measured again, while its adapters and data stay."""
+    if path.exists():
+        record = json.loads(path.read_text())
+        if all(record.get(k) == v for k, v in key.items()):
+            return record
+    record = key | compute()
+    write_json(path, record)
+    return record
+
+
 def diagnose(path: Path, evaluator: Evaluator, data, seed_runs: list) -> dict[str, Any]:
     """`pair_diagnostics` of one (task, cell, method), read back from `path` when its adapters are unchanged."""
     adapters = [str(r.adapter_dir) for r in seed_runs]
-    if path.exists():
-        stored = json.loads(path.read_text())
-        if stored.get("adapters") == adapters and stored.get("validation") == list(data.eval_y):
-            return stored["summary"] | {"seconds_per_step": stored["seconds_per_step"]}
-    diagnostics = pair_diagnostics(evaluator, data, [load_adapter(a) for a in adapters])
-    stored = {
-        "adapters": adapters,
-        "validation": list(data.eval_y),
-        "diagnostics": diagnostics,
-        "summary": summarise(diagnostics),
-        "seconds_per_step": sum(r.seconds_per_step for r in seed_runs) / len(seed_runs),
-    }
-    write_json(path, stored)
-    return stored["summary"] | {"seconds_per_step": stored["seconds_per_step"]}
+
+    def compute() -> dict[str, Any]:
+        diagnostics = pair_diagnostics(evaluator, data, [load_adapter(a) for a in adapters])
+        return {
+            "diagnostics": diagnostics,
+            "summary": summarise(diagnostics),
+            "seconds_per_step": sum(r.seconds_per_step for r in seed_runs) / len(seed_runs),
+        }
+
+    record = stored(path, {"adapters": adapters, "validation": list(data.eval_y)}, compute)
+    return record["summary"] | {"seconds_per_step": record["seconds_per_step"]}
 
 
 def fl_barrier(path: Path, evaluator: Evaluator, data, runs: list, merge: str, clients: int, row: dict) -> dict:
     """LoRA's (or CopRA's) one-shot FL barrier: mean single minus the mean of each seed's FL merge (points)."""
     partition = merge.removeprefix("fl_")
-    if path.exists():
-        stored = json.loads(path.read_text())
-        if stored.get("validation") == list(data.eval_y) and stored.get("runs") == [str(f) for _, f in runs]:
-            return stored["summary"]
-    scored = [
-        evaluator.scored(one_shot_fl(c, Path(f), clients, partition), load_adapter(Path(f) / "adapter")[1], data)
-        for c, f in runs
-    ]
-    fl = 100 * sum(s.accuracy for s in scored) / len(scored)
-    result = {merge: fl, f"barrier_{merge}": row["single"] - fl}
-    write_json(
-        path,
-        {
-            "validation": list(data.eval_y),
-            "runs": [str(f) for _, f in runs],
-            "summary": result,
+
+    def compute() -> dict[str, Any]:
+        scored = [
+            evaluator.scored(one_shot_fl(c, Path(f), clients, partition), load_adapter(Path(f) / "adapter")[1], data)
+            for c, f in runs
+        ]
+        fl = 100 * sum(s.accuracy for s in scored) / len(scored)
+        return {
+            "summary": {merge: fl, f"barrier_{merge}": row["single"] - fl},
             "outcomes": [outcome(s) for s in scored],
-        },
-    )
-    return result
+        }
+
+    key = {"validation": list(data.eval_y), "runs": [str(f) for _, f in runs]}
+    return stored(path, key, compute)["summary"]
 
 
 def finish(summary: dict, config: MergeMapConfig, started: float) -> None:

@@ -32,11 +32,11 @@ from copra.adapters.io import load_adapter
 from copra.adapters.merge import fusion, scale_update
 from copra.adapters.prune import structured
 from copra.analysis.protocol import bootstrap_paired, holm, random_effects, sign_flip_test
-from copra.analysis.stats import HELD, NO_DIFFERENCE, REVERSED, compare
+from copra.analysis.stats import HELD, NO_DIFFERENCE, REVERSED, Comparison, compare
 from copra.core.config import TrainConfig, make_config
 from copra.data.fewshot import prepare_data, prepare_shared_validation
 from copra.experiments.runner import preregistration
-from copra.experiments.runner.clients import one_shot_fl
+from copra.experiments.runner.clients import client_configs, one_shot_fl
 from copra.experiments.runner.common import (
     Evaluator,
     RunExecution,
@@ -127,6 +127,20 @@ class MergeProtocolConfig(TrainingBudget, RunExecution):
             config = config.replace(steps=max(1, round(config.steps * scale)))
         return config
 
+    def planned_runs(self) -> list[TrainConfig]:
+        """Every run this protocol trains: each arm's seeds, and their FL clients (`report.timing` counts them)."""
+        out = []
+        for task in self.tasks:
+            for arm in self.arms():
+                for seed in self.seeds:
+                    run = self.run_config(task, arm, seed)
+                    out.append(run)
+                    if "fl_one_shot" in self.endpoints:
+                        out += client_configs(run, self.clients, self.client_steps)
+                    if self.fl_distinct_inits and arm in METHODS:
+                        out += client_configs(run, self.clients, self.client_steps, distinct_inits=True)
+        return out
+
     def spec(self) -> dict[str, Any]:
         """What is pre-registered: everything that decides the primary answer (not how runs execute)."""
         decided = {k: v for k, v in asdict(self).items() if k not in ("output_dir", "progress", "jobs", "executor")}
@@ -147,12 +161,11 @@ def run(config: MergeProtocolConfig) -> dict:
         for key, r in zip(plan, run_all(runs, config.jobs, config.executor, config.ray_address))
     }
     rows: dict[str, dict[str, dict[str, list[dict]]]] = {e: {} for e in config.endpoints}
+    planned = dict(zip(plan, runs))
     evaluators, tests = {}, {}
     for task in config.tasks:
         first = config.run_config(task, "lora", config.seeds[0])
-        evaluators[task], tests[task] = Evaluator(first), prepare_data(first)
-    for task in config.tasks:
-        ev, data = evaluators[task], tests[task]
+        ev, data = evaluators[task], tests[task] = Evaluator(first), prepare_data(first)
         for method in config.arms():
             mine = [adapters[task, method, s] for s in config.seeds]
             got = {}
@@ -165,10 +178,17 @@ def run(config: MergeProtocolConfig) -> dict:
                 got["prune_every_other"] = [outcome(ev.scored(structured(s, "every_other"), c, data)) for s, c in mine]
 
             def fl(distinct_inits: bool) -> list[dict]:
-                return [
-                    outcome(ev.scored(fl_merge(config, out, task, method, seed, distinct_inits), mine[0][1], data))
-                    for seed in config.seeds
+                """Each seed's one-shot FL merge: `clients` IID clients in the seed's run folder."""
+                merged = [
+                    one_shot_fl(
+                        *planned[task, method, s],
+                        config.clients,
+                        steps=config.client_steps,
+                        distinct_inits=distinct_inits,
+                    )
+                    for s in config.seeds
                 ]
+                return [outcome(ev.scored(state, mine[0][1], data)) for state in merged]
 
             if config.fl_distinct_inits and method in METHODS:
                 got["fl_distinct_inits"] = fl(True)
@@ -191,13 +211,6 @@ def run(config: MergeProtocolConfig) -> dict:
     summary["wall_seconds"] = time.perf_counter() - started
     write_outputs(out, config.name, summary, plot, render)
     return summary
-
-
-def fl_merge(config: MergeProtocolConfig, out: Path, task: str, arm: str, seed: int, distinct_inits: bool):
-    """The arm's one-shot FL merge for `seed`: `clients` IID clients in the seed's run folder."""
-    folder = out / "runs" / task / arm / f"seed{seed}"
-    run = config.run_config(task, arm, seed)
-    return one_shot_fl(run, folder, config.clients, steps=config.client_steps, distinct_inits=distinct_inits)
 
 
 def mtl_rows(config, adapters, evaluators, tests, single) -> dict[str, dict[str, list[dict]]]:
@@ -231,6 +244,13 @@ def mtl_rows(config, adapters, evaluators, tests, single) -> dict[str, dict[str,
     return out
 
 
+def paired(by_arm: dict, treatment: str, control: str, confidence: float = 0.95) -> tuple[list[float], Comparison]:
+    """Per-row differences treatment - control in points, and their paired t-interval over the rows."""
+    a, b = by_arm[control], by_arm[treatment]
+    d = [100 * (y["accuracy"] - x["accuracy"]) for x, y in zip(a, b)]
+    return d, compare([100 * r["accuracy"] for r in b], [100 * r["accuracy"] for r in a], confidence)
+
+
 def analyse(rows: dict, config: MergeProtocolConfig) -> dict[str, Any]:
     """Per task (t and bootstrap), pooled (random effects), the sign-flip p per endpoint and Holm across them."""
     result: dict[str, Any] = {"endpoints": {}}
@@ -238,11 +258,8 @@ def analyse(rows: dict, config: MergeProtocolConfig) -> dict[str, Any]:
         per_task, differences = {}, []
         for task, by_method in rows[endpoint].items():
             control, treatment = by_method["lora"], by_method["copra"]
-            d = [100 * (b["accuracy"] - a["accuracy"]) for a, b in zip(control, treatment)]
+            d, t = paired(by_method, "copra", "lora", config.confidence)
             differences += d
-            t = compare(
-                [100 * r["accuracy"] for r in treatment], [100 * r["accuracy"] for r in control], config.confidence
-            )
             entry = {"difference": t.difference, "t_low": t.low, "t_high": t.high, "n": t.n, "sd": t.sd}
             if all("correct" in r for r in control + treatment):
                 boot = bootstrap_paired(
@@ -290,15 +307,8 @@ def exploratory(rows: dict, config: MergeProtocolConfig) -> list[dict[str, Any]]
         asked.append(("fl_distinct_inits", "copra", "lora"))
     out = []
     for endpoint, treatment, control in asked:
-        d = [
-            100 * (b["accuracy"] - a["accuracy"])
-            for by in rows[endpoint].values()
-            for a, b in zip(by[control], by[treatment])
-        ]
-        per_task = {
-            task: compare([100 * r["accuracy"] for r in by[treatment]], [100 * r["accuracy"] for r in by[control]])
-            for task, by in rows[endpoint].items()
-        }
+        per_task = {task: paired(by, treatment, control) for task, by in rows[endpoint].items()}
+        d = [x for differences, _ in per_task.values() for x in differences]
         out.append(
             {
                 "endpoint": endpoint,
@@ -306,7 +316,9 @@ def exploratory(rows: dict, config: MergeProtocolConfig) -> list[dict[str, Any]]
                 "control": control,
                 "difference": statistics.fmean(d),
                 "p": sign_flip_test(d),
-                "tasks": {t: {"difference": c.difference, "low": c.low, "high": c.high} for t, c in per_task.items()},
+                "tasks": {
+                    t: {"difference": c.difference, "low": c.low, "high": c.high} for t, (_, c) in per_task.items()
+                },
             }
         )
     return out

@@ -538,29 +538,17 @@ def _expected_time(steps: list[tuple[Step, Any]]) -> str:
 
 
 def _expected_regime_time(steps: list[tuple[Step, Any]]) -> str:
-    """The timing probe's estimate for the merge-regimes suite: optimizer steps x the probed seconds per step."""
+    """The timing probe's estimate of the merge-regimes suite's training (`timing.planned_steps`), as one log line."""
     from copra.report import timing
 
-    total, probe = 0, None
-    for step, config in steps:
-        if step.experiment == "merge_map":
-            for task in config.tasks:
-                for _, cell in config.cells():
-                    run = config.run_config(task, cell, "lora", config.seeds[0])
-                    probe = probe or run
-                    total += run.steps * len(config.methods) * len(config.seeds)
-        elif step.experiment == "merge_protocol":
-            for arm in config.arms():
-                run = config.run_config(config.tasks[0], arm, config.seeds[0])
-                clients = (config.client_steps or max(1, run.steps // config.clients)) * config.clients
-                inits = clients if config.fl_distinct_inits and arm in ("lora", "copra") else 0
-                total += (run.steps + clients + inits) * len(config.seeds) * len(config.tasks)
-    if probe is None:
-        return "timing probe: no step to probe"
+    plan = {step.name: timing.planned_steps(step.experiment, config) for step, config in steps}
+    probe = next(config.planned_runs()[0] for _, config in steps)
     seconds = timing.probe(probe)
+    total = sum(n for runs in plan.values() for _, n in runs)
     return (
-        f"timing probe: {seconds:.2f} s per optimizer step on {probe.task} here; {total} steps to train: about "
-        f"{total * seconds / 3600:.1f} h of training (tasks with more classes take longer per step; evaluation extra)"
+        timing.describe(timing.estimate(plan, seconds, probe.batch_size), seconds, probe.batch_size)
+        + f"; {total} optimizer steps, probed on {probe.task} (tasks with more classes take longer per step); "
+        "evaluation is not counted here"
     )
 
 

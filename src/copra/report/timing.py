@@ -45,6 +45,8 @@ def planned_steps(experiment: str, config: Any) -> list[tuple[int, int]]:
     """(batch size, optimizer steps) of every training run a suite step plans (reused runs included)."""
     c = config
     configs = planned_configs(experiment, c)
+    if configs is None and experiment in ("merge_map", "merge_protocol"):
+        configs = c.planned_runs()  # runs and FL clients, some trained outside `runs.run_all`
     if configs is not None:
         return [(r.batch_size, r.steps) for r in configs]
     per_method = {

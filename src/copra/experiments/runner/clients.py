@@ -62,18 +62,33 @@ def dirichlet_shares(labels: Sequence[int], clients: int, alpha: float, seed: in
     return [sorted(s) for s in shares]
 
 
-def shares_of(partition: str, labels: Sequence[int], clients: int, seed: int) -> list[list[int]]:
-    """`partition` is "iid" or "dirichlet_<alpha>" (e.g. dirichlet_0.1)."""
+def partition_alpha(partition: str) -> float | None:
+    """The Dirichlet alpha a partition name gives ("dirichlet_0.1" -> 0.1), None for "iid"; else a UserError."""
     if partition == "iid":
-        return iid_shares(labels, clients, seed)
+        return None
     if partition.startswith("dirichlet_"):
         try:
             alpha = float(partition.removeprefix("dirichlet_"))
         except ValueError:
             alpha = float("nan")
         if alpha > 0:
-            return dirichlet_shares(labels, clients, alpha, seed)
+            return alpha
     raise UserError(f"unknown client partition {partition!r}; use iid or dirichlet_<alpha> (e.g. dirichlet_0.1)")
+
+
+def shares_of(partition: str, labels: Sequence[int], clients: int, seed: int) -> list[list[int]]:
+    """`partition` is "iid" or "dirichlet_<alpha>" (e.g. dirichlet_0.1)."""
+    alpha = partition_alpha(partition)
+    return iid_shares(labels, clients, seed) if alpha is None else dirichlet_shares(labels, clients, alpha, seed)
+
+
+def client_configs(base: TrainConfig, clients: int, steps: int | None = None, distinct_inits: bool = False):
+    """Each client's TrainConfig: `steps` optimizer steps (default: base.steps / clients, at least 1: a client
+    holds about 1/clients of the data); with `distinct_inits`, client k's own seed base.seed * 1000 + k + 1."""
+    shared = base.replace(steps=steps or max(1, base.steps // clients))
+    if not distinct_inits:
+        return [shared] * clients
+    return [shared.replace(seed=base.seed * 1000 + k + 1) for k in range(clients)]
 
 
 def one_shot_fl(
@@ -91,13 +106,12 @@ def one_shot_fl(
     `distinct_inits`: client k starts from its own init (seed base.seed * 1000 + k + 1; also its batch order),
     the control for what a shared init buys; the data stay the shares of `base`'s few-shot sample.
     """
-    client_config = base.replace(steps=steps or max(1, base.steps // clients))
-    data = prepare_data(client_config)
+    configs = client_configs(base, clients, steps, distinct_inits)
+    data = prepare_data(configs[0].replace(seed=base.seed))  # the shares are of base's few-shot sample
     suffix = ("" if partition == "iid" else f"-{partition}") + ("-own-init" if distinct_inits else "")
     states = []
-    for k, share in enumerate(shares_of(partition, data.train_y, clients, base.seed)):
+    for k, (share, mine) in enumerate(zip(shares_of(partition, data.train_y, clients, base.seed), configs)):
         where = folder / f"client{k}of{clients}{suffix}"
-        mine = client_config.replace(seed=base.seed * 1000 + k + 1) if distinct_inits else client_config
         result = finished(mine, where)
         if result is None:
             from copra.training.loop import train
