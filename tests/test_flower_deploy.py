@@ -20,7 +20,8 @@ from copra.federated.app import APP_DIR, launch  # noqa: E402
 from copra.federated.app.client_app import node_partition  # noqa: E402
 from copra.federated.app.settings import DeploySettings, from_run_config  # noqa: E402
 from copra.federated.app.strategy import DeploymentFusion, RoundFailed  # noqa: E402
-from copra.federated.simulation import FLOWER_ENV, to_record  # noqa: E402
+from copra.federated.flower import FLOWER_ENV  # noqa: E402
+from copra.federated.replies import to_record  # noqa: E402
 from copra.utils.errors import UserError  # noqa: E402
 
 

@@ -119,7 +119,8 @@ def test_every_caller_scores_through_the_classifier(run, monkeypatch):
 
 def test_flower_server_scores_merged_adapters_with_state_accuracy(run):
     pytest.importorskip("flwr")
-    from copra.federated.simulation import merged_accuracy, to_record
+    from copra.federated.replies import to_record
+    from copra.federated.simulation import merged_accuracy
 
     _, classifier, data = run
     state = adapter_state(classifier)

@@ -31,20 +31,25 @@ from typing import Any
 
 import torch
 
-from copra.federated.flower import FLOWER_ENV, require_flwr  # noqa: F401 (FLOWER_ENV: re-exported for launch)
+from copra.federated.flower import require_flwr
 from copra.federated.protocol import Adapter, FederatedConfig, initial_state, split_clients
-from copra.federated.replies import NUM_EXAMPLES, from_record, lora_settings, merge_replies, read_reply, screen_round
-from copra.federated.replies import to_record as to_record
+from copra.federated.replies import (
+    NUM_EXAMPLES,
+    from_record,
+    lora_settings,
+    merge_replies,
+    read_reply,
+    screen_round,
+    to_record,
+)
 from copra.federated.robust import Policy, apply_fault
 from copra.models.evaluation import FewShotData, adapter_state, prepare_data, state_accuracy
 from copra.training.loop import build_run, train
 
-_require_flwr = require_flwr  # the name the app modules import
-
 
 def client_app(config: FederatedConfig, method: str, seed: int, partitions: list[FewShotData]):
     """A Flower ClientApp: node with partition-id i trains client i of (method, seed) on partitions[i]."""
-    _require_flwr()
+    require_flwr()
     from flwr.app import Context, Message
     from flwr.clientapp import ClientApp
 
@@ -101,7 +106,7 @@ def fusion_strategy_class() -> type:
     global _STRATEGY
     if _STRATEGY is not None:
         return _STRATEGY
-    _require_flwr()
+    require_flwr()
     from flwr.app import ArrayRecord, Message, MetricRecord
     from flwr.serverapp.strategy import FedAvg
 
@@ -198,7 +203,7 @@ def server_app(
     Merged adapters are evaluated centrally (every client shares the evaluation set): loaded into
     `classifier` and scored by `copra.models.evaluation.state_accuracy`, the one scoring path.
     """
-    _require_flwr()
+    require_flwr()
     from flwr.app import ArrayRecord, Context
     from flwr.serverapp import Grid, ServerApp
 
@@ -232,7 +237,7 @@ def merged_accuracy(classifier: torch.nn.Module, data: FewShotData):
 
     The merged adapter is loaded into `classifier` and scored by `copra.models.evaluation.state_accuracy`.
     """
-    _require_flwr()
+    require_flwr()
     from flwr.app import ArrayRecord, MetricRecord
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -256,7 +261,7 @@ def run_flower_simulation(
     client_accuracy, merged_accuracy}], "client_states" (last round, by partition id), "seconds"}.
     `backend_config` replaces the default (1 CPU per client, Ray limited to min(clients, CPUs)).
     """
-    _require_flwr()
+    require_flwr()
     import ray
     from flwr.simulation import run_simulation
 

@@ -9,9 +9,9 @@ memory or closures between rounds.
 
 from __future__ import annotations
 
-from copra.federated.simulation import _require_flwr
+from copra.federated.flower import require_flwr
 
-_require_flwr()
+require_flwr()
 
 from flwr.app import Context, Message  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402

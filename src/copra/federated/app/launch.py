@@ -25,7 +25,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from copra.federated.simulation import FLOWER_ENV
+from copra.federated.flower import FLOWER_ENV
 from copra.utils.errors import UserError
 
 

@@ -23,9 +23,9 @@ import json
 import time
 from pathlib import Path
 
-from copra.federated.simulation import _require_flwr
+from copra.federated.flower import require_flwr
 
-_require_flwr()
+require_flwr()
 
 from flwr.app import ArrayRecord, Context, MetricRecord  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402

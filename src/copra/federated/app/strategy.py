@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import time
 
-from copra.federated.simulation import _require_flwr, fusion_strategy_class
+from copra.federated.flower import require_flwr
+from copra.federated.simulation import fusion_strategy_class
 
-_require_flwr()
+require_flwr()
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict  # noqa: E402
 from flwr.serverapp import Grid  # noqa: E402
