@@ -98,6 +98,21 @@ def test_landscape_midpoints_match_fresh_models(land, folders, model, tmp_path):
     )
 
 
+def test_landscape_diagnosis_splits_the_midpoint_barrier(land):
+    """The diagnostics at 1/2 agree with the curves' midpoints, and barrier = averaging + misalignment."""
+    config, summary = land
+    mid = summary["alphas"].index(0.5)
+    for method, row in summary["methods"].items():
+        d, inputs = row["diagnosis"], row["inputs"][0]
+        assert d["single"] == pytest.approx(50 * (inputs["alpha_1"] + inputs["alpha_0"]))
+        assert d["fused"] == pytest.approx(100 * summary["curves"][f"{method}/fusion"]["accuracy"][0][mid])
+        assert d["mixture"] == pytest.approx(100 * summary["curves"][f"{method}/mixture"]["accuracy"][0][mid], abs=5.1)
+        assert d["barrier"] == pytest.approx(d["single"] - d["fused"])
+        assert d["barrier"] == pytest.approx(d["averaging"] + d["misalignment"])
+        assert len(row["diagnostics"][0]["single"][0]["correct"]) == config.eval_examples
+    assert "| lora |" in (Path(config.output_dir) / "landscape.md").read_text().split("misalign.")[1]
+
+
 def test_landscape_config_and_adapter_checks(model, folders, tmp_path):
     with pytest.raises(UserError, match="seeds"):
         landscape.LandscapeConfig(model=model, seeds=[0])
@@ -161,7 +176,7 @@ def test_multitask_table_and_merged_accuracy_on_each_task(model, tmp_path):
     summary = multitask.run(config)
     saved = json.loads((tmp_path / "mtl" / "multitask.json").read_text())
     assert saved["tasks"] == ["bbc_news", "news_outlets"] and set(saved["methods"]) == {"lora", "copra"}
-    assert saved["classifiers_built"] == 1  # one classifier, prompts switched per task
+    assert saved["classifiers_built"] == 2  # one classifier, prompts switched per task; one rank-2r for mixtures
     for method, row in saved["methods"].items():
         run = row["runs"][0]
         assert set(run["original"]) == set(run["merged"]) == {"bbc_news", "news_outlets"}
@@ -203,6 +218,52 @@ def test_multitask_table_and_merged_accuracy_on_each_task(model, tmp_path):
     assert "equal-weight ties merge" in (tmp_path / "mtl-ties" / "multitask.md").read_text()
     with pytest.raises(UserError, match="tasks"):
         multitask.MultitaskConfig(model=model, tasks=["bbc_news"])
+
+
+def test_multitask_diagnostics_split_the_fusion_and_pick_lambda_on_validation(model, tmp_path):
+    config = multitask.MultitaskConfig(
+        model=model,
+        tasks=["bbc_news", "news_outlets"],
+        seeds=[0, 1],
+        methods=["lora"],
+        scales=[1.0, 3.0],
+        validation_examples=20,
+        output_dir=str(tmp_path / "mtl"),
+        **FAST,
+    )
+    row = multitask.run(config)["methods"]["lora"]
+    d = row["diagnostics"]
+    assert d["own"] == pytest.approx(100 * row["original"]["average"]["mean"])
+    assert d["fused"] == pytest.approx(100 * row["merged"]["average"]["mean"])  # fusion at 1/2, not aligned
+    assert d["barrier"] == pytest.approx(d["averaging"] + d["misalignment"])
+    assert d["shrinkage"] == pytest.approx(d["own"] - d["fused_share"])
+    for run in row["runs"]:
+        diag = run["diagnostics"]
+        assert diag["scale"] in (1.0, 3.0)
+        for task, t in diag["tasks"].items():
+            assert t["own"]["accuracy"] == pytest.approx(run["original"][task])
+            if diag["scale"] == 1.0:
+                assert t["scaled"] == t["fused"]
+    # lambda is the grid point best on the validation sets (never the test split): recompute it
+    from copra.adapters.merge import scale_update
+    from copra.data.fewshot import prepare_shared_validation
+    from copra.experiments.runner.common import Evaluator
+
+    run = row["runs"][1]
+    states = {t: load_adapter(run["adapters"][t]) for t in config.tasks}
+    fused = fusion([states[t][0] for t in config.tasks])
+    evaluator = Evaluator(config.run_config("bbc_news", "lora", 0))
+    validation = {
+        t: prepare_shared_validation([config.run_config(t, "lora", s) for s in config.seeds], 20) for t in config.tasks
+    }
+    score = {
+        s: sum(evaluator.scored(scale_update(fused, s), states[t][1], validation[t]).accuracy for t in config.tasks)
+        for s in config.scales
+    }
+    assert score[run["diagnostics"]["scale"]] == max(score.values())
+    assert "| LoRA |" in (tmp_path / "mtl" / "multitask.md").read_text().split("misalign.")[1]
+    with pytest.raises(UserError, match="scales must be positive"):
+        multitask.MultitaskConfig(model=model, scales=[0.0])
 
 
 def test_multitask_snapshot_curve_merges_every_snapshot(model, tmp_path):

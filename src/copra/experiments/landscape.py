@@ -49,6 +49,7 @@ from copra.experiments.runner.common import (
     save_figure,
     write_outputs,
 )
+from copra.experiments.runner.diagnostics import pair_diagnostics, summarise
 from copra.experiments.runner.runs import run_all
 from copra.models.evaluation import FewShotData, prepare_data
 from copra.utils.errors import UserError
@@ -69,6 +70,9 @@ class LandscapeConfig(TrainingBudget, RunExecution, PerMethodLR):
     merge_density: float = 0.5  #: density of TIES / DARE / magnitude merges (unused by the other methods)
     align: bool = True  #: also fuse after LoRA Align (curves "lora+align/fusion", "copra+align/fusion")
     align_steps: int = 200  #: Adam steps of LoRA Align per module
+    diagnostics: bool = (
+        True  #: also each pair's merge controls at 1/2 (mixture, shrinkage, cross-entropy; runner.diagnostics)
+    )
     lrs: dict[str, float] = field(default_factory=dict)  #: peak lr per method (e.g. from lr_select); others use lr
     output_dir: str = "results/landscape"  #: where adapters, JSON, PNG and Markdown go
 
@@ -89,6 +93,8 @@ class LandscapeConfig(TrainingBudget, RunExecution, PerMethodLR):
             raise UserError(f"align must be true or false, got {self.align!r}")
         if isinstance(self.align_steps, bool) or not isinstance(self.align_steps, int) or self.align_steps < 0:
             raise UserError(f"align_steps must be a non-negative integer, got {self.align_steps!r}")
+        if not isinstance(self.diagnostics, bool):
+            raise UserError(f"diagnostics must be true or false, got {self.diagnostics!r}")
         check_overrides(self.overrides)
         check_lrs(self.lrs, self.methods)
         self.run_config(self.methods[0], self.seeds[0])  # validates every TrainConfig field
@@ -172,6 +178,8 @@ def run_from_adapters(
                 variants.append((f"{method}+align/fusion", "fusion", True, aligned))
                 bounds.update(after=bound(sa, aligned), gap_after=gap(sa, aligned))
             row["bounds"].append(bounds)
+            if config.diagnostics:
+                row.setdefault("diagnostics", []).append(pair_diagnostics(evaluator, data, [(sa, ca), (sb, cb)]))
             for name, merger, aligned_flag, other in variants:
                 accs = []
                 for alpha in alphas:
@@ -196,6 +204,9 @@ def run_from_adapters(
         curve["barrier"] = mean_std(barrier(accs, alphas) for accs in curve["accuracy"])[0]
     for row in summary["methods"].values():
         row["bound"] = {k: finite_or_none(mean_std(b[k] for b in row["bounds"])[0]) for k in row["bounds"][0]}
+        if "diagnostics" in row:
+            per_pair = [summarise(d) for d in row["diagnostics"]]
+            row["diagnosis"] = {k: mean_std(p[k] for p in per_pair)[0] for k in per_pair[0]}
     summary["classifiers_built"] = evaluator.builds
     summary["wall_seconds"] = time.perf_counter() - started
     out = Path(config.output_dir)
@@ -252,6 +263,29 @@ def table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def diagnosis_table(summary: dict) -> list[str]:
+    """Markdown lines: each method's barrier at 1/2 split into averaging and misalignment, or none."""
+    rows = {m: r["diagnosis"] for m, r in summary["methods"].items() if "diagnosis" in r}
+    if not rows:
+        return []
+    lines = [
+        "Why fusion at 1/2 loses what it loses (accuracy in %, mean over pairs): barrier = single - fused = averaging "
+        "(single - mixture) + misalignment (mixture - fused); shrinkage = single - single x 1/4 (its share in the "
+        "fusion); CE: the same barrier in the labels' cross-entropy (nats).",
+        "",
+        "| method | zero-shot | single | fused | mixture | single x 1/4 | barrier | averaging | misalign. | shrinkage "
+        "| CE barrier |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for method, d in rows.items():
+        lines.append(
+            f"| {method} | {d['zero_shot']:.1f} | {d['single']:.1f} | {d['fused']:.1f} | {d['mixture']:.1f} | "
+            f"{d['fused_share']:.1f} | {d['barrier']:.1f} | {d['averaging']:.1f} | {d['misalignment']:.1f} | "
+            f"{d['shrinkage']:.1f} | {d['barrier_ce']:.3f} |"
+        )
+    return [*lines, ""]
+
+
 def render(summary: dict) -> str:
     c = summary["config"]
     bounds = ["| method | D_upper before LA | after LA | measured gap before | after |", "|---|---|---|---|---|"]
@@ -277,6 +311,7 @@ def render(summary: dict) -> str:
             "",
             "\n".join(bounds),
             "",
+            *diagnosis_table(summary),
             "![landscape](landscape.png)",
             "",
         ]

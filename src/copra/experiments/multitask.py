@@ -29,6 +29,7 @@ from copra.adapters.io import load_adapter
 from copra.adapters.merge import check_compatible
 from copra.adapters.peft_merge import merge_states, setting_options
 from copra.core.config import METHODS, PerMethodLR, TrainConfig, check_lrs
+from copra.data.fewshot import prepare_shared_validation
 from copra.experiments.runner.common import (
     Evaluator,
     RunExecution,
@@ -44,6 +45,7 @@ from copra.experiments.runner.common import (
     zero_b,
     zoom_bars,
 )
+from copra.experiments.runner.diagnostics import summarise_tasks, task_merge_diagnostics
 from copra.experiments.runner.runs import run_all
 from copra.models.evaluation import FewShotData, prepare_data
 from copra.training.run_folder import snapshot_dir, snapshot_steps
@@ -66,6 +68,13 @@ class MultitaskConfig(TrainingBudget, RunExecution, PerMethodLR):
     )
     merge_density: float = 0.5  #: density of TIES / DARE / magnitude merges (unused by the other methods)
     align_steps: int = 200  #: Adam steps of LoRA Align per module
+    diagnostics: bool = (
+        True  #: also the merge's controls per task (mixture, shrinkage, validated lambda; runner.diagnostics)
+    )
+    scales: list[float] = field(
+        default_factory=lambda: [1.0, 2.0, 4.0, 8.0, 16.0]
+    )  #: lambda grid for the fusion's update
+    validation_examples: int = 200  #: per task, from the training pool, to pick lambda (never the test split)
     snapshot_curve: bool = False  #: also merge and score every snapshot the runs saved (overrides: snapshot_every), for the crossover figure
     lrs: dict[str, float] = field(default_factory=dict)  #: peak lr per method (e.g. from lr_select); others use lr
     output_dir: str = "results/multitask"  #: where adapters, JSON, PNG and Markdown go
@@ -83,6 +92,17 @@ class MultitaskConfig(TrainingBudget, RunExecution, PerMethodLR):
             raise UserError(f"align_steps must be a non-negative integer, got {self.align_steps!r}")
         setting_options(self.merge_method, self.merge_density)
         check_overrides(self.overrides)
+        if not isinstance(self.diagnostics, bool):
+            raise UserError(f"diagnostics must be true or false, got {self.diagnostics!r}")
+        check_unique("scales", self.scales)
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in self.scales):
+            raise UserError(f"scales must be positive numbers, got {self.scales!r}")
+        if (
+            isinstance(self.validation_examples, bool)
+            or not isinstance(self.validation_examples, int)
+            or (self.validation_examples < 1)
+        ):
+            raise UserError(f"validation_examples must be a positive integer, got {self.validation_examples!r}")
         if not isinstance(self.snapshot_curve, bool):
             raise UserError(f"snapshot_curve must be true or false, got {self.snapshot_curve!r}")
         if self.snapshot_curve and not self.overrides.get("snapshot_every"):
@@ -152,6 +172,15 @@ def run_from_adapters(
     for task in tasks:  # B = 0: the encoder without adaptation, through the same classifier
         summary["zero_shot"][task] = evaluator.accuracy(zero_b(first_state), first_config, data[task])
         bar.update(1)
+    validation = None
+    if config.diagnostics:
+        method0 = next(iter(adapters))
+        validation = {
+            t: prepare_shared_validation(
+                [config.run_config(t, method0, s) for s in config.seeds], config.validation_examples
+            )
+            for t in tasks
+        }
     for method, groups in adapters.items():
         runs = []
         for n, group in enumerate(groups):
@@ -163,8 +192,12 @@ def run_from_adapters(
                 record["original"][task] = evaluator.accuracy(state, adapter_config, data[task])
                 record["merged"][task] = evaluator.accuracy(merged, merged_config, data[task])
                 bar.update(2)
+            if validation is not None:
+                record["diagnostics"] = task_merge_diagnostics(evaluator, data, states, config.scales, validation)
             runs.append(record)
-        row = {"runs": runs}
+        row: dict[str, Any] = {"runs": runs}
+        if validation is not None:
+            row["diagnostics"] = summarise_tasks([r["diagnostics"] for r in runs])
         for kind in ("original", "merged"):
             row[kind] = {t: dict(zip(("mean", "std"), mean_std(r[kind][t] for r in runs))) for t in tasks}
             row[kind]["average"] = dict(
@@ -364,6 +397,31 @@ def table_per_task(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def diagnostics_table(summary: dict) -> list[str]:
+    """Markdown lines: the fusion's controls per method (means over seeds and tasks), or none without them."""
+    rows = {m: r["diagnostics"] for m, r in summary["methods"].items() if "diagnostics" in r}
+    if not rows:
+        return []
+    n = len(summary["tasks"])
+    lines = [
+        f"Why the fusion at 1/{n} loses what it loses (accuracy in %, means over seeds and tasks; barrier = own - fused "
+        f"= averaging (own - mixture) + misalignment (mixture - fused); shrinkage = own - own x 1/{n * n}; "
+        "scaled: the fusion's update times the lambda best on validation):",
+        "",
+        "| method | own | fused | mixture | own x share | barrier | averaging | misalign. | shrinkage | CE barrier "
+        "| scaled (lambda) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for method, d in rows.items():
+        scaled = f"{d['scaled']:.1f} ({d['scale']:g})" if "scaled" in d else "–"
+        lines.append(
+            f"| {LABELS.get(method, method)} | {d['own']:.1f} | {d['fused']:.1f} | {d['mixture']:.1f} | "
+            f"{d['fused_share']:.1f} | {d['barrier']:.1f} | {d['averaging']:.1f} | {d['misalignment']:.1f} | "
+            f"{d['shrinkage']:.1f} | {d['barrier_ce']:.3f} | {scaled} |"
+        )
+    return [*lines, ""]
+
+
 def render(summary: dict) -> str:
     c = summary["config"]
     return "\n".join(
@@ -378,6 +436,7 @@ def render(summary: dict) -> str:
             "",
             table(summary),
             "",
+            *diagnostics_table(summary),
             "![multitask](multitask.png)",
             "",
         ]

@@ -86,3 +86,66 @@ def summarise(diagnostics: dict[str, Any]) -> dict[str, float]:
         out["misalignment" + unit] = sign * mean(p["mixture"][key] - p["fused"][key] for p in pairs)
         out["shrinkage" + unit] = sign * mean(s[key] - f[key] for s, f in zip(single, diagnostics["fused_share"]))
     return out
+
+
+def task_merge_diagnostics(
+    evaluator: Evaluator,
+    data: dict[str, FewShotData],
+    states: dict[str, tuple[Adapter, dict]],
+    scales: Sequence[float] = (),
+    validation: dict[str, FewShotData] | None = None,
+) -> dict[str, Any]:
+    """One seed's N task adapters {task: (state, config)}: the controls of their fusion at 1/N, on every task.
+
+    Per task: its own adapter; the fusion and the exact mixture at 1/N; its own adapter at its share in
+    each (1/N^2 fused, 1/N mixed: the shrinkage controls). With `scales` and `validation`, also the
+    fusion with its update multiplied by the lambda of `scales` whose mean validation accuracy over the
+    tasks is best (task-arithmetic scaling; MTL15's fusion at 1/15 keeps 1/225 of each update).
+    """
+    tasks, n = list(states), len(states)
+    parts, config0 = [states[t][0] for t in tasks], states[tasks[0]][1]
+    fused, mixed = fusion(parts, [1 / n] * n), mixture(parts, [1 / n] * n)
+    mixed_config = mixture_config(config0, n)
+    scale = None
+    if scales and validation is not None:
+        scale = max(
+            scales,
+            key=lambda s: statistics.fmean(
+                evaluator.scored(scale_update(fused, s), config0, validation[t]).accuracy for t in tasks
+            ),
+        )
+    out: dict[str, Any] = {"scale": scale, "tasks": {}}
+    for task in tasks:
+        state, config = states[task]
+        row = out["tasks"][task] = {
+            "own": outcome(evaluator.scored(state, config, data[task])),
+            "fused": outcome(evaluator.scored(fused, config0, data[task])),
+            "mixture": outcome(evaluator.scored(mixed, mixed_config, data[task])),
+            "fused_share": outcome(evaluator.scored(scale_update(state, 1 / n**2), config, data[task])),
+            "mixture_share": outcome(evaluator.scored(scale_update(state, 1 / n), config, data[task])),
+        }
+        if scale is not None:
+            row["scaled"] = outcome(evaluator.scored(scale_update(fused, scale), config0, data[task]))
+    return out
+
+
+def summarise_tasks(per_seed: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """`task_merge_diagnostics` of every seed, as means over seeds and tasks in points (and nats, `_ce`).
+
+    barrier = own - fused = averaging (own - mixture: the tasks' updates interfere) + misalignment
+    (mixture - fused: the cross terms B_s A_t); shrinkage = own - own at 1/N^2.
+    """
+    rows = [row for seed in per_seed for row in seed["tasks"].values()]
+    kinds = ["own", "fused", "mixture", "fused_share", "mixture_share"] + (["scaled"] if "scaled" in rows[0] else [])
+    out: dict[str, float] = {}
+    for key, unit, sign in (("accuracy", "", 100.0), ("cross_entropy", "_ce", -1.0)):
+        mean = {k: statistics.fmean(r[k][key] for r in rows) for k in kinds}
+        out |= {k + unit: abs(sign) * v for k, v in mean.items()}
+        out["barrier" + unit] = sign * (mean["own"] - mean["fused"])
+        out["averaging" + unit] = sign * (mean["own"] - mean["mixture"])
+        out["misalignment" + unit] = sign * (mean["mixture"] - mean["fused"])
+        out["shrinkage" + unit] = sign * (mean["own"] - mean["fused_share"])
+    scales = [s["scale"] for s in per_seed if s["scale"] is not None]
+    if scales:
+        out["scale"] = statistics.fmean(scales)
+    return out
