@@ -13,7 +13,7 @@ UV_FLAGS = -c requirements/torch-cpu.txt $(if $(FIND_LINKS),--find-links $(FIND_
 VERSIONS = import importlib.metadata as m; print(*(f"{p}=={m.version(p)}" for p in \
 	("torch", "transformers", "peft", "accelerate", "flwr", "numpy", "safetensors")))
 
-.PHONY: demo test test-deployment test-fast quality format docs models test-latest test-lowest bench lock clean
+.PHONY: demo test test-deployment test-fast quality format docs models test-latest test-lowest bench bench-llm lock clean
 
 $(STAMP): pyproject.toml Makefile $(LOCKS)
 	rm -rf $(VENV)
@@ -94,6 +94,10 @@ models: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/step_time.py
+
+# SmolLM2-135M: LoRA and CopRA steps beside a plain PEFT + PyTorch SFT step (needs `make models`).
+bench-llm: $(STAMP)
+	$(PY) benchmarks/llm_step_time.py
 
 clean:
 	rm -rf $(VENV) .venv-latest .venv-lowest .venv-lowest.txt results .site
