@@ -133,6 +133,22 @@ def copra_run(config) -> tuple[float, float, float]:
     )
 
 
+def frozen_prefix_share(config, schedule_steps: int) -> float:
+    """Share of the decoder's block forwards a frozen-prefix cache could skip over a whole CopRA schedule.
+
+    From the gates' own draws (no training): at each step, the blocks below the lowest active one. The
+    backward already stops there; a cache (what `copra.models.prefix_cache` does for the encoder) would
+    only save their forward, so this bounds what it can pay.
+    """
+    from copra.core.gates import CopRA
+
+    classifier, _ = build_run(config.replace(method="copra"))
+    gates = CopRA(classifier.encoder, schedule_steps, seed=config.seed)
+    n = len(gates.players)
+    frozen = [next((i for i, on in enumerate(gates.step(t)) if on), n) for t in range(schedule_steps)]
+    return sum(frozen) / (n * schedule_steps)
+
+
 def main() -> None:
     quiet_known_warnings()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -177,6 +193,11 @@ def main() -> None:
             fraction = 100 * flops / seconds / 1e9 / peak
             extra = "" if active is None else f", active fraction {active:.2f}"
             print(f"  {name:40s} {seconds:.3f} s/step  {flops / 1e9:6.1f} GFLOP  {fraction:4.1f}% of peak{extra}")
+    for schedule in (300, 4000):
+        share = frozen_prefix_share(base, schedule)
+        print(
+            f"frozen-prefix cache, {schedule}-step CopRA schedule: at most {100 * share:.1f}% of block forwards skipped"
+        )
 
 
 if __name__ == "__main__":
