@@ -181,3 +181,33 @@ def test_fl_merges_are_the_fusion_of_each_seeds_clients(small_map):
     assert stored["outcomes"][1]["accuracy"] == pytest.approx(merged.accuracy)
     assert row["barrier_fl_dirichlet_1"] == pytest.approx(row["single"] - row["fl_dirichlet_1"])
     assert "| fl_dirichlet_1 | barrier |" in (out / "merge_map.md").read_text()
+
+
+def test_a_cell_that_changes_the_model_is_scored_on_that_model(tiny_text_model, tmp_path):
+    """A depth cell (here a tiny Llama decoder) is evaluated with its own backbone, not the base cell's encoder."""
+    from causal_models import save_tiny_causal_model
+
+    llama = str(save_tiny_causal_model(tmp_path / "llama"))
+    decoder = {"backbone": "causal", "model": llama, "target_modules": ["q_proj", "k_proj", "v_proj"]}
+    config = merge_map.MergeMapConfig(
+        model=tiny_text_model,
+        tasks=["bbc_news"],
+        seeds=[0, 1],
+        methods=["lora"],
+        base={"rank": 2},
+        axes={"depth": [decoder]},
+        validation_examples=12,
+        lr=0.05,
+        output_dir=str(tmp_path / "map"),
+        **{**FAST, "overrides": {"max_length": 16, "precision": "fp32"}},
+    )
+    summary = merge_map.run(config)
+    row = next(r for r in summary["rows"] if r["cell"].startswith("depth="))
+    stored = json.loads(next((tmp_path / "map" / "cells" / "bbc_news").glob("depth=*/lora.json")).read_text())
+    adapters = [load_adapter(a) for a in stored["adapters"]]
+    assert adapters[0][1]["task_type"] == "CAUSAL_LM"
+    cell = config.run_config("bbc_news", decoder, "lora", 0)
+    data = prepare_shared_validation([config.run_config("bbc_news", {}, "lora", s) for s in config.seeds], 12)
+    fresh = Evaluator(cell)  # a classifier built from the decoder's own config
+    single = [fresh.scored(state, adapter_config, data).accuracy for state, adapter_config in adapters]
+    assert row["single"] == pytest.approx(100 * sum(single) / 2)

@@ -182,13 +182,13 @@ def run(config: MergeMapConfig) -> dict:
     for task in config.tasks:
         configs = [config.run_config(task, {}, config.methods[0], s) for s in config.seeds]
         data = prepare_shared_validation(configs, config.validation_examples)
-        evaluator = Evaluator(configs[0])
         for label, cell in cells:
             plan = [(m, s) for m in config.methods for s in config.seeds]
             runs = [
                 (config.run_config(task, cell, m, s), out / "runs" / task / _slug(label) / m / f"seed{s}")
                 for m, s in plan
             ]
+            evaluator = Evaluator(runs[0][0])  # the cell's own backbone: a depth cell changes the model
             results = dict(zip(plan, run_all(runs, config.jobs, config.executor, config.ray_address)))
             for method in config.methods:
                 seed_runs = [results[method, s] for s in config.seeds]
