@@ -271,3 +271,16 @@ def test_a_run_recorded_before_a_field_existed_is_reused_only_when_it_computed_t
         same_run(stored, config.replace(precision="bf16"), tmp_path)
     with pytest.raises(UserError, match="use_dora"):
         same_run(stored, config.replace(use_dora=True), tmp_path)
+
+
+def test_decoder_only_fields_do_not_split_encoder_runs(tiny_text_model, tmp_path):
+    """list_choices / answer_score change nothing an encoder run computes: not compared there; on a decoder they are."""
+    from copra.training.run_folder import same_run
+
+    config = tiny_run_config(tiny_text_model)
+    stored = config.to_dict() | {"list_choices": True, "answer_score": "mean"}
+    same_run(stored, config, tmp_path)
+    with pytest.raises(UserError, match="answer_score='mean'"):
+        same_run(stored | {"backbone": "causal"}, config.replace(backbone="causal"), tmp_path)
+    with pytest.raises(UserError, match="belongs to a run with"):  # a decoder's run is never an encoder's
+        same_run(stored | {"backbone": "causal"}, config, tmp_path)

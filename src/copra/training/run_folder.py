@@ -47,6 +47,9 @@ RESUME_IGNORED = ("progress", "output_dir", "checkpoint_every")
 # Fields added after runs were first recorded, with the value those older runs in effect used (when
 # it is not the field's default): a run recorded before a field existed is the same run only then.
 RECORDED_BEFORE = {"precision": "fp32"}
+# Fields only a decoder LLM (backbone causal) reads: for any other backbone they change nothing a run
+# computes, so they are not compared there (runs recorded while their defaults differed stay reusable)
+CAUSAL_ONLY = ("answer_score", "list_choices")
 
 
 @dataclass
@@ -146,8 +149,9 @@ def same_run(stored: dict, config: TrainConfig, where: Path) -> None:
         raise UserError(f"{where}: holds no run config")
     mine = config.to_dict()
     before = TrainConfig.defaults() | RECORDED_BEFORE
+    causal = "causal" in (config.backbone, stored.get("backbone"))
     for key in sorted(set(stored) | set(mine)):
-        if key in RESUME_IGNORED:
+        if key in RESUME_IGNORED or (key in CAUSAL_ONLY and not causal):
             continue
         theirs = stored.get(key, before.get(key, "<unset>"))
         if key not in mine or theirs != mine[key]:

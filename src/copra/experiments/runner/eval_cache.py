@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from copra.core.config import TrainConfig
+from copra.training.run_folder import CAUSAL_ONLY
 from copra.utils.atomic import write_json, write_text
 
 KEY_VERSION = 1
@@ -47,7 +48,7 @@ _FOLDER: ContextVar[Path | None] = ContextVar("copra_eval_cache", default=None)
 EVAL_IDENTITY = ("backbone", "model", "max_length", "logit_scale", "precision")
 # ... and for a decoder LLM (backbone causal) also how it scores answers; keyed only there, so the keys
 # of every text and CLIP evaluation recorded before these fields existed stay valid
-CAUSAL_EVAL_IDENTITY = ("answer_score", "list_choices")
+CAUSAL_EVAL_IDENTITY = CAUSAL_ONLY
 NOT_EVAL_IDENTITY = (
     "task",
     "data_root",
