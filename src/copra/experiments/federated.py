@@ -13,7 +13,8 @@ Protocol, per method and run seed s (methods share data, split and client seeds,
     = 10000 s + 100 r + i, from its own fresh seeded LoRA init in round 0 (the paper; or one shared
     init with `shared_init`) and from the server's merged adapter in later rounds;
   * the server merges with `fusion`, weights n_i / N (client example counts): FedAvg of A and B
-    (`merge_method` swaps in a rank-keeping PEFT method, e.g. ties or dare_ties, with the same weights);
+    (`merge_method` swaps in a rank-keeping PEFT method, e.g. ties or dare_ties, with the same weights;
+    `dp_noise_multiplier` and `dp_clip_norm` make it differentially private, `copra.federated.privacy`);
   * each client model and the merged model are evaluated on the run's fixed evaluation subset.
 `rounds=1` is the paper's one-shot setting. In multi-round mode each round is a full local run:
 the cosine LR, AdamW state and (CopRA) the keep-probability ramp restart every round.
@@ -37,6 +38,7 @@ from copra.adapters.io import save_peft_model
 from copra.adapters.peft_merge import lora_scaling, merge_states, rescaled, setting_options
 from copra.experiments.runner.common import mean_std, save_figure, write_outputs, zoom_bars
 from copra.federated import robust
+from copra.federated.privacy import GaussianNoise, dp_merge
 from copra.federated.protocol import (
     MAX_CLIENTS,
     MAX_ROUNDS,
@@ -104,8 +106,9 @@ def simulate(
     """Run the federated protocol for one method and seed in this process.
 
     Each round the server screens the replies (`copra.federated.robust.screen`: keys, shapes, dtypes,
-    finite values, update norm), merges the accepted ones and records the rejected ones. With
-    `progress`, the run continues after its last recorded round and records each round it completes.
+    finite values, update norm), merges the accepted ones (with DP: `copra.federated.privacy.dp_merge`)
+    and records the rejected ones. With `progress`, the run continues after its last recorded round
+    (adapter, records, DP noise state) and records each round it completes.
     """
     data = data or prepare_data(config.data_config(seed))
     parts = split_clients(data, config.clients, seed)
@@ -115,18 +118,19 @@ def simulate(
     reference = adapter_state(classifier)  # the keys, shapes and dtypes every reply must have
     start_state = initial_state(config, method, seed, data) if config.shared_init else None
     run = FederatedRun(method, seed, sizes)
-    name = f"{method}-seed{seed}"
+    name, policy, noise_state = f"{method}-seed{seed}", config.policy(), None
     if progress is not None:
-        run.rounds, merged = progress.load(name)
+        run.rounds, merged, noise_state = progress.load(name)
         if merged is not None:
             start_state = run.merged_state = merged
+    noise = GaussianNoise(seed, noise_state) if policy.dp else None  # where the stopped run's noise stood
     for r in range(len(run.rounds), config.rounds):
         results = [
             train(config.client_config(method, seed, r, i), data=part, initial_state=start_state)
             for i, part in enumerate(parts)
         ]
         sent = [robust.apply_fault(res.state, config.fault_of(i, r)) for i, res in enumerate(results)]
-        reasons = robust.screen(reference, sent, config.policy(), start=start_state)
+        reasons = robust.screen(reference, sent, policy, start=start_state)
         accepted = [i for i, why in enumerate(reasons) if why is None]
         rejected = [{"client": i, "reason": why} for i, why in enumerate(reasons) if why is not None]
         if len(accepted) < config.needed_replies:
@@ -135,11 +139,13 @@ def simulate(
                 f"{config.needed_replies} needed (min_reply_fraction {config.min_reply_fraction:g}); "
                 f"first rejected: {rejected[0]}"
             )
-        total = sum(sizes[i] for i in accepted)
+        total, states, dp = sum(sizes[i] for i in accepted), [sent[i] for i in accepted], None
         run.client_states = sent
-        start_state = run.merged_state = aggregate(
-            config, classifier, [sent[i] for i in accepted], [sizes[i] / total for i in accepted], start_state
-        )
+        if noise is not None:  # differential privacy: the noised mean of clipped updates
+            merged, dp = dp_merge(states, start_state, policy.dp_clip_norm, policy.dp_noise_multiplier, noise)
+        else:
+            merged = aggregate(config, classifier, states, [sizes[i] / total for i in accepted], start_state)
+        start_state = run.merged_state = merged
         accs = [res.accuracy for res in results]
         run.rounds.append(
             {
@@ -152,9 +158,10 @@ def simulate(
                 "accepted": accepted,
                 "rejected": rejected,
             }
+            | ({} if dp is None else {"dp": dp})
         )
         if progress is not None:
-            progress.save(name, run.rounds, run.merged_state)
+            progress.save(name, run.rounds, run.merged_state, noise.state() if noise else None)
     return run
 
 
@@ -292,6 +299,13 @@ def render(summary: dict) -> str:
         table(summary),
         "",
     ]
+    if c.get("dp_noise_multiplier"):
+        text += [
+            f"Differentially private merge: each update clipped to L2 norm {c['dp_clip_norm']:g}, unweighted mean, "
+            f"Gaussian noise of std {c['dp_noise_multiplier']:g} x {c['dp_clip_norm']:g} / accepted replies "
+            "(no (epsilon, delta) computed; docs/federated.md).",
+            "",
+        ]
     if c["rounds"] > 1:
         text += [
             "Merged accuracy by round: "

@@ -80,6 +80,10 @@ class FederatedConfig(PerMethodLR):
         10.0  #: reject a reply whose update norm is off the round's median by more than this factor (0: off)
     )
     num_malicious: int = 1  #: bad replies trimmed_mean and krum withstand (cut per end; Krum's f)
+    dp_noise_multiplier: float = (
+        0.0  #: differential privacy: Gaussian noise on the merge, std z * dp_clip_norm / m (0: off)
+    )
+    dp_clip_norm: float = 0.0  #: differential privacy: each update clipped to this L2 norm before the unweighted mean
     min_reply_fraction: float = (
         0.5  #: a round is kept when at least this fraction of the clients' replies was accepted
     )
@@ -106,10 +110,14 @@ class FederatedConfig(PerMethodLR):
                 f"merge_method {self.merge_method!r} changes the rank; the next round trains from the "
                 "merged adapter, so federated learning needs a rank-keeping method"
             )
-        policy = self.policy()  # aggregate, clip_norm, norm_factor, num_malicious
+        policy = self.policy()  # aggregate, clip_norm, norm_factor, num_malicious, the DP settings
         if policy.aggregate != "fusion" and self.merge_method != "fusion":
             raise UserError(
                 f"aggregate {self.aggregate!r} replaces merge_method {self.merge_method!r}; set one of them to fusion"
+            )
+        if policy.dp and self.merge_method != "fusion":
+            raise UserError(
+                f"differential privacy adds noise to a mean: merge_method must be fusion, not {self.merge_method!r}"
             )
         if isinstance(self.min_reply_fraction, bool) or not 0 < self.min_reply_fraction <= 1:
             raise UserError(f"min_reply_fraction must be in (0, 1], got {self.min_reply_fraction!r}")
@@ -125,7 +133,14 @@ class FederatedConfig(PerMethodLR):
 
     def policy(self) -> Policy:
         """How the server screens and aggregates replies (validated there)."""
-        return Policy(self.aggregate, self.clip_norm, self.norm_factor, self.num_malicious)
+        return Policy(
+            self.aggregate,
+            self.clip_norm,
+            self.norm_factor,
+            self.num_malicious,
+            self.dp_noise_multiplier,
+            self.dp_clip_norm,
+        )
 
     @property
     def needed_replies(self) -> int:

@@ -5,7 +5,7 @@ any dtype or shape. `read_reply` turns one reply's content into a `Reply` or a r
 rejects, with a reason each, replies that claim a partition another node claims too, report another
 example count than the server's split gives, or fail `copra.federated.robust.screen` (keys, shapes,
 dtypes, LoRA settings, finite values, update norm); `merge_replies` aggregates the rest with the
-round's `robust.Policy`. Nothing here raises on a bad reply.
+round's `robust.Policy` (with DP, through `copra.federated.privacy`). Nothing here raises on a bad reply.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 
 from copra.core.config import TrainConfig
 from copra.federated import robust
+from copra.federated.privacy import GaussianNoise, dp_merge
 
 Adapter = dict[str, torch.Tensor]
 NUM_EXAMPLES = "num-examples"  # Flower's default weighting key
@@ -122,10 +123,24 @@ def screen_round(
     return [r for r, why in zip(left, reasons) if why is None], rejected
 
 
-def merge_replies(accepted: Sequence[Reply], policy: robust.Policy, start: Adapter | None = None) -> Adapter:
-    """The accepted replies aggregated with `policy` (fusion weights n_i / N over them)."""
+def merge_replies(
+    accepted: Sequence[Reply],
+    policy: robust.Policy,
+    start: Adapter | None = None,
+    noise: GaussianNoise | None = None,
+) -> tuple[Adapter, dict | None]:
+    """(the accepted replies aggregated with `policy`, the round's DP record or None).
+
+    Fusion weights are n_i / N over the accepted replies; with DP (`policy.dp`, drawing from `noise`)
+    the noised unweighted mean of clipped updates (`copra.federated.privacy.dp_merge`).
+    """
+    if policy.dp:
+        if noise is None:
+            raise ValueError("a differentially private merge needs the run's GaussianNoise")
+        states = [r.state for r in accepted]
+        return dp_merge(states, start, policy.dp_clip_norm, policy.dp_noise_multiplier, noise)
     total = sum(r.num_examples for r in accepted)
-    return robust.aggregate(
+    merged = robust.aggregate(
         [r.state for r in accepted],
         [r.num_examples / total for r in accepted],
         policy.aggregate,
@@ -133,3 +148,4 @@ def merge_replies(accepted: Sequence[Reply], policy: robust.Policy, start: Adapt
         start,
         policy.num_malicious,
     )
+    return merged, None

@@ -1,8 +1,9 @@
 """Continuing a federated run from its output folder: the last completed round, the same settings only.
 
 Federated rounds are deterministic given the settings (client seeds are `client_seed(seed, round,
-client)`, the split and the few-shot sample come from the run seed, aggregation has no randomness),
-so what a round leaves behind (the merged adapter and the round records) is all the state there is:
+client)`, the split and the few-shot sample come from the run seed, aggregation has no randomness but
+the DP noise, whose generator state is saved with each round), so what a round leaves behind (the
+merged adapter, the round records, the noise state) is all the state there is:
 a run started again with the same settings continues after the last completed round and ends with
 the adapter an uninterrupted run gives. Settings that differ are refused with one line, before
 anything is written.
@@ -10,12 +11,13 @@ anything is written.
 `copra federated` keeps, under `<output_dir>/progress/`:
 
     settings.json                        the run's settings (what must match to continue)
-    <method>-seed<S>.json                {"rounds": [...], "adapter": "<method>-seed<S>-round<R>.safetensors"}
+    <method>-seed<S>.json                {"rounds": [...], "adapter": "<method>-seed<S>-round<R>.safetensors",
+                                          "noise_rng": the DP noise generator's state (with DP only)}
     <method>-seed<S>-round<R>.safetensors  the merged adapter after round R (safetensors, never pickle)
 
 The adapter of round R is written (atomically) before the record that names it, and the older one is
 removed after, so a kill at any point leaves a record whose adapter exists. The deployment ServerApp
-keeps the same two things in its own layout (history.json, adapter/) and checks settings with
+keeps the same things in its own layout (history.json, merged/round-R/) and checks settings with
 `first_difference`.
 """
 
@@ -78,18 +80,23 @@ class Progress:
         if not (self.folder / SETTINGS_FILE).exists():
             write_json(self.folder / SETTINGS_FILE, settings)
 
-    def load(self, name: str) -> tuple[list[dict], dict[str, torch.Tensor] | None]:
-        """(completed rounds, merged adapter after the last of them) of run `name`; ([], None) if none."""
+    def load(self, name: str) -> tuple[list[dict], dict[str, torch.Tensor] | None, dict | None]:
+        """(completed rounds, merged adapter after the last of them, DP noise state then) of run `name`;
+        ([], None, None) if none."""
         path = self.folder / f"{name}.json"
         if not path.exists():
-            return [], None
+            return [], None, None
         record = _json(path)
-        return record["rounds"], read_safetensors(self.folder / record["adapter"])
+        return record["rounds"], read_safetensors(self.folder / record["adapter"]), record.get("noise_rng")
 
-    def save(self, name: str, rounds: list[dict], merged: dict[str, torch.Tensor]) -> None:
-        """Record run `name` after its round len(rounds): the adapter first, then the record, then drop the old adapter."""
+    def save(
+        self, name: str, rounds: list[dict], merged: dict[str, torch.Tensor], noise_rng: dict | None = None
+    ) -> None:
+        """Record run `name` after its round len(rounds): the adapter first, then the record (with the DP noise
+        generator's state, if any), then drop the old adapter."""
         adapter = f"{name}-round{len(rounds)}.safetensors"
         write_bytes(self.folder / adapter, save({k: v.detach().cpu().contiguous() for k, v in merged.items()}))
-        write_json(self.folder / f"{name}.json", {"rounds": rounds, "adapter": adapter})
+        record = {"rounds": rounds, "adapter": adapter} | ({} if noise_rng is None else {"noise_rng": noise_rng})
+        write_json(self.folder / f"{name}.json", record)
         old = self.folder / f"{name}-round{len(rounds) - 1}.safetensors"
         old.unlink(missing_ok=True)

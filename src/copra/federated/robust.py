@@ -21,6 +21,7 @@ Here, stateless functions on adapter state dicts (PEFT keys), as Flower's `aggre
     `clip_norm` first scales each update down to that L2 norm (theta_start + min(1, c/||u||) u).
 
 Robust rules other than fusion ignore the weights (as Flower's do) and need flwr, imported on use.
+`Policy` also holds the differential-privacy settings; their merge is `copra.federated.privacy.dp_merge`.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ FAULTS = ("nan", "scale100")  # what a test client can be made to send (`Federat
 
 @dataclass(frozen=True)
 class Policy:
-    """How a server screens and aggregates a round's replies (the four settings of every runner)."""
+    """How a server screens and aggregates a round's replies (the same settings in every runner)."""
 
     aggregate: str = "fusion"  #: fusion | trimmed_mean | median | krum
     clip_norm: float = 0.0  #: each update is scaled down to this L2 norm before aggregating (0: off)
@@ -52,11 +53,13 @@ class Policy:
         10.0  #: reject a reply whose update norm is off the round's median by more than this factor (0: off)
     )
     num_malicious: int = 1  #: bad replies the robust rules withstand: trimmed_mean cuts this many per end, krum's f
+    dp_noise_multiplier: float = 0.0  #: differential privacy (copra.federated.privacy): noise std / S/m (0: off)
+    dp_clip_norm: float = 0.0  #: differential privacy: each update clipped to this L2 norm before the mean
 
     def __post_init__(self) -> None:
         if self.aggregate not in AGGREGATES:
             raise UserError(f"unknown aggregate {self.aggregate!r}; choose from {', '.join(AGGREGATES)}")
-        for name in ("clip_norm", "norm_factor"):
+        for name in ("clip_norm", "norm_factor", "dp_noise_multiplier", "dp_clip_norm"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise UserError(f"{name} must be a finite number >= 0 (0: off), got {value!r}")
@@ -64,6 +67,34 @@ class Policy:
             raise UserError(f"norm_factor must be 0 (off) or above 1, got {self.norm_factor!r}")
         if isinstance(self.num_malicious, bool) or not isinstance(self.num_malicious, int) or self.num_malicious < 0:
             raise UserError(f"num_malicious must be an integer >= 0, got {self.num_malicious!r}")
+        if self.dp:
+            _check_privacy(self)
+        elif self.dp_clip_norm:
+            raise UserError(
+                "dp_clip_norm is set but dp_noise_multiplier is 0 (no DP); set both, or clip_norm to clip alone"
+            )
+
+    @property
+    def dp(self) -> bool:
+        """Whether the merge is differentially private (Gaussian noise on the mean of clipped updates)."""
+        return self.dp_noise_multiplier > 0
+
+
+def _check_privacy(policy: Policy) -> None:
+    """DP's noise is calibrated to one client's largest effect on the mean, so nothing else may change that effect."""
+    if not policy.dp_clip_norm:
+        raise UserError("dp_noise_multiplier needs dp_clip_norm > 0: the noise is scaled to it")
+    if policy.aggregate != "fusion":
+        raise UserError(
+            f"differential privacy adds noise to a mean: aggregate must be fusion, not {policy.aggregate!r}"
+        )
+    if policy.clip_norm:
+        raise UserError("dp_clip_norm already clips every update; set clip_norm to 0")
+    if policy.norm_factor:
+        raise UserError(
+            "with differential privacy set norm_factor=0: the norm test merges a reply or not by the round's median, "
+            "so one client's data could drop another's (dp_clip_norm bounds every reply instead)"
+        )
 
 
 def lora_rank(key: str, shape: tuple[int, ...]) -> int | None:

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from copra.federated.flower import require_flwr
+from copra.federated.privacy import GaussianNoise
 from copra.federated.protocol import Adapter, FederatedConfig, initial_state, split_clients
 from copra.federated.replies import (
     NUM_EXAMPLES,
@@ -117,7 +118,8 @@ def fusion_strategy_class() -> type:
         replies must report) and `sizes` (example count per partition) set the screening
         (`copra.federated.replies.screen_round`). `history` keeps, per round, the accepted clients'
         adapters, sizes and accuracies (by partition id), the rejected replies with their reasons and
-        the failures, for the caller to inspect.
+        the failures, for the caller to inspect. A DP `policy` draws from `noise` (the run's
+        `privacy.GaussianNoise`); `dp_records[round]` is what each merge added.
         """
 
         def __init__(
@@ -127,12 +129,14 @@ def fusion_strategy_class() -> type:
             policy: Policy | None = None,
             expected_lora: dict | None = None,
             sizes: list[int] | None = None,
+            noise: GaussianNoise | None = None,
             **kwargs: Any,
         ) -> None:
             super().__init__(*args, **kwargs)
             self.history: list[dict] = []
             self.reference, self.policy = reference, policy or Policy()
-            self.expected_lora, self.sizes = expected_lora, sizes
+            self.expected_lora, self.sizes, self.noise = expected_lora, sizes, noise
+            self.dp_records: dict[int, dict] = {}  # round -> the DP merge's record (clip, noise std, ...)
             self.starts: dict[int, Adapter | None] = {}  # round -> the adapter it sent (None: clients' own inits)
 
         def remember_start(self, server_round: int, arrays: ArrayRecord) -> None:
@@ -164,7 +168,9 @@ def fusion_strategy_class() -> type:
 
         def merge(self, server_round: int, accepted: list) -> tuple[ArrayRecord, MetricRecord]:
             """The accepted replies' aggregate, and their example-weighted accuracy."""
-            merged = merge_replies(accepted, self.policy, self.starts.get(server_round))
+            merged, dp = merge_replies(accepted, self.policy, self.starts.get(server_round), self.noise)
+            if dp is not None:
+                self.dp_records[server_round] = dp
             total = sum(r.num_examples for r in accepted)
             accuracy = sum(r.num_examples * r.accuracy for r in accepted) / total
             return to_record(merged), MetricRecord({NUM_EXAMPLES: total, "accuracy": accuracy})
@@ -195,10 +201,12 @@ def server_app(
     outcome: dict,
     initial: Adapter | None = None,
     sizes: list[int] | None = None,
+    noise: GaussianNoise | None = None,
 ):
     """A Flower ServerApp running `config.rounds` rounds of FusionFedAvg; results go into `outcome`.
 
-    `sizes`: the example count of each partition, which replies must report (None: not checked).
+    `sizes`: the example count of each partition, which replies must report (None: not checked);
+    `noise`: the run's DP noise source (needed when `config.policy().dp`).
 
     Merged adapters are evaluated centrally (every client shares the evaluation set): loaded into
     `classifier` and scored by `copra.models.evaluation.state_accuracy`, the one scoring path.
@@ -220,6 +228,7 @@ def server_app(
             policy=config.policy(),
             expected_lora=lora_settings(config.client_config(config.methods[0], config.seeds[0], 0, 0)),
             sizes=sizes,
+            noise=noise,
         )
         outcome["strategy"] = strategy
         outcome["result"] = strategy.start(
@@ -273,6 +282,7 @@ def run_flower_simulation(
     initial = None
     if config.shared_init:
         initial = initial_state(config, method, seed, data)
+    noise = GaussianNoise(seed) if config.policy().dp else None
     cpus = min(config.clients, os.cpu_count() or 1)
     backend_config = backend_config or {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
@@ -283,7 +293,9 @@ def run_flower_simulation(
     start = time.perf_counter()
     try:
         run_simulation(
-            server_app=server_app(config, data, classifier, outcome, initial, [len(p.train_x) for p in partitions]),
+            server_app=server_app(
+                config, data, classifier, outcome, initial, [len(p.train_x) for p in partitions], noise
+            ),
             client_app=client_app(config, method, seed, partitions),
             num_supernodes=config.clients,
             backend_config=backend_config,

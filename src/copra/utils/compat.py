@@ -7,8 +7,9 @@ versions it was checked against. `tests/test_compat.py` runs every path that is 
 
 Checked: the mask and gating paths on transformers 4.45-5.24, peft 0.13-0.21, torch 2.13-2.14
 (`make test-lowest`, `make test-latest`); `fold_rslora_scaling` on peft 0.21 only (its test fails on 0.13).
-Flower needs nothing here: copra.federated.simulation subclasses FedAvg through its documented `aggregate_train`
-hook and reads back only the constructor's own arguments (`weighted_by_key`, `train_metrics_aggr_fn`).
+Flower: copra.federated.simulation subclasses FedAvg through its documented `aggregate_train` hook and reads
+back only the constructor's own arguments (`weighted_by_key`, `train_metrics_aggr_fn`); the one internal is the
+clipping and noise scale of Flower's server-side DP wrapper (`flower_fixed_clipping`, flwr 1.41-1.42).
 """
 
 from __future__ import annotations
@@ -205,6 +206,32 @@ def fold_rslora_scaling(peft_model: PeftModel, adapter_name: str) -> bool:
     return True
 
 
+# -- flwr: server-side fixed clipping of differential privacy ----------------------------------------
+def flower_fixed_clipping(
+    replies: Sequence[list[Any]], start: list[Any], clip_norm: float, noise_multiplier: float
+) -> tuple[list[list[Any]], float]:
+    """(each reply as start + its update clipped to L2 norm `clip_norm`, the std of the noise for their mean).
+
+    What `flwr.serverapp.strategy.DifferentialPrivacyServerSideFixedClipping.aggregate_train` (public) does
+    before and after it averages, through the functions it calls: `compute_clip_model_update` and
+    `compute_stdv` (noise_multiplier * clip_norm / len(replies)) of the internal
+    `flwr.supercore.differential_privacy` (identical in flwr 1.41 and 1.42; `flwr.common.differential_privacy`
+    in 1.30). copra cannot hand its replies to the wrapper itself (copra.federated.privacy says why).
+    Arrays are lists of numpy arrays in one key order. Flower divides by the update's norm, so a zero
+    update is passed through unchanged rather than to a ZeroDivisionError.
+    """
+    import numpy as np
+    from flwr.supercore.differential_privacy import compute_clip_model_update, compute_stdv
+
+    clipped = []
+    for reply in replies:
+        arrays = list(reply)
+        if any(np.any(a != s) for a, s in zip(arrays, start)):
+            compute_clip_model_update(arrays, list(start), clip_norm)  # arrays[i] = start[i] + clipped update
+        clipped.append(arrays)
+    return clipped, compute_stdv(noise_multiplier, clip_norm, len(replies))
+
+
 # -- warnings from other libraries that are not the user's concern ----------------------------------
 # peft 0.17-0.21 calls `is_gradient_checkpointing`, which transformers 5 deprecates.
 KNOWN_WARNINGS = (("`is_gradient_checkpointing` is deprecated", FutureWarning),)
@@ -221,6 +248,7 @@ __all__ = [
     "attention_mask_builder",
     "bidirectional_mask_builder",
     "checkpoint_file",
+    "flower_fixed_clipping",
     "legacy_mask_builder",
     "memoized_forward",
     "quiet_known_warnings",
