@@ -18,6 +18,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict 
 from copra.adapters.merge import fusion  # noqa: E402
 from copra.federated.app.settings import DeploySettings, from_run_config  # noqa: E402
 from copra.federated.app.strategy import DeploymentFusion, RoundFailed  # noqa: E402
+from copra.federated.privacy import GaussianNoise, dp_merge  # noqa: E402
 from copra.federated.replies import read_reply, to_record  # noqa: E402
 from copra.federated.robust import apply_fault  # noqa: E402
 from copra.utils.errors import UserError  # noqa: E402
@@ -135,6 +136,27 @@ def test_the_settings_validate_the_robust_keys():
     for bad in ({"aggregate": "mean"}, {"clip-norm": -1.0}, {"norm-factor": 0.5}, {"faults": "5=nan"}):
         with pytest.raises(UserError):
             from_run_config(bad)
+    dp = from_run_config({"dp-noise-multiplier": 1.0, "dp-clip-norm": 0.5, "norm-factor": 0.0})
+    assert dp.policy().dp and (dp.federated().dp_noise_multiplier, dp.federated().dp_clip_norm) == (1.0, 0.5)
+    for bad in ({"dp-noise-multiplier": 1.0, "norm-factor": 0.0}, {"dp-clip-norm": -1.0}, {"dp-clip-norm": 1.0}):
+        with pytest.raises(UserError, match="dp_"):
+            from_run_config(bad)
+
+
+def test_a_dp_server_screens_first_then_merges_the_noised_mean_of_clipped_updates():
+    strategy = strategy_for(dp_noise_multiplier=0.7, dp_clip_norm=0.05, norm_factor=0.0)
+    good = [state(i, START) for i in range(3)]  # updates of norm ~0.4: all clipped to 0.05
+    wrong_shape = good[0] | {"m.lora_B.weight": torch.zeros(4, 3)}  # Flower's own wrapper would raise on it
+    replies = [reply(10 + i, content(i, SIZES[i], good[i])) for i in range(3)]
+    arrays, _ = strategy.aggregate_train(1, [*replies, reply(13, content(3, SIZES[3], wrong_shape))])
+    entry = strategy.history[-1]
+    assert [r["partition_id"] for r in entry["rejected"]] == [3] and entry["clients"] == [0, 1, 2]
+    noise = GaussianNoise(0)  # the run seed's generator, its first draw
+    want, record = dp_merge(good, START, 0.05, 0.7, noise)
+    merged = arrays.to_torch_state_dict()
+    assert all(torch.equal(merged[k], want[k]) for k in want)
+    assert entry["dp"] == record and record["noise_std"] == pytest.approx(0.7 * 0.05 / 3) and record["clipped"] == 3
+    assert entry["noise_rng"] == noise.state() != GaussianNoise(0).state()  # what a resumed server draws on from
 
 
 # --- fuzzed replies: each one rejected with a recorded reason, never a crash --------------------------------
@@ -230,3 +252,35 @@ def test_server_record_resumes_after_the_last_round_and_refuses_other_settings(t
         RunRecord(changed, out, run_id=3)
     assert (out / "history.json").read_bytes() == before
     assert json.loads(before)["status"] == "running"
+
+
+def test_a_resumed_server_keeps_the_node_partitions_and_the_dp_noise_state(tmp_path, tiny_text_model):
+    from copra.federated.app.server_app import RunRecord
+    from copra.models.evaluation import prepare_data
+    from copra.training.loop import build_run
+
+    settings = DeploySettings(
+        model=tiny_text_model, clients=2, rounds=3, shots=2, steps=2, batch_size=4, eval_examples=20,
+        overrides="max_length=16", output_dir=str(tmp_path / "out"), dp_noise_multiplier=1.0, dp_clip_norm=1.0,
+        norm_factor=0.0,
+    )  # fmt: skip
+    out = settings.output(1)
+    config = settings.federated()
+    evaluator, _ = build_run(config.client_config("copra", 0, 0, 0), prepare_data(config.data_config(0)))
+    noise = GaussianNoise(0)
+    noise.normal(1.0, (3,))
+    dp = {"clip_norm": 1.0, "noise_multiplier": 1.0, "noise_std": 0.5, "replies": 2, "clipped": 2}
+    entry = {"round": 1, "sent_to": [5, 6], "answered": [], "rejected": [], "failed": [], "seconds": 1.0}
+    extra = {"client_states": [], "dp": dp, "noise_rng": noise.state(), "node_partitions": {5: 0, 6: 1}}
+    RunRecord(settings, out, run_id=1).add_round(entry | extra, evaluator, 0.5)
+    history = json.loads((out / "history.json").read_text())
+    assert history["settings"]["dp_noise_multiplier"] == 1.0 and history["rounds"][0]["dp"] == dp
+    again = RunRecord(settings, out, run_id=2)  # the ServerApp killed after round 1, started again
+    assert again.node_partitions() == {5: 0, 6: 1} and again.noise_state() == noise.state()
+    strategy = DeploymentFusion(
+        settings, first_round=2, noise_state=again.noise_state(), partition_of=again.node_partitions()
+    )
+    assert strategy.noise.state() == noise.state()
+    strategy.sent[1], strategy.asked[1], strategy.closed[1] = [5, 6], {}, "round-timeout 600 s"
+    failed = strategy.failures(1, [])  # neither node answers the resumed round: both failures name their partition
+    assert [(f["node_id"], f["partition_id"]) for f in failed] == [(5, 0), (6, 1)]

@@ -5,7 +5,9 @@ Output folder (run config `output-dir`, on the machine that runs the ServerApp):
     history.json                       status (running / finished / failed), error, settings, resumes,
                                        and per round: nodes asked, replies accepted (node, partition,
                                        examples, accuracy), replies rejected (node, partition, reason),
-                                       nodes that failed (reason), merged accuracy, seconds
+                                       nodes that failed (reason), merged accuracy, seconds, the DP
+                                       record (clip, noise std); node_partitions and noise_rng (the DP
+                                       noise generator's state) as of the last round, for a resume
     adapter/                           the merged adapter of the last kept round (PEFT folder)
     merged/round-R/                    the merged adapter of round R (what a resumed run starts from)
     clients/round-R/partition-I/       what client I sent in round R, if it was accepted (PEFT folder)
@@ -22,6 +24,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 from copra.federated.flower import require_flwr
 
@@ -43,6 +46,7 @@ from copra.utils.errors import UserError  # noqa: E402
 
 HISTORY_FILE = "history.json"
 ADAPTER_DIR = "adapter"
+RESUMED = ("node_partitions", "noise_rng")  # carried over to a resumed run with the rounds
 
 app = ServerApp()
 
@@ -56,7 +60,7 @@ class RunRecord:
         if previous is not None:  # refused before anything is written
             refuse_other_settings(previous.get("settings", {}), json.loads(json.dumps(settings.to_dict())), out)
         self.done = 0 if previous is None else len(previous["rounds"])
-        self.data = {
+        self.data: dict[str, Any] = {
             "run_id": run_id,
             "status": "running",
             "error": None,
@@ -71,7 +75,7 @@ class RunRecord:
             self.data |= {
                 "rounds": previous["rounds"],
                 "resumes": previous.get("resumes", []) + [stop | {"after_round": self.done, "by_run_id": run_id}],
-            }
+            } | {k: previous[k] for k in RESUMED if k in previous}
             self.base_seconds = float(previous.get("wall_seconds", 0.0))
         else:
             self.base_seconds = 0.0
@@ -84,6 +88,14 @@ class RunRecord:
         folder = self.out / "merged" / f"round-{self.done}"
         state, _ = load_adapter(folder)
         return state
+
+    def node_partitions(self) -> dict[int, int]:
+        """Node id -> partition id, as far as the recorded rounds' replies told (JSON keys are strings)."""
+        return {int(node): partition for node, partition in self.data.get("node_partitions", {}).items()}
+
+    def noise_state(self) -> dict | None:
+        """The DP noise generator's state after the last recorded round (None: no DP, or no round yet)."""
+        return self.data.get("noise_rng")
 
     def write(self) -> None:
         self.data["wall_seconds"] = self.base_seconds + time.monotonic() - self.started
@@ -111,7 +123,11 @@ class RunRecord:
         }
         save_peft_model(evaluator.encoder, self.out / "merged" / f"round-{entry['round']}", meta)
         keep = ("round", "sent_to", "answered", "rejected", "failed", "seconds")
-        self.data["rounds"].append({k: entry[k] for k in keep} | {"merged_accuracy": accuracy})
+        row = {k: entry[k] for k in keep} | {"merged_accuracy": accuracy}
+        self.data["rounds"].append(row | ({"dp": entry["dp"]} if entry.get("dp") else {}))
+        self.data["node_partitions"] = {str(n): p for n, p in entry.get("node_partitions", {}).items()}
+        if entry.get("noise_rng") is not None:
+            self.data["noise_rng"] = entry["noise_rng"]  # written with the round it follows, so they resume together
         self.write()
         save_peft_model(evaluator.encoder, self.out / ADAPTER_DIR, meta)
 
@@ -153,6 +169,8 @@ def main(grid: Grid, context: Context) -> None:
             expected_lora=lora_settings(first),
             sizes=[len(p.train_x) for p in parts],
             first_round=record.done + 1,
+            noise_state=record.noise_state(),
+            partition_of=record.node_partitions(),
         )
         start = record.start_state()
         if start is None and settings.shared_init:

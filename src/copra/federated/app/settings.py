@@ -54,6 +54,10 @@ class DeploySettings:
         FederatedConfig.norm_factor
     )  #: reject a reply whose update norm is off the round's median by more than this factor (0: off)
     num_malicious: int = FederatedConfig.num_malicious  #: bad replies trimmed_mean and krum withstand
+    dp_noise_multiplier: float = FederatedConfig.dp_noise_multiplier  #: DP noise, std z * dp-clip-norm / m (0: off)
+    dp_clip_norm: float = (
+        FederatedConfig.dp_clip_norm
+    )  #: DP: each update clipped to this L2 norm (copra.federated.privacy)
     faults: str = (
         ""  #: test clients that misbehave, "CLIENT=FAULT[@ROUND] ..." (nan, scale100); for trying the defence
     )
@@ -94,6 +98,8 @@ class DeploySettings:
             clip_norm=self.clip_norm,
             norm_factor=self.norm_factor,
             num_malicious=self.num_malicious,
+            dp_noise_multiplier=self.dp_noise_multiplier,
+            dp_clip_norm=self.dp_clip_norm,
             min_reply_fraction=self.min_reply_fraction,
             faults=self.faults.split(),
             output_dir=self.output_dir or ".",
@@ -112,7 +118,14 @@ class DeploySettings:
 
     def policy(self) -> Policy:
         """How the ServerApp screens and aggregates replies."""
-        return Policy(self.aggregate, self.clip_norm, self.norm_factor, self.num_malicious)
+        return Policy(
+            self.aggregate,
+            self.clip_norm,
+            self.norm_factor,
+            self.num_malicious,
+            self.dp_noise_multiplier,
+            self.dp_clip_norm,
+        )
 
     def output(self, run_id: int) -> Path:
         return (

@@ -15,7 +15,8 @@ Flower's own FedAvg waits for `min_available_nodes` without a time limit (`sampl
     when at least ceil(min_reply_fraction * clients) replies were accepted, else the run stops
     (`RoundFailed`).
   * `first_round` > 1 continues a run (the ServerApp's resume): Flower's round r is the run's round
-    r + first_round - 1, in the clients' messages and in every record.
+    r + first_round - 1, in the clients' messages and in every record; `noise_state` (the DP noise
+    generator's) and `partition_of` (node id -> partition, for the failure records) continue too.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid  # noqa: E402
 
 from copra.federated.app.settings import DeploySettings  # noqa: E402
+from copra.federated.privacy import GaussianNoise  # noqa: E402
 from copra.federated.protocol import Adapter  # noqa: E402
 
 
@@ -48,24 +50,28 @@ class DeploymentFusion(fusion_strategy_class()):
         expected_lora: dict | None = None,
         sizes: list[int] | None = None,
         first_round: int = 1,
+        noise_state: dict | None = None,
+        partition_of: dict[int, int] | None = None,
     ) -> None:
         self.settings = settings
         self.min_train = settings.min_train_nodes or settings.needed_replies
+        policy = settings.policy()
         super().__init__(
             fraction_train=1.0,
             fraction_evaluate=0.0,
             min_train_nodes=self.min_train,
             min_available_nodes=settings.wanted_nodes,
             reference=reference,
-            policy=settings.policy(),
+            policy=policy,
             expected_lora=expected_lora,
             sizes=sizes,
+            noise=GaussianNoise(settings.seed, noise_state) if policy.dp else None,
         )
         self.offset = first_round - 1  # a resumed run: Flower counts from 1, the run from first_round
         self.sent: dict[int, list[int]] = {}  # round -> node ids asked
         self.asked: dict[int, dict[str, int]] = {}  # round -> {message id: node id}
         self.closed: dict[int, str] = {}  # round -> why the reply wait ended
-        self.partition_of: dict[int, int] = {}  # node id -> partition id, learnt from replies
+        self.partition_of = dict(partition_of or {})  # node id -> partition id, learnt from replies (and resumed)
         self.round_started: dict[int, float] = {}
         self.stopped: dict | None = None  # the round record that stopped the run
 
@@ -162,6 +168,9 @@ class DeploymentFusion(fusion_strategy_class()):
                 "clients": [r.partition_id for r in accepted],
                 "client_states": [r.state for r in accepted],
                 "seconds": time.monotonic() - self.round_started[server_round],
+                "dp": self.dp_records.get(server_round),
+                "noise_rng": None if self.noise is None else self.noise.state(),  # what a resumed run draws on from
+                "node_partitions": dict(self.partition_of),
             }
         )
         return arrays, metrics
