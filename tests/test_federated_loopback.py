@@ -109,6 +109,8 @@ def test_bad_node_killed_node_and_killed_server_leave_the_honest_robust_merge(cl
     assert "NaN or inf" in history["rounds"][1]["rejected"][0]["reason"]
     assert "by more than x10" in history["rounds"][2]["rejected"][0]["reason"]
     print("\nfailures recorded:", [(r["round"], r["failed"]) for r in history["rounds"]])
+    # every failed node had answered before (node 1's old id): its partition is known, after the resume too
+    assert all(f["partition_id"] is not None for r in history["rounds"] for f in r["failed"])
     want = in_process(tiny_text_model)  # the same faults, screened the same way, in one process
     assert [r["accepted"] for r in want.rounds] == [[0, 1, 2], [0, 1], [0, 1], [0, 1, 2]]
     merged, _ = load_adapter(out / "adapter")
