@@ -35,6 +35,8 @@ METHODS = ("lora", "copra")
 RESERVED_KEYS = ("task", "method", "seed", "output_dir", "progress", "train_file", "test_file")
 BACKBONES = ("text", "clip", "causal")
 ANSWER_SCORES = ("sum", "mean")  # causal: a class scores its answer tokens' log-probabilities summed or averaged
+# Accelerate trackers the training loop can log to (copra.training.tracking); "none" logs nothing
+REPORT_TO = ("none", "tensorboard", "mlflow")
 
 
 def check_lrs(lrs: dict, methods: Iterable[str]) -> None:
@@ -120,6 +122,7 @@ class TrainConfig:
     save_early: bool = False  #: also save the Early CopRA checkpoint at T/4
     snapshot_every: int = 0  #: also save the adapter every this many steps in output_dir/snapshots/step-N (0: none)
     progress: bool = True  #: show a progress bar
+    report_to: str = "none"  #: "tensorboard" or "mlflow": loss, lr, p(t), active gates per step in output_dir/logs
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -153,6 +156,8 @@ class TrainConfig:
         self.gate_schedule()  # initial_p, final_p, ramp_fraction, ramp
         if self.lr_schedule not in LR_SCHEDULES:
             raise UserError(f"lr_schedule must be one of {list(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if self.report_to not in REPORT_TO:
+            raise UserError(f"report_to must be one of {list(REPORT_TO)}, got {self.report_to!r}")
         if self.precision not in PRECISIONS:
             raise UserError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
         if self.granularity not in GRANULARITIES:

@@ -10,6 +10,7 @@ killed run to the very adapter an uninterrupted run gives. The batch order is re
 checkpoint's step and the gates depend only on (seed, step), so neither needs saved state.
 A NaN/inf loss or weight stops the run (TrainingDiverged) before anything bad is written.
 What the loop reads from and leaves in its output folder is `copra.training.run_folder` (re-exported here).
+`config.report_to` logs every step to TensorBoard or MLflow through Accelerate (`copra.training.tracking`).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from copra.training.run_folder import (
 from copra.training.run_folder import (
     save_training_checkpoint as _save_checkpoint,  # a test hook: looked up at call time
 )
+from copra.training.tracking import accelerator_options, check_tracker, end_tracking, log_step, start_tracking
 from copra.utils.errors import ResourceError, UserError
 from copra.utils.locks import folder_lock
 from copra.utils.precision import grad_scaler
@@ -113,6 +115,7 @@ def train(
     precision = resolve_precision(config.precision)  # fp16 on a CPU: one error line before anything is written
     if resume and out is None:
         raise UserError("resuming needs the output folder that holds the checkpoint")
+    check_tracker(config.report_to, out)  # a missing tracker package is one line before anything is written
     if out is not None:
         check_writable(out)
     with folder_lock(out) if out is not None else nullcontext():  # one owner per run folder (re-entrant)
@@ -152,15 +155,19 @@ def _train(
                 f"precision={config.precision} as {precision}; set precision to match or use --force"
             )
     loop = _Loop(config, data, out, initial_state, precision)
-    loop.start(checkpoint)
-    for step in loop.bar:
-        step_start = time.perf_counter()
-        loss_value = loop.step(step)
-        loop.result.step_seconds.append(time.perf_counter() - step_start)
-        loop.result.losses.append(loss_value)
-        loop.bar.set_postfix(loss=f"{loss_value:.3f}")
-        loop.after_step(step + 1)
-    return loop.finish()
+    try:
+        loop.start(checkpoint)
+        for step in loop.bar:
+            step_start = time.perf_counter()
+            loss_value = loop.step(step)
+            loop.result.step_seconds.append(time.perf_counter() - step_start)
+            loop.result.losses.append(loss_value)
+            loop.bar.set_postfix(loss=f"{loss_value:.3f}")
+            loop.log(step, loss_value)
+            loop.after_step(step + 1)
+        return loop.finish()
+    finally:
+        end_tracking(loop.accelerator)  # a diverged or killed run's logs are flushed too
 
 
 class _Loop:
@@ -188,7 +195,7 @@ class _Loop:
         self.named = [(n, p) for n, p in self.classifier.named_parameters() if p.requires_grad]
         self.params = [p for _, p in self.named]
         optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
-        self.accelerator = make_accelerator()
+        self.accelerator = make_accelerator(**accelerator_options(config.report_to, out))
         # `model` is DDP-wrapped under `accelerate launch`
         self.model, self.optimizer = self.accelerator.prepare(self.classifier, optimizer)
         self.out = out if self.accelerator.is_main_process else None  # one process writes adapters and checkpoints
@@ -217,6 +224,7 @@ class _Loop:
                 next(self.order)
         elif self.out is not None:
             clear_run(self.out)  # an earlier run's checkpoints and result.json no longer describe this folder
+        start_tracking(self.accelerator, self.config)  # after clear_run, which removes an earlier run's logs
         self.result.resumed_from = first_step if checkpoint is not None else None
         self.classifier.train()
         config = self.config
@@ -251,6 +259,13 @@ class _Loop:
             raise self._diverged(f"loss became {loss_value} at step {step}")
         self._update(step)
         return loss_value
+
+    def log(self, step: int, loss_value: float) -> None:
+        """Step `step`'s loss, lr, p(t) and active-gate fraction to the trackers, if `report_to` names one."""
+        mask = self.result.masks[-1] if self.gates is not None else None
+        p = self.gates.probability(step) if self.gates is not None else 1.0
+        active = sum(mask) / len(mask) if mask else 1.0
+        log_step(self.accelerator, step, loss_value, lr_at(step, self.config), p, active)
 
     def _update(self, step: int) -> None:
         try:
@@ -334,16 +349,17 @@ class _Loop:
         return TrainingDiverged(f"{what}; lower lr (now {self.config.lr}){where}")
 
 
-def make_accelerator():
+def make_accelerator(**options):
     """Hugging Face Accelerate: a no-op wrapper in one process, data-parallel DDP under `accelerate launch`.
 
     Gated-off adapters get no gradient in a step, so DDP must not wait for them
     (find_unused_parameters); every process draws the same gates, seeded by (seed, step).
+    `options` go to `Accelerator` (the trackers of `tracking.accelerator_options`).
     """
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
-    return Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    return Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)], **options)
 
 
 def _out_of_memory(error: RuntimeError) -> bool:

@@ -42,8 +42,9 @@ from copra.utils.errors import UserError
 
 RESULT_FILE = "result.json"
 SNAPSHOTS_DIR = "snapshots"  # adapters saved every `snapshot_every` steps
+LOGS_DIR = "logs"  # TrainConfig.report_to's tracker logs (copra.training.tracking)
 # config fields that may differ between a checkpoint and the run resuming it (they change no number)
-RESUME_IGNORED = ("progress", "output_dir", "checkpoint_every")
+RESUME_IGNORED = ("progress", "output_dir", "checkpoint_every", "report_to")
 # Fields added after runs were first recorded, with the value those older runs in effect used (when
 # it is not the field's default): a run recorded before a field existed is the same run only then.
 RECORDED_BEFORE = {"precision": "fp32"}
@@ -195,9 +196,10 @@ def _finished_run(out: Path, config: TrainConfig) -> RunResult:
 
 
 def clear_run(out: Path) -> None:
-    """Forget an earlier run in `out`: its checkpoints, snapshots and result.json no longer describe it."""
+    """Forget an earlier run in `out`: its checkpoints, snapshots, tracker logs and result.json no longer describe it."""
     remove_leftovers(out)
     shutil.rmtree(out / SNAPSHOTS_DIR, ignore_errors=True)
+    shutil.rmtree(out / LOGS_DIR, ignore_errors=True)
     remove_checkpoints(out / CHECKPOINTS_DIR)
     (out / RESULT_FILE).unlink(missing_ok=True)
 
