@@ -64,7 +64,7 @@ test-latest:
 	.venv-latest/bin/pip install -q --upgrade pip
 	# Everything at its newest but torch, held at the CPU build (newer torch wheels here are CUDA builds).
 	.venv-latest/bin/pip install -q --upgrade --upgrade-strategy eager -c requirements/torch-cpu.txt \
-		-e '.[test,federated,files]'
+		-e '.[test,federated,files,llm]'
 	.venv-latest/bin/pip install -q --no-deps -r requirements/embedded.in
 	.venv-latest/bin/python -c '$(VERSIONS)'
 	.venv-latest/bin/python -m pytest -q -p no:cacheprovider

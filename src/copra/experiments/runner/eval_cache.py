@@ -85,7 +85,8 @@ NOT_EVAL_IDENTITY = (
     "checkpoint_every",
     "save_early",
     "snapshot_every",
-    "progress",  # training only
+    "progress",
+    "report_to",  # training only
 )
 
 

@@ -36,7 +36,7 @@ from copra.utils.errors import UserError
 
 EXECUTORS = ("local", "ray")  # local: this process or `jobs` spawned processes; ray: one Ray task per run
 _STORE: ContextVar[Path | None] = ContextVar("copra_run_store", default=None)
-NOT_RUN_IDENTITY = ("output_dir", "progress")  # where and how loudly a run trains: not which run it is
+NOT_RUN_IDENTITY = ("output_dir", "progress", "report_to")  # where and how loudly a run trains, where it logs
 
 
 def run_name(config: TrainConfig) -> str:
