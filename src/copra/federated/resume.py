@@ -18,7 +18,8 @@ anything is written.
 The adapter of round R is written (atomically) before the record that names it, and the older one is
 removed after, so a kill at any point leaves a record whose adapter exists. The deployment ServerApp
 keeps the same things in its own layout (history.json, merged/round-R/) and checks settings with
-`first_difference`.
+`first_difference`. Both were recorded before the DP settings existed; such a record reads them as off
+(`RECORDED_BEFORE`), so those runs still continue.
 """
 
 from __future__ import annotations
@@ -35,12 +36,19 @@ from copra.utils.atomic import write_bytes, write_json
 from copra.utils.errors import UserError
 
 SETTINGS_FILE = "settings.json"
+# Settings added after runs were first recorded, as those runs used them: the DP keys did not exist, and DP was off
+RECORDED_BEFORE: dict[str, Any] = {"dp_noise_multiplier": 0.0, "dp_clip_norm": 0.0}
+
+
+def recorded(saved: dict[str, Any], key: str) -> Any:
+    """The value of `key` in a run's saved settings; a key recorded before it existed reads as `RECORDED_BEFORE`."""
+    return saved.get(key, RECORDED_BEFORE.get(key, "<unset>"))
 
 
 def first_difference(saved: dict[str, Any], now: dict[str, Any]) -> str | None:
-    """The first key (sorted) whose value differs between two settings dicts, else None."""
+    """The first key (sorted) whose value differs between saved and current settings, else None."""
     for key in sorted(set(saved) | set(now)):
-        if saved.get(key, "<unset>") != now.get(key, "<unset>"):
+        if recorded(saved, key) != now.get(key, "<unset>"):
             return key
     return None
 
@@ -50,7 +58,7 @@ def refuse_other_settings(saved: dict[str, Any], now: dict[str, Any], where: Pat
     key = first_difference(saved, now)
     if key is not None:
         raise UserError(
-            f"{where} holds a federated run with {key}={saved.get(key)!r}, now {now.get(key)!r}; "
+            f"{where} holds a federated run with {key}={recorded(saved, key)!r}, now {now.get(key, '<unset>')!r}; "
             "continue it with the same settings or use another output folder"
         )
 
