@@ -35,6 +35,8 @@ import torch
 
 from copra.adapters.io import save_peft_model
 from copra.adapters.peft_merge import lora_scaling, merge_states, rescaled, setting_options
+from copra.experiments import federated_diagnostics
+from copra.experiments.federated_diagnostics import MergeControls, peft_settings
 from copra.experiments.federated_render import draw, plot, render, table
 from copra.experiments.runner.common import mean_std, write_outputs
 from copra.federated import robust
@@ -121,16 +123,18 @@ def simulate(
     run = FederatedRun(method, seed, sizes)
     name, policy, noise_state = f"{method}-seed{seed}", config.policy(), None
     if progress is not None:
-        run.rounds, merged, noise_state = progress.load(name)
-        if merged is not None:
-            start_state = run.merged_state = merged
+        saved = progress.load(name)
+        run.rounds, noise_state, run.client_states = saved.rounds, saved.noise_rng, saved.clients
+        if saved.merged is not None:
+            start_state = run.merged_state = saved.merged
     noise = GaussianNoise(seed, noise_state) if policy.dp else None  # where the stopped run's noise stood
     for r in range(len(run.rounds), config.rounds):
         results = [
             train(config.client_config(method, seed, r, i), data=part, initial_state=start_state)
             for i, part in enumerate(parts)
         ]
-        sent = [robust.apply_fault(res.state, config.fault_of(i, r)) for i, res in enumerate(results)]
+        # `faults`: a test client misbehaves; a result without its state would be screened out (keys missing)
+        sent = [robust.apply_fault(res.state or {}, config.fault_of(i, r)) for i, res in enumerate(results)]
         reasons = robust.screen(reference, sent, policy, start=start_state)
         accepted = [i for i, why in enumerate(reasons) if why is None]
         rejected = [{"client": i, "reason": why} for i, why in enumerate(reasons) if why is not None]
@@ -162,7 +166,7 @@ def simulate(
             | ({} if dp is None else {"dp": dp})
         )
         if progress is not None:
-            progress.save(name, run.rounds, run.merged_state, noise.state() if noise else None)
+            progress.save(name, run.rounds, merged, noise.state() if noise else None, sent)
     return run
 
 
@@ -183,10 +187,7 @@ def aggregate(
     if config.aggregate != "fusion" or config.merge_method == "fusion":
         return robust.aggregate(states, weights, config.aggregate, config.clip_norm, start, config.num_malicious)
     states = [robust.clip_update(s, start, config.clip_norm) for s in states]
-    client = {
-        k: (sorted(v) if isinstance(v, set) else v)
-        for k, v in classifier.encoder.peft_config["default"].to_dict().items()
-    }
+    client = peft_settings(classifier)
     merged, merged_config = merge_states(
         config.merge_method,
         states,
@@ -235,27 +236,41 @@ def run(config: FederatedConfig) -> dict:
     }
     progress = Progress(out / "progress")
     progress.start(resume_settings(config))  # another run's progress there: refused before anything is written
+    skipped = federated_diagnostics.skipped(config) if config.diagnostics else "diagnostics=false"
+    controls = MergeControls(config, classifier) if skipped is None else None
     for method in config.methods:
         summary["runs"][method] = []
         for seed in config.seeds:
             fed = simulate(config, method, seed, datas[seed], classifier, progress)
             folder = save_merged(classifier, fed, out / "adapters" / method / f"seed{seed}", config)
-            summary["runs"][method].append(
-                {"seed": seed, "client_sizes": fed.client_sizes, "rounds": fed.rounds, "adapter_dir": str(folder)}
-            )
+            entry = {"seed": seed, "client_sizes": fed.client_sizes, "rounds": fed.rounds, "adapter_dir": str(folder)}
+            if controls is not None:  # the last merge beside its controls (issue 23)
+                entry["diagnostics"] = controls(fed.rounds, fed.client_states, fed.client_sizes, datas[seed])
+            summary["runs"][method].append(entry)
     summary["summary"] = summarize(summary["runs"], config.rounds)
+    if controls is None:
+        summary["diagnostics_skipped"] = skipped
+    for method, runs in summary["runs"].items():
+        diagnostics = federated_diagnostics.summarise([r["diagnostics"] for r in runs if "diagnostics" in r])
+        if diagnostics is not None:
+            summary["summary"][method]["diagnostics"] = diagnostics
     summary["wall_seconds"] = time.perf_counter() - started
     write_outputs(out, "federated", summary, plot, render)
     return summary
 
 
+NOT_RESUMED = ("progress", "output_dir", "diagnostics", "scales", "validation_examples")  # change no round
+
+
 def resume_settings(config: FederatedConfig) -> dict[str, Any]:
-    """The settings a run in the same output folder must share to continue it (all but progress bars and the folder)."""
-    return {k: v for k, v in dataclasses.asdict(config).items() if k not in ("progress", "output_dir")}
+    """The settings a run in the same output folder must share to continue it: all that change a round's outcome."""
+    return {k: v for k, v in dataclasses.asdict(config).items() if k not in NOT_RESUMED}
 
 
 def save_merged(classifier: torch.nn.Module, fed: FederatedRun, folder: Path, config: FederatedConfig) -> Path:
     """Write the final merged adapter as a PEFT folder (PEFT's own save_pretrained, so from_pretrained loads it)."""
+    if fed.merged_state is None:
+        raise ValueError(f"{fed.method} seed {fed.seed}: no round merged yet, nothing to save")
     load_adapter_state(classifier, fed.merged_state)
     meta = {
         "method": fed.method,

@@ -1,4 +1,4 @@
-"""`copra federated`'s summary as Markdown (`render`, `table`) and a PNG (`plot`, `draw`): client vs merged accuracy.
+"""`copra federated`'s summary as Markdown (`render`, `table`, `diagnostics_table`) and a PNG (`plot`, `draw`).
 
 Split from `copra.experiments.federated` (which runs the protocol and re-exports these), so each stays short.
 """
@@ -24,6 +24,32 @@ def table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def diagnostics_table(summary: dict) -> list[str]:
+    """Markdown lines: the last merge beside its controls per method (means over seeds), or why there are none."""
+    rows = {m: s["diagnostics"] for m, s in summary["summary"].items() if "diagnostics" in s}
+    if not rows:
+        skipped = summary.get("diagnostics_skipped")
+        return [f"No merge diagnostics ({skipped}).", ""] if skipped and skipped != "diagnostics=false" else []
+    lines = [
+        "Why the merge loses what it loses (accuracy in %, last round, means over seeds; client: mean of the accepted "
+        "clients' own adapters; barrier = client - fused = averaging (client - mixture) + misalignment (mixture - "
+        "fused); shrinkage = client - client x w_i^2, its own share in the fusion at w_i = n_i / N; scaled: the fused "
+        "update times the lambda best on a validation set from the training pool):",
+        "",
+        "| method | client | fused | mixture | client x w² | barrier | averaging | misalign. | shrinkage | CE barrier "
+        "| scaled (lambda) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for method, d in rows.items():
+        scaled = f"{d['scaled']:.1f} ({d['scale']:g})" if "scaled" in d else "–"
+        lines.append(
+            f"| {method} | {d['client']:.1f} | {d['fused']:.1f} | {d['mixture']:.1f} | {d['fused_share']:.1f} | "
+            f"{d['barrier']:+.1f} | {d['averaging']:+.1f} | {d['misalignment']:+.1f} | {d['shrinkage']:+.1f} | "
+            f"{d['barrier_ce']:+.3f} | {scaled} |"
+        )
+    return [*lines, ""]
+
+
 def render(summary: dict) -> str:
     c = summary["config"]
     rounds = ("one-shot (1 round)" if c["rounds"] == 1 else f"{c['rounds']} rounds") + (
@@ -40,6 +66,7 @@ def render(summary: dict) -> str:
         table(summary),
         "",
     ]
+    text += diagnostics_table(summary)
     if c.get("dp_noise_multiplier"):
         text += [
             f"Differentially private merge: each update clipped to L2 norm {c['dp_clip_norm']:g}, unweighted mean, "

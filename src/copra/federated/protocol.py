@@ -91,6 +91,13 @@ class FederatedConfig(PerMethodLR):
         default_factory=list
     )  #: test clients that misbehave: "CLIENT=FAULT" or "CLIENT=FAULT@ROUND" (nan, scale100)
     overrides: dict[str, Any] = field(default_factory=dict)  #: other TrainConfig fields for every client
+    diagnostics: bool = (
+        True  #: also the last merge's controls (mixture, shrinkage, validated lambda; runner.diagnostics)
+    )
+    scales: list[float] = field(
+        default_factory=lambda: [1.0, 2.0, 4.0, 8.0]
+    )  #: lambda grid for the fused update in the diagnostics ([]: none)
+    validation_examples: int = 200  #: drawn from the training pool to pick lambda (never the test split)
     output_dir: str = "results/federated"  #: where federated.json/.md/.png and merged adapters go
     progress: bool = True  #: progress bars
 
@@ -122,6 +129,16 @@ class FederatedConfig(PerMethodLR):
         if isinstance(self.min_reply_fraction, bool) or not 0 < self.min_reply_fraction <= 1:
             raise UserError(f"min_reply_fraction must be in (0, 1], got {self.min_reply_fraction!r}")
         parse_faults(self.faults, self.clients, self.rounds)
+        if not isinstance(self.diagnostics, bool):
+            raise UserError(f"diagnostics must be true or false, got {self.diagnostics!r}")
+        scales = self.scales if isinstance(self.scales, list) else [None]
+        if len(set(map(repr, scales))) != len(scales) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in scales
+        ):
+            raise UserError(f"scales must be a list of distinct positive numbers, got {self.scales!r}")
+        n = self.validation_examples
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise UserError(f"validation_examples must be a positive integer, got {n!r}")
         if not isinstance(self.overrides, dict):
             raise UserError(f"overrides must be a mapping, got {self.overrides!r}")
         check_lrs(self.lrs, self.methods)

@@ -12,11 +12,14 @@ anything is written.
 
     settings.json                        the run's settings (what must match to continue)
     <method>-seed<S>.json                {"rounds": [...], "adapter": "<method>-seed<S>-round<R>.safetensors",
+                                          "clients": "<method>-seed<S>-round<R>-clients.safetensors",
                                           "noise_rng": the DP noise generator's state (with DP only)}
     <method>-seed<S>-round<R>.safetensors  the merged adapter after round R (safetensors, never pickle)
+    <method>-seed<S>-round<R>-clients.safetensors  what each client sent in round R ("<i>/<key>"), for the
+                                          merge diagnostics of a run that is only re-summarised
 
-The adapter of round R is written (atomically) before the record that names it, and the older one is
-removed after, so a kill at any point leaves a record whose adapter exists. The deployment ServerApp
+The adapters of round R are written (atomically) before the record that names them, and the older ones
+are removed after, so a kill at any point leaves a record whose adapters exist. The deployment ServerApp
 keeps the same things in its own layout (history.json, merged/round-R/) and checks settings with
 `first_difference`. Both were recorded before the DP settings existed; such a record reads them as off
 (`RECORDED_BEFORE`), so those runs still continue.
@@ -26,7 +29,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from safetensors.torch import save
@@ -70,6 +73,15 @@ def _json(path: Path) -> Any:
         raise UserError(f"{path}: cannot resume from it ({type(error).__name__}); use another output folder") from None
 
 
+class Saved(NamedTuple):
+    """What `Progress.load` gives back of a run: nothing (no round yet) or its state after its last round."""
+
+    rounds: list[dict]  # the completed rounds' records
+    merged: dict[str, torch.Tensor] | None  # the merged adapter after the last of them
+    noise_rng: dict | None  # the DP noise generator's state then (None: no DP)
+    clients: list[dict[str, torch.Tensor]]  # what each client sent in that round ([]: recorded before copra kept it)
+
+
 class Progress:
     """The resumable state of `copra federated` runs in `folder` (`<output_dir>/progress`)."""
 
@@ -88,23 +100,47 @@ class Progress:
         if not (self.folder / SETTINGS_FILE).exists():
             write_json(self.folder / SETTINGS_FILE, settings)
 
-    def load(self, name: str) -> tuple[list[dict], dict[str, torch.Tensor] | None, dict | None]:
-        """(completed rounds, merged adapter after the last of them, DP noise state then) of run `name`;
-        ([], None, None) if none."""
+    def load(self, name: str) -> Saved:
+        """Run `name` as its last completed round left it."""
         path = self.folder / f"{name}.json"
         if not path.exists():
-            return [], None, None
+            return Saved([], None, None, [])
         record = _json(path)
-        return record["rounds"], read_safetensors(self.folder / record["adapter"]), record.get("noise_rng")
+        clients: list[dict[str, torch.Tensor]] = []
+        if record.get("clients"):
+            flat = read_safetensors(self.folder / record["clients"])
+            for key, value in flat.items():
+                i, name_in_adapter = key.split("/", 1)
+                clients += [{} for _ in range(int(i) + 1 - len(clients))]
+                clients[int(i)][name_in_adapter] = value
+        return Saved(
+            record["rounds"], read_safetensors(self.folder / record["adapter"]), record.get("noise_rng"), clients
+        )
 
     def save(
-        self, name: str, rounds: list[dict], merged: dict[str, torch.Tensor], noise_rng: dict | None = None
+        self,
+        name: str,
+        rounds: list[dict],
+        merged: dict[str, torch.Tensor],
+        noise_rng: dict | None = None,
+        clients: list[dict[str, torch.Tensor]] | None = None,
     ) -> None:
-        """Record run `name` after its round len(rounds): the adapter first, then the record (with the DP noise
-        generator's state, if any), then drop the old adapter."""
-        adapter = f"{name}-round{len(rounds)}.safetensors"
-        write_bytes(self.folder / adapter, save({k: v.detach().cpu().contiguous() for k, v in merged.items()}))
-        record = {"rounds": rounds, "adapter": adapter} | ({} if noise_rng is None else {"noise_rng": noise_rng})
+        """Record run `name` after its round len(rounds): the adapters first (merged, and what each client sent),
+        then the record (with the DP noise generator's state, if any), then drop the old adapters."""
+        stem = f"{name}-round{len(rounds)}"
+        write_bytes(self.folder / f"{stem}.safetensors", save(_cpu(merged)))
+        record: dict[str, Any] = {"rounds": rounds, "adapter": f"{stem}.safetensors"}
+        if clients:
+            flat = {f"{i}/{k}": v for i, state in enumerate(clients) for k, v in state.items()}
+            write_bytes(self.folder / f"{stem}-clients.safetensors", save(_cpu(flat)))
+            record["clients"] = f"{stem}-clients.safetensors"
+        if noise_rng is not None:
+            record["noise_rng"] = noise_rng
         write_json(self.folder / f"{name}.json", record)
-        old = self.folder / f"{name}-round{len(rounds) - 1}.safetensors"
-        old.unlink(missing_ok=True)
+        old = f"{name}-round{len(rounds) - 1}"
+        for path in (self.folder / f"{old}.safetensors", self.folder / f"{old}-clients.safetensors"):
+            path.unlink(missing_ok=True)
+
+
+def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}

@@ -16,6 +16,8 @@ and the barrier (mean single of the pair minus fused) splits into averaging (sin
 different functions averaged) plus misalignment (mixture minus fused: what the cross terms cost).
 Each is reported in accuracy and in the cross-entropy of the labels, which moves before the argmax does.
 Per-example correctness is kept (as a 0/1 string) so paired bootstraps can resample examples.
+The same controls for N adapters: `task_merge_diagnostics` (N task adapters fused at 1/N) and
+`client_merge_diagnostics` (a federated run's N clients fused at n_i / N, `copra federated`).
 """
 
 from __future__ import annotations
@@ -148,4 +150,73 @@ def summarise_tasks(per_seed: Sequence[dict[str, Any]]) -> dict[str, float]:
     scales = [s["scale"] for s in per_seed if s["scale"] is not None]
     if scales:
         out["scale"] = statistics.fmean(scales)
+    return out
+
+
+def client_merge_diagnostics(
+    evaluator: Evaluator,
+    data: FewShotData,
+    clients: Sequence[Adapter],
+    weights: Sequence[float],
+    adapter_config: dict,
+    scales: Sequence[float] = (),
+    validation: FewShotData | None = None,
+) -> dict[str, Any]:
+    """A federated run's last merge: N client adapters fused at weights w_i (n_i / N), beside its controls.
+
+    Scored on `data`'s evaluation set: each client's own adapter; the fusion; the exact mixture
+    sum_i w_i B_i A_i (rank N r); each client with its update x w_i^2, its own term in the fusion
+    (B_f A_f = sum_ij w_i w_j B_i A_j: shrinkage control). With `scales` and `validation` (drawn from the
+    training pool, never the test split), also the fusion's update x lambda, lambda the scale of best
+    validation accuracy (ties, common on a few hundred examples: the lower cross-entropy), and every
+    scale's validation accuracy and cross-entropy.
+    """
+    n, fused = len(clients), fusion(clients, weights)
+    out: dict[str, Any] = {"weights": list(weights), "scale": None, "validation": {}}
+    if scales and validation is not None:
+        for s in scales:
+            scored = evaluator.scored(scale_update(fused, s), adapter_config, validation)
+            out["validation"][str(s)] = {"accuracy": scored.accuracy, "cross_entropy": scored.cross_entropy}
+        by = out["validation"]
+        out["scale"] = max(scales, key=lambda s: (by[str(s)]["accuracy"], -by[str(s)]["cross_entropy"]))
+    out |= {
+        "clients": [outcome(evaluator.scored(s, adapter_config, data)) for s in clients],
+        "fused": outcome(evaluator.scored(fused, adapter_config, data)),
+        "mixture": outcome(evaluator.scored(mixture(clients, weights), mixture_config(adapter_config, n), data)),
+        "fused_share": [
+            outcome(evaluator.scored(scale_update(s, w * w), adapter_config, data)) for s, w in zip(clients, weights)
+        ],
+    }
+    if out["scale"] is not None:
+        out["scaled"] = outcome(evaluator.scored(scale_update(fused, out["scale"]), adapter_config, data))
+    return out
+
+
+def summarise_clients(per_seed: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """`client_merge_diagnostics` of every seed as means over seeds, in points (and nats, `_ce`).
+
+    barrier = mean client - fused = averaging (mean client - mixture: the clients' functions differ) +
+    misalignment (mixture - fused: the cross terms w_i w_j B_i A_j); shrinkage = mean client - mean
+    client x w_i^2. Cross-entropy rows are losses too: merged - client.
+    """
+    mean = statistics.fmean
+    out: dict[str, float] = {}
+    for key, unit, sign in (("accuracy", "", 100.0), ("cross_entropy", "_ce", -1.0)):
+        rows = {
+            "client": [mean(c[key] for c in d["clients"]) for d in per_seed],
+            "fused": [d["fused"][key] for d in per_seed],
+            "mixture": [d["mixture"][key] for d in per_seed],
+            "fused_share": [mean(c[key] for c in d["fused_share"]) for d in per_seed],
+        }
+        if all("scaled" in d for d in per_seed):
+            rows["scaled"] = [d["scaled"][key] for d in per_seed]
+        m = {k: mean(v) for k, v in rows.items()}
+        out |= {k + unit: abs(sign) * v for k, v in m.items()}
+        out["barrier" + unit] = sign * (m["client"] - m["fused"])
+        out["averaging" + unit] = sign * (m["client"] - m["mixture"])
+        out["misalignment" + unit] = sign * (m["mixture"] - m["fused"])
+        out["shrinkage" + unit] = sign * (m["client"] - m["fused_share"])
+    scales = [d["scale"] for d in per_seed if d["scale"] is not None]
+    if scales:
+        out["scale"] = mean(scales)
     return out
