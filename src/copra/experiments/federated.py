@@ -16,6 +16,8 @@ Protocol, per method and run seed s (methods share data, split and client seeds,
     (`merge_method` swaps in a rank-keeping PEFT method, e.g. ties or dare_ties, with the same weights;
     `dp_noise_multiplier` and `dp_clip_norm` make it differentially private, `copra.federated.privacy`);
   * each client model and the merged model are evaluated on the run's fixed evaluation subset.
+    The last merge is also scored beside its controls (mixture, shrinkage, a validated lambda:
+    `copra.experiments.federated_diagnostics`), to tell why it loses what it loses.
 `rounds=1` is the paper's one-shot setting. In multi-round mode each round is a full local run:
 the cosine LR, AdamW state and (CopRA) the keep-probability ramp restart every round.
 Everything runs in one process here; `copra.federated.simulation` runs the same protocol on Flower. The config, split,
