@@ -150,14 +150,7 @@ class FederatedConfig(PerMethodLR):
 
     def policy(self) -> Policy:
         """How the server screens and aggregates replies (validated there)."""
-        return Policy(
-            self.aggregate,
-            self.clip_norm,
-            self.norm_factor,
-            self.num_malicious,
-            self.dp_noise_multiplier,
-            self.dp_clip_norm,
-        )
+        return Policy.of(self)
 
     @property
     def needed_replies(self) -> int:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -55,6 +55,11 @@ class Policy:
     num_malicious: int = 1  #: bad replies the robust rules withstand: trimmed_mean cuts this many per end, krum's f
     dp_noise_multiplier: float = 0.0  #: differential privacy (copra.federated.privacy): noise std / S/m (0: off)
     dp_clip_norm: float = 0.0  #: differential privacy: each update clipped to this L2 norm before the mean
+
+    @classmethod
+    def of(cls, settings) -> Policy:
+        """The policy a config names (FederatedConfig, the ServerApp's DeploySettings: same field names)."""
+        return cls(*(getattr(settings, f.name) for f in fields(cls)))
 
     def __post_init__(self) -> None:
         if self.aggregate not in AGGREGATES:

@@ -90,6 +90,18 @@ def summarise(diagnostics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def split(means: dict[str, float], own: str, unit: str = "", sign: float = 100.0) -> dict[str, float]:
+    """An N-way merge's loss from the mean scores of its parts (`own`: the inputs alone), positive when lost:
+    barrier = own - fused = averaging (own - mixture) + misalignment (mixture - fused); shrinkage = own -
+    own at its share. `sign` -1 turns cross-entropies (lower is better) into losses."""
+    return {
+        "barrier" + unit: sign * (means[own] - means["fused"]),
+        "averaging" + unit: sign * (means[own] - means["mixture"]),
+        "misalignment" + unit: sign * (means["mixture"] - means["fused"]),
+        "shrinkage" + unit: sign * (means[own] - means["fused_share"]),
+    }
+
+
 def task_merge_diagnostics(
     evaluator: Evaluator,
     data: dict[str, FewShotData],
@@ -142,11 +154,7 @@ def summarise_tasks(per_seed: Sequence[dict[str, Any]]) -> dict[str, float]:
     out: dict[str, float] = {}
     for key, unit, sign in (("accuracy", "", 100.0), ("cross_entropy", "_ce", -1.0)):
         mean = {k: statistics.fmean(r[k][key] for r in rows) for k in kinds}
-        out |= {k + unit: abs(sign) * v for k, v in mean.items()}
-        out["barrier" + unit] = sign * (mean["own"] - mean["fused"])
-        out["averaging" + unit] = sign * (mean["own"] - mean["mixture"])
-        out["misalignment" + unit] = sign * (mean["mixture"] - mean["fused"])
-        out["shrinkage" + unit] = sign * (mean["own"] - mean["fused_share"])
+        out |= {k + unit: abs(sign) * v for k, v in mean.items()} | split(mean, "own", unit, sign)
     scales = [s["scale"] for s in per_seed if s["scale"] is not None]
     if scales:
         out["scale"] = statistics.fmean(scales)
@@ -211,11 +219,7 @@ def summarise_clients(per_seed: Sequence[dict[str, Any]]) -> dict[str, float]:
         if all("scaled" in d for d in per_seed):
             rows["scaled"] = [d["scaled"][key] for d in per_seed]
         m = {k: mean(v) for k, v in rows.items()}
-        out |= {k + unit: abs(sign) * v for k, v in m.items()}
-        out["barrier" + unit] = sign * (m["client"] - m["fused"])
-        out["averaging" + unit] = sign * (m["client"] - m["mixture"])
-        out["misalignment" + unit] = sign * (m["mixture"] - m["fused"])
-        out["shrinkage" + unit] = sign * (m["client"] - m["fused_share"])
+        out |= {k + unit: abs(sign) * v for k, v in m.items()} | split(m, "client", unit, sign)
     scales = [d["scale"] for d in per_seed if d["scale"] is not None]
     if scales:
         out["scale"] = mean(scales)

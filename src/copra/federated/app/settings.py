@@ -118,14 +118,7 @@ class DeploySettings:
 
     def policy(self) -> Policy:
         """How the ServerApp screens and aggregates replies."""
-        return Policy(
-            self.aggregate,
-            self.clip_norm,
-            self.norm_factor,
-            self.num_malicious,
-            self.dp_noise_multiplier,
-            self.dp_clip_norm,
-        )
+        return Policy.of(self)
 
     def output(self, run_id: int) -> Path:
         return (
