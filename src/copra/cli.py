@@ -45,9 +45,25 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_demo(args) -> int:
+    if args.model == "smollm2":
+        return _llm_demo(args)
     from copra.experiments.demo import DemoConfig, run, table
 
     config = DemoConfig(output_dir=args.output, progress=not args.quiet, jobs=args.jobs, precision=args.precision)
+    _demo_budget(config, args)
+    if args.sections is not None:
+        config.sections = [s for s in args.sections.split(",") if s and s != "none"]
+    config.__post_init__()
+    summary = run(config)
+    print(table(summary))
+    for name, section in summary["sections"].items():
+        print(f"{name}: {section['seconds']:.0f} s")
+    print(f"\nwall time {summary['wall_seconds']:.0f} s; report: {os.path.join(args.output, 'report.md')}")
+    return 0
+
+
+def _demo_budget(config, args) -> None:
+    """--tasks, --seeds and --steps into either demo's config (checked by its __post_init__ after)."""
     if args.tasks:
         config.tasks = args.tasks.split(",")
     if args.seeds:
@@ -57,14 +73,20 @@ def _cmd_demo(args) -> int:
             raise UserError(f"--seeds takes integers separated by commas, got {args.seeds!r}") from None
     if args.steps:
         config.steps = args.steps
+
+
+def _llm_demo(args) -> int:
+    from copra.experiments.llm_demo import NAME, LLMDemoConfig, gains_table, run, table
+
     if args.sections is not None:
-        config.sections = [s for s in args.sections.split(",") if s and s != "none"]
+        raise UserError("--sections belongs to the encoder demo; the SmolLM2 demo has one table")
+    config = LLMDemoConfig(output_dir=args.output, progress=not args.quiet, jobs=args.jobs, precision=args.precision)
+    _demo_budget(config, args)
     config.__post_init__()
-    summary = run(config)
-    print(table(summary))
-    for name, section in summary["sections"].items():
-        print(f"{name}: {section['seconds']:.0f} s")
-    print(f"\nwall time {summary['wall_seconds']:.0f} s; report: {os.path.join(args.output, 'report.md')}")
+    summary = run(config, log=lambda line: print(line, file=sys.stderr))
+    print(table(summary) + "\n\n" + gains_table(summary))
+    report = os.path.join(args.output, f"{NAME}.md")
+    print(f"\nwall time {summary['wall_seconds']:.0f} s ({summary['trained']} runs trained); report: {report}")
     return 0
 
 
@@ -299,6 +321,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("demo", "the main job: LoRA vs CopRA on the embedded default")
     p.add_argument("-o", "--output", default="results", help="results folder (default: results)")
+    p.add_argument(
+        "--model",
+        choices=["minilm", "smollm2"],
+        default="minilm",
+        help="minilm: the encoder demo with its sections (default); smollm2: the decoder LLM demo (docs/llm-demo.md)",
+    )
     p.add_argument("--tasks", help="comma-separated task names")
     p.add_argument("--seeds", help="comma-separated seeds")
     p.add_argument("--steps", type=int, help="optimizer steps per run")
